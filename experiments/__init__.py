@@ -1,0 +1,1 @@
+"""The article suite: configs, data, models and figures built on gradtools."""

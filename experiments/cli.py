@@ -1,0 +1,135 @@
+"""``python -m experiments``: run the article's experiments and draw its figures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from experiments.config import ConfigError, config_names, load_config
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_EXPERIMENT = "vanishing/sigmoid_baseline"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description="Reproduce the experiments of 'Vanishing and Exploding Gradients in Neural "
+        "Network Models' and log per-layer gradient statistics for every step.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run", help="train one config and write its run directory",
+        description="Train one config and write <out>/<group>/<name>/<run id>/ with config.toml, "
+        "metrics.csv, run.json and figures/. Exit 0 for a completed or diverged run, 2 for a bad "
+        "config, 130 when interrupted.",
+    )
+    run.add_argument("config", nargs="?", default=DEFAULT_EXPERIMENT,
+                     help=f"a TOML file, or group/name under configs/ (default {DEFAULT_EXPERIMENT})")
+    _add_common(run)
+    run.add_argument("--seed", type=int, help="shorthand for --set training.seed=N")
+
+    commands.add_parser("list", help="list the configs with their descriptions")
+
+    figures = commands.add_parser(
+        "figures", help="run every experiment and write the article's figures",
+        description="Run every config of the chosen groups and write <figures>/<group>_<name>.png "
+        "(the article's mean-gradient figure) and <figures>/<group>_comparison.png (layer-1 "
+        "gradient magnitude of every variant, log scale).",
+    )
+    figures.add_argument("--group", action="append", choices=["vanishing", "exploding"],
+                         help="only this group (repeatable; default both)")
+    figures.add_argument("--figures", default="figures", help="where the figures go (default figures)")
+    _add_common(figures)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value with a dotted key and a TOML value, "
+                        "e.g. --set training.epochs=20 (repeatable)")
+    parser.add_argument("--out", default="runs", help="where run directories go (default runs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def describe_run(run) -> str:
+    """The paragraph printed after a run."""
+    from gradtools.summary import summarize
+
+    history = run.history
+    lines = [f"{run.config.run_name} (seed {run.config.seed}): {history.status} after "
+             f"{history.epochs_completed} full epochs in {history.wall_seconds:.1f} s"]
+    if history.metrics.empty:
+        return "\n".join(lines + [f"run: {run.run_dir}"])
+    summary = summarize(history.metrics)
+    if history.first_nonfinite_step is not None:
+        lines[0] += f"; loss or gradients became non-finite at step {history.first_nonfinite_step}"
+    lines[0] += f". Final loss {summary.final_loss:.4g}."
+    lines.append(
+        f"Gradient magnitude (median grad_abs_mean over all steps): layer_{summary.first_layer} "
+        f"{summary.first_grad_abs_mean:.3g}, layer_{summary.last_layer} (last) "
+        f"{summary.last_grad_abs_mean:.3g}: layer 1 gets {summary.first_to_last_ratio:.3g}× the "
+        f"last layer's. Largest |grad_mean| of layer 1: {summary.max_abs_first_grad_mean:.3g}."
+    )
+    lines.append(f"Figure: {run.run_dir / 'figures' / 'mean_gradient.png'} "
+                 "(also first_vs_last.png, loss.png)")
+    lines.append(f"run: {run.run_dir}")
+    return "\n".join(lines)
+
+
+def _loggers(quiet: bool):
+    from gradtools.loggers import ProgressLogger
+
+    return [] if quiet else [ProgressLogger()]
+
+
+def command_run(args) -> int:
+    overrides = list(args.overrides) + ([f"training.seed={args.seed}"] if args.seed is not None else [])
+    config = load_config(args.config, overrides)
+    from experiments.runner import run_experiment
+
+    run = run_experiment(config, args.out, loggers=_loggers(args.quiet))
+    print(describe_run(run))
+    return 0
+
+
+def command_list(_args) -> int:
+    for name in config_names():
+        config = load_config(name)
+        print(f"{name:32s} {config.values['experiment']['description']}")
+    return 0
+
+
+def command_figures(args) -> int:
+    groups = args.group or ["vanishing", "exploding"]
+    configs = [load_config(n, args.overrides) for n in config_names() if n.split("/")[0] in groups]
+    from experiments.figures import write_article_figures
+
+    started = time.perf_counter()
+    written = write_article_figures(configs, Path(args.out), Path(args.figures),
+                                    loggers=lambda: _loggers(args.quiet))
+    for path in written:
+        print(f"figure: {path}")
+    print(f"{len(configs)} experiments and {len(written)} figures in "
+          f"{time.perf_counter() - started:.1f} s")
+    return 0
+
+
+COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the run directory keeps what was computed (status 'interrupted')",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,339 @@
+"""Experiment config files: TOML read with ``tomllib``, validated at the boundary.
+
+Every problem is reported as a :class:`ConfigError` naming the file, the key, the value and
+what is allowed. Keras names (initializers, activations, optimizers, regularizers, losses)
+are checked by asking Keras's own registries to resolve them.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from experiments.datasets import GENERATORS, check_data_params
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+BATCH_NORM_PLACES = ("none", "input", "before_activation")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run. ``str()`` is the message to show the user."""
+
+    def __init__(self, source: str, key: str, value: Any, allowed: str):
+        self.source, self.key, self.value, self.allowed = source, key, value, allowed
+        shown = "(missing)" if value is _MISSING else repr(value)
+        super().__init__(f"{source}: {key} = {shown}: {allowed}")
+
+
+_MISSING = object()
+
+
+# --- value checks: each returns the (normalized) value or raises ValueError(allowed) ----------
+
+def _integer(minimum: int) -> Callable[[Any], int]:
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"must be an integer >= {minimum}")
+        return value
+    return check
+
+
+def _number(minimum: float | None = None, exclusive: bool = False) -> Callable[[Any], float]:
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number")
+        if minimum is not None and (value <= minimum if exclusive else value < minimum):
+            raise ValueError(f"must be a number {'>' if exclusive else '>='} {minimum}")
+        return value
+    return check
+
+
+def _boolean(value):
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _text(value):
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _optional_text(value):
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _name(value):
+    if not isinstance(value, str) or not value or not all(c.isalnum() or c in "_-" for c in value):
+        raise ValueError("must be a non-empty name of letters, digits, '_' or '-'")
+    return value
+
+
+def _text_list(value):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings")
+    return value
+
+
+def _units(value):
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise ValueError("must be a non-empty list of integers >= 1, e.g. [10, 10, 5]")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def check(value):
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(repr(a) for a in allowed)}")
+        return value
+    return check
+
+
+def _public_names(module) -> str:
+    names = sorted(n for n in dir(module) if n.islower() and not n.startswith("_")
+                   and n not in ("get", "serialize", "deserialize", "legacy", "schedules"))
+    return ", ".join(names)
+
+
+def _keras_object(kind: str, getter: Callable[[Any], Any], module, optional: bool = False):
+    """Accepts what ``getter`` (a Keras registry's ``get``) resolves: a name or
+    ``{class_name = "...", config = {...}}``."""
+    def check(value):
+        if optional and value == "none":
+            return value
+        if not isinstance(value, (str, dict)):
+            raise ValueError(f"must be a Keras {kind} name or {{class_name = ..., config = {{...}}}}")
+        if isinstance(value, dict) and set(value) - {"class_name", "config"}:
+            raise ValueError(f"a table for a Keras {kind} has only the keys class_name and config")
+        try:
+            resolved = getter(copy.deepcopy(value))
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"Keras cannot make a {kind} of it ({error}); known names: {_public_names(module)}"
+            ) from None
+        if resolved is None:
+            raise ValueError(f"must name a Keras {kind}")
+        return value
+    return check
+
+
+_initializer = _keras_object("initializer", keras.initializers.get, keras.initializers)
+_activation = _keras_object("activation", keras.activations.get, keras.activations)
+_regularizer = _keras_object("regularizer", keras.regularizers.get, keras.regularizers, optional=True)
+_loss = _keras_object("loss", keras.losses.get, keras.losses)
+
+
+def _optimizer_class(value):
+    if not isinstance(value, str):
+        raise ValueError("must be a Keras optimizer class name such as 'SGD', 'RMSprop', 'Adam'")
+    return value
+
+
+def _table(value):
+    if not isinstance(value, dict):
+        raise ValueError("must be a table, e.g. {learning_rate = 0.01}")
+    return value
+
+
+@dataclass(frozen=True)
+class Key:
+    check: Callable[[Any], Any]
+    default: Any = _MISSING
+    doc: str = ""
+
+
+#: The schema: section -> key -> check and default. [data] also takes the parameters of the
+#: scikit-learn generator it names.
+SCHEMA: dict[str, dict[str, Key]] = {
+    "experiment": {
+        "name": Key(_name, doc="the run directory's name"),
+        "group": Key(_name, "ungrouped", "runs are written to <out>/<group>/<name>/"),
+        "description": Key(_optional_text, ""),
+        "tags": Key(_text_list, []),
+        "article_name": Key(_optional_text, "", "the model's name in the article's script"),
+    },
+    "data": {
+        "generator": Key(_choice(*GENERATORS), doc="a scikit-learn make_* generator"),
+        "standardize": Key(_boolean, False, "scale inputs to zero mean, unit variance"),
+        "standardize_targets": Key(_boolean, False, "regression only: scale targets too"),
+    },
+    "model": {
+        "hidden_units": Key(_units),
+        "activation": Key(_activation),
+        "output_units": Key(_integer(1), 1),
+        "output_activation": Key(_activation, "linear"),
+        "kernel_initializer": Key(_initializer, "glorot_uniform"),
+        "output_kernel_initializer": Key(_initializer, "glorot_uniform"),
+        "batch_norm": Key(_choice(*BATCH_NORM_PLACES), "none"),
+        "kernel_regularizer": Key(_regularizer, "none", "hidden layers only"),
+        "activity_regularizer": Key(_regularizer, "none", "hidden layers only"),
+    },
+    "optimizer": {
+        "class_name": Key(_optimizer_class),
+        "config": Key(_table, {}),
+    },
+    "training": {
+        "loss": Key(_loss),
+        "epochs": Key(_integer(1)),
+        "batch_size": Key(_integer(1), 32),
+        "seed": Key(_integer(0), 42),
+        "shuffle": Key(_boolean, True),
+        "log_every": Key(_integer(1), 1),
+        "stop_on_nonfinite": Key(_boolean, True),
+    },
+}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A validated config with every default filled in (``values`` is what config.toml holds)."""
+
+    source: str
+    values: dict[str, dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.values["experiment"]["name"]
+
+    @property
+    def group(self) -> str:
+        return self.values["experiment"]["group"]
+
+    @property
+    def run_name(self) -> str:
+        """``<group>/<name>``: the experiment's name in run.json, figures and loggers."""
+        return f"{self.group}/{self.name}"
+
+    @property
+    def seed(self) -> int:
+        return self.values["training"]["seed"]
+
+    def section(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.values[name])
+
+
+def find_config(reference: str | Path) -> Path:
+    """A config given as a path, or as ``group/name`` under ``configs/``."""
+    path = Path(reference)
+    candidates = [path, CONFIGS_DIR / path, CONFIGS_DIR / path.with_suffix(".toml")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(config_names()) or "none"
+    raise ConfigError(str(reference), "(file)", str(reference),
+                      f"no such config file; available: {available}")
+
+
+def config_names() -> list[str]:
+    """``group/name`` of every config under ``configs/``."""
+    return sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.rglob("*.toml"))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``training.epochs=20`` -> (["training", "epochs"], 20). The value is read as TOML;
+    a bare word that is not TOML (``relu``) is taken as a string."""
+    key, separator, raw = text.partition("=")
+    if not separator or not key.strip():
+        raise ConfigError("--set", text, text, "must be KEY=VALUE with a dotted key, e.g. training.epochs=20")
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def load_config(reference: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read, override and validate one config. Raises :class:`ConfigError`."""
+    path = find_config(reference)
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(source, "(file)", "", f"is not valid TOML: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(source, "(file)", "", f"cannot be read: {error}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(raw, keys, value, f"{source} (--set {text})")
+    return ExperimentConfig(source, validate(raw, source))
+
+
+def _apply_override(raw: dict, keys: list[str], value: Any, source: str) -> None:
+    if len(keys) < 2 or keys[0] not in SCHEMA:
+        raise ConfigError(source, ".".join(keys), value,
+                          f"a key is <section>.<key>, sections: {', '.join(SCHEMA)}")
+    table = raw
+    for part in keys[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(source, ".".join(keys), value, f"{part} is not a table")
+    table[keys[-1]] = value
+
+
+def validate(raw: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Check every section and key; return the values with defaults filled in."""
+    unknown = set(raw) - set(SCHEMA)
+    if unknown:
+        section = sorted(unknown)[0]
+        raise ConfigError(source, f"[{section}]", raw[section],
+                          f"unknown section; allowed sections: {', '.join(SCHEMA)}")
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(source, f"[{section}]", given, "must be a table")
+        extra = dict(given)
+        checked: dict[str, Any] = {}
+        for key, spec in keys.items():
+            value = extra.pop(key, _MISSING)
+            if value is _MISSING:
+                if spec.default is _MISSING:
+                    raise ConfigError(source, f"{section}.{key}", _MISSING, "is required")
+                checked[key] = copy.deepcopy(spec.default)
+                continue
+            try:
+                checked[key] = spec.check(value)
+            except ValueError as error:
+                raise ConfigError(source, f"{section}.{key}", value, str(error)) from None
+        if section == "data":
+            checked.update(_data_params(extra, checked["generator"], source))
+        elif extra:
+            key = sorted(extra)[0]
+            raise ConfigError(source, f"{section}.{key}", extra[key],
+                              f"unknown key; allowed in [{section}]: {', '.join(keys)}")
+        values[section] = checked
+    _check_optimizer(values["optimizer"], source)
+    return values
+
+
+def _data_params(params: dict[str, Any], generator: str, source: str) -> dict[str, Any]:
+    try:
+        check_data_params(generator, params)
+    except KeyError as error:
+        key, allowed = error.args
+        raise ConfigError(source, f"data.{key}", params[key],
+                          f"unknown key for the {generator!r} generator; allowed: {allowed}") from None
+    except ValueError as error:
+        key = next((k for k in params if f"'{k}'" in str(error)), "generator")
+        raise ConfigError(source, f"data.{key}", params.get(key, generator), str(error)) from None
+    return params
+
+
+def _check_optimizer(section: dict[str, Any], source: str) -> None:
+    try:
+        keras.optimizers.get(copy.deepcopy(section))
+    except (ValueError, TypeError) as error:
+        names = ", ".join(n for n in dir(keras.optimizers) if n[:1].isupper() and n not in
+                          ("Optimizer", "LossScaleOptimizer", "MultiOptimizer", "OptimizerMap"))
+        raise ConfigError(source, "optimizer", section,
+                          f"Keras cannot make an optimizer of it ({error}); classes: {names}") from None

@@ -1,0 +1,65 @@
+"""Run one experiment config: data, model, optimizer, run directory, gradtools.fit."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+import gradtools
+from experiments.config import ExperimentConfig
+from experiments.datasets import make_dataset
+from experiments.models import build_mlp
+from gradtools.loggers import LocalRunLogger, RunLogger
+
+
+@dataclass
+class Run:
+    config: ExperimentConfig
+    run_dir: Path
+    history: gradtools.History
+
+
+def new_run_dir(out: Path, config: ExperimentConfig) -> Path:
+    """``<out>/<group>/<name>/<YYYYmmdd-HHMMSS>-seed<N>``, with a suffix if that exists."""
+    parent = Path(out) / config.group / config.name
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
+    candidate, n = parent / stem, 1
+    while candidate.exists():
+        n += 1
+        candidate = parent / f"{stem}-{n}"
+    return candidate
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
+                   loggers: list[RunLogger] = ()) -> Run:
+    """Train ``config`` and write its run directory. Everything that can fail on the
+    config (data, model) happens before the directory is created."""
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    x, y = make_dataset(config.section("data"))
+    model = build_mlp(config.section("model"), input_dim=x.shape[1])
+    optimizer = keras.optimizers.get(config.section("optimizer"))
+    training = config.section("training")
+
+    run_dir = new_run_dir(Path(out), config)
+    local = LocalRunLogger(run_dir, name=config.run_name, seed=config.seed)
+    local.log_params(config.values)
+    for logger in loggers:
+        logger.log_params(config.values)
+    history = gradtools.fit(
+        model, x, y,
+        loss=training["loss"],
+        optimizer=optimizer,
+        epochs=training["epochs"],
+        batch_size=training["batch_size"],
+        shuffle=training["shuffle"],
+        seed=config.seed,
+        log_every=training["log_every"],
+        stop_on_nonfinite=training["stop_on_nonfinite"],
+        loggers=[local, *loggers],
+    )
+    return Run(config, run_dir, history)

@@ -1,0 +1,53 @@
+"""The result of a training run: its metrics table and how it ended."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+#: How a run can end. ``diverged`` is a result (a non-finite loss or gradient), not an error.
+STATUSES = ("completed", "diverged", "interrupted", "failed")
+
+
+@dataclass
+class History:
+    """What :func:`gradtools.fit` measured.
+
+    ``metrics`` has one row per logged step with the columns of
+    :func:`gradtools.stats.metric_columns`; ``layer_paths`` names the kernel variable behind
+    each numbered layer (``layer_paths[0]`` is ``layer_1``).
+    """
+
+    metrics: pd.DataFrame
+    status: str
+    first_nonfinite_step: int | None = None
+    epochs_completed: int = 0
+    wall_seconds: float = 0.0
+    layer_paths: list[str] = field(default_factory=list)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layer_paths)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> "History":
+        """Read a run directory written by :class:`gradtools.loggers.LocalRunLogger`."""
+        run_dir = Path(run_dir)
+        metrics_file, info_file = run_dir / "metrics.csv", run_dir / "run.json"
+        missing = [p.name for p in (metrics_file, info_file) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{run_dir} is not a run directory: missing {', '.join(missing)}"
+            )
+        info = json.loads(info_file.read_text())
+        return cls(
+            metrics=pd.read_csv(metrics_file),
+            status=info["status"],
+            first_nonfinite_step=info.get("first_nonfinite_step"),
+            epochs_completed=info.get("epochs_completed", 0),
+            wall_seconds=info.get("wall_seconds", 0.0),
+            layer_paths=info.get("layer_paths", []),
+        )

@@ -1,0 +1,147 @@
+"""Figures of a run's gradient statistics, drawn from its metrics table.
+
+Uses matplotlib's object API (``Figure``), so no pyplot state and no display are needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from gradtools.history import History
+
+#: The article recorded batch index 5 of every epoch.
+ARTICLE_SAMPLE_BATCH = 5
+
+
+def layer_numbers(metrics: pd.DataFrame) -> list[int]:
+    """The layer numbers k that have ``layer_k/…`` columns, in order."""
+    found = {int(c.split("/")[0].split("_")[1]) for c in metrics.columns if c.startswith("layer_")}
+    return sorted(found)
+
+
+def sample_per_epoch(metrics: pd.DataFrame, batch: int = ARTICLE_SAMPLE_BATCH) -> pd.DataFrame:
+    """One row per epoch, as the article sampled: ``batch`` if it was logged in that epoch,
+    else the first logged batch after it, else the epoch's last logged row."""
+    picked = []
+    for _, rows in metrics.groupby("epoch", sort=True):
+        at_or_after = rows[rows["batch"] >= batch]
+        picked.append(at_or_after.iloc[0] if len(at_or_after) else rows.iloc[-1])
+    return pd.DataFrame(picked).reset_index(drop=True)
+
+
+def _mark_divergence(ax, x_value, label: str) -> None:
+    ax.axvline(x_value, color="red", linestyle="--", linewidth=1.2)
+    ax.text(x_value, 0.98, f" {label}", color="red", transform=ax.get_xaxis_transform(),
+            va="top", ha="left", fontsize=8)
+
+
+def _spans_decades(values, decades: float = 2.0) -> bool:
+    positive = np.asarray(values, dtype=float)
+    positive = positive[np.isfinite(positive) & (positive > 0)]
+    return positive.size > 1 and np.log10(positive.max() / positive.min()) >= decades
+
+
+def plot_mean_gradient(metrics: pd.DataFrame, title: str,
+                       first_nonfinite_step: int | None = None) -> Figure:
+    """The article's figure: the signed mean gradient of every layer's kernel.
+
+    Sampled at batch 5 of each epoch (x = epoch) like the article; a run with fewer than two
+    epochs is drawn at every logged step instead (x = step), so a run that diverged early
+    still shows its curve. A divergence is marked with a red dashed line.
+    """
+    fig = Figure(figsize=(7, 5), layout="constrained")
+    ax = fig.add_subplot()
+    by_epoch = metrics["epoch"].nunique() >= 2
+    data = sample_per_epoch(metrics) if by_epoch else metrics
+    x_name = "epoch" if by_epoch else "step"
+    for k in layer_numbers(metrics):
+        ax.plot(data[x_name], data[f"layer_{k}/grad_mean"], label=f"layer_{k}")
+    if first_nonfinite_step is not None:
+        where = metrics.loc[metrics["step"] == first_nonfinite_step, x_name]
+        x_value = where.iloc[0] if len(where) else first_nonfinite_step
+        _mark_divergence(ax, x_value, f"non-finite at step {first_nonfinite_step}")
+    ax.set_title(f"Mean gradient {title}")
+    ax.set_xlabel(f"{x_name} (batch {ARTICLE_SAMPLE_BATCH} of each epoch)" if by_epoch else x_name)
+    ax.set_ylabel("mean of kernel gradient")
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.legend()
+    return fig
+
+
+def plot_first_vs_last(metrics: pd.DataFrame, title: str,
+                       first_nonfinite_step: int | None = None) -> Figure:
+    """Layer 1 beside the last layer, at every logged step: the signed mean gradient on top
+    (what the article plots) and the mean absolute gradient below on a shared log scale (what
+    shows vanishing: the signed mean cancels out, the magnitude does not)."""
+    layers = layer_numbers(metrics)
+    first, last = layers[0], layers[-1]
+    fig = Figure(figsize=(11, 6), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True, sharey="row")
+    for column, k in enumerate((first, last)):
+        axes[0, column].plot(metrics["step"], metrics[f"layer_{k}/grad_mean"], linewidth=0.6)
+        axes[0, column].axhline(0, color="grey", linewidth=0.5)
+        axes[0, column].set_title(f"layer_{k}" + (" (first)" if k == first else " (last)"))
+        axes[1, column].plot(metrics["step"], metrics[f"layer_{k}/grad_abs_mean"],
+                             linewidth=0.6, color="tab:orange")
+        axes[1, column].set_yscale("log")
+        axes[1, column].set_xlabel("step")
+        if first_nonfinite_step is not None:
+            for row in (0, 1):
+                _mark_divergence(axes[row, column], first_nonfinite_step, "non-finite")
+    axes[0, 0].set_ylabel("grad_mean (signed)")
+    axes[1, 0].set_ylabel("grad_abs_mean (log)")
+    fig.suptitle(f"First vs last layer {title}")
+    return fig
+
+
+def plot_loss(metrics: pd.DataFrame, title: str, first_nonfinite_step: int | None = None) -> Figure:
+    """The loss at every logged step, and its mean per epoch."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(metrics["step"], metrics["loss"], linewidth=0.5, alpha=0.5, label="step")
+    per_epoch = metrics.groupby("epoch").agg(step=("step", "max"), loss=("loss", "mean"))
+    if len(per_epoch) >= 2:
+        ax.plot(per_epoch["step"], per_epoch["loss"], linewidth=1.5, label="epoch mean")
+    if _spans_decades(metrics["loss"]):
+        ax.set_yscale("log")
+    if first_nonfinite_step is not None:
+        _mark_divergence(ax, first_nonfinite_step, f"non-finite at step {first_nonfinite_step}")
+    ax.set_title(f"Loss {title}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return fig
+
+
+def run_figures(history: History, title: str) -> dict[str, Figure]:
+    """Every standard figure of one run, by file stem."""
+    if history.metrics.empty:
+        return {}
+    args = (history.metrics, title, history.first_nonfinite_step)
+    return {
+        "mean_gradient": plot_mean_gradient(*args),
+        "first_vs_last": plot_first_vs_last(*args),
+        "loss": plot_loss(*args),
+    }
+
+
+def plot_comparison(runs: Mapping[str, pd.DataFrame], stat: str, title: str) -> Figure:
+    """``stat`` of several runs overlaid (x = step), labelled by the mapping's keys;
+    log scale when the values span two decades or more."""
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.add_subplot()
+    every_value = []
+    for label, metrics in runs.items():
+        ax.plot(metrics["step"], metrics[stat], linewidth=0.8, label=label)
+        every_value.append(metrics[stat].to_numpy(dtype=float))
+    if every_value and _spans_decades(np.concatenate(every_value)):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(stat)
+    ax.legend(fontsize=8)
+    return fig

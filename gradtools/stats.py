@@ -1,0 +1,85 @@
+"""Per-layer gradient and weight statistics, computed in-graph as pure functions of tensors.
+
+Every statistic has one name, used as a ``metrics.csv`` column, a Neptune series and a
+TensorBoard tag: ``layer_<k>/<statistic>`` for the k-th numbered layer (1-based), plus the
+step-level columns in :data:`STEP_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+#: Columns that describe a step rather than a layer, in the order they appear.
+STEP_COLUMNS = ("step", "epoch", "batch", "loss", "grad_global_norm")
+
+#: Per-layer statistics, in the order :func:`layer_gradient_stats` returns them.
+LAYER_STATS = (
+    "grad_mean",
+    "grad_abs_mean",
+    "grad_norm",
+    "grad_max_abs",
+    "weight_mean",
+    "weight_norm",
+    "update_ratio",
+)
+
+
+def layer_columns(n_layers: int) -> list[str]:
+    """Column names ``layer_k/<stat>`` for layers 1..n_layers, in :data:`LAYER_STATS` order."""
+    return [f"layer_{k}/{stat}" for k in range(1, n_layers + 1) for stat in LAYER_STATS]
+
+
+def metric_columns(n_layers: int) -> list[str]:
+    """All columns of a metrics table for a model with ``n_layers`` numbered layers."""
+    return list(STEP_COLUMNS) + layer_columns(n_layers)
+
+
+def layer_gradient_stats(gradient, weight_before, weight_after) -> tf.Tensor:
+    """The statistics of one layer's kernel at one step, as a float32 vector.
+
+    With g the gradient of the loss with respect to the kernel (as the tape computed it,
+    before any clipping), W0 the kernel before the update and W1 after it, n = size(g):
+
+    - grad_mean     = Σ g / n            (the article's statistic; signed, so it can cancel)
+    - grad_abs_mean = Σ |g| / n
+    - grad_norm     = ‖g‖₂ = sqrt(Σ g²)
+    - grad_max_abs  = max |g|
+    - weight_mean   = Σ W1 / n
+    - weight_norm   = ‖W1‖₂
+    - update_ratio  = ‖W1 − W0‖₂ / ‖W0‖₂  (NaN-free: 0/0 is reported as 0)
+    """
+    g = tf.cast(tf.convert_to_tensor(gradient), tf.float32)
+    w0 = tf.cast(weight_before, tf.float32)
+    w1 = tf.cast(weight_after, tf.float32)
+    abs_g = tf.abs(g)
+    return tf.stack(
+        [
+            tf.reduce_mean(g),
+            tf.reduce_mean(abs_g),
+            tf.norm(g),
+            tf.reduce_max(abs_g),
+            tf.reduce_mean(w1),
+            tf.norm(w1),
+            tf.math.divide_no_nan(tf.norm(w1 - w0), tf.norm(w0)),
+        ]
+    )
+
+
+def global_gradient_norm(gradients) -> tf.Tensor:
+    """‖g‖₂ over every gradient tensor of the step (kernels, biases, all trainable variables).
+
+    This is the norm that Keras's ``global_clipnorm`` and ``tf.clip_by_global_norm`` use.
+    """
+    present = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in gradients if g is not None]
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in present]))
+
+
+def all_finite(loss, gradients) -> tf.Tensor:
+    """True when the loss and every entry of every gradient are finite."""
+    checks = [tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))]
+    checks += [
+        tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(g)))
+        for g in gradients
+        if g is not None
+    ]
+    return tf.reduce_all(tf.stack(checks))

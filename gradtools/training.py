@@ -1,0 +1,248 @@
+"""``gradtools.fit``: a compiled GradientTape training loop that records gradient statistics.
+
+One call of a ``tf.function`` runs a whole epoch; the per-layer statistics of every logged
+step are computed in the graph and only that small table comes back to Python per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from gradtools.history import History
+from gradtools.loggers.base import RunLogger
+from gradtools.stats import (
+    all_finite,
+    global_gradient_norm,
+    layer_gradient_stats,
+    metric_columns,
+)
+
+
+class _LossFromFunction(keras.losses.Loss):
+    """A Keras loss function (per-sample) as a mean-reduced loss, like ``compile`` makes it."""
+
+    def __init__(self, fn):
+        super().__init__(name=getattr(fn, "__name__", "loss"))
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        # (N,) targets against (N, 1) predictions, as model.fit accepts them.
+        if len(y_true.shape) == len(y_pred.shape) - 1 and y_pred.shape[-1] == 1:
+            y_true = tf.expand_dims(y_true, -1)
+        return self.fn(y_true, y_pred)
+
+
+def resolve_loss(loss) -> keras.losses.Loss:
+    """A loss given as a Keras name, config dict, ``Loss`` instance or function."""
+    resolved = keras.losses.get(loss)
+    if resolved is None:
+        raise ValueError("loss must be given: a Keras loss name, config or callable")
+    if isinstance(resolved, keras.losses.Loss):
+        return resolved
+    return _LossFromFunction(resolved)
+
+
+def kernel_variables(model: keras.Model) -> list[keras.Variable]:
+    """The numbered layers: trainable variables named ``kernel``, in ``trainable_weights`` order."""
+    return [v for v in model.trainable_weights if v.name == "kernel"]
+
+
+def _as_tensor(values):
+    tensor = tf.convert_to_tensor(values)
+    if tensor.dtype.is_floating:
+        tensor = tf.cast(tensor, keras.backend.floatx())
+    return tensor
+
+
+def _require_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def fit(
+    model: keras.Model,
+    x,
+    y,
+    *,
+    loss,
+    optimizer,
+    epochs: int,
+    batch_size: int = 32,
+    shuffle: bool = True,
+    seed: int | None = None,
+    log_every: int = 1,
+    stop_on_nonfinite: bool = True,
+    loggers: Sequence[RunLogger] = (),
+) -> History:
+    """Train ``model`` on ``(x, y)`` and record per-layer gradient statistics.
+
+    Args:
+        model: any built (or buildable) Keras 3 model.
+        x, y: arrays held in memory; batches are slices of a per-epoch permutation.
+        loss: a Keras loss name (``"binary_crossentropy"``), config dict, instance or function.
+            ``model.losses`` (regularizers) are added to it before differentiating.
+        optimizer: a Keras optimizer name, config dict or instance. Its own clipping options
+            apply to the update; the statistics describe the gradients before clipping.
+        epochs, batch_size: as in ``model.fit``; the last batch of an epoch may be smaller.
+        shuffle: reshuffle the examples every epoch (a full permutation, seeded by ``seed``).
+        seed: when given, seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``)
+            and turns on op determinism, so the same seed gives identical numbers.
+        log_every: record statistics at steps 1, 1 + log_every, 1 + 2·log_every, …;
+            a step with a non-finite loss or gradient is always recorded.
+        stop_on_nonfinite: stop after the first step whose loss or gradients are not finite.
+        loggers: :class:`gradtools.loggers.RunLogger` instances that receive every row.
+
+    Returns:
+        a :class:`gradtools.History`. A non-finite loss or gradient ends the run with status
+        ``"diverged"`` and ``first_nonfinite_step`` set; it never raises. Ctrl-C and errors
+        are passed on to every logger (status ``"interrupted"`` / ``"failed"``) and re-raised.
+    """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
+        _require_positive_int(name, value)
+    loss_fn = resolve_loss(loss)
+    optimizer = keras.optimizers.get(optimizer)
+    if seed is not None:
+        keras.utils.set_random_seed(int(seed))
+        tf.config.experimental.enable_op_determinism()
+    shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
+
+    x, y = _as_tensor(x), _as_tensor(y)
+    n_examples = int(x.shape[0])
+    if int(y.shape[0]) != n_examples:
+        raise ValueError(f"x has {n_examples} examples but y has {int(y.shape[0])}")
+    if not model.built:
+        model(x[:1])
+    variables = list(model.trainable_weights)
+    kernels = kernel_variables(model)
+    if not kernels:
+        raise ValueError(
+            "the model has no trainable variable named 'kernel' (Dense, Conv, RNN layers have one); "
+            "gradtools numbers layers by their kernels"
+        )
+    kernel_positions = [i for i, v in enumerate(variables) if v.name == "kernel"]
+    optimizer.build(variables)
+    n_batches = math.ceil(n_examples / batch_size)
+    columns = metric_columns(len(kernels))
+    n_values = len(columns) - 3  # step, epoch and batch are filled in on the Python side
+
+    def train_step(x_batch, y_batch):
+        with tf.GradientTape() as tape:
+            predictions = model(x_batch, training=True)
+            loss_value = loss_fn(y_batch, predictions)
+            if model.losses:
+                loss_value = loss_value + tf.add_n(model.losses)
+        gradients = tape.gradient(loss_value, variables)
+        before = [tf.identity(variables[i]) for i in kernel_positions]
+        optimizer.apply(gradients, variables)
+        return loss_value, gradients, before
+
+    def step_row(loss_value, gradients, before):
+        layer_rows = [
+            layer_gradient_stats(gradients[i], w0, variables[i])
+            for i, w0 in zip(kernel_positions, before)
+        ]
+        head = tf.stack([tf.cast(loss_value, tf.float32), global_gradient_norm(gradients)])
+        return tf.concat([head] + layer_rows, axis=0)
+
+    @tf.function
+    def run_epoch(epoch, first_step):
+        if shuffle:
+            noise = tf.random.stateless_uniform([n_examples], seed=tf.stack([shuffle_seed, epoch]))
+            order = tf.argsort(noise)
+        else:
+            order = tf.range(n_examples)
+        rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[n_values])
+        batches = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[])
+        count = tf.constant(0)
+        first_nonfinite = tf.constant(-1)
+        for b in tf.range(n_batches):
+            index = order[b * batch_size : tf.minimum((b + 1) * batch_size, n_examples)]
+            loss_value, gradients, before = train_step(tf.gather(x, index), tf.gather(y, index))
+            finite = all_finite(loss_value, gradients)
+            step = first_step + b
+            if log_every == 1:
+                log_now = tf.constant(True)
+            else:
+                log_now = tf.logical_or(
+                    tf.equal(tf.math.floormod(step - 1, log_every), 0), tf.logical_not(finite)
+                )
+            if log_now:
+                rows = rows.write(count, step_row(loss_value, gradients, before))
+                batches = batches.write(count, b)
+                count += 1
+            if tf.logical_and(tf.logical_not(finite), first_nonfinite < 0):
+                first_nonfinite = step
+            if stop_on_nonfinite:
+                if tf.logical_not(finite):
+                    break
+        return rows.stack(), batches.stack(), first_nonfinite
+
+    for logger in loggers:
+        logger.start(
+            epochs=epochs, steps_per_epoch=n_batches, layer_paths=[v.path for v in kernels]
+        )
+    frames: list[pd.DataFrame] = []
+    status, first_nonfinite_step, epochs_completed = "completed", None, 0
+    started = time.perf_counter()
+
+    def history() -> History:
+        metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+        return History(
+            metrics=metrics,
+            status=status,
+            first_nonfinite_step=first_nonfinite_step,
+            epochs_completed=epochs_completed,
+            wall_seconds=time.perf_counter() - started,
+            layer_paths=[v.path for v in kernels],
+        )
+
+    try:
+        for epoch in range(epochs):
+            values, batch_index, first_bad = run_epoch(
+                tf.constant(epoch, tf.int32), tf.constant(epoch * n_batches + 1, tf.int32)
+            )
+            frame = _epoch_frame(columns, epoch, n_batches, batch_index.numpy(), values.numpy())
+            frames.append(frame)
+            for logger in loggers:
+                logger.log_rows(frame)
+                logger.log_epoch_end(epoch, model)
+            first_bad = int(first_bad)
+            if first_bad >= 0:
+                status = "diverged"
+                if first_nonfinite_step is None:
+                    first_nonfinite_step = first_bad
+                if stop_on_nonfinite:
+                    break
+            epochs_completed += 1
+    except KeyboardInterrupt:
+        status = "interrupted"
+        _finish(loggers, history())
+        raise
+    except Exception:
+        status = "failed"
+        _finish(loggers, history())
+        raise
+    result = history()
+    _finish(loggers, result)
+    return result
+
+
+def _epoch_frame(columns, epoch, n_batches, batch_index, values) -> pd.DataFrame:
+    frame = pd.DataFrame(values, columns=columns[3:])
+    frame.insert(0, "batch", batch_index.astype(np.int64))
+    frame.insert(0, "epoch", np.int64(epoch))
+    frame.insert(0, "step", epoch * n_batches + batch_index.astype(np.int64) + 1)
+    return frame
+
+
+def _finish(loggers: Sequence[RunLogger], history: History) -> None:
+    for logger in loggers:
+        logger.finish(history)
+
