@@ -151,6 +151,9 @@ def fit(
         head = tf.stack([tf.cast(loss_value, tf.float32), global_gradient_norm(gradients)])
         return tf.concat([head] + layer_rows, axis=0)
 
+    # Loggers that draw histograms get the kernel gradients of each epoch's last step.
+    keep_gradients = any(getattr(logger, "wants_gradients", False) for logger in loggers)
+
     @tf.function
     def run_epoch(epoch, first_step):
         if shuffle:
@@ -162,10 +165,13 @@ def fit(
         batches = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[])
         count = tf.constant(0)
         first_nonfinite = tf.constant(-1)
+        last_gradients = [tf.zeros_like(k) for k in kernels] if keep_gradients else []
         for b in tf.range(n_batches):
             index = order[b * batch_size : tf.minimum((b + 1) * batch_size, n_examples)]
             loss_value, gradients, before = train_step(tf.gather(x, index), tf.gather(y, index))
             finite = all_finite(loss_value, gradients)
+            if keep_gradients:
+                last_gradients = [tf.convert_to_tensor(gradients[i]) for i in kernel_positions]
             step = first_step + b
             if log_every == 1:
                 log_now = tf.constant(True)
@@ -182,7 +188,7 @@ def fit(
             if stop_on_nonfinite:
                 if tf.logical_not(finite):
                     break
-        return rows.stack(), batches.stack(), first_nonfinite
+        return rows.stack(), batches.stack(), first_nonfinite, last_gradients
 
     for logger in loggers:
         logger.start(
@@ -205,14 +211,15 @@ def fit(
 
     try:
         for epoch in range(epochs):
-            values, batch_index, first_bad = run_epoch(
+            values, batch_index, first_bad, last_gradients = run_epoch(
                 tf.constant(epoch, tf.int32), tf.constant(epoch * n_batches + 1, tf.int32)
             )
             frame = _epoch_frame(columns, epoch, n_batches, batch_index.numpy(), values.numpy())
             frames.append(frame)
+            kernel_gradients = [g.numpy() for g in last_gradients] if keep_gradients else None
             for logger in loggers:
                 logger.log_rows(frame)
-                logger.log_epoch_end(epoch, model)
+                logger.log_epoch_end(epoch, model, kernel_gradients)
             first_bad = int(first_bad)
             if first_bad >= 0:
                 status = "diverged"

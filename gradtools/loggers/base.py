@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import keras
+    import numpy as np
     import pandas as pd
     from matplotlib.figure import Figure
 
@@ -20,6 +21,9 @@ class RunLogger:
     Subclasses implement :meth:`log_metrics`; the other hooks default to doing nothing.
     Metric names are the ``metrics.csv`` column names (``loss``, ``layer_1/grad_abs_mean``…).
     """
+
+    #: Set to True to receive each epoch's last kernel gradients in :meth:`log_epoch_end`.
+    wants_gradients: bool = False
 
     def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str]) -> None:
         """Called by ``fit`` before the first step."""
@@ -37,8 +41,10 @@ class RunLogger:
         for step, values in zip(rows["step"].tolist(), rows[names].itertuples(index=False)):
             self.log_metrics(dict(zip(names, values)), int(step))
 
-    def log_epoch_end(self, epoch: int, model: "keras.Model") -> None:
-        """After each epoch, with the model as it is then (for histograms of weights)."""
+    def log_epoch_end(self, epoch: int, model: "keras.Model",
+                      kernel_gradients: "list[np.ndarray] | None" = None) -> None:
+        """After each epoch, with the model as it is then. ``kernel_gradients`` (layer order)
+        are the gradients of the epoch's last step when :attr:`wants_gradients` is set."""
 
     def log_figure(self, name: str, figure: "Figure") -> None:
         """A matplotlib figure under ``name`` (e.g. ``mean_gradient``)."""

@@ -36,7 +36,7 @@ class ProgressLogger(RunLogger):
     def log_rows(self, rows: pd.DataFrame) -> None:
         self._last_rows = rows
 
-    def log_epoch_end(self, epoch: int, model) -> None:
+    def log_epoch_end(self, epoch: int, model, kernel_gradients=None) -> None:
         now = time.perf_counter()
         last_epoch = epoch + 1 == self._epochs
         if epoch == 0 or last_epoch or now - self._last_print >= self.every_seconds:
