@@ -262,10 +262,21 @@ def load_config(reference: str | Path, overrides: list[str] = ()) -> ExperimentC
         raise ConfigError(source, "(file)", "", f"is not valid TOML: {error}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(source, "(file)", "", f"cannot be read: {error}") from None
+    overridden: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)
         _apply_override(raw, keys, value, f"{source} (--set {text})")
-    return ExperimentConfig(source, validate(raw, source))
+        overridden[".".join(keys)] = text
+    try:
+        return ExperimentConfig(source, validate(raw, source))
+    except ConfigError as error:
+        # A bad value that came from the command line is blamed on the --set that gave it.
+        given_by = next((text for key, text in overridden.items()
+                         if key == error.key or key.startswith(error.key + ".")), None)
+        if given_by is None:
+            raise
+        raise ConfigError(f"{source} (--set {given_by})", error.key, error.value,
+                          error.allowed) from None
 
 
 def _apply_override(raw: dict, keys: list[str], value: Any, source: str) -> None:

@@ -6,6 +6,8 @@ step are computed in the graph and only that small table comes back to Python pe
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -211,9 +213,10 @@ def fit(
 
     try:
         for epoch in range(epochs):
-            values, batch_index, first_bad, last_gradients = run_epoch(
-                tf.constant(epoch, tf.int32), tf.constant(epoch * n_batches + 1, tf.int32)
-            )
+            with _quiet_first_trace(epoch == 0):
+                values, batch_index, first_bad, last_gradients = run_epoch(
+                    tf.constant(epoch, tf.int32), tf.constant(epoch * n_batches + 1, tf.int32)
+                )
             frame = _epoch_frame(columns, epoch, n_batches, batch_index.numpy(), values.numpy())
             frames.append(frame)
             kernel_gradients = [g.numpy() for g in last_gradients] if keep_gradients else None
@@ -239,6 +242,20 @@ def fit(
     result = history()
     _finish(loggers, result)
     return result
+
+
+@contextlib.contextmanager
+def _quiet_first_trace(active: bool):
+    """Every ``fit`` call compiles its own epoch function by design; TensorFlow's warning
+    about frequent retracing says nothing useful about that, so it is muted while tracing."""
+    tf_logger = logging.getLogger("tensorflow")
+    level = tf_logger.level
+    if active:
+        tf_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tf_logger.setLevel(level)
 
 
 def _epoch_frame(columns, epoch, n_batches, batch_index, values) -> pd.DataFrame:

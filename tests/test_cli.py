@@ -1,0 +1,94 @@
+"""The run directory contract, end to end through `python -m experiments`."""
+
+import json
+import signal
+import time
+
+import pandas as pd
+
+from conftest import run_cli
+from gradtools.stats import metric_columns
+
+RUN_JSON_KEYS = {"experiment", "seed", "status", "first_nonfinite_step", "epochs_completed",
+                 "wall_seconds", "versions"}
+
+
+def run_dir_from(stdout: str, cwd):
+    lines = [line for line in stdout.splitlines() if line.startswith("run: ")]
+    assert len(lines) == 1, stdout
+    return cwd / lines[0][len("run: "):]
+
+
+def test_run_writes_the_whole_contract_and_is_deterministic(tmp_path):
+    args = ["run", "vanishing/sigmoid_baseline", "--set", "training.epochs=2", "--quiet"]
+    first = run_cli(args + ["--out", "a"], cwd=tmp_path)
+    second = run_cli(args + ["--out", "b"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run_dir = run_dir_from(first.stdout, tmp_path)
+    assert run_dir.parent == tmp_path / "a" / "vanishing" / "sigmoid_baseline"
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics.columns) == metric_columns(4)
+    assert metrics["step"].tolist() == list(range(1, 2 * 94 + 1))
+    info = json.loads((run_dir / "run.json").read_text())
+    assert RUN_JSON_KEYS <= set(info)
+    assert info["status"] == "completed" and info["epochs_completed"] == 2
+    assert info["first_nonfinite_step"] is None and info["seed"] == 42
+    assert set(info["versions"]) == {"python", "tensorflow", "keras", "gradtools"}
+    assert "epochs = 2" in (run_dir / "config.toml").read_text()
+    for figure in ("mean_gradient", "first_vs_last", "loss"):
+        png = (run_dir / "figures" / f"{figure}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    summary = first.stdout
+    assert "completed" in summary and "layer_1" in summary and "mean_gradient.png" in summary
+
+    again = run_dir_from(second.stdout, tmp_path)
+    assert (again / "metrics.csv").read_bytes() == (run_dir / "metrics.csv").read_bytes()
+
+
+def test_diverged_run_exits_0_with_its_result_recorded(tmp_path):
+    result = run_cli(["run", "exploding/relu_baseline", "--out", "runs", "--quiet"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = run_dir_from(result.stdout, tmp_path)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "diverged"
+    assert info["first_nonfinite_step"] == pd.read_csv(run_dir / "metrics.csv")["step"].iloc[-1]
+    assert "non-finite at step" in result.stdout
+    assert (run_dir / "figures" / "mean_gradient.png").stat().st_size > 10_000
+
+
+def test_ctrl_c_ends_the_run_as_interrupted_with_exit_130(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments", "run", "vanishing/sigmoid_baseline",
+         "--set", "training.epochs=100000", "--out", "runs", "--quiet"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    metrics = None
+    while time.time() < deadline and process.poll() is None:
+        found = list(tmp_path.glob("runs/*/*/*/metrics.csv"))
+        if found and found[0].stat().st_size > 0:
+            metrics = found[0]
+            break
+        time.sleep(0.2)
+    assert metrics is not None, process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    info = json.loads((metrics.parent / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert len(pd.read_csv(metrics)) >= 94
+    assert "interrupted" in stderr
+
+
+def test_list_shows_every_config_with_its_description(tmp_path):
+    result = run_cli(["list"], cwd=tmp_path)
+    assert result.returncode == 0
+    assert "vanishing/sigmoid_baseline" in result.stdout and "exploding/relu_baseline" in result.stdout
+    assert "Adam(learning_rate=0.008)" in result.stdout

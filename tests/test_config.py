@@ -1,0 +1,122 @@
+"""Every shipped config loads; every kind of bad config is refused with exit code 2, a message
+naming the file, key and value, and no run directory."""
+
+import pytest
+
+from experiments.cli import main
+from experiments.config import ConfigError, config_names, load_config, parse_override
+
+ARTICLE_CONFIGS = {
+    "vanishing/sigmoid_baseline", "vanishing/relu", "vanishing/shallow",
+    "vanishing/glorot_uniform", "vanishing/adam", "vanishing/batchnorm",
+    "exploding/relu_baseline", "exploding/grad_clipping", "exploding/glorot_tanh",
+    "exploding/l2_regularization",
+}
+
+GOOD = """
+[experiment]
+name = "tiny"
+group = "test"
+
+[data]
+generator = "moons"
+n_samples = 64
+noise = 0.1
+random_state = 0
+
+[model]
+hidden_units = [4]
+activation = "sigmoid"
+output_activation = "sigmoid"
+
+[optimizer]
+class_name = "RMSprop"
+
+[training]
+loss = "binary_crossentropy"
+epochs = 1
+"""
+
+
+def test_article_configs_all_load_with_their_article_parameters():
+    assert ARTICLE_CONFIGS <= set(config_names())
+    for name in ARTICLE_CONFIGS:
+        config = load_config(name)
+        assert config.run_name == name
+        assert config.values["training"]["batch_size"] == 32
+        assert config.values["training"]["epochs"] == 100
+    exploding = load_config("exploding/relu_baseline").values["model"]
+    assert exploding["kernel_initializer"]["config"] == {"minval": 4.0, "maxval": 5.0}
+    assert exploding["output_kernel_initializer"] == "glorot_uniform"
+    vanishing = load_config("vanishing/sigmoid_baseline").values["model"]
+    assert vanishing["output_kernel_initializer"] == vanishing["kernel_initializer"]
+    assert load_config("vanishing/batchnorm").values["model"]["batch_norm"] == "input"
+    assert load_config("exploding/grad_clipping").values["optimizer"]["config"] == {"clipvalue": 50.0}
+
+
+def test_overrides_are_toml_values_and_bare_words_are_strings():
+    assert parse_override("training.epochs=20") == (["training", "epochs"], 20)
+    assert parse_override("model.activation=relu") == (["model", "activation"], "relu")
+    assert parse_override("model.hidden_units=[3, 3]") == (["model", "hidden_units"], [3, 3])
+    config = load_config("vanishing/relu", ["training.epochs=7", "optimizer.config.learning_rate=0.5"])
+    assert config.values["training"]["epochs"] == 7
+    assert config.values["optimizer"]["config"] == {"learning_rate": 0.5}
+
+
+BAD = [
+    # (what is wrong, replace this, with this, words the message must contain)
+    ("unknown section", "[training]", "[trainig]\nepochs = 1\n[training]", ["[trainig]", "allowed sections"]),
+    ("unknown key", "epochs = 1", "epochs = 1\nepochz = 3", ["training.epochz", "3", "allowed in [training]"]),
+    ("wrong type", "epochs = 1", 'epochs = "ten"', ["training.epochs", "'ten'", "integer >= 1"]),
+    ("out of range", "epochs = 1", "epochs = 1\nbatch_size = 0", ["training.batch_size", "0", ">= 1"]),
+    ("unknown activation", 'activation = "sigmoid"', 'activation = "sigmoidd"',
+     ["model.activation", "'sigmoidd'", "known names", "tanh"]),
+    ("unknown initializer", "hidden_units = [4]", 'hidden_units = [4]\nkernel_initializer = "glorot_unifrom"',
+     ["model.kernel_initializer", "glorot_unifrom", "glorot_uniform"]),
+    ("unknown optimizer", 'class_name = "RMSprop"', 'class_name = "RMSpropp"', ["optimizer", "RMSpropp", "RMSprop"]),
+    ("bad optimizer argument", 'class_name = "RMSprop"', 'class_name = "RMSprop"\nconfig = { learnin_rate = 1.0 }',
+     ["optimizer", "learnin_rate"]),
+    ("unknown loss", 'loss = "binary_crossentropy"', 'loss = "binary_crosentropy"', ["training.loss", "binary_crosentropy"]),
+    ("bad generator parameter", "noise = 0.1", "noise = -1.0", ["data.noise", "-1.0"]),
+    ("unknown generator parameter", "noise = 0.1", "noise = 0.1\nn_feature = 3", ["data.n_feature", "allowed", "noise"]),
+    ("missing key", "hidden_units = [4]\n", "", ["model.hidden_units", "required"]),
+    ("malformed TOML", "epochs = 1", "epochs = = 1", ["not valid TOML", "line"]),
+]
+
+
+@pytest.mark.parametrize("what, old, new, words", BAD, ids=[case[0] for case in BAD])
+def test_bad_config_exits_2_naming_file_key_and_value(tmp_path, capsys, what, old, new, words):
+    assert old in GOOD
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace(old, new, 1))
+    out = tmp_path / "runs"
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and str(path) in message
+    for word in words:
+        assert word in message, (word, message)
+    assert not out.exists(), "a refused config must leave no run directory"
+
+
+def test_the_good_config_of_those_cases_runs(tmp_path, capsys):
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD)
+    assert main(["run", str(path), "--out", str(tmp_path / "runs"), "--quiet"]) == 0
+    assert "run: " in capsys.readouterr().out
+
+
+def test_missing_file_and_bad_override_exit_2(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.toml"), "--out", str(tmp_path / "runs")]) == 2
+    message = capsys.readouterr().err
+    assert "nope.toml" in message and "vanishing/sigmoid_baseline" in message
+    assert main(["run", "vanishing/relu", "--set", "training.epochs=-2", "--out", str(tmp_path / "runs")]) == 2
+    message = capsys.readouterr().err
+    assert "--set training.epochs=-2" in message and "training.epochs = -2" in message
+    assert main(["run", "vanishing/relu", "--set", "epochs=2", "--out", str(tmp_path / "runs")]) == 2
+    assert "sections" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_error_message_format():
+    error = ConfigError("a.toml", "training.epochs", 0, "must be an integer >= 1")
+    assert str(error) == "a.toml: training.epochs = 0: must be an integer >= 1"

@@ -1,0 +1,148 @@
+"""gradtools.fit on models that are not the article's: divergence, logging schedule, errors."""
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import gradtools
+from gradtools.loggers import RunLogger
+
+
+def regression_data(n=64, features=4, scale=1.0):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = (x.sum(axis=1) * scale).astype(np.float32)
+    return x, y
+
+
+def mlp(features=4, init="glorot_uniform"):
+    return keras.Sequential([keras.Input((features,)),
+                             keras.layers.Dense(8, activation="relu", kernel_initializer=init),
+                             keras.layers.Dense(1)])
+
+
+def exploding_setup():
+    x, y = regression_data(scale=200.0)
+    keras.utils.set_random_seed(0)
+    init = keras.initializers.RandomUniform(4.0, 5.0)
+    return mlp(init=init), x, y
+
+
+def test_nonfinite_run_is_recorded_as_diverged_and_stops_there():
+    model, x, y = exploding_setup()
+    history = gradtools.fit(model, x, y, loss="mse", optimizer=keras.optimizers.SGD(0.01),
+                            epochs=20, batch_size=8, seed=0)
+    assert history.status == "diverged"
+    step = history.first_nonfinite_step
+    assert isinstance(step, int) and step >= 1
+    last = history.metrics.iloc[-1]
+    assert last["step"] == step
+    assert not np.isfinite(last["loss"]) or not np.isfinite(last["grad_global_norm"])
+    assert np.isfinite(history.metrics["loss"].iloc[0])
+    assert history.epochs_completed == (step - 1) // 8
+
+
+def test_without_stop_on_nonfinite_training_goes_on_and_stays_diverged():
+    model, x, y = exploding_setup()
+    history = gradtools.fit(model, x, y, loss="mse", optimizer=keras.optimizers.SGD(0.01),
+                            epochs=3, batch_size=8, seed=0, stop_on_nonfinite=False)
+    assert history.status == "diverged"
+    assert history.epochs_completed == 3
+    assert history.metrics["step"].tolist() == list(range(1, 25))
+    assert history.first_nonfinite_step < 24
+
+
+def test_log_every_samples_steps_and_keeps_the_nonfinite_one():
+    x, y = regression_data()
+    keras.utils.set_random_seed(0)
+    history = gradtools.fit(mlp(), x, y, loss="mse", optimizer="sgd", epochs=2, batch_size=8,
+                            log_every=3, seed=0)
+    assert history.metrics["step"].tolist() == [1, 4, 7, 10, 13, 16]
+    assert history.metrics["epoch"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert history.metrics["batch"].tolist() == [0, 3, 6, 1, 4, 7]
+
+    model, x, y = exploding_setup()
+    diverged = gradtools.fit(model, x, y, loss="mse", optimizer=keras.optimizers.SGD(0.01),
+                             epochs=5, batch_size=8, log_every=1000, seed=0)
+    assert diverged.metrics["step"].tolist() == [1, diverged.first_nonfinite_step]
+
+
+def test_same_seed_gives_identical_numbers_and_another_seed_does_not():
+    x, y = regression_data()
+
+    def train(seed):
+        keras.utils.set_random_seed(seed)
+        return gradtools.fit(mlp(), x, y, loss="mse", optimizer="adam", epochs=3, batch_size=8,
+                             seed=seed).metrics
+
+    first, second, other = train(5), train(5), train(6)
+    pd.testing.assert_frame_equal(first, second)
+    assert not first["loss"].equals(other["loss"])
+
+
+def test_functional_model_with_batchnorm_and_dropout_numbers_layers_by_kernel():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(6, activation="tanh")(inputs)
+    hidden = keras.layers.BatchNormalization()(hidden)
+    hidden = keras.layers.Dropout(0.2)(hidden)
+    outputs = keras.layers.Dense(1)(hidden)
+    model = keras.Model(inputs, outputs)
+    x, y = regression_data()
+    history = gradtools.fit(model, x, y, loss="mse", optimizer="rmsprop", epochs=2, seed=0)
+    assert history.status == "completed"
+    assert history.n_layers == 2
+    assert [p.split("/")[-1] for p in history.layer_paths] == ["kernel", "kernel"]
+    assert (history.metrics["layer_1/grad_abs_mean"] > 0).all()
+
+
+def test_loggers_receive_every_row_and_the_final_status():
+    class Recorder(RunLogger):
+        def __init__(self):
+            self.steps, self.finished = [], None
+
+        def log_metrics(self, metrics, step):
+            self.steps.append(step)
+            assert "layer_1/grad_norm" in metrics and "step" not in metrics
+
+        def finish(self, history):
+            self.finished = history.status
+
+    recorder = Recorder()
+    x, y = regression_data()
+    gradtools.fit(mlp(), x, y, loss="mse", optimizer="sgd", epochs=2, batch_size=16,
+                  loggers=[recorder])
+    assert recorder.steps == list(range(1, 9))
+    assert recorder.finished == "completed"
+
+
+def test_an_error_inside_training_reaches_loggers_as_failed_and_is_raised():
+    class Failing(RunLogger):
+        status = None
+
+        def log_metrics(self, metrics, step):
+            raise RuntimeError("disk full")
+
+        def finish(self, history):
+            Failing.status = history.status
+
+    x, y = regression_data()
+    with pytest.raises(RuntimeError, match="disk full"):
+        gradtools.fit(mlp(), x, y, loss="mse", optimizer="sgd", epochs=1, loggers=[Failing()])
+    assert Failing.status == "failed"
+
+
+@pytest.mark.parametrize("name, value", [("epochs", 0), ("batch_size", -1), ("log_every", 1.5)])
+def test_bad_arguments_are_named(name, value):
+    x, y = regression_data()
+    kwargs = {"epochs": 1, name: value}
+    with pytest.raises(ValueError, match=name):
+        gradtools.fit(mlp(), x, y, loss="mse", optimizer="sgd", **kwargs)
+
+
+def test_a_model_without_kernels_is_refused_clearly():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.BatchNormalization()])
+    x, y = regression_data()
+    with pytest.raises(ValueError, match="kernel"):
+        gradtools.fit(model, x, y[:, None].repeat(4, axis=1), loss="mse", optimizer="sgd",
+                      epochs=1)
