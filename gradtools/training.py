@@ -1,7 +1,7 @@
 """``gradtools.fit``: a compiled GradientTape training loop that records gradient statistics.
 
-One call of a ``tf.function`` runs a whole epoch; the per-layer statistics of every logged
-step are computed in the graph and only that small table comes back to Python per epoch.
+One call of an XLA-compiled ``tf.function`` runs a whole epoch; the per-layer statistics of
+every step are computed in the graph and only that small table comes back to Python per epoch.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def fit(
     log_every: int = 1,
     stop_on_nonfinite: bool = True,
     loggers: Sequence[RunLogger] = (),
+    jit_compile: bool = True,
 ) -> History:
     """Train ``model`` on ``(x, y)`` and record per-layer gradient statistics.
 
@@ -100,6 +101,8 @@ def fit(
             a step with a non-finite loss or gradient is always recorded.
         stop_on_nonfinite: stop after the first step whose loss or gradients are not finite.
         loggers: :class:`gradtools.loggers.RunLogger` instances that receive every row.
+        jit_compile: compile each epoch with XLA (the default, several times faster on small
+            models); pass False for a model with ops XLA cannot compile.
 
     Returns:
         a :class:`gradtools.History`. A non-finite loss or gradient ends the run with status
@@ -134,6 +137,11 @@ def fit(
     columns = metric_columns(len(kernels))
     n_values = len(columns) - 3  # step, epoch and batch are filled in on the Python side
 
+    # Loggers that draw histograms get the kernel gradients of each epoch's last step.
+    keep_gradients = any(getattr(logger, "wants_gradients", False) for logger in loggers)
+
+    # One step: the forward and backward pass, the update, and the step's statistics (cheap
+    # next to the update, so always computed; the Python side keeps the logged rows).
     def train_step(x_batch, y_batch):
         with tf.GradientTape() as tape:
             predictions = model(x_batch, training=True)
@@ -143,54 +151,59 @@ def fit(
         gradients = tape.gradient(loss_value, variables)
         before = [tf.identity(variables[i]) for i in kernel_positions]
         optimizer.apply(gradients, variables)
-        return loss_value, gradients, before
-
-    def step_row(loss_value, gradients, before):
         layer_rows = [
             layer_gradient_stats(gradients[i], w0, variables[i])
             for i, w0 in zip(kernel_positions, before)
         ]
         head = tf.stack([tf.cast(loss_value, tf.float32), global_gradient_norm(gradients)])
-        return tf.concat([head] + layer_rows, axis=0)
+        row = tf.concat([head] + layer_rows, axis=0)
+        kernel_gradients = (
+            [tf.convert_to_tensor(gradients[i]) for i in kernel_positions] if keep_gradients else []
+        )
+        return row, all_finite(loss_value, gradients), kernel_gradients
 
-    # Loggers that draw histograms get the kernel gradients of each epoch's last step.
-    keep_gradients = any(getattr(logger, "wants_gradients", False) for logger in loggers)
+    n_full, remainder = divmod(n_examples, batch_size)
+    feature_shape, target_shape = list(x.shape[1:]), list(y.shape[1:])
 
-    @tf.function
-    def run_epoch(epoch, first_step):
+    # The whole epoch is one compiled call: full batches are slices of a static-shaped
+    # [n_full, batch_size, ...] tensor (as XLA needs), the smaller last batch follows.
+    @tf.function(jit_compile=jit_compile)
+    def run_epoch(epoch):
         if shuffle:
             noise = tf.random.stateless_uniform([n_examples], seed=tf.stack([shuffle_seed, epoch]))
             order = tf.argsort(noise)
         else:
             order = tf.range(n_examples)
-        rows = tf.TensorArray(tf.float32, size=0, dynamic_size=True, element_shape=[n_values])
-        batches = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[])
-        count = tf.constant(0)
-        first_nonfinite = tf.constant(-1)
+        x_epoch, y_epoch = tf.gather(x, order), tf.gather(y, order)
+        x_full = tf.reshape(x_epoch[: n_full * batch_size], [n_full, batch_size] + feature_shape)
+        y_full = tf.reshape(y_epoch[: n_full * batch_size], [n_full, batch_size] + target_shape)
+        rows = tf.TensorArray(tf.float32, size=n_batches, element_shape=[n_values])
+        finite_flags = tf.TensorArray(tf.bool, size=n_batches, element_shape=[])
+        done = tf.constant(0)
+        stopped = tf.constant(False)
         last_gradients = [tf.zeros_like(k) for k in kernels] if keep_gradients else []
-        for b in tf.range(n_batches):
-            index = order[b * batch_size : tf.minimum((b + 1) * batch_size, n_examples)]
-            loss_value, gradients, before = train_step(tf.gather(x, index), tf.gather(y, index))
-            finite = all_finite(loss_value, gradients)
+        for b in tf.range(n_full):
+            row, finite, kernel_gradients = train_step(x_full[b], y_full[b])
+            rows = rows.write(b, row)
+            finite_flags = finite_flags.write(b, finite)
+            done = b + 1
             if keep_gradients:
-                last_gradients = [tf.convert_to_tensor(gradients[i]) for i in kernel_positions]
-            step = first_step + b
-            if log_every == 1:
-                log_now = tf.constant(True)
-            else:
-                log_now = tf.logical_or(
-                    tf.equal(tf.math.floormod(step - 1, log_every), 0), tf.logical_not(finite)
-                )
-            if log_now:
-                rows = rows.write(count, step_row(loss_value, gradients, before))
-                batches = batches.write(count, b)
-                count += 1
-            if tf.logical_and(tf.logical_not(finite), first_nonfinite < 0):
-                first_nonfinite = step
+                last_gradients = kernel_gradients
             if stop_on_nonfinite:
-                if tf.logical_not(finite):
+                stopped = tf.logical_not(finite)
+                if stopped:
                     break
-        return rows.stack(), batches.stack(), first_nonfinite, last_gradients
+        if remainder:
+            if tf.logical_not(stopped):
+                row, finite, kernel_gradients = train_step(
+                    x_epoch[n_full * batch_size :], y_epoch[n_full * batch_size :]
+                )
+                rows = rows.write(n_full, row)
+                finite_flags = finite_flags.write(n_full, finite)
+                done = n_full + 1
+                if keep_gradients:
+                    last_gradients = kernel_gradients
+        return rows.stack(), finite_flags.stack(), done, last_gradients
 
     for logger in loggers:
         logger.start(
@@ -214,20 +227,23 @@ def fit(
     try:
         for epoch in range(epochs):
             with _quiet_first_trace(epoch == 0):
-                values, batch_index, first_bad, last_gradients = run_epoch(
-                    tf.constant(epoch, tf.int32), tf.constant(epoch * n_batches + 1, tf.int32)
-                )
-            frame = _epoch_frame(columns, epoch, n_batches, batch_index.numpy(), values.numpy())
+                values, finite_flags, done, last_gradients = run_epoch(tf.constant(epoch, tf.int32))
+            done = int(done)
+            finite_flags = finite_flags.numpy()[:done]
+            steps = epoch * n_batches + np.arange(1, done + 1)
+            # Logged: every log_every-th step from step 1, and every non-finite step.
+            logged = ((steps - 1) % log_every == 0) | ~finite_flags
+            frame = _epoch_frame(columns, epoch, n_batches, np.flatnonzero(logged),
+                                 values.numpy()[:done][logged])
             frames.append(frame)
             kernel_gradients = [g.numpy() for g in last_gradients] if keep_gradients else None
             for logger in loggers:
                 logger.log_rows(frame)
                 logger.log_epoch_end(epoch, model, kernel_gradients)
-            first_bad = int(first_bad)
-            if first_bad >= 0:
+            if not finite_flags.all():
                 status = "diverged"
                 if first_nonfinite_step is None:
-                    first_nonfinite_step = first_bad
+                    first_nonfinite_step = int(steps[np.argmin(finite_flags)])
                 if stop_on_nonfinite:
                     break
             epochs_completed += 1
@@ -235,8 +251,11 @@ def fit(
         status = "interrupted"
         _finish(loggers, history())
         raise
-    except Exception:
+    except Exception as error:
         status = "failed"
+        if jit_compile and not frames:
+            error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
+                           "an op of this model, call it with jit_compile=False")
         _finish(loggers, history())
         raise
     result = history()

@@ -20,18 +20,22 @@ def small_model(regularizer=None):
     ])
 
 
-def independent_rows(model, x, y, steps, l2=0.0):
-    """Full-batch SGD by hand: tape gradients, NumPy statistics, W ← W − lr·g."""
+def independent_rows(model, x, y, steps, l2=0.0, batch_size=None):
+    """SGD by hand over unshuffled batches: tape gradients, NumPy statistics, W ← W − lr·g."""
     rows = []
+    batch_size = batch_size or len(x)
+    n_batches = -(-len(x) // batch_size)
     for step in range(1, steps + 1):
+        batch = (step - 1) % n_batches
+        xb, yb = x[batch * batch_size:(batch + 1) * batch_size], y[batch * batch_size:(batch + 1) * batch_size]
         with tf.GradientTape() as tape:
-            prediction = model(x, training=True)
-            loss = tf.reduce_mean(tf.square(prediction[:, 0] - y))
+            prediction = model(xb, training=True)
+            loss = tf.reduce_mean(tf.square(prediction[:, 0] - yb))
             if l2:
                 loss += l2 * tf.reduce_sum(tf.square(model.layers[0].kernel))
         variables = model.trainable_weights
         grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, variables)]
-        row = {"step": step, "epoch": step - 1, "batch": 0, "loss": float(loss),
+        row = {"step": step, "epoch": (step - 1) // n_batches, "batch": batch, "loss": float(loss),
                "grad_global_norm": np.sqrt(sum((g ** 2).sum() for g in grads))}
         layer = 0
         for v, g in zip(variables, grads):
@@ -77,6 +81,25 @@ def test_every_statistic_matches_an_independent_computation(l2):
             assert got[column] == pytest.approx(value, rel=2e-5, abs=1e-7), column
     assert history.layer_paths == [v.path for v in model.trainable_weights if v.name == "kernel"]
     assert len(LAYER_STATS) == 7
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_statistics_hold_for_a_smaller_last_batch_with_and_without_xla(jit_compile):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(20, 3)).astype(np.float32)
+    y = rng.normal(size=20).astype(np.float32)
+    keras.utils.set_random_seed(4)
+    model = small_model()
+    reference = small_model()
+    reference.set_weights(model.get_weights())
+    history = gradtools.fit(model, x, y, loss="mean_squared_error",
+                            optimizer=keras.optimizers.SGD(LEARNING_RATE), epochs=2,
+                            batch_size=8, shuffle=False, jit_compile=jit_compile)
+    expected = independent_rows(reference, x, y, steps=6, batch_size=8)
+    assert history.metrics["batch"].tolist() == [0, 1, 2, 0, 1, 2]
+    for got, want in zip(history.metrics.to_dict("records"), expected):
+        for column, value in want.items():
+            assert got[column] == pytest.approx(value, rel=2e-5, abs=1e-7), column
 
 
 def test_regularization_losses_are_part_of_the_differentiated_loss():

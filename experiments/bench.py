@@ -1,0 +1,161 @@
+"""``make bench``: per-epoch wall time of three ways to train the article's sigmoid baseline,
+measured in one process on the same data.
+
+(a) the article's loop: eager Python, one GradientTape step per batch over
+    ``tf.data ... shuffle(42).batch(32)``, statistics pulled to NumPy at batch 5;
+(b) plain ``model.fit`` with no gradient logging;
+(c) ``gradtools.fit`` logging every statistic of every layer at every step.
+
+Each time is the median over epochs after the first (the first includes tracing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import gradtools  # noqa: E402
+from experiments.config import load_config  # noqa: E402
+from experiments.datasets import make_dataset  # noqa: E402
+from experiments.models import build_mlp  # noqa: E402
+from gradtools.loggers import RunLogger  # noqa: E402
+
+EXPERIMENT = "vanishing/sigmoid_baseline"
+
+
+def _setup():
+    config = load_config(EXPERIMENT)
+    keras.utils.set_random_seed(config.seed)
+    x, y = make_dataset(config.section("data"))
+    model = build_mlp(config.section("model"), x.shape[1])
+    optimizer = keras.optimizers.get(config.section("optimizer"))
+    return x, y, model, optimizer
+
+
+def _median_after_first(times: list[float]) -> float:
+    return statistics.median(times[1:])
+
+
+def time_article_loop(epochs: int) -> float:
+    """The article's training loop, as its script writes it (eager, NumPy at batch 5)."""
+    x, y, model, optimizer = _setup()
+    loss_fn = keras.losses.BinaryCrossentropy()
+    data = tf.data.Dataset.from_tensor_slices((x, y[:, None])).shuffle(buffer_size=42).batch(32)
+    recorded = []
+    times = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        for step, (x_batch, y_batch) in enumerate(data):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y_batch, model(x_batch, training=True))
+            grads = tape.gradient(loss, model.trainable_weights)
+            optimizer.apply_gradients(zip(grads, model.trainable_weights))
+            if step == 5:
+                recorded.append({w.path: (np.mean(g.numpy()), np.mean(w.numpy()))
+                                 for w, g in zip(model.trainable_weights, grads)
+                                 if w.name == "kernel"})
+        times.append(time.perf_counter() - started)
+    return _median_after_first(times)
+
+
+class _EpochClock(keras.callbacks.Callback, RunLogger):
+    """Per-epoch wall time, as a Keras callback (for model.fit) and a gradtools logger."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+        self._last = time.perf_counter()
+
+    def _tick(self):
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
+
+    def on_train_begin(self, logs=None):
+        self._last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._tick()
+
+    def start(self, **_):
+        self._last = time.perf_counter()
+
+    def log_metrics(self, metrics, step):
+        pass
+
+    def log_rows(self, rows):
+        pass
+
+    def log_epoch_end(self, epoch, model, kernel_gradients=None):
+        self._tick()
+
+
+def time_model_fit(epochs: int) -> float:
+    x, y, model, optimizer = _setup()
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
+    clock = _EpochClock()
+    model.fit(x, y, batch_size=32, epochs=epochs, shuffle=True, verbose=0, callbacks=[clock])
+    return _median_after_first(clock.times)
+
+
+def time_gradtools_fit(epochs: int) -> float:
+    x, y, model, optimizer = _setup()
+    clock = _EpochClock()
+    gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer=optimizer, epochs=epochs,
+                  batch_size=32, seed=42, log_every=1, loggers=[clock])
+    return _median_after_first(clock.times)
+
+
+def time_make_figures() -> float:
+    """Wall time of ``python -m experiments figures`` (all ten experiments, 100 epochs each)."""
+    import tempfile
+
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as scratch:
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "experiments", "figures", "--quiet",
+             "--out", f"{scratch}/runs", "--figures", f"{scratch}/figures"],
+            check=True, cwd=repo, stdout=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(repo)},
+        )
+        return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=12, help="epochs for (b) and (c) (default 12)")
+    parser.add_argument("--article-epochs", type=int, default=4, help="epochs for (a) (default 4)")
+    parser.add_argument("--skip-figures", action="store_true", help="do not time make figures")
+    args = parser.parse_args(argv)
+
+    print(f"Per-epoch wall time on {EXPERIMENT} (3000 examples, batch 32: 94 steps per epoch), "
+          "median of the epochs after the first:", flush=True)
+    article = time_article_loop(args.article_epochs)
+    print(f"  (a) article's eager loop, NumPy at batch 5 {article * 1e3:9.1f} ms", flush=True)
+    plain = time_model_fit(args.epochs)
+    print(f"  (b) model.fit, no gradient logging         {plain * 1e3:9.1f} ms", flush=True)
+    ours = time_gradtools_fit(args.epochs)
+    print(f"  (c) gradtools.fit, every stat every step   {ours * 1e3:9.1f} ms", flush=True)
+    print(f"  (c)/(b) = {ours / plain:.3f}   (required <= 0.5, target <= 0.25)")
+    print(f"  (a)/(c) = {article / ours:.1f}   (required >= 50, target >= 100)")
+    if not args.skip_figures:
+        print(f"make figures (ten experiments, 100 epochs each, one process): "
+              f"{time_make_figures():.1f} s   (target <= 60 s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
