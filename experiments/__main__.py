@@ -1,7 +1,8 @@
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter hides our output
+from gradtools.tf_startup import import_tensorflow_quietly
+
+import_tensorflow_quietly()
 
 from experiments.cli import main  # noqa: E402
 

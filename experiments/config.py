@@ -27,11 +27,15 @@ class ConfigError(ValueError):
 
     def __init__(self, source: str, key: str, value: Any, allowed: str):
         self.source, self.key, self.value, self.allowed = source, key, value, allowed
-        shown = "(missing)" if value is _MISSING else repr(value)
-        super().__init__(f"{source}: {key} = {shown}: {allowed}")
+        if key == FILE:
+            super().__init__(f"{source}: {allowed}")
+        else:
+            shown = "(missing)" if value is _MISSING else repr(value)
+            super().__init__(f"{source}: {key} = {shown}: {allowed}")
 
 
 _MISSING = object()
+FILE = "(file)"  # the key of an error about the whole file
 
 
 # --- value checks: each returns the (normalized) value or raises ValueError(allowed) ----------
@@ -230,7 +234,7 @@ def find_config(reference: str | Path) -> Path:
         if candidate.is_file():
             return candidate
     available = ", ".join(config_names()) or "none"
-    raise ConfigError(str(reference), "(file)", str(reference),
+    raise ConfigError(str(reference), FILE, str(reference),
                       f"no such config file; available: {available}")
 
 
@@ -259,9 +263,9 @@ def load_config(reference: str | Path, overrides: list[str] = ()) -> ExperimentC
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(source, "(file)", "", f"is not valid TOML: {error}") from None
+        raise ConfigError(source, FILE, "", f"is not valid TOML: {error}") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(source, "(file)", "", f"cannot be read: {error}") from None
+        raise ConfigError(source, FILE, "", f"cannot be read: {error}") from None
     overridden: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)

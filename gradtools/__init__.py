@@ -1,8 +1,29 @@
-"""gradtools: see, measure and fix vanishing and exploding gradients in Keras 3 models."""
+"""gradtools: see, measure and fix vanishing and exploding gradients in Keras 3 models.
+
+Exports are loaded on first use, so ``import gradtools`` does not start TensorFlow (the
+command-line entry points start it quietly first: see :mod:`gradtools.tf_startup`).
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from gradtools.history import History  # noqa: E402
-from gradtools.training import fit  # noqa: E402
+#: Public name -> module that defines it.
+_EXPORTS = {
+    "History": "gradtools.history",
+    "fit": "gradtools.training",
+}
 
-__all__ = ["History", "fit", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in {"loggers", "plots", "stats", "summary"}:
+        return importlib.import_module(f"gradtools.{name}")
+    raise AttributeError(f"module 'gradtools' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

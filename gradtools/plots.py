@@ -130,18 +130,24 @@ def run_figures(history: History, title: str) -> dict[str, Figure]:
 
 
 def plot_comparison(runs: Mapping[str, pd.DataFrame], stat: str, title: str) -> Figure:
-    """``stat`` of several runs overlaid (x = step), labelled by the mapping's keys;
-    log scale when the values span two decades or more."""
+    """``stat`` of several runs overlaid (x = step), labelled by the mapping's keys: every
+    logged value faintly, and its rolling mean over one epoch's worth of rows as a line; log
+    scale when the values span two decades or more."""
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
     every_value = []
-    for label, metrics in runs.items():
-        ax.plot(metrics["step"], metrics[stat], linewidth=0.8, label=label)
-        every_value.append(metrics[stat].to_numpy(dtype=float))
+    for index, (label, metrics) in enumerate(runs.items()):
+        color = f"C{index % 10}"
+        values = metrics[stat].astype(float)
+        window = max(1, int(metrics.groupby("epoch").size().median()))
+        ax.plot(metrics["step"], values, linewidth=0.4, alpha=0.2, color=color)
+        ax.plot(metrics["step"], values.rolling(window, min_periods=1).mean(), linewidth=1.6,
+                color=color, label=label)
+        every_value.append(values.to_numpy())
     if every_value and _spans_decades(np.concatenate(every_value)):
         ax.set_yscale("log")
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel("step (line: mean over one epoch of steps)")
     ax.set_ylabel(stat)
     ax.legend(fontsize=8)
     return fig
