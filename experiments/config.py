@@ -123,7 +123,7 @@ def _keras_object(kind: str, getter: Callable[[Any], Any], module, optional: boo
             resolved = getter(copy.deepcopy(value))
         except (ValueError, TypeError) as error:
             raise ValueError(
-                f"Keras cannot make a {kind} of it ({error}); known names: {_public_names(module)}"
+                f"not a Keras {kind} ({error}); known names: {_public_names(module)}"
             ) from None
         if resolved is None:
             raise ValueError(f"must name a Keras {kind}")
