@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,15 @@ from experiments.config import ConfigError, config_names, load_config
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so the run directory is closed as interrupted."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 DEFAULT_EXPERIMENT = "vanishing/sigmoid_baseline"
 
 
@@ -124,12 +134,15 @@ COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
         print("interrupted: the run directory keeps what was computed (status 'interrupted')",
               file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,6 +5,7 @@ import signal
 import time
 
 import pandas as pd
+import pytest
 
 from conftest import run_cli
 from gradtools.stats import metric_columns
@@ -57,7 +58,8 @@ def test_diverged_run_exits_0_with_its_result_recorded(tmp_path):
     assert (run_dir / "figures" / "mean_gradient.png").stat().st_size > 10_000
 
 
-def test_ctrl_c_ends_the_run_as_interrupted_with_exit_130(tmp_path):
+@pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_ends_the_run_as_interrupted(tmp_path, signum, exit_code):
     import os
     import subprocess
     import sys
@@ -78,9 +80,9 @@ def test_ctrl_c_ends_the_run_as_interrupted_with_exit_130(tmp_path):
             break
         time.sleep(0.2)
     assert metrics is not None, process.communicate()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == exit_code, stderr
     info = json.loads((metrics.parent / "run.json").read_text())
     assert info["status"] == "interrupted"
     assert len(pd.read_csv(metrics)) >= 94
