@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from experiments.config import ConfigError, config_names, load_config
+from gradtools.loggers.neptune import NeptuneUnavailable
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -64,6 +65,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "e.g. --set training.epochs=20 (repeatable)")
     parser.add_argument("--out", default="runs", help="where run directories go (default runs)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--logger", dest="backends", action="append", default=[],
+                        choices=["neptune", "tensorboard"],
+                        help="also log to this backend (repeatable); the run directory is always "
+                        "written. TensorBoard files go to <run dir>/tensorboard")
+    parser.add_argument("--neptune-mode", choices=["offline", "async", "sync", "debug"],
+                        help="Neptune connection mode (default: NEPTUNE_MODE, else async with "
+                        "NEPTUNE_API_TOKEN set, else offline)")
 
 
 def describe_run(run) -> str:
@@ -102,7 +110,8 @@ def command_run(args) -> int:
     config = load_config(args.config, overrides)
     from experiments.runner import run_experiment
 
-    run = run_experiment(config, args.out, loggers=_loggers(args.quiet))
+    run = run_experiment(config, args.out, loggers=_loggers(args.quiet), backends=args.backends,
+                         neptune_mode=args.neptune_mode)
     print(describe_run(run))
     return 0
 
@@ -121,7 +130,8 @@ def command_figures(args) -> int:
 
     started = time.perf_counter()
     written = write_article_figures(configs, Path(args.out), Path(args.figures),
-                                    loggers=lambda: _loggers(args.quiet))
+                                    loggers=lambda: _loggers(args.quiet), backends=args.backends,
+                                    neptune_mode=args.neptune_mode)
     for path in written:
         print(f"figure: {path}")
     print(f"{len(configs)} experiments and {len(written)} figures in "
@@ -138,6 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ImportError as error:
+        if "gradtools[dashboard]" not in str(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NeptuneUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as interruption:

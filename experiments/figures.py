@@ -23,14 +23,16 @@ def group_comparison(runs: list[Run], group: str):
 
 
 def write_article_figures(configs: list[ExperimentConfig], runs_out: Path, figures_out: Path,
-                          loggers: Callable[[], list] = list) -> list[Path]:
+                          loggers: Callable[[], list] = list, backends=(),
+                          neptune_mode=None) -> list[Path]:
     """Run each config, copy its mean-gradient figure to ``<group>_<name>.png`` and draw one
     comparison figure per group. Returns the figure paths."""
     figures_out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     by_group: dict[str, list[Run]] = {}
     for config in configs:
-        run = run_experiment(config, runs_out, loggers=loggers())
+        run = run_experiment(config, runs_out, loggers=loggers(), backends=backends,
+                             neptune_mode=neptune_mode)
         by_group.setdefault(config.group, []).append(run)
         target = figures_out / f"{config.group}_{config.name}.png"
         shutil.copyfile(run.run_dir / "figures" / "mean_gradient.png", target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,16 @@ def new_run_dir(out: Path, config: ExperimentConfig) -> Path:
     return candidate
 
 
+#: Logger backends besides the run directory, by their --logger name.
+BACKENDS = ("neptune", "tensorboard")
+
+
 def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
-                   loggers: list[RunLogger] = ()) -> Run:
-    """Train ``config`` and write its run directory. Everything that can fail on the
-    config (data, model) happens before the directory is created."""
+                   loggers: list[RunLogger] = (), backends: Sequence[str] = (),
+                   neptune_mode: str | None = None) -> Run:
+    """Train ``config`` and write its run directory, logging also to ``backends``.
+    Everything that can fail before training (data, model, reaching Neptune) happens before
+    the directory is created."""
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     x, y = make_dataset(config.section("data"))
@@ -45,10 +52,23 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
     optimizer = keras.optimizers.get(config.section("optimizer"))
     training = config.section("training")
 
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown logger {sorted(unknown)[0]!r}; choose from {', '.join(BACKENDS)}")
+    loggers = list(loggers)
+    if "neptune" in backends:
+        from gradtools.loggers.neptune import NeptuneLogger
+
+        experiment = config.values["experiment"]
+        loggers.append(NeptuneLogger(name=config.run_name, description=experiment["description"],
+                                     tags=experiment["tags"], mode=neptune_mode))
     run_dir = new_run_dir(Path(out), config)
     local = LocalRunLogger(run_dir, name=config.run_name, seed=config.seed)
-    local.log_params(config.values)
-    for logger in loggers:
+    if "tensorboard" in backends:
+        from gradtools.loggers.tensorboard import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
+    for logger in [local, *loggers]:
         logger.log_params(config.values)
     history = gradtools.fit(
         model, x, y,

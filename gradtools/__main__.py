@@ -1,0 +1,51 @@
+"""``python -m gradtools``: tools that work on run directories."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gradtools.tf_startup import import_tensorflow_quietly
+
+EXIT_BAD_INPUT = 2
+
+
+def command_compare(args) -> int:
+    from gradtools.compare import compare_runs
+
+    _, run_dirs = compare_runs(args.run_dirs, args.stat, args.out)
+    print(f"compared {len(run_dirs)} runs on {args.stat}: {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gradtools",
+                                     description="Work with gradtools run directories.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    compare = commands.add_parser(
+        "compare", help="overlay one statistic of several runs in one figure",
+        description="Overlay one statistic of several run directories, labelled by experiment and "
+        "seed, log scale when the values span two decades. Globs such as 'runs/vanishing/*/*' work, "
+        "quoted or not.")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or globs")
+    compare.add_argument("--stat", default="layer_1/grad_abs_mean",
+                         help="a metrics.csv column (default layer_1/grad_abs_mean)")
+    compare.add_argument("--out", default="comparison.png", help="figure file (default comparison.png)")
+    compare.set_defaults(handler=command_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gradtools.compare import CompareError
+
+    try:
+        return args.handler(args)
+    except (CompareError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    import_tensorflow_quietly()
+    sys.exit(main())

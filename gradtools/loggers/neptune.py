@@ -1,0 +1,138 @@
+"""Neptune (client 1.x): the article's backend.
+
+Series are ``metrics/<column>`` (``metrics/layer_1/grad_abs_mean``), the config is under
+``parameters/``, figures under ``figures/``, and how the run ended under ``diagnostics/``.
+The hosted Neptune app shut down in March 2026: use ``offline`` mode (data in
+``.neptune/``, or ``NEPTUNE_DATA_DIRECTORY``) and ``neptune sync`` to a Neptune deployment.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from gradtools.loggers.base import RunLogger
+
+MODES = ("offline", "async", "sync", "debug", "read-only")
+
+
+class NeptuneUnavailable(RuntimeError):
+    """Neptune could not be started: raised before training, so nothing is lost."""
+
+
+def default_mode() -> str:
+    """``NEPTUNE_MODE`` if set; else ``async`` with an API token, ``offline`` without one."""
+    return os.environ.get("NEPTUNE_MODE") or ("async" if os.environ.get("NEPTUNE_API_TOKEN") else "offline")
+
+
+def _plain(value: Any) -> Any:
+    """Neptune takes str, bool, int, float and nested dicts; lists become strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class NeptuneLogger(RunLogger):
+    """Logs one run to Neptune with the real client.
+
+    ``mode`` defaults to :func:`default_mode`; the project and API token come from Neptune's
+    own variables (``NEPTUNE_PROJECT``, ``NEPTUNE_API_TOKEN``) and are never written by
+    gradtools. Non-finite values are skipped (Neptune cannot store them) with one warning;
+    the first step where they appeared is logged as ``diagnostics/first_nonfinite_step``.
+    If Neptune fails in the middle of a run, training goes on and one warning says what was
+    lost.
+    """
+
+    def __init__(self, *, name: str, description: str = "", tags: Sequence[str] = (),
+                 mode: str | None = None, project: str | None = None):
+        import neptune
+
+        self.name = name
+        self.mode = mode or default_mode()
+        if self.mode not in MODES:
+            raise ValueError(f"Neptune mode {self.mode!r} is not one of {', '.join(MODES)}")
+        self._first_nonfinite_step: int | None = None
+        self._broken: str | None = None
+        try:
+            self.run = neptune.init_run(
+                project=project, mode=self.mode, name=name, description=description,
+                tags=list(tags), capture_hardware_metrics=False, capture_stdout=False,
+                capture_stderr=False, capture_traceback=False, git_ref=False, source_files=[],
+            )
+            if self.mode in ("async", "sync"):
+                self.run.wait()  # surfaces an unreachable server now, not mid-run
+        except Exception as error:  # the client raises many types; all mean "not started"
+            raise NeptuneUnavailable(
+                f"Neptune could not start a run in {self.mode!r} mode: "
+                f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+                " (check NEPTUNE_PROJECT / NEPTUNE_API_TOKEN, or use --neptune-mode offline "
+                "and upload later with `neptune sync`)"
+            ) from None
+
+    def _guard(self, what: str, action) -> None:
+        if self._broken:
+            return
+        try:
+            action()
+        except Exception as error:  # noqa: BLE001 - a logging backend must not stop training
+            self._broken = f"{type(error).__name__}: {error}"
+            warnings.warn(f"Neptune failed while logging {what} ({self._broken}); the local run "
+                          "directory is complete, Neptune misses everything from here on",
+                          RuntimeWarning, stacklevel=3)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._guard("parameters", lambda: self.run.__setitem__("parameters", _plain(params)))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.log_rows(pd.DataFrame([{"step": step, **metrics}]))
+
+    def log_rows(self, rows: pd.DataFrame) -> None:
+        steps = rows["step"].astype(int)
+        for column in rows.columns:
+            if column in ("step", "epoch", "batch"):
+                continue
+            values = rows[column].astype(float)
+            finite = values.map(math.isfinite)
+            if not finite.all():
+                self._note_nonfinite(int(steps[~finite].iloc[0]), column)
+            if finite.any():
+                self._guard(
+                    f"metrics/{column}",
+                    lambda c=column, v=values[finite], s=steps[finite]: self.run[f"metrics/{c}"].extend(
+                        v.tolist(), steps=s.tolist()),
+                )
+
+    def _note_nonfinite(self, step: int, column: str) -> None:
+        if self._first_nonfinite_step is not None:
+            return
+        self._first_nonfinite_step = step
+        self._guard("diagnostics", lambda: self.run.__setitem__("diagnostics/first_nonfinite_step", step))
+        warnings.warn(f"non-finite values from step {step} on ({column} first) are not sent to "
+                      "Neptune, which cannot store them; metrics.csv keeps them", RuntimeWarning,
+                      stacklevel=3)
+
+    def log_figure(self, name: str, figure) -> None:
+        from neptune.types import File
+
+        self._guard(f"figures/{name}", lambda: self.run[f"figures/{name}"].upload(File.as_image(figure)))
+
+    def finish(self, history) -> None:
+        from gradtools.plots import run_figures
+
+        for stem, figure in run_figures(history, self.name).items():
+            self.log_figure(stem, figure)
+        self._guard("diagnostics", lambda: self.run.__setitem__("diagnostics/status", history.status))
+        if history.first_nonfinite_step is not None and self._first_nonfinite_step is None:
+            self._guard("diagnostics", lambda: self.run.__setitem__(
+                "diagnostics/first_nonfinite_step", history.first_nonfinite_step))
+        try:
+            self.run.stop()
+        except Exception as error:  # noqa: BLE001
+            warnings.warn(f"Neptune could not stop cleanly: {error}", RuntimeWarning, stacklevel=2)

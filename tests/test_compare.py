@@ -1,0 +1,60 @@
+"""`python -m gradtools compare` on real run directories."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import gradtools
+from conftest import REPO_ROOT
+from gradtools.compare import CompareError, compare_runs
+from gradtools.loggers import LocalRunLogger
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 2)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    for name, seed in (("toy/sigmoid", 0), ("toy/sigmoid", 1), ("toy/relu", 0)):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4, activation=name.split("/")[1]),
+                                  keras.layers.Dense(1, activation="sigmoid")])
+        logger = LocalRunLogger(root / name / f"seed{seed}", name=name, seed=seed)
+        gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer="sgd", epochs=2,
+                      batch_size=8, seed=seed, loggers=[logger])
+    return root
+
+
+def test_a_glob_overlays_every_run_labelled_by_experiment_and_seed(runs_dir, tmp_path):
+    out = tmp_path / "cmp.png"
+    figure, run_dirs = compare_runs([str(runs_dir / "toy" / "*" / "*")], "layer_1/grad_norm", out)
+    assert len(run_dirs) == 3
+    labels = {t.get_text() for t in figure.axes[0].get_legend().get_texts()}
+    assert labels == {"toy/sigmoid (seed 0)", "toy/sigmoid (seed 1)", "toy/relu (seed 0)"}
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_path_and_unknown_statistic_say_what_is_available(runs_dir, tmp_path):
+    with pytest.raises(CompareError, match="not a run directory"):
+        compare_runs([str(tmp_path)])
+    with pytest.raises(CompareError, match="matches no path"):
+        compare_runs([str(tmp_path / "nothing" / "*")])
+    with pytest.raises(CompareError, match="available: loss, grad_global_norm, layer_1/grad_mean"):
+        compare_runs([str(runs_dir / "toy" / "relu" / "seed0")], "layer_7/grad_norm")
+
+
+def test_command_line_exit_codes(runs_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    command = [sys.executable, "-m", "gradtools", "compare"]
+    good = subprocess.run(command + [str(runs_dir / "toy/*/*"), "--out", str(tmp_path / "c.png")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr
+    assert "compared 3 runs" in good.stdout and (tmp_path / "c.png").stat().st_size > 10_000
+    bad = subprocess.run(command + [str(runs_dir / "toy/relu/seed0"), "--stat", "nope"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "available:" in bad.stderr

@@ -1,0 +1,89 @@
+"""TensorBoardLogger's event files read back with TensorBoard's own reader and server."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import keras
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import gradtools
+from gradtools.loggers.tensorboard import TensorBoardLogger
+from gradtools.stats import metric_columns
+from tensorboard.util import tensor_util
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("tb") / "run_a"
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5, activation="tanh"),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    logger = TensorBoardLogger(log_dir)
+    logger.log_params({"training": {"epochs": 3}})
+    history = gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer="sgd", epochs=3,
+                            batch_size=16, seed=0, loggers=[logger])
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"tensors": 0, "histograms": 0})
+    accumulator.Reload()
+    return log_dir, history, accumulator
+
+
+def test_every_statistic_is_a_scalar_with_its_column_name_steps_and_values(logged_run):
+    _, history, events = logged_run
+    tags = set(events.Tags()["tensors"])
+    for column in metric_columns(2)[3:]:
+        assert column in tags, column
+        points = events.Tensors(column)
+        assert [p.step for p in points] == history.metrics["step"].tolist()
+        values = [float(tensor_util.make_ndarray(p.tensor_proto)) for p in points]
+        np.testing.assert_allclose(values, history.metrics[column], rtol=1e-6)
+
+
+def test_kernel_and_gradient_histograms_once_per_epoch(logged_run):
+    _, history, events = logged_run
+    tags = set(events.Tags()["tensors"])
+    last_step_of_epoch = history.metrics.groupby("epoch")["step"].max().tolist()
+    for k in (1, 2):
+        for name in (f"layer_{k}/kernel", f"layer_{k}/kernel_gradient"):
+            assert name in tags
+            points = events.Tensors(name)
+            assert [p.step for p in points] == last_step_of_epoch
+            buckets = tensor_util.make_ndarray(points[-1].tensor_proto)
+            assert buckets.ndim == 2 and buckets[:, 2].sum() > 0  # (left, right, count) rows
+    assert "config" in tags and "status" in tags
+
+
+def test_the_tensorboard_server_lists_the_run(logged_run):
+    log_dir, _, _ = logged_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir.parent),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        runs, deadline = None, time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5) as answer:
+                    runs = json.loads(answer.read())
+                if runs:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert runs is not None and "run_a" in runs, runs
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=10) as answer:
+            scalar_tags = json.loads(answer.read())
+        assert "layer_1/grad_abs_mean" in scalar_tags["run_a"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
