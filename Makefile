@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv run-experiment figures test bench clean
+.PHONY: venv run-experiment figures compare dashboard test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ run-experiment: $(STAMP)  ## train configs/$(EXP).toml and print its summary
 
 figures: $(STAMP)  ## run all ten experiments, write figures/<group>_<name>.png
 	$(PY) -m experiments figures $(ARGS)
+
+compare: $(STAMP)  ## the article's two comparisons from the newest runs (after make figures)
+	$(PY) -m experiments compare $(ARGS)
+
+dashboard: $(STAMP)  ## TensorBoard on http://127.0.0.1:6006 for runs made with --logger tensorboard
+	$(PY) -m tensorboard.main --logdir runs --host 127.0.0.1 $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
 from pathlib import Path
 
-from experiments.config import ConfigError, config_names, load_config
+from experiments.config import FILE, ConfigError, config_names, load_config
 from gradtools.loggers.neptune import NeptuneUnavailable
 
 EXIT_BAD_INPUT = 2
@@ -45,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="shorthand for --set training.seed=N")
 
     commands.add_parser("list", help="list the configs with their descriptions")
+
+    compare = commands.add_parser(
+        "compare", help="the article's two comparisons from existing runs",
+        description="Overlay layer-1 gradient magnitude across the six vanishing variants and across "
+        "the four exploding variants, using the newest run of each experiment under --out "
+        "(create them with `make figures`). Writes <figures>/compare_<group>.png.")
+    compare.add_argument("--out", default="runs", help="where the runs are (default runs)")
+    compare.add_argument("--figures", default="figures", help="where the figures go (default figures)")
+    compare.add_argument("--stat", default="layer_1/grad_abs_mean",
+                         help="the statistic (default layer_1/grad_abs_mean)")
 
     figures = commands.add_parser(
         "figures", help="run every experiment and write the article's figures",
@@ -139,7 +150,31 @@ def command_figures(args) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures}
+def newest_run(out: Path, config_name: str) -> Path:
+    """The most recent completed-or-diverged run directory of ``group/name`` under ``out``."""
+    candidates = sorted((out / config_name).glob("*/run.json"))
+    finished = [p.parent for p in candidates
+                if json.loads(p.read_text()).get("status") in ("completed", "diverged")]
+    if not finished:
+        raise ConfigError(str(out / config_name), FILE, "",
+                          f"no finished run of {config_name}; create them with `make figures`")
+    return finished[-1]
+
+
+def command_compare(args) -> int:
+    from gradtools.compare import compare_runs
+
+    out, figures = Path(args.out), Path(args.figures)
+    for group in ("vanishing", "exploding"):
+        run_dirs = [str(newest_run(out, name)) for name in config_names() if name.startswith(group + "/")]
+        target = figures / f"compare_{group}.png"
+        compare_runs(run_dirs, args.stat, target)
+        print(f"figure: {target} ({len(run_dirs)} {group} runs)")
+    return 0
+
+
+COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures,
+            "compare": command_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,3 +58,11 @@ def test_command_line_exit_codes(runs_dir, tmp_path):
     bad = subprocess.run(command + [str(runs_dir / "toy/relu/seed0"), "--stat", "nope"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "available:" in bad.stderr
+
+
+def test_the_article_comparison_needs_runs_and_says_how_to_make_them(tmp_path, capsys):
+    from experiments.cli import main
+
+    assert main(["compare", "--out", str(tmp_path / "runs"), "--figures", str(tmp_path / "f")]) == 2
+    assert "make figures" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists()
