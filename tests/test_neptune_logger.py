@@ -121,3 +121,34 @@ def test_async_mode_with_an_unreachable_server_fails_before_training(tmp_path):
     assert "Neptune could not start a run in 'async' mode" in result.stderr
     assert "offline" in result.stderr and "neptune sync" in result.stderr
     assert not (tmp_path / "runs").exists(), "no run directory when the run never started"
+
+
+def test_neptune_failing_mid_run_warns_once_and_training_goes_on(offline, tmp_path):
+    from gradtools.loggers import LocalRunLogger, RunLogger
+
+    neptune_logger = NeptuneLogger(name="toy/mid-run-failure")
+
+    class StopNeptuneAfterFirstEpoch(RunLogger):
+        """Stops the Neptune run under the logger's feet: every later call of the real client fails."""
+
+        def log_metrics(self, metrics, step):
+            pass
+
+        def log_epoch_end(self, epoch, model, kernel_gradients=None):
+            if epoch == 0:
+                neptune_logger.run.stop()
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 2)).astype(np.float32)
+    y = x.sum(axis=1).astype(np.float32)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    local = LocalRunLogger(tmp_path / "run", name="toy/mid-run-failure")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = gradtools.fit(model, x, y, loss="mse", optimizer="sgd", epochs=3, batch_size=8,
+                                loggers=[StopNeptuneAfterFirstEpoch(), neptune_logger, local])
+    assert history.status == "completed" and history.epochs_completed == 3
+    failures = [w for w in caught if "Neptune failed while logging" in str(w.message)]
+    assert len(failures) == 1, [str(w.message) for w in caught]
+    assert "local run directory is complete" in str(failures[0].message)
+    assert len(gradtools.History.from_run_dir(tmp_path / "run").metrics) == 12
