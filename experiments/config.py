@@ -137,6 +137,21 @@ _regularizer = _keras_object("regularizer", keras.regularizers.get, keras.regula
 _loss = _keras_object("loss", keras.losses.get, keras.losses)
 
 
+def _optional_positive(value):
+    if value == "none":
+        return value
+    return _number(0, exclusive=True)(value)
+
+
+def _clip_norm(value):
+    if value == "suggested":
+        return value
+    try:
+        return _optional_positive(value)
+    except ValueError:
+        raise ValueError('must be a number > 0, "suggested" or "none"') from None
+
+
 def _optimizer_class(value):
     if not isinstance(value, str):
         raise ValueError("must be a Keras optimizer class name such as 'SGD', 'RMSprop', 'Adam'")
@@ -194,6 +209,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "shuffle": Key(_boolean, True),
         "log_every": Key(_integer(1), 1),
         "stop_on_nonfinite": Key(_boolean, True),
+        "clip_value": Key(_optional_positive, "none", "clip each gradient entry to [-c, c]"),
+        "clip_global_norm": Key(_clip_norm, "none",
+                                "a number, or \"suggested\": the mean global norm of 20 probe steps"),
     },
 }
 

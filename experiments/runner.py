@@ -35,6 +35,9 @@ def new_run_dir(out: Path, config: ExperimentConfig) -> Path:
     return candidate
 
 
+#: Probe steps behind clip_global_norm = "suggested" (the sources: "a few iterations").
+SUGGESTION_STEPS = 20
+
 #: Logger backends besides the run directory, by their --logger name.
 BACKENDS = ("neptune", "tensorboard")
 
@@ -51,6 +54,17 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
     model = build_mlp(config.section("model"), input_dim=x.shape[1])
     optimizer = keras.optimizers.get(config.section("optimizer"))
     training = config.section("training")
+    clipping = {key: training[key] for key in ("clip_value", "clip_global_norm")
+                if training[key] != "none"}
+    suggestion = None
+    if clipping.get("clip_global_norm") == "suggested":
+        from gradtools.clipping import suggest_clip_norm
+
+        suggestion = suggest_clip_norm(model, x, y, loss=training["loss"],
+                                       optimizer=config.section("optimizer"),
+                                       steps=SUGGESTION_STEPS, batch_size=training["batch_size"])
+        clipping["clip_global_norm"] = suggestion.threshold
+        config.values["training"]["clip_global_norm"] = suggestion.threshold
 
     unknown = set(backends) - set(BACKENDS)
     if unknown:
@@ -81,5 +95,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
         log_every=training["log_every"],
         stop_on_nonfinite=training["stop_on_nonfinite"],
         loggers=[local, *loggers],
+        **clipping,
     )
+    if suggestion is not None:
+        local.update_info(clip_suggestion=str(suggestion))
     return Run(config, run_dir, history)

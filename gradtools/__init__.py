@@ -12,6 +12,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "History": "gradtools.history",
     "fit": "gradtools.training",
+    "GradientMonitor": "gradtools.monitor",
+    "check_gradients": "gradtools.gradcheck",
+    "suggest_clip_norm": "gradtools.clipping",
+    "compare_runs": "gradtools.compare",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -20,7 +24,7 @@ __all__ = [*_EXPORTS, "__version__"]
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in {"loggers", "plots", "stats", "summary"}:
+    if name in {"loggers", "plots", "stats", "summary", "clipping"}:
         return importlib.import_module(f"gradtools.{name}")
     raise AttributeError(f"module 'gradtools' has no attribute {name!r}")
 

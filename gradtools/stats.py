@@ -24,6 +24,10 @@ LAYER_STATS = (
 )
 
 
+#: Extra column when gradients are clipped before the update: the global norm after clipping.
+CLIPPED_COLUMN = "grad_global_norm_clipped"
+
+
 def layer_columns(n_layers: int) -> list[str]:
     """Column names ``layer_k/<stat>`` for layers 1..n_layers, in :data:`LAYER_STATS` order."""
     return [f"layer_{k}/{stat}" for k in range(1, n_layers + 1) for stat in LAYER_STATS]

@@ -19,7 +19,9 @@ import tensorflow as tf
 
 from gradtools.history import History
 from gradtools.loggers.base import RunLogger
+from gradtools.clipping import clip_by_global_norm, clip_by_value
 from gradtools.stats import (
+    CLIPPED_COLUMN,
     all_finite,
     global_gradient_norm,
     layer_gradient_stats,
@@ -30,8 +32,8 @@ from gradtools.stats import (
 class _LossFromFunction(keras.losses.Loss):
     """A Keras loss function (per-sample) as a mean-reduced loss, like ``compile`` makes it."""
 
-    def __init__(self, fn):
-        super().__init__(name=getattr(fn, "__name__", "loss"))
+    def __init__(self, fn, dtype=None):
+        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype)
         self.fn = fn
 
     def call(self, y_true, y_pred):
@@ -41,14 +43,17 @@ class _LossFromFunction(keras.losses.Loss):
         return self.fn(y_true, y_pred)
 
 
-def resolve_loss(loss) -> keras.losses.Loss:
-    """A loss given as a Keras name, config dict, ``Loss`` instance or function."""
+def resolve_loss(loss, dtype: str | None = None) -> keras.losses.Loss:
+    """A loss given as a Keras name, config dict, ``Loss`` instance or function; computed in
+    ``dtype`` when given (Keras losses compute in floatx otherwise)."""
     resolved = keras.losses.get(loss)
     if resolved is None:
         raise ValueError("loss must be given: a Keras loss name, config or callable")
-    if isinstance(resolved, keras.losses.Loss):
-        return resolved
-    return _LossFromFunction(resolved)
+    if not isinstance(resolved, keras.losses.Loss):
+        return _LossFromFunction(resolved, dtype=dtype)
+    if dtype is not None:
+        resolved = resolved.__class__.from_config({**resolved.get_config(), "dtype": dtype})
+    return resolved
 
 
 def kernel_variables(model: keras.Model) -> list[keras.Variable]:
@@ -83,6 +88,8 @@ def fit(
     stop_on_nonfinite: bool = True,
     loggers: Sequence[RunLogger] = (),
     jit_compile: bool = True,
+    clip_value: float | None = None,
+    clip_global_norm: float | None = None,
 ) -> History:
     """Train ``model`` on ``(x, y)`` and record per-layer gradient statistics.
 
@@ -101,6 +108,10 @@ def fit(
             a step with a non-finite loss or gradient is always recorded.
         stop_on_nonfinite: stop after the first step whose loss or gradients are not finite.
         loggers: :class:`gradtools.loggers.RunLogger` instances that receive every row.
+        clip_value, clip_global_norm: clip the gradients before the update
+            (:func:`gradtools.clipping.clip_by_value`, then
+            :func:`gradtools.clipping.clip_by_global_norm`); the statistics still describe
+            the gradients before clipping, and the column ``grad_global_norm_clipped`` is added.
         jit_compile: compile each epoch with XLA (the default, several times faster on small
             models); pass False for a model with ops XLA cannot compile.
 
@@ -134,7 +145,8 @@ def fit(
     kernel_positions = [i for i, v in enumerate(variables) if v.name == "kernel"]
     optimizer.build(variables)
     n_batches = math.ceil(n_examples / batch_size)
-    columns = metric_columns(len(kernels))
+    clips = clip_value is not None or clip_global_norm is not None
+    columns = metric_columns(len(kernels)) + ([CLIPPED_COLUMN] if clips else [])
     n_values = len(columns) - 3  # step, epoch and batch are filled in on the Python side
 
     # Loggers that draw histograms get the kernel gradients of each epoch's last step.
@@ -150,13 +162,19 @@ def fit(
                 loss_value = loss_value + tf.add_n(model.losses)
         gradients = tape.gradient(loss_value, variables)
         before = [tf.identity(variables[i]) for i in kernel_positions]
-        optimizer.apply(gradients, variables)
+        applied = gradients
+        if clip_value is not None:
+            applied = clip_by_value(applied, clip_value)
+        if clip_global_norm is not None:
+            applied = clip_by_global_norm(applied, clip_global_norm)
+        optimizer.apply(applied, variables)
         layer_rows = [
             layer_gradient_stats(gradients[i], w0, variables[i])
             for i, w0 in zip(kernel_positions, before)
         ]
         head = tf.stack([tf.cast(loss_value, tf.float32), global_gradient_norm(gradients)])
-        row = tf.concat([head] + layer_rows, axis=0)
+        clipped = [tf.reshape(global_gradient_norm(applied), [1])] if clips else []
+        row = tf.concat([head] + layer_rows + clipped, axis=0)
         kernel_gradients = (
             [tf.convert_to_tensor(gradients[i]) for i in kernel_positions] if keep_gradients else []
         )

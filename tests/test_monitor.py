@@ -1,0 +1,140 @@
+"""GradientMonitor inside plain model.fit: exact statistics, model kinds, steps_per_execution."""
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from gradtools.loggers import LocalRunLogger
+from gradtools.monitor import GradientMonitor
+from gradtools.stats import CLIPPED_COLUMN, metric_columns
+
+
+def lstm_batchnorm_model():
+    inputs = keras.Input((5, 3))
+    hidden = keras.layers.LSTM(4)(inputs)
+    hidden = keras.layers.BatchNormalization()(hidden)
+    hidden = keras.layers.Dense(6, activation="tanh")(hidden)
+    outputs = keras.layers.Dense(1)(hidden)
+    return keras.Model(inputs, outputs)
+
+
+def test_statistics_equal_an_independent_tape_computation_with_weights_fixed():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 5, 3)).astype(np.float32)
+    y = rng.normal(size=(16, 1)).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = lstm_batchnorm_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    monitor = GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+    variables = model.trainable_weights
+    grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, variables)]
+    kernels = [(v.numpy().astype(np.float64), g) for v, g in zip(variables, grads) if v.name == "kernel"]
+    assert len(kernels) == 3  # the LSTM's input kernel and two Dense kernels (not recurrent_kernel)
+
+    metrics = monitor.metrics
+    assert list(metrics.columns) == metric_columns(3)
+    assert metrics["step"].tolist() == [1, 2] and metrics["epoch"].tolist() == [0, 1]
+    for _, row in metrics.iterrows():
+        assert row["loss"] == pytest.approx(float(loss), rel=1e-5)
+        assert row["grad_global_norm"] == pytest.approx(np.sqrt(sum((g ** 2).sum() for g in grads)), rel=1e-5)
+        for k, (w, g) in enumerate(kernels, start=1):
+            assert row[f"layer_{k}/grad_mean"] == pytest.approx(g.mean(), rel=1e-4, abs=1e-8)
+            assert row[f"layer_{k}/grad_abs_mean"] == pytest.approx(np.abs(g).mean(), rel=1e-5)
+            assert row[f"layer_{k}/grad_norm"] == pytest.approx(np.sqrt((g ** 2).sum()), rel=1e-5)
+            assert row[f"layer_{k}/grad_max_abs"] == pytest.approx(np.abs(g).max(), rel=1e-5)
+            assert row[f"layer_{k}/weight_mean"] == pytest.approx(w.mean(), rel=1e-5, abs=1e-8)
+            assert row[f"layer_{k}/weight_norm"] == pytest.approx(np.sqrt((w ** 2).sum()), rel=1e-5)
+            assert row[f"layer_{k}/update_ratio"] == 0.0
+
+
+def test_update_ratio_is_the_applied_sgd_step_and_clipping_is_reported():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    y = rng.normal(size=(8, 1)).astype(np.float32) * 50
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    w0 = model.layers[0].kernel.numpy().astype(np.float64)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(model(x) - y))
+    g = tape.gradient(loss, model.layers[0].kernel).numpy().astype(np.float64)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, clipnorm=1.0), loss="mse")
+    monitor = GradientMonitor()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    row = monitor.metrics.iloc[0]
+    assert row["layer_1/grad_norm"] == pytest.approx(np.sqrt((g ** 2).sum()), rel=1e-5)
+    assert row["layer_1/grad_norm"] > 1.0, "the statistics describe the gradient before clipping"
+    # clipnorm clips each tensor to norm 1: the kernel moved by lr * 1 along g.
+    w1 = model.layers[0].kernel.numpy().astype(np.float64)
+    assert np.sqrt(((w1 - w0) ** 2).sum()) == pytest.approx(0.1, rel=1e-4)
+    assert row["layer_1/update_ratio"] == pytest.approx(0.1 / np.sqrt((w0 ** 2).sum()), rel=1e-4)
+    assert row[CLIPPED_COLUMN] <= np.sqrt(2) + 1e-6 and row[CLIPPED_COLUMN] < row["grad_global_norm"]
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.embedding = keras.layers.Embedding(20, 4)
+        self.conv = keras.layers.Conv1D(3, 2)
+        self.gru = keras.layers.GRU(3)
+        self.dropout = keras.layers.Dropout(0.2)
+        self.out = keras.layers.Dense(1)
+
+    def call(self, inputs, training=False):
+        hidden = self.gru(self.conv(self.embedding(inputs)))
+        return self.out(self.dropout(hidden, training=training))
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_subclassed_model_with_embedding_conv_gru_dropout_and_steps_per_execution(steps_per_execution, tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 20, size=(40, 6))
+    y = rng.normal(size=(40, 1)).astype(np.float32)
+    keras.utils.set_random_seed(2)
+    model = Subclassed()
+    model.compile(optimizer="adam", loss="mse", steps_per_execution=steps_per_execution)
+    logger = LocalRunLogger(tmp_path / "run", name="toy/subclassed")
+    monitor = GradientMonitor(loggers=[logger])
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[monitor],
+              validation_data=(x[:8], y[:8]))
+    assert monitor.metrics["step"].tolist() == list(range(1, 11))
+    assert monitor.metrics["batch"].tolist() == [0, 1, 2, 3, 4] * 2
+    assert monitor.status == "completed" and monitor.epochs_completed == 2
+    assert len(monitor.layer_paths) == 3  # conv, gru and dense kernels; embeddings are not "kernel"
+    assert (monitor.metrics["layer_1/grad_norm"] > 0).all()
+    written = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert written["step"].tolist() == monitor.metrics["step"].tolist()
+
+
+def test_log_every_and_a_diverging_fit_stopped_and_recorded():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = (x.sum(axis=1, keepdims=True) * 200).astype(np.float32)
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(8, activation="relu",
+                                                 kernel_initializer=keras.initializers.RandomUniform(4, 5)),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    monitor = GradientMonitor(log_every=100, stop_on_nonfinite=True)
+    history = model.fit(x, y, batch_size=8, epochs=20, verbose=0, callbacks=[monitor])
+    assert monitor.status == "diverged"
+    step = monitor.first_nonfinite_step
+    assert monitor.metrics["step"].tolist() == [1, step]
+    assert len(history.history["loss"]) < 20, "training stopped"
+
+
+def test_the_probes_are_removed_after_fit():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+    monitor = GradientMonitor()
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    assert "apply" not in vars(model.optimizer) and "compute_loss" not in vars(model)
+    model.fit(x, y, epochs=1, verbose=0)
+    assert len(monitor.metrics) == 1
