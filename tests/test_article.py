@@ -48,3 +48,15 @@ def test_the_three_exploding_fixes_complete_with_finite_loss(tmp_path, fix):
     assert run.history.first_nonfinite_step is None
     losses = run.history.metrics["loss"]
     assert losses.notna().all() and losses.iloc[-47:].mean() < losses.iloc[:47].mean()
+
+
+def test_the_sources_suggested_threshold_delays_but_does_not_prevent_divergence(tmp_path):
+    baseline = run_experiment(load_config("exploding/relu_baseline", ["training.epochs=5"]), tmp_path)
+    suggested = run_experiment(load_config("exploding/suggested_clipnorm", ["training.epochs=5"]), tmp_path)
+    threshold = suggested.config.values["training"]["clip_global_norm"]
+    assert isinstance(threshold, float) and threshold > 1e6  # the probe itself explodes
+    assert suggested.history.status == "diverged"
+    assert suggested.history.first_nonfinite_step > 10 * baseline.history.first_nonfinite_step
+    fixed = run_experiment(load_config("exploding/suggested_clipnorm",
+                                       ["training.epochs=5", "training.clip_global_norm=100.0"]), tmp_path)
+    assert fixed.history.status == "completed"
