@@ -104,6 +104,9 @@ def describe_run(run) -> str:
         f"{summary.last_grad_abs_mean:.3g}: layer 1 gets {summary.first_to_last_ratio:.3g}× the "
         f"last layer's. Largest |grad_mean| of layer 1: {summary.max_abs_first_grad_mean:.3g}."
     )
+    diagnosis = json.loads((run.run_dir / "run.json").read_text()).get("diagnosis")
+    if diagnosis:
+        lines.append(f"Diagnosis: {diagnosis['verdict']}. {diagnosis['explanation']}")
     lines.append(f"Figure: {run.run_dir / 'figures' / 'mean_gradient.png'} "
                  "(also first_vs_last.png, loss.png)")
     lines.append(f"run: {run.run_dir}")

@@ -14,6 +14,7 @@ import gradtools
 from experiments.config import ExperimentConfig
 from experiments.datasets import make_dataset
 from experiments.models import build_mlp
+from gradtools.diagnosis import diagnose
 from gradtools.loggers import LocalRunLogger, RunLogger
 
 
@@ -99,4 +100,6 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
     )
     if suggestion is not None:
         local.update_info(clip_suggestion=str(suggestion))
+    if not history.metrics.empty:
+        local.update_info(diagnosis=diagnose(history).to_dict())
     return Run(config, run_dir, history)

@@ -16,6 +16,8 @@ _EXPORTS = {
     "check_gradients": "gradtools.gradcheck",
     "suggest_clip_norm": "gradtools.clipping",
     "compare_runs": "gradtools.compare",
+    "diagnose": "gradtools.diagnosis",
+    "Diagnosis": "gradtools.diagnosis",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

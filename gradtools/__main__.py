@@ -18,6 +18,14 @@ def command_compare(args) -> int:
     return 0
 
 
+def command_diagnose(args) -> int:
+    from gradtools.diagnosis import diagnose
+
+    diagnosis = diagnose(args.run_dir)
+    print(diagnosis.to_json() if args.json else diagnosis)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gradtools",
                                      description="Work with gradtools run directories.")
@@ -32,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a metrics.csv column (default layer_1/grad_abs_mean)")
     compare.add_argument("--out", default="comparison.png", help="figure file (default comparison.png)")
     compare.set_defaults(handler=command_compare)
+    diagnose = commands.add_parser(
+        "diagnose", help="vanishing, exploding or healthy, with the evidence",
+        description="Diagnose one run directory: vanishing, exploding or healthy, with the numbers "
+        "behind the verdict and the remedies the sources suggest (rule and thresholds: README).")
+    diagnose.add_argument("run_dir", metavar="RUN_DIR")
+    diagnose.add_argument("--json", action="store_true",
+                          help='print {"verdict", "evidence", "explanation", "remedies"} as JSON')
+    diagnose.set_defaults(handler=command_diagnose)
     return parser
 
 
