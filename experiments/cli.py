@@ -43,9 +43,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", default=DEFAULT_EXPERIMENT,
                      help=f"a TOML file, or group/name under configs/ (default {DEFAULT_EXPERIMENT})")
     _add_common(run)
-    run.add_argument("--seed", type=int, help="shorthand for --set training.seed=N")
+    seeding = run.add_mutually_exclusive_group()
+    seeding.add_argument("--seed", type=int, help="shorthand for --set training.seed=N")
+    seeding.add_argument("--seeds", type=int, metavar="N",
+                         help="run seeds 0..N-1 (one run directory each) and write a group "
+                         "summary seeds-<time>.csv and a mean-with-band figure seeds-<time>.png")
 
     commands.add_parser("list", help="list the configs with their descriptions")
+
+    claims = commands.add_parser(
+        "claims", help="check the article's ten claims over several seeds",
+        description="Run what the article's ten claims need over seeds 0..N-1 and print, and write "
+        "as <report>/claims.json and <report>/claims.md, one row per claim: the claim, its "
+        "criterion, the measured numbers and in how many seeds it holds.")
+    claims.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    claims.add_argument("--epochs", type=int, help="override every experiment's epochs (default: 100)")
+    claims.add_argument("--out", default="runs", help="where run directories go (default runs)")
+    claims.add_argument("--report", default="report", help="where claims.* go (default report)")
+    claims.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    report = commands.add_parser(
+        "report", help="write report/index.html: figures, diagnoses and claims of every experiment",
+        description="Run the claims' experiments over seeds and write a self-contained static page "
+        "<report>/index.html (images embedded; opens offline) with, per experiment, the article's "
+        "figure, the multi-seed figure and the diagnosis, and the claims table.")
+    report.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    report.add_argument("--epochs", type=int, help="override every experiment's epochs (default: 100)")
+    report.add_argument("--out", default="runs", help="where run directories go (default runs)")
+    report.add_argument("--report", default="report", help="output directory (default report)")
+    report.add_argument("--quiet", action="store_true", help="no progress lines")
 
     compare = commands.add_parser(
         "compare", help="the article's two comparisons from existing runs",
@@ -120,6 +146,8 @@ def _loggers(quiet: bool):
 
 
 def command_run(args) -> int:
+    if args.seeds is not None:
+        return command_run_seeds(args)
     overrides = list(args.overrides) + ([f"training.seed={args.seed}"] if args.seed is not None else [])
     config = load_config(args.config, overrides)
     from experiments.runner import run_experiment
@@ -127,6 +155,24 @@ def command_run(args) -> int:
     run = run_experiment(config, args.out, loggers=_loggers(args.quiet), backends=args.backends,
                          neptune_mode=args.neptune_mode)
     print(describe_run(run))
+    return 0
+
+
+def command_run_seeds(args) -> int:
+    if args.seeds < 1:
+        raise ConfigError("--seeds", "--seeds", args.seeds, "must be an integer >= 1")
+    load_config(args.config, args.overrides)  # a bad config fails before any run
+    from experiments.seeds import run_seeds
+
+    group = run_seeds(args.config, list(range(args.seeds)), args.out, args.overrides,
+                      loggers=lambda: _loggers(args.quiet), backends=args.backends,
+                      neptune_mode=args.neptune_mode)
+    for run in group.runs:
+        print(describe_run(run), end="\n\n")
+    columns = [c for c in ("seed", "status", "first_nonfinite_step", "last_epoch_loss",
+                           "first_to_last_grad_ratio") if c in group.summary]
+    print(group.summary[columns].to_string(index=False))
+    print(f"summary: {group.summary_path}\nfigure: {group.figure_path}")
     return 0
 
 
@@ -176,8 +222,39 @@ def command_compare(args) -> int:
     return 0
 
 
+def _claim_runs(args):
+    from experiments.claims import run_claim_experiments
+
+    if args.seeds < 1:
+        raise ConfigError("--seeds", "--seeds", args.seeds, "must be an integer >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError("--epochs", "--epochs", args.epochs, "must be an integer >= 1")
+    return run_claim_experiments(list(range(args.seeds)), args.epochs, args.out,
+                                 loggers=lambda: _loggers(args.quiet))
+
+
+def command_claims(args) -> int:
+    from experiments.claims import evaluate, write_claims
+
+    results = evaluate(_claim_runs(args))
+    json_path, md_path = write_claims(results, args.report)
+    for r in results:
+        print(f"{r.number:2d}. {r.verdict:28s} {r.claim}")
+    print(f"claims: {md_path} and {json_path}")
+    return 0
+
+
+def command_report(args) -> int:
+    from experiments.report import write_report
+
+    started = time.perf_counter()
+    page = write_report(_claim_runs(args), Path(args.report))
+    print(f"report: {page} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
 COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures,
-            "compare": command_compare}
+            "compare": command_compare, "claims": command_claims, "report": command_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,3 +151,31 @@ def plot_comparison(runs: Mapping[str, pd.DataFrame], stat: str, title: str) -> 
     ax.set_ylabel(stat)
     ax.legend(fontsize=8)
     return fig
+
+
+def _band(ax, frames: list[pd.DataFrame], x_name: str, column: str, label: str, color: str) -> None:
+    table = pd.concat([f.set_index(x_name)[column].rename(i) for i, f in enumerate(frames)], axis=1)
+    ax.plot(table.index, table.mean(axis=1), color=color, label=label, linewidth=1.4)
+    ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=color, alpha=0.2)
+
+
+def plot_seed_band(runs: list[pd.DataFrame], title: str) -> Figure:
+    """Several seeds of one experiment: per layer, the mean over seeds as a line and the
+    min–max over seeds as a band. Left, the article's statistic (signed mean gradient at
+    batch 5 of each epoch); right, the mean absolute gradient (per-epoch mean, log scale)."""
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    sampled = [sample_per_epoch(m) for m in runs]
+    per_epoch = [m.groupby("epoch").mean(numeric_only=True).reset_index() for m in runs]
+    for index, k in enumerate(layer_numbers(runs[0])):
+        color = f"C{index % 10}"
+        _band(left, sampled, "epoch", f"layer_{k}/grad_mean", f"layer_{k}", color)
+        _band(right, per_epoch, "epoch", f"layer_{k}/grad_abs_mean", f"layer_{k}", color)
+    left.axhline(0, color="grey", linewidth=0.5)
+    left.set_title(f"Mean gradient {title}: mean of {len(runs)} seeds, band min–max")
+    left.set_xlabel(f"epoch (batch {ARTICLE_SAMPLE_BATCH})")
+    right.set_yscale("log")
+    right.set_title("grad_abs_mean, epoch mean over steps")
+    right.set_xlabel("epoch")
+    left.legend(fontsize=8)
+    return fig

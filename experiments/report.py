@@ -1,0 +1,74 @@
+"""``make report``: one self-contained static page with every experiment's figures, diagnosis
+and the claims table. Images are embedded as data URIs, so the file opens offline."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from experiments.claims import EXPERIMENTS, diagnoses, evaluate, write_claims
+from experiments.runner import Run
+from gradtools.diagnosis import diagnose
+from gradtools.plots import plot_seed_band
+
+STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:90%}
+td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top}.pair{display:flex;gap:1em}
+.pair>figure{flex:1;margin:0}.vanishing{color:#a15c00}.exploding{color:#b00020}.healthy{color:#1b7a2e}"""
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    return buffer.getvalue()
+
+
+def _experiment_section(name: str, runs: list[Run], verdicts: list[str]) -> str:
+    first = runs[0]
+    article_png = (first.run_dir / "figures" / "mean_gradient.png").read_bytes()
+    band_png = _figure_png(plot_seed_band([r.history.metrics for r in runs if not r.history.metrics.empty],
+                                          first.config.run_name))
+    diagnosis = diagnose(first.history)
+    counts = ", ".join(f"{verdicts.count(v)}× {v}" for v in sorted(set(verdicts)))
+    return f"""<section id="{html.escape(name)}"><h3>{html.escape(first.config.run_name)}</h3>
+<p>{html.escape(first.config.values['experiment']['description'])}</p>
+<p>Diagnosis (seed {first.config.seed}): <b class="{diagnosis.verdict}">{diagnosis.verdict}</b>.
+{html.escape(diagnosis.explanation)} Over {len(runs)} seeds: {counts}.</p>
+<div class="pair"><figure><img alt="article figure {html.escape(name)}" src="{_data_uri(article_png)}">
+<figcaption>The article's figure (seed {first.config.seed})</figcaption></figure>
+<figure><img alt="seeds {html.escape(name)}" src="{_data_uri(band_png)}">
+<figcaption>{len(runs)} seeds: mean line, min–max band</figcaption></figure></div></section>"""
+
+
+def write_report(runs: dict[int, dict[str, Run]], directory: Path) -> Path:
+    """Write ``<directory>/index.html`` (and claims.json / claims.md) from the claims' runs."""
+    results = evaluate(runs)
+    write_claims(results, directory)
+    verdicts = diagnoses(runs)
+    by_name = {name: [seed_runs[name] for seed_runs in runs.values()] for name in EXPERIMENTS}
+    rows = "".join(
+        f"<tr><td>{r.number}</td><td>{html.escape(r.claim)}</td><td>{html.escape(r.criterion)}</td>"
+        f"<td>{html.escape(r.note)}</td><td><b>{html.escape(r.verdict)}</b></td></tr>" for r in results)
+    groups = {"vanishing": [], "exploding": []}
+    for name, group_runs in by_name.items():
+        groups[group_runs[0].config.group].append(_experiment_section(name, group_runs, verdicts[name]))
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>gradtools: the article's experiments, measured</title><style>{STYLE}</style></head><body>
+<h1>Vanishing and exploding gradients: the article's experiments, measured</h1>
+<p>{len(runs)} seeds per experiment. Claims, figures and diagnoses from fresh runs of gradtools.</p>
+<h2>The article's claims</h2><table><tr><th>#</th><th>claim</th><th>criterion</th><th>note</th>
+<th>verdict</th></tr>{rows}</table>
+<h2>Vanishing gradients</h2>{''.join(groups['vanishing'])}
+<h2>Exploding gradients</h2>{''.join(groups['exploding'])}
+</body></html>
+"""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "index.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,51 @@
+"""One experiment over several seeds: a run directory each, a summary table and a band figure."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.config import load_config
+from experiments.runner import Run, run_experiment
+from gradtools.plots import plot_seed_band
+from gradtools.summary import summarize
+
+
+@dataclass
+class SeedGroup:
+    runs: list[Run]
+    summary: pd.DataFrame
+    summary_path: Path
+    figure_path: Path
+
+
+def summary_row(run: Run) -> dict:
+    """The numbers of one run that a group table and the claims use."""
+    history = run.history
+    row = {"seed": run.config.seed, "run_dir": str(run.run_dir), "status": history.status,
+           "first_nonfinite_step": history.first_nonfinite_step,
+           "epochs_completed": history.epochs_completed}
+    if not history.metrics.empty:
+        numbers = summarize(history.metrics)
+        row.update(final_loss=numbers.final_loss, last_epoch_loss=numbers.last_epoch_loss,
+                   first_to_last_grad_ratio=numbers.first_to_last_ratio,
+                   max_abs_layer_1_grad_mean=numbers.max_abs_first_grad_mean)
+    return row
+
+
+def run_seeds(reference: str, seeds: list[int], out: str | Path = "runs", overrides=(),
+              loggers=list, **run_options) -> SeedGroup:
+    """Run ``reference`` once per seed, in this process (TensorFlow starts once); write
+    ``<out>/<group>/<name>/seeds-<time>.csv`` and ``.png`` next to the run directories."""
+    configs = [load_config(reference, [*overrides, f"training.seed={seed}"]) for seed in seeds]
+    runs = [run_experiment(config, out, loggers=loggers(), **run_options) for config in configs]
+    summary = pd.DataFrame([summary_row(run) for run in runs])
+    stem = Path(out) / configs[0].group / configs[0].name / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary_path, figure_path = stem.with_suffix(".csv"), stem.with_suffix(".png")
+    summary.to_csv(summary_path, index=False)
+    finished = [run.history.metrics for run in runs if not run.history.metrics.empty]
+    plot_seed_band(finished, configs[0].run_name).savefig(figure_path, dpi=100)
+    return SeedGroup(runs, summary, summary_path, figure_path)
