@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv run-experiment figures compare dashboard test bench clean
+.PHONY: venv run-experiment figures compare claims report dashboard test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ run-experiment: $(STAMP)  ## train configs/$(EXP).toml and print its summary
 
 figures: $(STAMP)  ## run all ten experiments, write figures/<group>_<name>.png
 	$(PY) -m experiments figures $(ARGS)
+
+claims: $(STAMP)  ## the article's ten claims over 3 seeds: report/claims.md, report/claims.json
+	$(PY) -m experiments claims $(ARGS)
+
+report: $(STAMP)  ## report/index.html: figures, diagnoses and claims (3 seeds, 100 epochs)
+	$(PY) -m experiments report $(ARGS)
 
 compare: $(STAMP)  ## the article's two comparisons from the newest runs (after make figures)
 	$(PY) -m experiments compare $(ARGS)
