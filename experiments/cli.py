@@ -56,22 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run what the article's ten claims need over seeds 0..N-1 and print, and write "
         "as <report>/claims.json and <report>/claims.md, one row per claim: the claim, its "
         "criterion, the measured numbers and in how many seeds it holds.")
-    claims.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    claims.add_argument("--epochs", type=int, help="override every experiment's epochs (default: 100)")
-    claims.add_argument("--out", default="runs", help="where run directories go (default runs)")
-    claims.add_argument("--report", default="report", help="where claims.* go (default report)")
-    claims.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_seed_group_options(claims, report_help="where claims.* go (default report)")
 
     report = commands.add_parser(
         "report", help="write report/index.html: figures, diagnoses and claims of every experiment",
         description="Run the claims' experiments over seeds and write a self-contained static page "
         "<report>/index.html (images embedded; opens offline) with, per experiment, the article's "
         "figure, the multi-seed figure and the diagnosis, and the claims table.")
-    report.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    report.add_argument("--epochs", type=int, help="override every experiment's epochs (default: 100)")
-    report.add_argument("--out", default="runs", help="where run directories go (default runs)")
-    report.add_argument("--report", default="report", help="output directory (default report)")
-    report.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_seed_group_options(report, report_help="output directory (default report)")
 
     compare = commands.add_parser(
         "compare", help="the article's two comparisons from existing runs",
@@ -94,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--figures", default="figures", help="where the figures go (default figures)")
     _add_common(figures)
     return parser
+
+
+def _add_seed_group_options(parser: argparse.ArgumentParser, report_help: str) -> None:
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    parser.add_argument("--epochs", type=int, help="override every experiment's epochs (default: 100)")
+    parser.add_argument("--out", default="runs", help="where run directories go (default runs)")
+    parser.add_argument("--report", default="report", help=report_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,23 @@ def run_cli(args, cwd, timeout=300, env=None, **kwargs):
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def exploding_relu_setup(seed=0, n=64, features=4):
+    """Large ReLU weights (uniform in [4, 5]) regressing targets of scale ~400: diverges under
+    SGD(0.01) within a few steps, like the article's exploding baseline."""
+    import keras
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)).astype(np.float32)
+    y = (x.sum(axis=1) * 200).astype(np.float32)
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((features,)),
+                              keras.layers.Dense(8, activation="relu",
+                                                 kernel_initializer=keras.initializers.RandomUniform(4, 5)),
+                              keras.layers.Dense(1)])
+    return model, x, y
+
+
 @pytest.fixture
 def repo_root():
     return REPO_ROOT

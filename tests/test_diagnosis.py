@@ -11,7 +11,7 @@ import pytest
 from sklearn.datasets import make_moons
 
 import gradtools
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, exploding_relu_setup
 from gradtools.diagnosis import VANISHING_RATIO, diagnose
 from gradtools.loggers import LocalRunLogger
 
@@ -38,14 +38,7 @@ def test_deep_sigmoid_net_with_small_weights_is_vanishing():
 
 
 def test_large_relu_weights_on_large_targets_explode_with_nan():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 4)).astype(np.float32)
-    y = (x.sum(axis=1) * 200).astype(np.float32)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)),
-                              keras.layers.Dense(8, activation="relu",
-                                                 kernel_initializer=keras.initializers.RandomUniform(4, 5)),
-                              keras.layers.Dense(1)])
+    model, x, y = exploding_relu_setup()
     history = gradtools.fit(model, x, y, loss="mse", optimizer=keras.optimizers.SGD(0.01), epochs=10,
                             batch_size=8, seed=0)
     diagnosis = diagnose(history)

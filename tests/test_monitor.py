@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from gradtools.loggers import LocalRunLogger
 from gradtools.monitor import GradientMonitor
+from conftest import exploding_relu_setup
 from gradtools.stats import CLIPPED_COLUMN, metric_columns
 
 
@@ -112,14 +113,7 @@ def test_subclassed_model_with_embedding_conv_gru_dropout_and_steps_per_executio
 
 
 def test_log_every_and_a_diverging_fit_stopped_and_recorded():
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(64, 4)).astype(np.float32)
-    y = (x.sum(axis=1, keepdims=True) * 200).astype(np.float32)
-    keras.utils.set_random_seed(3)
-    model = keras.Sequential([keras.Input((4,)),
-                              keras.layers.Dense(8, activation="relu",
-                                                 kernel_initializer=keras.initializers.RandomUniform(4, 5)),
-                              keras.layers.Dense(1)])
+    model, x, y = exploding_relu_setup(seed=3)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     monitor = GradientMonitor(log_every=100, stop_on_nonfinite=True)
     history = model.fit(x, y, batch_size=8, epochs=20, verbose=0, callbacks=[monitor])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import gradtools
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, exploding_relu_setup, run_cli
 from gradtools.loggers.neptune import NeptuneLogger
 from gradtools.stats import metric_columns
 
@@ -49,14 +49,7 @@ def offline(monkeypatch, tmp_path):
 
 
 def test_series_tags_params_and_a_diverging_run_read_back(offline):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 4)).astype(np.float32)
-    y = (x.sum(axis=1) * 200).astype(np.float32)
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((4,)),
-                              keras.layers.Dense(8, activation="relu",
-                                                 kernel_initializer=keras.initializers.RandomUniform(4, 5)),
-                              keras.layers.Dense(1)])
+    model, x, y = exploding_relu_setup()
     logger = NeptuneLogger(name="exploding/test", description="a run that diverges",
                            tags=["explodingGradients", "test"])
     assert logger.mode == "offline"
