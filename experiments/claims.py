@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.config import load_config
-from experiments.runner import Run, run_experiment
+from experiments.parallel import run_jobs
+from experiments.runner import Run
 from gradtools.diagnosis import diagnose
 from gradtools.plots import layer_numbers, sample_per_epoch
 
@@ -222,14 +222,17 @@ class ClaimResult:
 
 
 def run_claim_experiments(seeds: list[int], epochs: int | None, out: str | Path,
-                          loggers=list) -> dict[int, dict[str, Run]]:
-    """Every run the claims need: seed -> name -> Run."""
-    runs: dict[int, dict[str, Run]] = {}
+                          loggers=list, workers: int = 1) -> dict[int, dict[str, Run]]:
+    """Every run the claims need (in ``workers`` processes): seed -> name -> Run."""
+    keys, jobs = [], []
     for seed in seeds:
-        runs[seed] = {}
         for name, (reference, overrides) in EXPERIMENTS.items():
             extra = [*overrides, f"training.seed={seed}"] + ([f"training.epochs={epochs}"] if epochs else [])
-            runs[seed][name] = run_experiment(load_config(reference, extra), out, loggers=loggers())
+            keys.append((seed, name))
+            jobs.append((reference, extra))
+    runs: dict[int, dict[str, Run]] = {seed: {} for seed in seeds}
+    for (seed, name), run in zip(keys, run_jobs(jobs, out, workers=workers, loggers=loggers)):
+        runs[seed][name] = run
     return runs
 
 

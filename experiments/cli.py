@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     seeding.add_argument("--seeds", type=int, metavar="N",
                          help="run seeds 0..N-1 (one run directory each) and write a group "
                          "summary seeds-<time>.csv and a mean-with-band figure seeds-<time>.png")
+    _add_workers(run)
 
     commands.add_parser("list", help="list the configs with their descriptions")
 
@@ -94,6 +95,15 @@ def _add_seed_group_options(parser: argparse.ArgumentParser, report_help: str) -
     parser.add_argument("--out", default="runs", help="where run directories go (default runs)")
     parser.add_argument("--report", default="report", help=report_help)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_workers(parser)
+
+
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    from experiments.parallel import default_workers
+
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="worker processes for the runs (default %(default)s: the cores, up to 2; "
+                        "1 runs them in this process with progress lines)")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -161,12 +171,14 @@ def command_run(args) -> int:
 def command_run_seeds(args) -> int:
     if args.seeds < 1:
         raise ConfigError("--seeds", "--seeds", args.seeds, "must be an integer >= 1")
+    if args.workers < 1:
+        raise ConfigError("--workers", "--workers", args.workers, "must be an integer >= 1")
     load_config(args.config, args.overrides)  # a bad config fails before any run
     from experiments.seeds import run_seeds
 
     group = run_seeds(args.config, list(range(args.seeds)), args.out, args.overrides,
-                      loggers=lambda: _loggers(args.quiet), backends=args.backends,
-                      neptune_mode=args.neptune_mode)
+                      loggers=lambda: _loggers(args.quiet), workers=args.workers,
+                      backends=args.backends, neptune_mode=args.neptune_mode)
     for run in group.runs:
         print(describe_run(run), end="\n\n")
     columns = [c for c in ("seed", "status", "first_nonfinite_step", "last_epoch_loss",
@@ -229,8 +241,10 @@ def _claim_runs(args):
         raise ConfigError("--seeds", "--seeds", args.seeds, "must be an integer >= 1")
     if args.epochs is not None and args.epochs < 1:
         raise ConfigError("--epochs", "--epochs", args.epochs, "must be an integer >= 1")
+    if args.workers < 1:
+        raise ConfigError("--workers", "--workers", args.workers, "must be an integer >= 1")
     return run_claim_experiments(list(range(args.seeds)), args.epochs, args.out,
-                                 loggers=lambda: _loggers(args.quiet))
+                                 loggers=lambda: _loggers(args.quiet), workers=args.workers)
 
 
 def command_claims(args) -> int:

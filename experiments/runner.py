@@ -26,14 +26,19 @@ class Run:
 
 
 def new_run_dir(out: Path, config: ExperimentConfig) -> Path:
-    """``<out>/<group>/<name>/<YYYYmmdd-HHMMSS>-seed<N>``, with a suffix if that exists."""
+    """Create and return ``<out>/<group>/<name>/<YYYYmmdd-HHMMSS>-seed<N>``, with a suffix if
+    that exists. Created atomically, so parallel workers never share a directory."""
     parent = Path(out) / config.group / config.name
+    parent.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y%m%d-%H%M%S')}-seed{config.seed}"
     candidate, n = parent / stem, 1
-    while candidate.exists():
-        n += 1
-        candidate = parent / f"{stem}-{n}"
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = parent / f"{stem}-{n}"
 
 
 #: Probe steps behind clip_global_norm = "suggested" (the sources: "a few iterations").

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.config import load_config
+from experiments.parallel import run_jobs
 from experiments.runner import Run, run_experiment
 from gradtools.plots import plot_seed_band
 from gradtools.summary import summarize
@@ -37,11 +38,16 @@ def summary_row(run: Run) -> dict:
 
 
 def run_seeds(reference: str, seeds: list[int], out: str | Path = "runs", overrides=(),
-              loggers=list, **run_options) -> SeedGroup:
-    """Run ``reference`` once per seed, in this process (TensorFlow starts once); write
+              loggers=list, workers: int = 1, **run_options) -> SeedGroup:
+    """Run ``reference`` once per seed (in ``workers`` processes, each starting TensorFlow
+    once; with backends such as Neptune, in this process); write
     ``<out>/<group>/<name>/seeds-<time>.csv`` and ``.png`` next to the run directories."""
     configs = [load_config(reference, [*overrides, f"training.seed={seed}"]) for seed in seeds]
-    runs = [run_experiment(config, out, loggers=loggers(), **run_options) for config in configs]
+    if run_options.get("backends"):
+        runs = [run_experiment(config, out, loggers=loggers(), **run_options) for config in configs]
+    else:
+        runs = run_jobs([(reference, [*overrides, f"training.seed={seed}"]) for seed in seeds], out,
+                        workers=workers, loggers=loggers)
     summary = pd.DataFrame([summary_row(run) for run in runs])
     stem = Path(out) / configs[0].group / configs[0].name / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}"
     summary_path, figure_path = stem.with_suffix(".csv"), stem.with_suffix(".png")

@@ -124,3 +124,14 @@ def test_the_page_loads_in_headless_chromium_with_every_image_and_no_console_err
     screenshot = report_dir / "screenshot.png"
     screenshot.write_bytes(base64.b64decode(shot["data"]))
     assert screenshot.read_bytes().startswith(b"\x89PNG") and screenshot.stat().st_size > 20_000
+
+
+def test_two_worker_processes_give_the_same_numbers_as_one(tmp_path):
+    from experiments.seeds import run_seeds
+
+    one = run_seeds("vanishing/shallow", [0, 1], tmp_path / "one", ["training.epochs=2"], workers=1)
+    two = run_seeds("vanishing/shallow", [0, 1], tmp_path / "two", ["training.epochs=2"], workers=2)
+    columns = ["seed", "status", "final_loss", "last_epoch_loss", "first_to_last_grad_ratio"]
+    pd.testing.assert_frame_equal(one.summary[columns], two.summary[columns])
+    for a, b in zip(one.runs, two.runs):
+        assert (a.run_dir / "metrics.csv").read_bytes() == (b.run_dir / "metrics.csv").read_bytes()

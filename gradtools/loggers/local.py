@@ -56,13 +56,15 @@ def _toml_ready(value: Any) -> Any:
 
 
 class LocalRunLogger(RunLogger):
-    """Writes one run directory. It is created on construction and must not exist yet."""
+    """Writes one run directory: created on construction; it may exist but must be empty."""
 
     def __init__(self, run_dir: str | Path, *, name: str, seed: int | None = None):
         self.run_dir = Path(run_dir)
         self.name = name
         self.seed = seed
-        self.run_dir.mkdir(parents=True, exist_ok=False)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if any(self.run_dir.iterdir()):
+            raise FileExistsError(f"{self.run_dir} is not empty: a run directory holds one run")
         (self.run_dir / "figures").mkdir()
         self.metrics_path = self.run_dir / "metrics.csv"
         self._started = time.time()
