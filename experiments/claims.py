@@ -259,9 +259,12 @@ def write_claims(results: list[ClaimResult], directory: str | Path) -> tuple[Pat
     json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     lines = ["| # | the article's claim | criterion | measured (median over seeds) | verdict |",
              "|---|---|---|---|---|"]
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")  # |x| in a criterion must not end the cell
+
     for r in results:
         measured = _median_numbers(r) + (f". {r.note}" if r.note else "")
-        lines.append(f"| {r.number} | {r.claim} | {r.criterion} | {measured} | {r.verdict} |")
+        lines.append(f"| {r.number} | {cell(r.claim)} | {cell(r.criterion)} | {cell(measured)} | {r.verdict} |")
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
 

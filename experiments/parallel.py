@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from experiments import worker
 from experiments.config import load_config
 from experiments.runner import Run, run_experiment
 from gradtools.history import History
@@ -25,17 +26,6 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def _start_worker() -> None:
-    from gradtools.tf_startup import import_tensorflow_quietly
-
-    import_tensorflow_quietly()
-
-
-def _run_job(job: tuple[str, list[str], str]) -> str:
-    reference, overrides, out = job
-    return str(run_experiment(load_config(reference, overrides), out).run_dir)
-
-
 def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list) -> list[Run]:
     """Run every job, in this process (``workers`` = 1, with ``loggers``) or in ``workers``
     spawned processes (quiet); returns the runs in the order of ``jobs``, each read back from
@@ -46,7 +36,7 @@ def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list) -
     else:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: TF is not fork-safe
         with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                 initializer=_start_worker) as pool:
-            run_dirs = list(pool.map(_run_job, [(ref, list(ov), str(out)) for ref, ov in jobs]))
+                                 initializer=worker.start) as pool:
+            run_dirs = list(pool.map(worker.run_job, [(ref, list(ov), str(out)) for ref, ov in jobs]))
     return [Run(load_config(ref, ov), Path(run_dir), History.from_run_dir(run_dir))
             for (ref, ov), run_dir in zip(jobs, run_dirs)]

@@ -3,6 +3,7 @@ is opened in real headless Chromium through its DevTools protocol."""
 
 import base64
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -42,7 +43,10 @@ def test_claims_are_written_with_numbers_per_seed_and_a_verdict(report_dir):
     assert all(n["max_abs_layer_1_grad_mean"] < 0.006 for n in results[1]["numbers"])
     assert "disagree" in results[1]["note"]
     table = (report_dir / "claims.md").read_text()
-    assert sum(line.startswith("| ") for line in table.splitlines()) == 11  # header + ten claims
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 11  # header + ten claims
+    for row in rows:  # five cells each: a "|" inside a cell (e.g. |x|) must be escaped
+        assert len(re.split(r"(?<!\\)\|", row)) == 7, row
 
 
 def test_seeds_write_one_run_each_a_summary_and_a_band_figure(tmp_path, capsys):
