@@ -246,7 +246,8 @@ def evaluate(runs: dict[int, dict[str, Run]]) -> list[ClaimResult]:
     return results
 
 
-def _median_numbers(result: ClaimResult) -> str:
+def median_numbers(result: ClaimResult) -> str:
+    """The claim's numbers as 'name median; …' over seeds."""
     keys = result.numbers[0].keys()
     return "; ".join(f"{k} {np.median([n[k] for n in result.numbers]):.3g}" for k in keys)
 
@@ -263,7 +264,7 @@ def write_claims(results: list[ClaimResult], directory: str | Path) -> tuple[Pat
         return text.replace("|", "\\|")  # |x| in a criterion must not end the cell
 
     for r in results:
-        measured = _median_numbers(r) + (f". {r.note}" if r.note else "")
+        measured = median_numbers(r) + (f". {r.note}" if r.note else "")
         lines.append(f"| {r.number} | {cell(r.claim)} | {cell(r.criterion)} | {cell(measured)} | {r.verdict} |")
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path

@@ -8,7 +8,7 @@ import html
 import io
 from pathlib import Path
 
-from experiments.claims import EXPERIMENTS, diagnoses, evaluate, write_claims
+from experiments.claims import EXPERIMENTS, diagnoses, evaluate, median_numbers, write_claims
 from experiments.runner import Run
 from gradtools.diagnosis import diagnose
 from gradtools.plots import plot_seed_band
@@ -54,7 +54,8 @@ def write_report(runs: dict[int, dict[str, Run]], directory: Path) -> Path:
     by_name = {name: [seed_runs[name] for seed_runs in runs.values()] for name in EXPERIMENTS}
     rows = "".join(
         f"<tr><td>{r.number}</td><td>{html.escape(r.claim)}</td><td>{html.escape(r.criterion)}</td>"
-        f"<td>{html.escape(r.note)}</td><td><b>{html.escape(r.verdict)}</b></td></tr>" for r in results)
+        f"<td>{html.escape(median_numbers(r))}. {html.escape(r.note)}</td>"
+        f"<td><b>{html.escape(r.verdict)}</b></td></tr>" for r in results)
     groups = {"vanishing": [], "exploding": []}
     for name, group_runs in by_name.items():
         groups[group_runs[0].config.group].append(_experiment_section(name, group_runs, verdicts[name]))
@@ -62,7 +63,7 @@ def write_report(runs: dict[int, dict[str, Run]], directory: Path) -> Path:
 <title>gradtools: the article's experiments, measured</title><style>{STYLE}</style></head><body>
 <h1>Vanishing and exploding gradients: the article's experiments, measured</h1>
 <p>{len(runs)} seeds per experiment. Claims, figures and diagnoses from fresh runs of gradtools.</p>
-<h2>The article's claims</h2><table><tr><th>#</th><th>claim</th><th>criterion</th><th>note</th>
+<h2>The article's claims</h2><table><tr><th>#</th><th>claim</th><th>criterion</th><th>measured (median over seeds)</th>
 <th>verdict</th></tr>{rows}</table>
 <h2>Vanishing gradients</h2>{''.join(groups['vanishing'])}
 <h2>Exploding gradients</h2>{''.join(groups['exploding'])}
