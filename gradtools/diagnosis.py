@@ -10,6 +10,11 @@ The rule, in order (thresholds are the constants below; the README has the table
    whole run or over its first epoch (where vanishing gradients stall training most); or layer
    1's median ``update_ratio`` is below ``VANISHING_RATIO`` of the last layer's (early weights
    barely moving).
+   For a recurrent model traced by :class:`gradtools.through_time.TracedRNN`: **vanishing**
+   also if the median over epochs of ‖∂L/∂h_1‖ / ‖∂L/∂h_T‖ is below
+   ``VANISHING_THROUGH_TIME`` (gradients vanishing through time, whatever the depth). A
+   ratio of exactly 0 means no gradient reaches h_1 by construction (truncated BPTT); it is
+   reported, not judged.
 3. **healthy** otherwise.
 
 Loss stalling and loss swings between consecutive steps are reported as evidence; they do
@@ -27,12 +32,13 @@ import numpy as np
 import pandas as pd
 
 from gradtools.history import History
-from gradtools.plots import layer_numbers
+from gradtools.plots import layer_numbers, state_gradient_curve, state_gradient_layers
 
 EXPLODING_GRAD_GROWTH = 1e3
 EXPLODING_WEIGHT_GROWTH = 1e2
 VANISHING_RATIO = 0.1
 MIN_LAYERS_FOR_VANISHING = 3
+VANISHING_THROUGH_TIME = 1e-3
 FIRST_STEPS = 10
 STALLED_LOSS_IMPROVEMENT = 0.01
 
@@ -93,6 +99,28 @@ def _number(value):
     return None if value is None or not np.isfinite(value) else float(value)
 
 
+def through_time_evidence(state_gradients: pd.DataFrame | None) -> dict:
+    """‖∂L/∂h_1‖ / ‖∂L/∂h_T‖ in the first epoch and its median over epochs (the smallest over
+    traced layers), and the time steps any gradient reached; {} without traced layers."""
+    if state_gradients is None or state_gradients.empty:
+        return {}
+    first_epoch, median, reached = [], [], []
+    for k in state_gradient_layers(state_gradients):
+        curves = np.stack([state_gradient_curve(state_gradients, k, int(e))
+                           for e in state_gradients["epoch"]])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = curves[:, 0] / curves[:, -1]
+        first_epoch.append(ratios[0])
+        median.append(np.nanmedian(ratios) if np.isfinite(ratios).any() else np.nan)
+        reached.append(int((np.nan_to_num(curves) > 0).any(axis=0).sum()))
+    return {
+        "time_steps": int(curves.shape[1]),
+        "state_grad_ratio_first_epoch": _number(min(first_epoch)),
+        "state_grad_ratio": _number(min(median)),
+        "time_steps_reached": min(reached),
+    }
+
+
 def evidence_of(metrics: pd.DataFrame) -> dict:
     """Every number the verdict is built on."""
     layers = layer_numbers(metrics)
@@ -145,6 +173,7 @@ def diagnose(source) -> Diagnosis:
     if metrics.empty:
         raise ValueError("no logged steps to diagnose")
     e = evidence_of(metrics)
+    e.update(through_time_evidence(source.state_gradients if isinstance(source, History) else None))
     reasons = []
     if e["first_nonfinite_statistic_step"] is not None:
         reasons.append(f"logged values (loss, gradient or weight statistics) became NaN/Inf at "
@@ -168,10 +197,15 @@ def diagnose(source) -> Diagnosis:
         if _below(e["first_to_last_update_ratio"], VANISHING_RATIO):
             reasons.append(f"layer 1's weights move {e['first_to_last_update_ratio']:.3g}× as much "
                            f"as the last layer's per step (threshold {VANISHING_RATIO:g})")
+    through_time = e.get("state_grad_ratio")
+    if through_time is not None and 0 < through_time < VANISHING_THROUGH_TIME:
+        reasons.append(f"through time: ‖∂L/∂h_1‖ is {through_time:.3g}× ‖∂L/∂h_T‖ (median over "
+                       f"epochs, T = {e['time_steps']}; threshold {VANISHING_THROUGH_TIME:g})")
     if reasons:
         stalled = _below(e["loss_improvement"], STALLED_LOSS_IMPROVEMENT)
         tail = " The loss stalled." if stalled else ""
-        recovered = (e["first_to_last_grad_ratio"] or 0) >= VANISHING_RATIO
+        recovered = (e["layers"] >= MIN_LAYERS_FOR_VANISHING
+                     and (e["first_to_last_grad_ratio"] or 0) >= VANISHING_RATIO)
         if recovered:
             tail += (f" Later steps recover (whole-run ratio {e['first_to_last_grad_ratio']:.3g}): "
                      "the early layers learned late.")
@@ -181,7 +215,13 @@ def diagnose(source) -> Diagnosis:
     ratio = e["first_to_last_grad_ratio"]
     shown = f"{ratio:.3g}" if ratio is not None else "n/a"
     note = ("" if e["layers"] >= MIN_LAYERS_FOR_VANISHING else
-            f" (with {e['layers']} layers, vanishing is not judged: it is an effect of depth)")
+            f" (with {e['layers']} layers, vanishing across layers is not judged: it is an "
+            "effect of depth)")
+    if through_time is not None:
+        note += (f"; through time, ‖∂L/∂h_1‖ is {through_time:.3g}× ‖∂L/∂h_T‖ (median over epochs)"
+                 if through_time > 0 else
+                 f"; through time, the gradient reaches only the last {e['time_steps_reached']} "
+                 f"of {e['time_steps']} steps (truncated backpropagation)")
     return Diagnosis("healthy", e, f"No sign of exploding or vanishing gradients: layer 1 gets "
                      f"{shown}× the last layer's gradient magnitude, gradient norm growth "
                      f"{e['grad_norm_growth'] or float('nan'):.3g}×{note}.", [])

@@ -11,6 +11,9 @@ import pandas as pd
 #: How a run can end. ``diverged`` is a result (a non-finite loss or gradient), not an error.
 STATUSES = ("completed", "diverged", "interrupted", "failed")
 
+#: The run directory's per-epoch table of gradients through time (recurrent models only).
+STATE_GRADIENTS_FILE = "state_gradients.csv"
+
 
 @dataclass
 class History:
@@ -27,6 +30,10 @@ class History:
     epochs_completed: int = 0
     wall_seconds: float = 0.0
     layer_paths: list[str] = field(default_factory=list)
+    #: Per-epoch gradients through time of :class:`gradtools.through_time.TracedRNN` layers:
+    #: ``epoch``, ``layer_k/recurrent_spectral_radius`` (at the epoch's start) and
+    #: ``layer_k/state_grad_norm/t<t>`` (mean of the finite ‖∂L/∂h_t‖ over the epoch's steps); else None.
+    state_gradients: pd.DataFrame | None = None
 
     @property
     def n_layers(self) -> int:
@@ -43,6 +50,7 @@ class History:
                 f"{run_dir} is not a run directory: missing {', '.join(missing)}"
             )
         info = json.loads(info_file.read_text())
+        state_file = run_dir / STATE_GRADIENTS_FILE
         return cls(
             metrics=pd.read_csv(metrics_file),
             status=info["status"],
@@ -50,4 +58,5 @@ class History:
             epochs_completed=info.get("epochs_completed", 0),
             wall_seconds=info.get("wall_seconds", 0.0),
             layer_paths=info.get("layer_paths", []),
+            state_gradients=pd.read_csv(state_file) if state_file.is_file() else None,
         )

@@ -12,6 +12,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gradtools.history import History
+from gradtools.recurrence import (
+    STATE_GRAD_STAT,
+    geometric_prediction,
+    spectral_radius_column,
+)
 
 #: The article recorded batch index 5 of every epoch.
 ARTICLE_SAMPLE_BATCH = 5
@@ -117,16 +122,75 @@ def plot_loss(metrics: pd.DataFrame, title: str, first_nonfinite_step: int | Non
     return fig
 
 
+def state_gradient_layers(state_gradients: pd.DataFrame) -> list[int]:
+    """The layer numbers k with ``layer_k/state_grad_norm/…`` columns."""
+    return sorted({int(c.split("/")[0].split("_")[1]) for c in state_gradients.columns
+                   if f"/{STATE_GRAD_STAT}/" in c})
+
+
+def state_gradient_curve(state_gradients: pd.DataFrame, layer: int, epoch: int) -> np.ndarray:
+    """‖∂L/∂h_t‖, t = 1 … T, of ``layer`` in ``epoch`` (a row of the per-epoch table)."""
+    row = state_gradients[state_gradients["epoch"] == epoch].iloc[0]
+    columns = [c for c in state_gradients.columns if c.startswith(f"layer_{layer}/{STATE_GRAD_STAT}/")]
+    return row[columns].to_numpy(dtype=float)
+
+
+def _limit_to(ax, values, decades: float) -> None:
+    """Log-scale y limits: the positive finite ``values`` widened by ``decades`` each way."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size:
+        ax.set_ylim(positive.min() / 10**decades, positive.max() * 10**decades)
+
+
+def plot_state_gradients(state_gradients: pd.DataFrame, title: str) -> Figure:
+    """‖∂L/∂h_t‖ against the time step t on a log scale, for the first and the last epoch
+    (mean over each epoch's steps), next to the geometric prediction ‖∂L/∂h_T‖·r^(T−t) for
+    the recurrent kernel's spectral radius r at the start of training: the 0.9^30 vs 1.1^30
+    picture, measured. LSTM/GRU kernels are not square, so they have no r and no prediction."""
+    layers = state_gradient_layers(state_gradients)
+    fig = Figure(figsize=(7 * len(layers), 5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(layers)))
+    epochs = sorted({int(state_gradients["epoch"].min()), int(state_gradients["epoch"].max())})
+    for ax, k in zip(axes, layers):
+        measured = []
+        for index, epoch in enumerate(epochs):
+            color = f"C{index}"
+            norms = state_gradient_curve(state_gradients, k, epoch)
+            t = np.arange(1, norms.size + 1)
+            shown = np.where(norms > 0, norms, np.nan)  # log scale; zero = no gradient flowed
+            ax.plot(t, shown, color=color, linewidth=1.6, label=f"measured, epoch {epoch + 1}")
+            radius = float(state_gradients.loc[state_gradients["epoch"] == epoch,
+                                               spectral_radius_column(k)].iloc[0])
+            measured.append(shown)
+            # The prediction for the first epoch only: trained tanh units saturate, and then
+            # r^(T−t) says nothing. Drawn on top: for a linear RNN it lies on the measurement.
+            if index == 0 and np.isfinite(radius) and np.isfinite(norms[-1]) and norms[-1] > 0:
+                ax.plot(t, geometric_prediction(radius, norms[-1], norms.size), color="black",
+                        linestyle=(0, (2, 3)), linewidth=2, zorder=3,
+                        label=f"‖∂L/∂h_T‖·r^(T−t), r = {radius:.3g} at the start")
+        ax.set_yscale("log")
+        _limit_to(ax, np.concatenate(measured), decades=2)
+        ax.set_xlabel("time step t")
+        ax.set_ylabel("‖∂L/∂h_t‖ (mean over the epoch's steps)")
+        ax.set_title(f"Gradient through time {title}, layer_{k}", fontsize=10)
+        ax.legend(fontsize=8)
+    return fig
+
+
 def run_figures(history: History, title: str) -> dict[str, Figure]:
     """Every standard figure of one run, by file stem."""
     if history.metrics.empty:
         return {}
     args = (history.metrics, title, history.first_nonfinite_step)
-    return {
+    figures = {
         "mean_gradient": plot_mean_gradient(*args),
         "first_vs_last": plot_first_vs_last(*args),
         "loss": plot_loss(*args),
     }
+    states = history.state_gradients
+    if states is not None and not states.empty and state_gradient_layers(states):
+        figures["state_gradients"] = plot_state_gradients(states, title)
+    return figures
 
 
 def plot_comparison(runs: Mapping[str, pd.DataFrame], stat: str, title: str) -> Figure:

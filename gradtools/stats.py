@@ -2,7 +2,8 @@
 
 Every statistic has one name, used as a ``metrics.csv`` column, a Neptune series and a
 TensorBoard tag: ``layer_<k>/<statistic>`` for the k-th numbered layer (1-based), plus the
-step-level columns in :data:`STEP_COLUMNS`.
+step-level columns in :data:`STEP_COLUMNS`. A recurrent layer (one with a variable named
+``recurrent_kernel`` beside its ``kernel``) also has ``layer_<k>/recurrent_<statistic>``.
 """
 
 from __future__ import annotations
@@ -28,14 +29,25 @@ LAYER_STATS = (
 CLIPPED_COLUMN = "grad_global_norm_clipped"
 
 
-def layer_columns(n_layers: int) -> list[str]:
-    """Column names ``layer_k/<stat>`` for layers 1..n_layers, in :data:`LAYER_STATS` order."""
-    return [f"layer_{k}/{stat}" for k in range(1, n_layers + 1) for stat in LAYER_STATS]
+#: Prefix of a recurrent layer's statistics of its recurrent kernel (``layer_k/recurrent_…``).
+RECURRENT_PREFIX = "recurrent_"
 
 
-def metric_columns(n_layers: int) -> list[str]:
+def layer_columns(n_layers: int, recurrent_layers=()) -> list[str]:
+    """Column names ``layer_k/<stat>`` for layers 1..n_layers, in :data:`LAYER_STATS` order;
+    a layer in ``recurrent_layers`` (1-based) also gets ``layer_k/recurrent_<stat>``, the
+    same statistics of its recurrent kernel, right after its own."""
+    columns = []
+    for k in range(1, n_layers + 1):
+        columns += [f"layer_{k}/{stat}" for stat in LAYER_STATS]
+        if k in recurrent_layers:
+            columns += [f"layer_{k}/{RECURRENT_PREFIX}{stat}" for stat in LAYER_STATS]
+    return columns
+
+
+def metric_columns(n_layers: int, recurrent_layers=()) -> list[str]:
     """All columns of a metrics table for a model with ``n_layers`` numbered layers."""
-    return list(STEP_COLUMNS) + layer_columns(n_layers)
+    return list(STEP_COLUMNS) + layer_columns(n_layers, recurrent_layers)
 
 
 def layer_gradient_stats(gradient, weight_before, weight_after) -> tf.Tensor:

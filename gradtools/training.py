@@ -20,6 +20,7 @@ import tensorflow as tf
 from gradtools.history import History
 from gradtools.loggers.base import RunLogger
 from gradtools.clipping import clip_by_global_norm, clip_by_value
+from gradtools import through_time
 from gradtools.stats import (
     CLIPPED_COLUMN,
     all_finite,
@@ -59,6 +60,23 @@ def resolve_loss(loss, dtype: str | None = None) -> keras.losses.Loss:
 def kernel_variables(model: keras.Model) -> list[keras.Variable]:
     """The numbered layers: trainable variables named ``kernel``, in ``trainable_weights`` order."""
     return [v for v in model.trainable_weights if v.name == "kernel"]
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0]
+
+
+def recurrent_kernel_positions(variables, kernels) -> dict[int, int]:
+    """Layer number k (1-based) -> position in ``variables`` of the ``recurrent_kernel`` that
+    sits beside the k-th kernel (same layer), for the recurrent layers."""
+    by_parent = {_parent(v.path): i for i, v in enumerate(variables) if v.name == "recurrent_kernel"}
+    return {k: by_parent[_parent(kernel.path)]
+            for k, kernel in enumerate(kernels, start=1) if _parent(kernel.path) in by_parent}
+
+
+def _traced_layer_numbers(traced, kernels) -> list[int]:
+    paths = [kernel.path for kernel in kernels]
+    return [paths.index(layer.inner_cell.kernel.path) + 1 for layer in traced]
 
 
 def _as_tensor(values):
@@ -107,6 +125,9 @@ def fit(
         log_every: record statistics at steps 1, 1 + log_every, 1 + 2·log_every, …;
             a step with a non-finite loss or gradient is always recorded.
         stop_on_nonfinite: stop after the first step whose loss or gradients are not finite.
+            Recurrent layers get ``layer_k/recurrent_<stat>`` columns for their recurrent
+            kernel; a :class:`gradtools.through_time.TracedRNN` also gets, once per epoch,
+            ‖∂L/∂h_t‖ for every time step (``History.state_gradients``).
         loggers: :class:`gradtools.loggers.RunLogger` instances that receive every row.
         clip_value, clip_global_norm: clip the gradients before the update
             (:func:`gradtools.clipping.clip_by_value`, then
@@ -143,10 +164,14 @@ def fit(
             "gradtools numbers layers by their kernels"
         )
     kernel_positions = [i for i, v in enumerate(variables) if v.name == "kernel"]
+    recurrent_positions = recurrent_kernel_positions(variables, kernels)
+    traced = through_time.traced_layers(model)
+    traced_numbers = _traced_layer_numbers(traced, kernels)
     optimizer.build(variables)
     n_batches = math.ceil(n_examples / batch_size)
     clips = clip_value is not None or clip_global_norm is not None
-    columns = metric_columns(len(kernels)) + ([CLIPPED_COLUMN] if clips else [])
+    columns = (metric_columns(len(kernels), recurrent_positions)
+               + ([CLIPPED_COLUMN] if clips else []))
     n_values = len(columns) - 3  # step, epoch and batch are filled in on the Python side
 
     # Loggers that draw histograms get the kernel gradients of each epoch's last step.
@@ -156,32 +181,40 @@ def fit(
     # next to the update, so always computed; the Python side keeps the logged rows).
     def train_step(x_batch, y_batch):
         with tf.GradientTape() as tape:
-            predictions = model(x_batch, training=True)
+            with through_time.recording(tape) as recorded:
+                predictions = model(x_batch, training=True)
             loss_value = loss_fn(y_batch, predictions)
             if model.losses:
                 loss_value = loss_value + tf.add_n(model.losses)
-        gradients = tape.gradient(loss_value, variables)
-        before = [tf.identity(variables[i]) for i in kernel_positions]
+        probes = [recorded.probes[id(layer)] for layer in traced]
+        gradients = tape.gradient(loss_value, variables + probes)
+        gradients, probe_gradients = gradients[: len(variables)], gradients[len(variables):]
+        state_norms = [through_time.state_gradient_norms(g) for g in probe_gradients]
+        monitored = kernel_positions + list(recurrent_positions.values())
+        before = {i: tf.identity(variables[i]) for i in monitored}
         applied = gradients
         if clip_value is not None:
             applied = clip_by_value(applied, clip_value)
         if clip_global_norm is not None:
             applied = clip_by_global_norm(applied, clip_global_norm)
         optimizer.apply(applied, variables)
-        layer_rows = [
-            layer_gradient_stats(gradients[i], w0, variables[i])
-            for i, w0 in zip(kernel_positions, before)
-        ]
+        layer_rows = []
+        for k, i in enumerate(kernel_positions, start=1):
+            layer_rows.append(layer_gradient_stats(gradients[i], before[i], variables[i]))
+            if k in recurrent_positions:
+                r = recurrent_positions[k]
+                layer_rows.append(layer_gradient_stats(gradients[r], before[r], variables[r]))
         head = tf.stack([tf.cast(loss_value, tf.float32), global_gradient_norm(gradients)])
         clipped = [tf.reshape(global_gradient_norm(applied), [1])] if clips else []
         row = tf.concat([head] + layer_rows + clipped, axis=0)
         kernel_gradients = (
             [tf.convert_to_tensor(gradients[i]) for i in kernel_positions] if keep_gradients else []
         )
-        return row, all_finite(loss_value, gradients), kernel_gradients
+        return row, all_finite(loss_value, gradients), kernel_gradients, state_norms
 
     n_full, remainder = divmod(n_examples, batch_size)
     feature_shape, target_shape = list(x.shape[1:]), list(y.shape[1:])
+    time_steps = [_time_steps(layer, x) for layer in traced]
 
     # The whole epoch is one compiled call: full batches are slices of a static-shaped
     # [n_full, batch_size, ...] tensor (as XLA needs), the smaller last batch follows.
@@ -200,8 +233,11 @@ def fit(
         done = tf.constant(0)
         stopped = tf.constant(False)
         last_gradients = [tf.zeros_like(k) for k in kernels] if keep_gradients else []
+        state_sums = [tf.zeros([steps], tf.float32) for steps in time_steps]
+        state_counts = [tf.zeros([steps], tf.float32) for steps in time_steps]
         for b in tf.range(n_full):
-            row, finite, kernel_gradients = train_step(x_full[b], y_full[b])
+            row, finite, kernel_gradients, state_norms = train_step(x_full[b], y_full[b])
+            state_sums, state_counts = _accumulate(state_sums, state_counts, state_norms)
             rows = rows.write(b, row)
             finite_flags = finite_flags.write(b, finite)
             done = b + 1
@@ -213,21 +249,24 @@ def fit(
                     break
         if remainder:
             if tf.logical_not(stopped):
-                row, finite, kernel_gradients = train_step(
+                row, finite, kernel_gradients, state_norms = train_step(
                     x_epoch[n_full * batch_size :], y_epoch[n_full * batch_size :]
                 )
+                state_sums, state_counts = _accumulate(state_sums, state_counts, state_norms)
                 rows = rows.write(n_full, row)
                 finite_flags = finite_flags.write(n_full, finite)
                 done = n_full + 1
                 if keep_gradients:
                     last_gradients = kernel_gradients
-        return rows.stack(), finite_flags.stack(), done, last_gradients
+        state_means = [s / c for s, c in zip(state_sums, state_counts)]  # 0/0: NaN
+        return rows.stack(), finite_flags.stack(), done, last_gradients, state_means
 
     for logger in loggers:
         logger.start(
             epochs=epochs, steps_per_epoch=n_batches, layer_paths=[v.path for v in kernels]
         )
     frames: list[pd.DataFrame] = []
+    state_rows: list[dict[str, float]] = []
     status, first_nonfinite_step, epochs_completed = "completed", None, 0
     started = time.perf_counter()
 
@@ -240,12 +279,17 @@ def fit(
             epochs_completed=epochs_completed,
             wall_seconds=time.perf_counter() - started,
             layer_paths=[v.path for v in kernels],
+            state_gradients=pd.DataFrame(state_rows) if traced else None,
         )
 
     try:
         for epoch in range(epochs):
+            radii = [through_time.spectral_radius(layer.inner_cell.recurrent_kernel.numpy())
+                     if hasattr(layer.inner_cell, "recurrent_kernel") else float("nan")
+                     for layer in traced]
             with _quiet_first_trace(epoch == 0):
-                values, finite_flags, done, last_gradients = run_epoch(tf.constant(epoch, tf.int32))
+                values, finite_flags, done, last_gradients, state_means = run_epoch(
+                    tf.constant(epoch, tf.int32))
             done = int(done)
             finite_flags = finite_flags.numpy()[:done]
             steps = epoch * n_batches + np.arange(1, done + 1)
@@ -255,8 +299,13 @@ def fit(
                                  values.numpy()[:done][logged])
             frames.append(frame)
             kernel_gradients = [g.numpy() for g in last_gradients] if keep_gradients else None
+            epoch_values = _state_gradient_row(traced_numbers, radii, state_means)
+            if traced:
+                state_rows.append({"epoch": epoch, **epoch_values})
             for logger in loggers:
                 logger.log_rows(frame)
+                if traced:
+                    logger.log_epoch_metrics(epoch, epoch_values)
                 logger.log_epoch_end(epoch, model, kernel_gradients)
             if not finite_flags.all():
                 status = "diverged"
@@ -293,6 +342,38 @@ def _quiet_first_trace(active: bool):
         yield
     finally:
         tf_logger.setLevel(level)
+
+
+def _accumulate(sums, counts, norms):
+    """Running sums and counts of the finite values of each step's ‖∂L/∂h_t‖ vectors (a
+    diverging step must not hide the steps before it)."""
+    finite = [tf.math.is_finite(n) for n in norms]
+    sums = [s + tf.where(f, n, 0.0) for s, f, n in zip(sums, finite, norms)]
+    counts = [c + tf.cast(f, tf.float32) for c, f in zip(counts, finite)]
+    return sums, counts
+
+
+def _time_steps(layer, x) -> int:
+    """T of a traced layer: its input's time dimension (the model input's, when not built)."""
+    try:
+        steps = layer.input.shape[1]
+    except (AttributeError, ValueError):
+        steps = None
+    steps = steps if steps is not None else x.shape[1]
+    if steps is None:
+        raise ValueError(f"{layer.name}: the number of time steps must be known")
+    return int(steps)
+
+
+def _state_gradient_row(layer_numbers, radii, state_means) -> dict[str, float]:
+    """One epoch's per-time-step numbers: the spectral radius at the epoch's start and the
+    mean ‖∂L/∂h_t‖ of every traced layer."""
+    row: dict[str, float] = {}
+    for k, radius, means in zip(layer_numbers, radii, state_means):
+        row[through_time.spectral_radius_column(k)] = radius
+        for t, value in enumerate(means.numpy().tolist(), start=1):
+            row[through_time.state_column(k, t)] = value
+    return row
 
 
 def _epoch_frame(columns, epoch, n_batches, batch_index, values) -> pd.DataFrame:

@@ -41,6 +41,10 @@ class RunLogger:
         for step, values in zip(rows["step"].tolist(), rows[names].itertuples(index=False)):
             self.log_metrics(dict(zip(names, values)), int(step))
 
+    def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Numbers recorded once per epoch (0-based), such as the gradients through time
+        ``layer_k/state_grad_norm/t<t>`` of a traced recurrent layer."""
+
     def log_epoch_end(self, epoch: int, model: "keras.Model",
                       kernel_gradients: "list[np.ndarray] | None" = None) -> None:
         """After each epoch, with the model as it is then. ``kernel_gradients`` (layer order)

@@ -3,6 +3,7 @@
     <run dir>/config.toml    the parameters given to log_params
     <run dir>/metrics.csv    one row per logged step, appended after every epoch
     <run dir>/run.json       status, first non-finite step, epochs, wall time, versions
+    <run dir>/state_gradients.csv  recurrent models: one row per epoch of ‖∂L/∂h_t‖, t = 1…T
     <run dir>/figures/*.png  the standard figures of gradtools.plots, plus any logged ones
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import pandas as pd
 import tomli_w
 
+from gradtools.history import STATE_GRADIENTS_FILE
 from gradtools.loggers.base import RunLogger
 from gradtools.plots import run_figures
 
@@ -97,6 +99,12 @@ class LocalRunLogger(RunLogger):
         new_file = not self.metrics_path.exists()
         with self.metrics_path.open("a", newline="") as stream:
             rows.to_csv(stream, header=new_file, index=False)
+
+    def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        path = self.run_dir / STATE_GRADIENTS_FILE
+        new_file = not path.exists()
+        with path.open("a", newline="") as stream:
+            pd.DataFrame([{"epoch": epoch, **metrics}]).to_csv(stream, header=new_file, index=False)
 
     def log_figure(self, name: str, figure) -> None:
         figure.savefig(self.run_dir / "figures" / f"{name}.png", dpi=100)

@@ -109,6 +109,20 @@ class NeptuneLogger(RunLogger):
                         v.tolist(), steps=s.tolist()),
                 )
 
+    def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Series ``epoch_metrics/<name>`` with the epoch (0-based) as the step."""
+        finite = {name: float(value) for name, value in metrics.items() if math.isfinite(value)}
+        if len(finite) < len(metrics):
+            skipped = next(name for name in metrics if name not in finite)
+            warnings.warn(f"epoch {epoch}: non-finite {skipped} (and any others) not sent to "
+                          "Neptune; state_gradients.csv keeps them", RuntimeWarning, stacklevel=2)
+
+        def append():
+            for name, value in finite.items():
+                self.run[f"epoch_metrics/{name}"].append(value, step=epoch)
+
+        self._guard("epoch_metrics", append)
+
     def _note_nonfinite(self, step: int, column: str) -> None:
         if self._first_nonfinite_step is not None:
             return

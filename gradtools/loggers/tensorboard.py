@@ -39,6 +39,7 @@ class TensorBoardLogger(RunLogger):
         self.log_dir = Path(log_dir)
         self.writer = tf.summary.create_file_writer(str(self.log_dir))
         self._write_scalars = None
+        self._write_epoch_scalars = None
         self._kernel_paths: list[str] = []
         self._last_step = 0
 
@@ -63,6 +64,14 @@ class TensorBoardLogger(RunLogger):
         steps = tf.constant(rows["step"].to_numpy(dtype=np.int64))
         self._write_scalars[1](values, steps)
         self._last_step = int(rows["step"].iloc[-1])
+
+    def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Scalars tagged with their names, at step = epoch (0-based)."""
+        tags = list(metrics)
+        if self._write_epoch_scalars is None or self._write_epoch_scalars[0] != tags:
+            self._write_epoch_scalars = (tags, self._scalar_writer(tags))
+        values = tf.constant([[float(metrics[t]) for t in tags]], dtype=tf.float32)
+        self._write_epoch_scalars[1](values, tf.constant([epoch], dtype=tf.int64))
 
     def _scalar_writer(self, tags: list[str]):
         """One compiled call writes a whole table of scalars (a Python call per value would
