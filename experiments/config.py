@@ -16,10 +16,16 @@ from typing import Any
 
 import keras
 
-from experiments.datasets import GENERATORS, check_data_params
+from experiments.datasets import GENERATORS, SEQUENCE_GENERATORS, check_data_params
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 BATCH_NORM_PLACES = ("none", "input", "before_activation")
+ARCHITECTURES = ("mlp", "residual_mlp", "rnn")
+RECURRENT_CELLS = ("SimpleRNN", "LSTM", "GRU")
+#: A learnable activation: a layer (keras.layers.PReLU), not a function in keras.activations.
+PRELU = "prelu"
+#: [model] keys that only an RNN uses.
+RNN_KEYS = ("recurrent_cell", "recurrent_initializer", "recurrent_spectral_radius", "truncate_bptt")
 
 
 class ConfigError(ValueError):
@@ -133,8 +139,26 @@ def _keras_object(kind: str, getter: Callable[[Any], Any], module, optional: boo
 
 _initializer = _keras_object("initializer", keras.initializers.get, keras.initializers)
 _activation = _keras_object("activation", keras.activations.get, keras.activations)
+
+
+def _hidden_activation(value):
+    if value == PRELU:
+        return value
+    try:
+        return _activation(value)
+    except ValueError as error:
+        raise ValueError(f"{error}; or {PRELU!r} (a learnable keras.layers.PReLU)") from None
 _regularizer = _keras_object("regularizer", keras.regularizers.get, keras.regularizers, optional=True)
 _loss = _keras_object("loss", keras.losses.get, keras.losses)
+
+
+def _optional_count(value):
+    if value == "none":
+        return value
+    try:
+        return _integer(1)(value)
+    except ValueError:
+        raise ValueError('must be an integer >= 1 or "none"') from None
 
 
 def _optional_positive(value):
@@ -187,8 +211,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "standardize_targets": Key(_boolean, False, "regression only: scale targets too"),
     },
     "model": {
+        "architecture": Key(_choice(*ARCHITECTURES), "mlp",
+                            "mlp; residual_mlp (x + f(x) around every hidden layer after the first); "
+                            "rnn (recurrent layers of hidden_units, then the output layer)"),
         "hidden_units": Key(_units),
-        "activation": Key(_activation),
+        "depth": Key(_optional_count, "none",
+                     "when set: depth hidden layers of hidden_units[0] units each"),
+        "activation": Key(_hidden_activation, doc=f"a Keras activation, or {PRELU!r}"),
         "output_units": Key(_integer(1), 1),
         "output_activation": Key(_activation, "linear"),
         "kernel_initializer": Key(_initializer, "glorot_uniform"),
@@ -196,6 +225,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "batch_norm": Key(_choice(*BATCH_NORM_PLACES), "none"),
         "kernel_regularizer": Key(_regularizer, "none", "hidden layers only"),
         "activity_regularizer": Key(_regularizer, "none", "hidden layers only"),
+        "recurrent_cell": Key(_choice(*RECURRENT_CELLS), "SimpleRNN", "rnn only"),
+        "recurrent_initializer": Key(_initializer, "orthogonal", "rnn only"),
+        "recurrent_spectral_radius": Key(_optional_positive, "none",
+                                         "rnn, SimpleRNN only: rescale the initial recurrent "
+                                         "kernel to this spectral radius"),
+        "truncate_bptt": Key(_optional_count, "none",
+                             "rnn only: the gradient flows only this many steps back"),
     },
     "optimizer": {
         "class_name": Key(_optimizer_class),
@@ -346,7 +382,48 @@ def validate(raw: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
                               f"unknown key; allowed in [{section}]: {', '.join(keys)}")
         values[section] = checked
     _check_optimizer(values["optimizer"], source)
+    _check_model(values, raw.get("model", {}), source)
     return values
+
+
+def _check_model(values: dict[str, dict[str, Any]], given: Mapping[str, Any], source: str) -> None:
+    """Keys that only make sense together."""
+    model, generator = values["model"], values["data"]["generator"]
+    architecture = model["architecture"]
+    if architecture == "rnn":
+        if generator not in SEQUENCE_GENERATORS:
+            raise ConfigError(source, "model.architecture", architecture,
+                              f"an rnn needs sequence data: data.generator one of "
+                              f"{', '.join(SEQUENCE_GENERATORS)}")
+        if model["batch_norm"] != "none":
+            raise ConfigError(source, "model.batch_norm", model["batch_norm"],
+                              "must be 'none' for an rnn")
+        if model["activation"] == PRELU:
+            raise ConfigError(source, "model.activation", PRELU, "an rnn cell needs a Keras activation")
+        if model["recurrent_spectral_radius"] != "none" and model["recurrent_cell"] != "SimpleRNN":
+            raise ConfigError(source, "model.recurrent_spectral_radius",
+                              model["recurrent_spectral_radius"],
+                              "only a SimpleRNN has a square recurrent kernel; use 'none'")
+        return
+    if generator in SEQUENCE_GENERATORS:
+        raise ConfigError(source, "data.generator", generator,
+                          f"gives sequences; it needs model.architecture = 'rnn' (is {architecture!r})")
+    for key in RNN_KEYS:
+        if key in given:
+            raise ConfigError(source, f"model.{key}", given[key],
+                              f"only for model.architecture = 'rnn' (is {architecture!r})")
+    units = hidden_layer_units(model)
+    if architecture == "residual_mlp" and len(set(units[1:])) > 1:
+        raise ConfigError(source, "model.hidden_units", model["hidden_units"],
+                          "a residual_mlp adds each layer's input to its output, so every hidden "
+                          "layer after the first needs the same number of units")
+
+
+def hidden_layer_units(model: Mapping[str, Any]) -> list[int]:
+    """The hidden layers' widths: ``hidden_units``, or ``depth`` × ``hidden_units[0]``."""
+    if model["depth"] != "none":
+        return [model["hidden_units"][0]] * model["depth"]
+    return list(model["hidden_units"])
 
 
 def _data_params(params: dict[str, Any], generator: str, source: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import tensorflow as tf
 import gradtools
 from experiments.config import ExperimentConfig
 from experiments.datasets import make_dataset
-from experiments.models import build_mlp
+from experiments.models import build_model
 from gradtools.diagnosis import diagnose
 from gradtools.loggers import LocalRunLogger, RunLogger
 
@@ -57,7 +57,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     x, y = make_dataset(config.section("data"))
-    model = build_mlp(config.section("model"), input_dim=x.shape[1])
+    model = build_model(config.section("model"), input_shape=x.shape[1:])
     optimizer = keras.optimizers.get(config.section("optimizer"))
     training = config.section("training")
     clipping = {key: training[key] for key in ("clip_value", "clip_global_norm")
