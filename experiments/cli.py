@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.config import FILE, ConfigError, config_names, load_config
+from experiments.config import FILE, ConfigError, config_groups, config_names, load_config
 from gradtools.loggers.neptune import NeptuneUnavailable
 
 EXIT_BAD_INPUT = 2
@@ -79,11 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     figures = commands.add_parser(
         "figures", help="run every experiment and write the article's figures",
         description="Run every config of the chosen groups and write <figures>/<group>_<name>.png "
-        "(the article's mean-gradient figure) and <figures>/<group>_comparison.png (layer-1 "
-        "gradient magnitude of every variant, log scale).",
+        "(the article's mean-gradient figure), <figures>/<group>_<name>_state_gradients.png "
+        "(recurrent nets: ‖∂L/∂h_t‖ against r^(T−t)) and <figures>/<group>_comparison.png "
+        "(layer-1 gradient magnitude of every variant, log scale).",
     )
-    figures.add_argument("--group", action="append", choices=["vanishing", "exploding"],
-                         help="only this group (repeatable; default both)")
+    figures.add_argument("--group", action="append", choices=config_groups(),
+                         help="only this group (repeatable; default all)")
     figures.add_argument("--figures", default="figures", help="where the figures go (default figures)")
     _add_common(figures)
     return parser
@@ -91,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_seed_group_options(parser: argparse.ArgumentParser, report_help: str) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    parser.add_argument("--epochs", type=int, help="override every experiment's epochs (default: 100)")
+    parser.add_argument("--epochs", type=int, help="override every experiment's epochs (default: each config's own, "
+                        "100 for the MLPs, 40 for the recurrent nets)")
     parser.add_argument("--out", default="runs", help="where run directories go (default runs)")
     parser.add_argument("--report", default="report", help=report_help)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -143,8 +145,9 @@ def describe_run(run) -> str:
     diagnosis = json.loads((run.run_dir / "run.json").read_text()).get("diagnosis")
     if diagnosis:
         lines.append(f"Diagnosis: {diagnosis['verdict']}. {diagnosis['explanation']}")
+    others = sorted(p.name for p in (run.run_dir / "figures").glob("*.png") if p.stem != "mean_gradient")
     lines.append(f"Figure: {run.run_dir / 'figures' / 'mean_gradient.png'} "
-                 "(also first_vs_last.png, loss.png)")
+                 f"(also {', '.join(others)})")
     lines.append(f"run: {run.run_dir}")
     return "\n".join(lines)
 
@@ -196,7 +199,7 @@ def command_list(_args) -> int:
 
 
 def command_figures(args) -> int:
-    groups = args.group or ["vanishing", "exploding"]
+    groups = args.group or config_groups()
     configs = [load_config(n, args.overrides) for n in config_names() if n.split("/")[0] in groups]
     from experiments.figures import write_article_figures
 

@@ -292,9 +292,21 @@ def find_config(reference: str | Path) -> Path:
                       f"no such config file; available: {available}")
 
 
+#: Folders under ``configs/`` that hold something other than experiment configs.
+NOT_EXPERIMENTS = ("sweeps",)
+
+
 def config_names() -> list[str]:
-    """``group/name`` of every config under ``configs/``."""
-    return sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.rglob("*.toml"))
+    """``group/name`` of every experiment config under ``configs/``."""
+    return sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.rglob("*.toml")
+                  if p.relative_to(CONFIGS_DIR).parts[0] not in NOT_EXPERIMENTS)
+
+
+def config_groups() -> list[str]:
+    """The groups (folders) of the experiment configs, article's first."""
+    found = {name.split("/")[0] for name in config_names()}
+    article = [g for g in ("vanishing", "exploding") if g in found]
+    return article + sorted(found - set(article))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,4 +1,4 @@
-"""The article's figures for a set of experiments, from fresh runs."""
+"""The figures of a set of experiments, from fresh runs."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def write_article_figures(configs: list[ExperimentConfig], runs_out: Path, figur
         target = figures_out / f"{config.group}_{config.name}.png"
         shutil.copyfile(run.run_dir / "figures" / "mean_gradient.png", target)
         written.append(target)
+        through_time = run.run_dir / "figures" / "state_gradients.png"
+        if through_time.is_file():
+            target = figures_out / f"{config.group}_{config.name}_state_gradients.png"
+            shutil.copyfile(through_time, target)
+            written.append(target)
     for group, runs in by_group.items():
         target = figures_out / f"{group}_comparison.png"
         group_comparison(runs, group).savefig(target, dpi=100)

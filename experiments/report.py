@@ -19,6 +19,15 @@ td,th{border:1px solid #ccc;padding:4px 6px;vertical-align:top}.pair{display:fle
 .pair>figure{flex:1;margin:0}.vanishing{color:#a15c00}.exploding{color:#b00020}.healthy{color:#1b7a2e}"""
 
 
+GROUP_TITLES = {
+    "vanishing": "Vanishing gradients (the article)",
+    "exploding": "Exploding gradients (the article)",
+    "rnn": "Gradients through time in recurrent networks",
+    "vanishing_remedies": "Remedies for vanishing gradients the sources name (8-layer nets)",
+    "exploding_remedies": "Remedies for exploding gradients the sources name",
+}
+
+
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
@@ -36,6 +45,11 @@ def _experiment_section(name: str, runs: list[Run], verdicts: list[str]) -> str:
                                           first.config.run_name))
     diagnosis = diagnose(first.history)
     counts = ", ".join(f"{verdicts.count(v)}× {v}" for v in sorted(set(verdicts)))
+    through_time = first.run_dir / "figures" / "state_gradients.png"
+    extra = (f"""<figure><img alt="gradient through time {html.escape(name)}"
+src="{_data_uri(through_time.read_bytes())}"><figcaption>‖∂L/∂h_t‖ per time step against the
+geometric prediction r^(T−t) (seed {first.config.seed})</figcaption></figure>"""
+             if through_time.is_file() else "")
     return f"""<section id="{html.escape(name)}"><h3>{html.escape(first.config.run_name)}</h3>
 <p>{html.escape(first.config.values['experiment']['description'])}</p>
 <p>Diagnosis (seed {first.config.seed}): <b class="{diagnosis.verdict}">{diagnosis.verdict}</b>.
@@ -43,7 +57,7 @@ def _experiment_section(name: str, runs: list[Run], verdicts: list[str]) -> str:
 <div class="pair"><figure><img alt="article figure {html.escape(name)}" src="{_data_uri(article_png)}">
 <figcaption>The article's figure (seed {first.config.seed})</figcaption></figure>
 <figure><img alt="seeds {html.escape(name)}" src="{_data_uri(band_png)}">
-<figcaption>{len(runs)} seeds: mean line, min–max band</figcaption></figure></div></section>"""
+<figcaption>{len(runs)} seeds: mean line, min–max band</figcaption></figure></div>{extra}</section>"""
 
 
 def write_report(runs: dict[int, dict[str, Run]], directory: Path) -> Path:
@@ -56,17 +70,19 @@ def write_report(runs: dict[int, dict[str, Run]], directory: Path) -> Path:
         f"<tr><td>{r.number}</td><td>{html.escape(r.claim)}</td><td>{html.escape(r.criterion)}</td>"
         f"<td>{html.escape(median_numbers(r))}. {html.escape(r.note)}</td>"
         f"<td><b>{html.escape(r.verdict)}</b></td></tr>" for r in results)
-    groups = {"vanishing": [], "exploding": []}
+    groups: dict[str, list[str]] = {}
     for name, group_runs in by_name.items():
-        groups[group_runs[0].config.group].append(_experiment_section(name, group_runs, verdicts[name]))
+        groups.setdefault(group_runs[0].config.group, []).append(
+            _experiment_section(name, group_runs, verdicts[name]))
+    sections = "".join(f"<h2>{html.escape(GROUP_TITLES.get(group, group))}</h2>{''.join(parts)}"
+                       for group, parts in groups.items())
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>gradtools: the article's experiments, measured</title><style>{STYLE}</style></head><body>
 <h1>Vanishing and exploding gradients: the article's experiments, measured</h1>
 <p>{len(runs)} seeds per experiment. Claims, figures and diagnoses from fresh runs of gradtools.</p>
-<h2>The article's claims</h2><table><tr><th>#</th><th>claim</th><th>criterion</th><th>measured (median over seeds)</th>
+<h2>The claims: the article's ten, then the other sources'</h2><table><tr><th>#</th><th>claim</th><th>criterion</th><th>measured (median over seeds)</th>
 <th>verdict</th></tr>{rows}</table>
-<h2>Vanishing gradients</h2>{''.join(groups['vanishing'])}
-<h2>Exploding gradients</h2>{''.join(groups['exploding'])}
+{sections}
 </body></html>
 """
     directory.mkdir(parents=True, exist_ok=True)

@@ -50,10 +50,11 @@ BACKENDS = ("neptune", "tensorboard")
 
 def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
                    loggers: list[RunLogger] = (), backends: Sequence[str] = (),
-                   neptune_mode: str | None = None) -> Run:
+                   neptune_mode: str | None = None, run_dir: str | Path | None = None) -> Run:
     """Train ``config`` and write its run directory, logging also to ``backends``.
     Everything that can fail before training (data, model, reaching Neptune) happens before
-    the directory is created."""
+    the directory is created. The directory is a new ``<out>/<group>/<name>/<time>-seed<N>``
+    unless ``run_dir`` (absent or empty) is given."""
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     x, y = make_dataset(config.section("data"))
@@ -82,7 +83,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
         experiment = config.values["experiment"]
         loggers.append(NeptuneLogger(name=config.run_name, description=experiment["description"],
                                      tags=experiment["tags"], mode=neptune_mode))
-    run_dir = new_run_dir(Path(out), config)
+    run_dir = new_run_dir(Path(out), config) if run_dir is None else Path(run_dir)
     local = LocalRunLogger(run_dir, name=config.run_name, seed=config.seed)
     if "tensorboard" in backends:
         from gradtools.loggers.tensorboard import TensorBoardLogger

@@ -12,9 +12,9 @@ The rule, in order (thresholds are the constants below; the README has the table
    barely moving).
    For a recurrent model traced by :class:`gradtools.through_time.TracedRNN`: **vanishing**
    also if the median over epochs of ‖∂L/∂h_1‖ / ‖∂L/∂h_T‖ is below
-   ``VANISHING_THROUGH_TIME`` (gradients vanishing through time, whatever the depth). A
-   ratio of exactly 0 means no gradient reaches h_1 by construction (truncated BPTT); it is
-   reported, not judged.
+   ``VANISHING_THROUGH_TIME`` (gradients vanishing through time, whatever the depth; 0 when
+   they underflow float32). When no epoch's gradient reached every time step, the gradient was
+   cut on purpose (truncated BPTT): that is reported, not judged.
 3. **healthy** otherwise.
 
 Loss stalling and loss swings between consecutive steps are reported as evidence; they do
@@ -198,7 +198,8 @@ def diagnose(source) -> Diagnosis:
             reasons.append(f"layer 1's weights move {e['first_to_last_update_ratio']:.3g}× as much "
                            f"as the last layer's per step (threshold {VANISHING_RATIO:g})")
     through_time = e.get("state_grad_ratio")
-    if through_time is not None and 0 < through_time < VANISHING_THROUGH_TIME:
+    truncated = through_time is not None and e["time_steps_reached"] < e["time_steps"]
+    if through_time is not None and not truncated and through_time < VANISHING_THROUGH_TIME:
         reasons.append(f"through time: ‖∂L/∂h_1‖ is {through_time:.3g}× ‖∂L/∂h_T‖ (median over "
                        f"epochs, T = {e['time_steps']}; threshold {VANISHING_THROUGH_TIME:g})")
     if reasons:
@@ -219,7 +220,7 @@ def diagnose(source) -> Diagnosis:
             "effect of depth)")
     if through_time is not None:
         note += (f"; through time, ‖∂L/∂h_1‖ is {through_time:.3g}× ‖∂L/∂h_T‖ (median over epochs)"
-                 if through_time > 0 else
+                 if not truncated else
                  f"; through time, the gradient reaches only the last {e['time_steps_reached']} "
                  f"of {e['time_steps']} steps (truncated backpropagation)")
     return Diagnosis("healthy", e, f"No sign of exploding or vanishing gradients: layer 1 gets "

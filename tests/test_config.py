@@ -81,6 +81,20 @@ BAD = [
     ("unknown generator parameter", "noise = 0.1", "noise = 0.1\nn_feature = 3", ["data.n_feature", "allowed", "noise"]),
     ("missing key", "hidden_units = [4]\n", "", ["model.hidden_units", "required"]),
     ("malformed TOML", "epochs = 1", "epochs = = 1", ["not valid TOML", "line"]),
+    ("rnn on tabular data", "hidden_units = [4]", 'hidden_units = [4]\narchitecture = "rnn"',
+     ["model.architecture", "'rnn'", "sequence data", "adding"]),
+    ("rnn key on an mlp", "hidden_units = [4]", 'hidden_units = [4]\nrecurrent_cell = "LSTM"',
+     ["model.recurrent_cell", "'LSTM'", "only for model.architecture = 'rnn'"]),
+    ("unknown recurrent cell", "hidden_units = [4]",
+     'hidden_units = [4]\narchitecture = "rnn"\nrecurrent_cell = "LTSM"',
+     ["model.recurrent_cell", "'LTSM'", "'SimpleRNN'", "'GRU'"]),
+    ("residual widths differ", "hidden_units = [4]",
+     'hidden_units = [4, 5, 6]\narchitecture = "residual_mlp"',
+     ["model.hidden_units", "[4, 5, 6]", "same number of units"]),
+    ("sequence data for an mlp", 'generator = "moons"\nn_samples = 64\nnoise = 0.1',
+     'generator = "adding"\nn_samples = 64\nsequence_length = 3', ["data.sequence_length", "3", "[4, 1000]"]),
+    ("bad depth", "hidden_units = [4]", 'hidden_units = [4]\ndepth = 0',
+     ["model.depth", "0", "integer >= 1"]),
 ]
 
 
@@ -96,6 +110,18 @@ def test_bad_config_exits_2_naming_file_key_and_value(tmp_path, capsys, what, ol
     for word in words:
         assert word in message, (word, message)
     assert not out.exists(), "a refused config must leave no run directory"
+
+
+def test_spectral_radius_needs_a_square_recurrent_kernel(tmp_path, capsys):
+    path = tmp_path / "lstm.toml"
+    path.write_text(GOOD.replace('generator = "moons"\nn_samples = 64\nnoise = 0.1',
+                                 'generator = "adding"\nn_samples = 64\nsequence_length = 8')
+                    .replace("hidden_units = [4]", 'hidden_units = [4]\narchitecture = "rnn"\n'
+                             'recurrent_cell = "LSTM"\nrecurrent_spectral_radius = 1.1'))
+    assert main(["run", str(path), "--out", str(tmp_path / "runs"), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert "model.recurrent_spectral_radius = 1.1" in message and "square" in message
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_good_config_of_those_cases_runs(tmp_path, capsys):
