@@ -8,12 +8,12 @@ ARGS ?=
 PYTEST_ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv run-experiment figures compare claims report dashboard test bench clean
+.PHONY: venv run-experiment figures compare claims report phase-diagram sweep dashboard test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,distributed]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -21,14 +21,21 @@ venv: $(STAMP)
 run-experiment: $(STAMP)  ## train configs/$(EXP).toml and print its summary
 	$(PY) -m experiments run $(EXP) $(ARGS)
 
-figures: $(STAMP)  ## run all ten experiments, write figures/<group>_<name>.png
+figures: $(STAMP)  ## run every experiment config, write figures/<group>_<name>.png
 	$(PY) -m experiments figures $(ARGS)
 
-claims: $(STAMP)  ## the article's ten claims over 3 seeds: report/claims.md, report/claims.json
+claims: $(STAMP)  ## the 23 claims over 3 seeds: report/claims.md, report/claims.json
 	$(PY) -m experiments claims $(ARGS)
 
-report: $(STAMP)  ## report/index.html: figures, diagnoses and claims (3 seeds, 100 epochs)
+report: phase-diagram  ## report/index.html: figures, diagnoses, claims (3 seeds) and the phase diagram
 	$(PY) -m experiments report $(ARGS)
+
+phase-diagram: $(STAMP)  ## sweep depth x init scale x activation (resumable), figures/phase_diagram.png
+	$(PY) -m experiments phase-diagram
+
+SWEEP ?= depth_init
+sweep: $(STAMP)  ## run configs/sweeps/$(SWEEP).toml: runs/sweeps/<name>/sweep.csv (resumable)
+	$(PY) -m experiments sweep $(SWEEP) $(ARGS)
 
 compare: $(STAMP)  ## the article's two comparisons from the newest runs (after make figures)
 	$(PY) -m experiments compare $(ARGS)
@@ -39,7 +46,7 @@ dashboard: $(STAMP)  ## TensorBoard on http://127.0.0.1:6006 for runs made with 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)  ## per-epoch time: article's eager loop vs model.fit vs gradtools.fit
+bench: $(STAMP)  ## per-epoch time (eager loop, model.fit, gradtools.fit), make figures, sweep points/min
 	$(PY) -m experiments.bench $(ARGS)
 
 clean:

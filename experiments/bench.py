@@ -7,6 +7,9 @@ measured in one process on the same data.
 (c) ``gradtools.fit`` logging every statistic of every layer at every step;
 (d) ``model.fit`` with ``gradtools.GradientMonitor`` logging every step.
 
+Then the wall time of ``make figures``, and sweep throughput (points per minute) for the
+local executor with 1 and 2 workers and for Ray on this machine.
+
 Each time is the median over epochs after the first (the first includes tracing).
 """
 
@@ -29,9 +32,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import gradtools  # noqa: E402
-from experiments.config import load_config  # noqa: E402
+from experiments.config import ConfigError, load_config  # noqa: E402
 from experiments.datasets import make_dataset  # noqa: E402
 from experiments.models import build_mlp  # noqa: E402
+from experiments.sweep import load_sweep, run_sweep  # noqa: E402
 from gradtools.loggers import RunLogger  # noqa: E402
 
 EXPERIMENT = "vanishing/sigmoid_baseline"
@@ -131,7 +135,7 @@ def time_gradtools_fit(epochs: int) -> float:
 
 
 def time_make_figures() -> float:
-    """Wall time of ``python -m experiments figures`` (all ten experiments, 100 epochs each)."""
+    """Wall time of ``python -m experiments figures`` (every experiment config, one process)."""
     import tempfile
 
     repo = Path(__file__).resolve().parent.parent
@@ -146,12 +150,54 @@ def time_make_figures() -> float:
         return time.perf_counter() - started
 
 
+#: The sweep behind the points-per-minute numbers: 12 points of the phase diagram's kind.
+BENCH_SWEEP = """
+[sweep]
+name = "bench"
+base = "vanishing/sigmoid_baseline"
+[set]
+data.n_samples = 1000
+training.epochs = 5
+[grid]
+model.activation = ["sigmoid", "tanh", "relu"]
+model.depth = [2, 8]
+model.kernel_initializer.config.minval = [-1.0, -0.1]
+"""
+
+
+def sweep_points_per_minute(executor: str, workers: int) -> tuple[float, float]:
+    """(points per minute, wall seconds) of the bench sweep, from a fresh sweep directory;
+    the wall time includes starting the workers (and Ray)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "bench.toml"
+        path.write_text(BENCH_SWEEP)
+        sweep = load_sweep(path)
+        result = run_sweep(sweep, Path(scratch) / "out", executor=executor, workers=workers, quiet=True)
+        return len(sweep.points()) * 60 / result.wall_seconds, result.wall_seconds
+
+
+def time_sweeps() -> None:
+    print("Sweep throughput (12 points: 3 activations x 2 depths x 2 init ranges, 5 epochs of "
+          "1000 examples each; wall time includes starting the workers):", flush=True)
+    for executor, workers in (("local", 1), ("local", 2), ("ray", 2)):
+        try:
+            rate, seconds = sweep_points_per_minute(executor, workers)
+        except ConfigError as error:  # Ray not installed
+            print(f"  {executor}, {workers} worker(s): skipped ({error})", flush=True)
+            continue
+        print(f"  {executor:5s} {workers} worker{'s' * (workers > 1)}  {rate:6.1f} points/min  "
+              f"({seconds:.1f} s)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=12, help="epochs for (b) and (c) (default 12)")
     parser.add_argument("--article-epochs", type=int, default=4, help="epochs for (a) (default 4)")
     parser.add_argument("--skip-figures", action="store_true", help="do not time make figures")
+    parser.add_argument("--skip-sweeps", action="store_true", help="do not time the sweep executors")
     args = parser.parse_args(argv)
 
     print(f"Per-epoch wall time on {EXPERIMENT} (3000 examples, batch 32: 94 steps per epoch), "
@@ -168,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  (d) model.fit + GradientMonitor, every step {monitored * 1e3:8.1f} ms", flush=True)
     print(f"  (d)/(b) = {monitored / plain:.3f}   (GradientMonitor overhead; target <= 1.3)")
     if not args.skip_figures:
-        print(f"make figures (ten experiments, 100 epochs each, one process): "
-              f"{time_make_figures():.1f} s   (target <= 60 s)", flush=True)
+        print(f"make figures (every experiment config, its own epochs, one process): "
+              f"{time_make_figures():.1f} s", flush=True)
+    if not args.skip_sweeps:
+        time_sweeps()
     return 0
 
 

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="write report/index.html: figures, diagnoses and claims of every experiment",
         description="Run the claims' experiments over seeds and write a self-contained static page "
         "<report>/index.html (images embedded; opens offline) with, per experiment, the article's "
-        "figure, the multi-seed figure and the diagnosis, and the claims table.")
+        "figure, the multi-seed figure and the diagnosis, the claims table, and the phase "
+        "diagram when <out>/sweeps/depth_init/sweep.csv exists (make phase-diagram).")
     _add_seed_group_options(report, report_help="output directory (default report)")
 
     compare = commands.add_parser(
@@ -87,7 +88,43 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only this group (repeatable; default all)")
     figures.add_argument("--figures", default="figures", help="where the figures go (default figures)")
     _add_common(figures)
+
+    sweep = commands.add_parser(
+        "sweep", help="run every point of a sweep's grid (resumable)",
+        description="Run every point of a sweep file's grid (configs/sweeps/*.toml: a base "
+        "experiment, [set] values, a [grid] of lists) as an ordinary run directory under "
+        "<out>/sweeps/<name>/points/, and write <out>/sweeps/<name>/sweep.csv: one row per point "
+        "with its parameters, status, diagnosis verdict and layer-1/last gradient ratios. Points "
+        "already completed are skipped, so an interrupted sweep resumes; a point that fails (a "
+        "bad value in the grid, an error) is recorded as failed and the others go on. Exit 0 when "
+        "every point ran, 1 when some failed, 2 for a bad sweep file.")
+    sweep.add_argument("sweep", help="a sweep TOML file, or its name under configs/sweeps/")
+    _add_sweep_options(sweep)
+
+    phase = commands.add_parser(
+        "phase-diagram", help="the depth × initializer-scale sweep and its heatmaps",
+        description="Run configs/sweeps/depth_init.toml (resumable) and draw "
+        "<figures>/phase_diagram.png: per activation, log10 of the layer-1/last gradient "
+        "magnitude ratio at the first step and after training, with the diagnosis on each cell, "
+        "the article's two networks marked, and the 4^-depth bound for sigmoid.")
+    phase.add_argument("--figures", default="figures", help="where the figure goes (default figures)")
+    _add_sweep_options(phase)
     return parser
+
+
+def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    from experiments.parallel import default_workers
+
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: worker processes on this machine (default); ray: Ray tasks "
+                        "(needs pip install '.[distributed]')")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="processes (local) or CPUs for a Ray started here (default: the "
+                        "cores, up to 2)")
+    parser.add_argument("--ray-address", help="a running Ray cluster's address (default: start Ray "
+                        "on this machine)")
+    parser.add_argument("--out", default="runs", help="sweeps go to <out>/sweeps/<name>/ (default runs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def _add_seed_group_options(parser: argparse.ArgumentParser, report_help: str) -> None:
@@ -262,16 +299,56 @@ def command_claims(args) -> int:
 
 
 def command_report(args) -> int:
+    import pandas as pd
+
     from experiments.report import write_report
 
+    from experiments.phase_diagram import PHASE_SWEEP
+
     started = time.perf_counter()
-    page = write_report(_claim_runs(args), Path(args.report))
+    phase_csv = Path(args.out) / "sweeps" / PHASE_SWEEP / "sweep.csv"
+    phase_table = pd.read_csv(phase_csv) if phase_csv.is_file() else None
+    page = write_report(_claim_runs(args), Path(args.report), phase_table)
     print(f"report: {page} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
+def _sweep(args, reference):
+    from experiments.sweep import load_sweep, run_sweep
+
+    if args.workers < 1:
+        raise ConfigError("--workers", "--workers", args.workers, "must be an integer >= 1")
+    if args.ray_address and args.executor != "ray":
+        raise ConfigError("--ray-address", "--ray-address", args.ray_address, "needs --executor ray")
+    result = run_sweep(load_sweep(reference), args.out, executor=args.executor,
+                       workers=args.workers, ray_address=args.ray_address, quiet=args.quiet)
+    print(f"sweep: {result.directory / 'sweep.csv'} ({result.ran} points run, {result.skipped} "
+          f"already done, {result.failed} failed; {result.wall_seconds:.0f} s)")
+    return result
+
+
+def command_sweep(args) -> int:
+    result = _sweep(args, args.sweep)
+    if result.failed:
+        failed = result.table[~result.table["status"].isin(("completed", "diverged"))]
+        for _, row in failed.head(5).iterrows():
+            print(f"failed: {row['point']}: {row['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def command_phase_diagram(args) -> int:
+    from experiments.phase_diagram import PHASE_SWEEP, write_phase_diagram
+
+    result = _sweep(args, PHASE_SWEEP)
+    target = write_phase_diagram(result.table, Path(args.figures))
+    print(f"figure: {target}")
+    return 1 if result.failed else 0
+
+
 COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures,
-            "compare": command_compare, "claims": command_claims, "report": command_report}
+            "compare": command_compare, "claims": command_claims, "report": command_report,
+            "sweep": command_sweep, "phase-diagram": command_phase_diagram}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -322,8 +322,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(reference: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read, override and validate one config. Raises :class:`ConfigError`."""
+def load_config(reference: str | Path, overrides: list[str] = (),
+                settings: Mapping[str, Any] | None = None, settings_from: str = "") -> ExperimentConfig:
+    """Read, override and validate one config. Raises :class:`ConfigError`.
+
+    ``overrides`` are ``--set`` texts (``training.epochs=20``); ``settings`` are dotted keys
+    with values already parsed (a sweep's point), applied after them; an error in one of them
+    is blamed on ``settings_from`` (e.g. ``sweeps/x.toml [grid]``)."""
     path = find_config(reference)
     source = str(path)
     try:
@@ -336,7 +341,12 @@ def load_config(reference: str | Path, overrides: list[str] = ()) -> ExperimentC
     for text in overrides:
         keys, value = parse_override(text)
         _apply_override(raw, keys, value, f"{source} (--set {text})")
-        overridden[".".join(keys)] = text
+        overridden[".".join(keys)] = f"--set {text}"
+    for key, value in (settings or {}).items():
+        shown = f"{settings_from} {key} = {value!r}".strip()
+        # a copy: the same value object must not be shared (and later changed) by two configs
+        _apply_override(raw, key.split("."), copy.deepcopy(value), f"{source} ({shown})")
+        overridden[key] = shown
     try:
         return ExperimentConfig(source, validate(raw, source))
     except ConfigError as error:
@@ -345,7 +355,7 @@ def load_config(reference: str | Path, overrides: list[str] = ()) -> ExperimentC
                          if key == error.key or key.startswith(error.key + ".")), None)
         if given_by is None:
             raise
-        raise ConfigError(f"{source} (--set {given_by})", error.key, error.value,
+        raise ConfigError(f"{source} ({given_by})", error.key, error.value,
                           error.allowed) from None
 
 

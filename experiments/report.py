@@ -8,6 +8,8 @@ import html
 import io
 from pathlib import Path
 
+import pandas as pd
+
 from experiments.claims import EXPERIMENTS, diagnoses, evaluate, median_numbers, write_claims
 from experiments.runner import Run
 from gradtools.diagnosis import diagnose
@@ -60,8 +62,26 @@ geometric prediction r^(T−t) (seed {first.config.seed})</figcaption></figure>"
 <figcaption>{len(runs)} seeds: mean line, min–max band</figcaption></figure></div>{extra}</section>"""
 
 
-def write_report(runs: dict[int, dict[str, Run]], directory: Path) -> Path:
-    """Write ``<directory>/index.html`` (and claims.json / claims.md) from the claims' runs."""
+def _phase_section(table: pd.DataFrame | None) -> str:
+    if table is None:
+        return ("<h2>The gradient phase diagram</h2><p>Not included: run <code>make phase-diagram</code> "
+                "(the depth × initializer-scale sweep) before the report.</p>")
+    from experiments.phase_diagram import plot_phase_diagram
+
+    counts = table["verdict"].fillna("failed").value_counts().to_dict()
+    shown = ", ".join(f"{n} {verdict}" for verdict, n in sorted(counts.items()))
+    return f"""<h2>The gradient phase diagram</h2><p>{len(table)} runs of the depth × initializer-scale
+sweep (configs/sweeps/depth_init.toml): {html.escape(shown)}.</p>
+<figure><img alt="phase diagram" src="{_data_uri(_figure_png(plot_phase_diagram(table)))}">
+<figcaption>log10 of the layer-1 / last-layer gradient magnitude ratio per depth and
+initializer scale; top at the first step, bottom over the last epoch with each run's
+diagnosis</figcaption></figure>"""
+
+
+def write_report(runs: dict[int, dict[str, Run]], directory: Path,
+                 phase_table: pd.DataFrame | None = None) -> Path:
+    """Write ``<directory>/index.html`` (and claims.json / claims.md) from the claims' runs,
+    with the phase diagram drawn from ``phase_table`` (a depth_init sweep.csv) when given."""
     results = evaluate(runs)
     write_claims(results, directory)
     verdicts = diagnoses(runs)
@@ -83,6 +103,7 @@ def write_report(runs: dict[int, dict[str, Run]], directory: Path) -> Path:
 <h2>The claims: the article's ten, then the other sources'</h2><table><tr><th>#</th><th>claim</th><th>criterion</th><th>measured (median over seeds)</th>
 <th>verdict</th></tr>{rows}</table>
 {sections}
+{_phase_section(phase_table)}
 </body></html>
 """
     directory.mkdir(parents=True, exist_ok=True)

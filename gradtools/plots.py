@@ -238,7 +238,10 @@ def plot_seed_band(runs: list[pd.DataFrame], title: str) -> Figure:
     left.axhline(0, color="grey", linewidth=0.5)
     left.set_title(f"Mean gradient {title}: mean of {len(runs)} seeds, band min–max")
     left.set_xlabel(f"epoch (batch {ARTICLE_SAMPLE_BATCH})")
-    right.set_yscale("log")
+    magnitudes = np.concatenate([f.filter(like="/grad_abs_mean").to_numpy(dtype=float).ravel()
+                                 for f in per_epoch])
+    if (np.isfinite(magnitudes) & (magnitudes > 0)).any():  # a run that diverged at once has none
+        right.set_yscale("log")
     right.set_title("grad_abs_mean, epoch mean over steps")
     right.set_xlabel("epoch")
     left.legend(fontsize=8)

@@ -1,0 +1,372 @@
+"""Sweeps: a base experiment and a grid of config values, every point an ordinary run.
+
+A sweep file (``configs/sweeps/<name>.toml``)::
+
+    [sweep]
+    name = "depth_init"                     # the sweep directory: <out>/sweeps/<name>/
+    base = "vanishing/sigmoid_baseline"     # an experiment config (group/name or a path)
+    description = "..."
+
+    [set]                                   # optional: the same for every point
+    training.epochs = 5
+    "model.kernel_initializer" = { class_name = "VarianceScaling", config = { scale = 1.0 } }
+
+    [grid]                                  # every combination of these lists is a point
+    model.activation = ["sigmoid", "tanh", "relu"]
+    model.depth = [2, 4, 8]
+
+Keys are dotted config keys. Under ``[set]`` a quoted key (``"model.kernel_initializer"``)
+keeps a table value whole; under ``[grid]`` every value is a list.
+
+Layout of ``<out>/sweeps/<name>/``: ``points/<point>/`` (an ordinary run directory each),
+``sweep.csv`` (one row per point: its parameters, status, diagnosis verdict, ratios) and
+``sweep.json`` (the sweep's definition). Points run in workers that return their run
+directory's files to this process, which writes them: the workers need no shared disk. A
+point whose directory is complete (status completed or diverged) is skipped when the sweep
+runs again; a failed one is run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from experiments.config import CONFIGS_DIR, FILE, ConfigError, ExperimentConfig, load_config
+
+SWEEPS_DIR = CONFIGS_DIR / "sweeps"
+EXECUTORS = ("local", "ray")
+#: How a point can end: as a run (completed, diverged) or not (failed: bad value or error).
+DONE = ("completed", "diverged")
+RESULT_COLUMNS = ("status", "verdict", "first_nonfinite_step", "ratio_first_step",
+                  "ratio_first_epoch", "ratio_last_epoch", "ratio", "last_epoch_loss",
+                  "epochs_completed", "wall_seconds", "error")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: dotted config key -> value."""
+
+    params: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        """A name that depends on the values only (not on the grid's order), so a grid that
+        grows keeps the points it already ran."""
+        text = json.dumps(self.params, sort_keys=True)
+        return "point-" + hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    source: str
+    name: str
+    base: str
+    description: str
+    fixed: dict[str, Any]
+    grid: dict[str, list[Any]]
+
+    def points(self) -> list[Point]:
+        keys = list(self.grid)
+        return [Point(dict(zip(keys, values))) for values in itertools.product(*self.grid.values())]
+
+
+def find_sweep(reference: str | Path) -> Path:
+    path = Path(reference)
+    for candidate in (path, SWEEPS_DIR / path, SWEEPS_DIR / path.with_suffix(".toml"),
+                      CONFIGS_DIR / path.with_suffix(".toml")):
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.stem for p in SWEEPS_DIR.glob("*.toml"))) or "none"
+    raise ConfigError(str(reference), FILE, str(reference),
+                      f"no such sweep file; available in configs/sweeps: {available}")
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in table.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            yield from _flatten(value, dotted)
+        else:
+            yield dotted, value
+
+
+def load_sweep(reference: str | Path) -> Sweep:
+    """Read and check a sweep file (the points' configs are checked when they run, so one
+    bad value fails its points only). Raises :class:`ConfigError`."""
+    path = find_sweep(reference)
+    source = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(source, FILE, "", f"is not valid TOML: {error}") from None
+    unknown = set(raw) - {"sweep", "set", "grid"}
+    if unknown:
+        section = sorted(unknown)[0]
+        raise ConfigError(source, f"[{section}]", raw[section], "unknown section; allowed: sweep, set, grid")
+    head = raw.get("sweep", {})
+    for key in ("name", "base"):
+        if not isinstance(head.get(key), str) or not head[key].strip():
+            raise ConfigError(source, f"sweep.{key}", head.get(key, "(missing)"), "is required: a string")
+    extra = set(head) - {"name", "base", "description"}
+    if extra:
+        key = sorted(extra)[0]
+        raise ConfigError(source, f"sweep.{key}", head[key], "unknown key; allowed: name, base, description")
+    try:
+        load_config(head["base"])
+    except ConfigError as error:
+        raise ConfigError(source, "sweep.base", head["base"], f"is not a usable config ({error})") from None
+    fixed = {}
+    for key, value in raw.get("set", {}).items():
+        if "." in key:  # a quoted dotted key: the value is taken whole, a table included
+            fixed[key] = value
+        elif isinstance(value, dict):  # section.key = value, read by TOML as a table
+            fixed.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            raise ConfigError(source, f"set.{key}", value, "must be <section>.<key> = value")
+    grid = dict(_flatten(raw.get("grid", {})))
+    if not grid:
+        raise ConfigError(source, "[grid]", {}, "needs at least one key with a list of values")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(source, f"grid.{key}", values, "must be a non-empty list of values")
+    return Sweep(source, head["name"], head["base"], head.get("description", ""), fixed, grid)
+
+
+# --- one point ---------------------------------------------------------------------------------
+
+def point_config(sweep: Sweep, point: Point) -> ExperimentConfig:
+    """The point's validated config: the base, then [set], then the point's values."""
+    config = load_config(sweep.base, settings={**sweep.fixed, **point.params},
+                         settings_from=f"sweep {sweep.source}")
+    config.values["experiment"]["name"] = f"{config.name}-{point.id}"
+    return config
+
+
+def _ratio(metrics: pd.DataFrame, rows) -> float:
+    from gradtools.plots import layer_numbers
+
+    layers = layer_numbers(metrics)
+    first, last = rows[f"layer_{layers[0]}/grad_abs_mean"], rows[f"layer_{layers[-1]}/grad_abs_mean"]
+    bottom = float(last.median())
+    return float(first.median()) / bottom if bottom > 0 else math.nan
+
+
+def summarize_point(history) -> dict[str, Any]:
+    """The sweep.csv numbers of one run: how it ended, its diagnosis, and the layer-1/last
+    ``grad_abs_mean`` ratio at the first step, over the first and last epochs and the run."""
+    from gradtools.diagnosis import diagnose
+
+    metrics = history.metrics
+    row: dict[str, Any] = {"status": history.status,
+                           "first_nonfinite_step": history.first_nonfinite_step,
+                           "epochs_completed": history.epochs_completed,
+                           "wall_seconds": round(history.wall_seconds, 3)}
+    if metrics.empty:
+        return row
+    epochs = metrics.groupby("epoch")
+    first_epoch, last_epoch = metrics["epoch"].min(), metrics["epoch"].max()
+    row.update(
+        verdict=diagnose(history).verdict,
+        ratio_first_step=_ratio(metrics, metrics.iloc[[0]]),
+        ratio_first_epoch=_ratio(metrics, metrics[metrics["epoch"] == first_epoch]),
+        ratio_last_epoch=_ratio(metrics, metrics[metrics["epoch"] == last_epoch]),
+        ratio=_ratio(metrics, metrics),
+        last_epoch_loss=float(epochs["loss"].mean().iloc[-1]),
+    )
+    return row
+
+
+# --- running a sweep ---------------------------------------------------------------------------
+
+class SweepDirectory:
+    """``<out>/sweeps/<name>/``: point directories written whole, and sweep.csv."""
+
+    def __init__(self, out: str | Path, sweep: Sweep):
+        self.sweep = sweep
+        self.path = Path(out) / "sweeps" / sweep.name
+        self.points_dir = self.path / "points"
+        self.table_path = self.path / "sweep.csv"
+        self.points_dir.mkdir(parents=True, exist_ok=True)
+        (self.path / "sweep.json").write_text(json.dumps(
+            {"name": sweep.name, "source": sweep.source, "base": sweep.base,
+             "description": sweep.description, "set": sweep.fixed, "grid": sweep.grid}, indent=2) + "\n")
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.table_path.is_file():
+            for record in pd.read_csv(self.table_path, keep_default_na=False).to_dict("records"):
+                self.rows[record["point"]] = record
+
+    def is_done(self, point: Point) -> bool:
+        row = self.rows.get(point.id)
+        return (row is not None and row["status"] in DONE
+                and (self.points_dir / point.id / "run.json").is_file())
+
+    def record(self, point: Point, row: dict[str, Any], files: Mapping[str, bytes] = {}) -> None:
+        """Write the point's files (into a temporary directory renamed into place, so a
+        killed sweep never leaves half a point), then its row."""
+        target = self.points_dir / point.id
+        if files:
+            partial = self.points_dir / f"{point.id}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            for name, data in files.items():
+                (partial / name).parent.mkdir(parents=True, exist_ok=True)
+                (partial / name).write_bytes(data)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        self.rows[point.id] = {"point": point.id, **{k: _cell(v) for k, v in point.params.items()},
+                               **row, "run_dir": str(target) if files else ""}
+        self.write_table()
+
+    def write_table(self) -> None:
+        order = {p.id: i for i, p in enumerate(self.sweep.points())}
+        rows = sorted(self.rows.values(), key=lambda r: order.get(r["point"], len(order)))
+        columns = ["point", *self.sweep.grid, *RESULT_COLUMNS, "run_dir"]
+        table = pd.DataFrame(rows)
+        table = table.reindex(columns=columns + [c for c in table.columns if c not in columns])
+        partial = self.table_path.with_suffix(".csv.partial")
+        table.to_csv(partial, index=False)
+        os.replace(partial, self.table_path)
+
+
+def _cell(value: Any) -> Any:
+    """A parameter as sweep.csv holds it: numbers and strings as they are, others as JSON."""
+    return value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+
+class Progress:
+    """``sweep <name>: 12/40 points (1 failed), 1m03s, ETA 2m20s`` on stderr after each point."""
+
+    def __init__(self, name: str, total: int, already: int, quiet: bool = False):
+        self.name, self.total, self.done, self.quiet = name, total, already, quiet
+        self.failed, self.started, self.ran = 0, time.perf_counter(), 0
+
+    def point_done(self, status: str) -> None:
+        self.done += 1
+        self.ran += 1
+        self.failed += status not in DONE
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.ran * (self.total - self.done)
+        failed = f" ({self.failed} failed)" if self.failed else ""
+        print(f"sweep {self.name}: {self.done}/{self.total} points{failed}, {_duration(elapsed)}, "
+              f"ETA {_duration(eta)}", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+@dataclass
+class SweepResult:
+    directory: Path
+    table: pd.DataFrame
+    ran: int
+    skipped: int
+    failed: int
+    wall_seconds: float
+
+
+def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", workers: int = 1,
+              ray_address: str | None = None, quiet: bool = False) -> SweepResult:
+    """Run every point not already done, with ``executor`` (``local``: ``workers`` processes;
+    ``ray``: Ray tasks, on this machine or the cluster at ``ray_address``)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    started = time.perf_counter()
+    directory = SweepDirectory(out, sweep)
+    points = sweep.points()
+    todo = [p for p in points if not directory.is_done(p)]
+    progress = Progress(sweep.name, len(points), len(points) - len(todo), quiet)
+    if not quiet:
+        print(f"sweep {sweep.name}: {len(points)} points, {len(points) - len(todo)} already done, "
+              f"{len(todo)} to run ({executor}, {workers} worker{'s' * (workers != 1)})",
+              file=sys.stderr, flush=True)
+    jobs = []
+    for point in todo:
+        try:
+            jobs.append((point, point_config(sweep, point)))
+        except ConfigError as error:  # a bad value in the grid fails its points only
+            directory.record(point, {"status": "failed", "error": str(error)})
+            progress.point_done("failed")
+
+    def finished(point: Point, result: dict[str, Any]) -> None:
+        directory.record(point, result["row"], result["files"])
+        progress.point_done(result["row"]["status"])
+
+    if jobs:
+        run = _run_with_ray if executor == "ray" else _run_locally
+        run(jobs, finished, workers, ray_address)
+    directory.write_table()
+    table = pd.read_csv(directory.table_path)
+    return SweepResult(directory.path, table, ran=len(todo), skipped=len(points) - len(todo),
+                       failed=int((~table["status"].isin(DONE)).sum()),
+                       wall_seconds=time.perf_counter() - started)
+
+
+Finished = Callable[[Point, dict[str, Any]], None]
+
+
+def _run_locally(jobs, finished: Finished, workers: int, ray_address) -> None:
+    from experiments import worker
+
+    if workers <= 1:
+        for point, config in jobs:
+            finished(point, worker.run_sweep_point(config))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: TF is not fork-safe
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker.start) as pool:
+        futures = {pool.submit(worker.run_sweep_point, config): point for point, config in jobs}
+        for future in as_completed(futures):
+            finished(futures[future], future.result())
+
+
+def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor", "--executor", "ray",
+                          "needs Ray: pip install 'gradtools[distributed]' (in a checkout: "
+                          "pip install -e '.[distributed]')") from None
+    import logging
+
+    from experiments import worker
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                       configure_logging=False)
+        if ray_address:
+            # The workers of a cluster get this checkout's two packages shipped to them.
+            root = Path(__file__).resolve().parent.parent
+            ray.init(address=ray_address, runtime_env={"py_modules": [str(root / "gradtools"),
+                                                                      str(root / "experiments")]},
+                     **options)
+        else:
+            ray.init(num_cpus=workers, **options)
+    try:
+        remote = ray.remote(num_cpus=1)(worker.run_sweep_point)
+        pending = {remote.remote(config): point for point, config in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            point = pending.pop(done[0])
+            finished(point, ray.get(done[0]))
+    finally:
+        if started_here:
+            ray.shutdown()

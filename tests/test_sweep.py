@@ -1,0 +1,122 @@
+"""Sweeps: a tiny grid (8 points, 1 epoch) run by both executors gives the same numbers;
+points are ordinary run directories; a bad grid value fails its points only; a second run
+resumes; the phase diagram is drawn from the table."""
+
+import json
+import shutil
+import tomllib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.cli import main
+from experiments.phase_diagram import plot_phase_diagram, write_phase_diagram
+from experiments.sweep import load_sweep, run_sweep
+from gradtools.history import History
+
+TINY = """
+[sweep]
+name = "tiny"
+base = "vanishing/sigmoid_baseline"
+description = "a test grid"
+
+[set]
+data.n_samples = 256
+training.epochs = 1
+"model.kernel_initializer" = { class_name = "VarianceScaling", config = { scale = 1.0, mode = "fan_in", distribution = "uniform" } }
+
+[grid]
+model.activation = ["sigmoid", "relu"]
+model.depth = [1, 4]
+model.kernel_initializer.config.scale = [0.3, 3.0]
+"""
+NUMBERS = ["ratio_first_step", "ratio_first_epoch", "ratio_last_epoch", "ratio", "last_epoch_loss"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweeps")
+    path = root / "tiny.toml"
+    path.write_text(TINY)
+    local = run_sweep(load_sweep(path), root / "local", executor="local", workers=2, quiet=True)
+    ray = run_sweep(load_sweep(path), root / "ray", executor="ray", workers=2, quiet=True)
+    return root, path, local, ray
+
+
+def test_both_executors_give_identical_numbers(tiny):
+    _, _, local, ray = tiny
+    assert len(local.table) == len(ray.table) == 8
+    assert (local.table["status"] == "completed").all() and local.failed == 0
+    keys = ["point", "model.activation", "model.depth", "model.kernel_initializer.config.scale"]
+    merged = local.table.merge(ray.table, on=keys, suffixes=("_local", "_ray"))
+    assert len(merged) == 8
+    for column in NUMBERS:
+        np.testing.assert_array_equal(merged[f"{column}_local"], merged[f"{column}_ray"], err_msg=column)
+    assert (merged["verdict_local"] == merged["verdict_ray"]).all()
+    # the numbers say something: deep sigmoid with small weights vanishes, shallow does not
+    table = local.table.set_index(keys[1:])
+    assert table.loc[("sigmoid", 4, 0.3), "ratio_first_step"] < 0.1 * table.loc[("sigmoid", 1, 0.3), "ratio_first_step"]
+
+
+def test_every_point_is_an_ordinary_run_directory(tiny):
+    _, _, local, ray = tiny
+    for result in (local, ray):
+        for _, row in result.table.iterrows():
+            history = History.from_run_dir(row["run_dir"])
+            assert history.status == row["status"]
+            config = tomllib.loads((result.directory / "points" / row["point"] / "config.toml").read_text())
+            assert config["model"]["depth"] == row["model.depth"]
+            # each point keeps its own value (not the last point's: no shared config objects)
+            assert (config["model"]["kernel_initializer"]["config"]["scale"]
+                    == row["model.kernel_initializer.config.scale"])
+            assert len([k for k in history.layer_paths]) == row["model.depth"] + 1
+            assert json.loads((result.directory / "points" / row["point"] / "run.json").read_text())["diagnosis"]["verdict"] == row["verdict"]
+    assert json.loads((local.directory / "sweep.json").read_text())["grid"]["model.depth"] == [1, 4]
+
+
+def test_a_second_run_resumes_and_a_bad_grid_value_fails_only_its_points(tiny, tmp_path, capsys):
+    root, path, local, _ = tiny
+    out = tmp_path / "resume"
+    shutil.copytree(root / "local", out)
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "sweeps/tiny/points").glob("*/metrics.csv")}
+    path2 = tmp_path / "tiny.toml"
+    path2.write_text(TINY.replace('["sigmoid", "relu"]', '["sigmoid", "relu", "sigmoidd"]'))
+    code = main(["sweep", str(path2), "--out", str(out), "--workers", "1"])
+    assert code == 1  # some points failed
+    captured = capsys.readouterr()
+    assert "8 already done" in captured.err and "4 to run" in captured.err
+    assert "4 points run, 8 already done, 4 failed" in captured.out
+    assert "model.activation = 'sigmoidd'" in captured.err
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "sweeps/tiny/points").glob("*/metrics.csv")}
+    assert after == before, "completed points are neither recomputed nor rewritten"
+    table = pd.read_csv(out / "sweeps/tiny/sweep.csv")
+    assert len(table) == 12
+    failed = table[table["status"] == "failed"]
+    assert len(failed) == 4 and (failed["model.activation"] == "sigmoidd").all()
+    assert failed["error"].str.contains("not a Keras activation").all()
+    same = table[table["status"] == "completed"].set_index("point")[NUMBERS]
+    pd.testing.assert_frame_equal(same.sort_index(), local.table.set_index("point")[NUMBERS].sort_index())
+
+
+def test_bad_sweep_files_exit_2_naming_file_and_key(tmp_path, capsys):
+    cases = [(TINY.replace('base = "vanishing/sigmoid_baseline"', 'base = "vanishing/nope"'), "sweep.base"),
+             (TINY.replace("model.depth = [1, 4]", "model.depth = 4"), "grid.model.depth"),
+             (TINY.replace("[grid]", "[gird]"), "[gird]")]
+    for index, (text, key) in enumerate(cases):
+        path = tmp_path / f"bad{index}.toml"
+        path.write_text(text)
+        assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
+        message = capsys.readouterr().err
+        assert str(path) in message and key in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_phase_diagram_figure_from_the_table(tiny, tmp_path):
+    _, _, local, _ = tiny
+    target = write_phase_diagram(local.table, tmp_path)
+    assert target.stat().st_size > 20_000
+    figure = plot_phase_diagram(local.table)
+    titles = [ax.get_title() for ax in figure.axes]
+    assert "sigmoid: at the first step" in titles and "relu: last epoch (V vanishing, E exploding, · healthy)" in titles
+    assert any("4^−depth" in t for t in titles)
