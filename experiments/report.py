@@ -62,7 +62,7 @@ geometric prediction r^(T−t) (seed {first.config.seed})</figcaption></figure>"
 <figcaption>{len(runs)} seeds: mean line, min–max band</figcaption></figure></div>{extra}</section>"""
 
 
-def _phase_section(table: pd.DataFrame | None) -> str:
+def phase_section(table: pd.DataFrame | None) -> str:
     if table is None:
         return ("<h2>The gradient phase diagram</h2><p>Not included: run <code>make phase-diagram</code> "
                 "(the depth × initializer-scale sweep) before the report.</p>")
@@ -103,7 +103,7 @@ def write_report(runs: dict[int, dict[str, Run]], directory: Path,
 <h2>The claims: the article's ten, then the other sources'</h2><table><tr><th>#</th><th>claim</th><th>criterion</th><th>measured (median over seeds)</th>
 <th>verdict</th></tr>{rows}</table>
 {sections}
-{_phase_section(phase_table)}
+{phase_section(phase_table)}
 </body></html>
 """
     directory.mkdir(parents=True, exist_ok=True)

@@ -350,6 +350,8 @@ def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | Non
 
     started_here = not ray.is_initialized()
     if started_here:
+        # Ray would otherwise report usage statistics to its servers: nothing here needs a network.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                        configure_logging=False)
         if ray_address:

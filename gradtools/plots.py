@@ -229,6 +229,7 @@ def plot_seed_band(runs: list[pd.DataFrame], title: str) -> Figure:
     batch 5 of each epoch); right, the mean absolute gradient (per-epoch mean, log scale)."""
     fig = Figure(figsize=(12, 5), layout="constrained")
     left, right = fig.subplots(1, 2)
+    runs = [m.replace([np.inf, -np.inf], np.nan) for m in runs]  # a diverged step has no point
     sampled = [sample_per_epoch(m) for m in runs]
     per_epoch = [m.groupby("epoch").mean(numeric_only=True).reset_index() for m in runs]
     for index, k in enumerate(layer_numbers(runs[0])):

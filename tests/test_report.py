@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from experiments.claims import EXPERIMENTS
 from experiments.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -44,6 +45,15 @@ def test_claims_are_written_with_numbers_per_seed_and_a_verdict(report_dir):
         assert all(results[number]["holds"]), results[number]
     assert all(n["max_abs_layer_1_grad_mean"] < 0.006 for n in results[1]["numbers"])
     assert "disagree" in results[1]["note"]
+    # every claims experiment ran (this is where the remedy and rnn configs run in the suite)
+    runs = report_dir.parent / "runs"
+    for reference, _ in EXPERIMENTS.values():
+        run_dirs = sorted((runs / reference).glob("*/run.json"))
+        assert len(run_dirs) >= 2, reference
+        for info in run_dirs:
+            assert json.loads(info.read_text())["status"] in ("completed", "diverged"), info
+        if reference.startswith("rnn/"):
+            assert all((d.parent / "state_gradients.csv").is_file() for d in run_dirs), reference
     table = (report_dir / "claims.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 24  # header + 23 claims
@@ -125,7 +135,11 @@ def test_the_page_loads_in_headless_chromium_with_every_image_and_no_console_err
               or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
     assert errors == []
     assert "measured" in title
-    assert len(widths) == 2 * 11, "two figures for each of the eleven experiments"
+    recurrent = sum(reference.startswith("rnn/") for reference, _ in EXPERIMENTS.values())
+    # two figures per experiment, a third (gradient through time) per recurrent one; no phase
+    # diagram (its sweep was not run: the page says how to add it)
+    assert len(widths) == 2 * len(EXPERIMENTS) + recurrent == 61
+    assert "make phase-diagram" in (report_dir / "index.html").read_text()
     assert all(w > 0 for w in widths), widths
     screenshot = report_dir / "screenshot.png"
     screenshot.write_bytes(base64.b64decode(shot["data"]))

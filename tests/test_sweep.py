@@ -12,6 +12,7 @@ import pytest
 
 from experiments.cli import main
 from experiments.phase_diagram import plot_phase_diagram, write_phase_diagram
+from experiments.report import phase_section
 from experiments.sweep import load_sweep, run_sweep
 from gradtools.history import History
 
@@ -120,3 +121,5 @@ def test_phase_diagram_figure_from_the_table(tiny, tmp_path):
     titles = [ax.get_title() for ax in figure.axes]
     assert "sigmoid: at the first step" in titles and "relu: last epoch (V vanishing, E exploding, · healthy)" in titles
     assert any("4^−depth" in t for t in titles)
+    html = phase_section(local.table)  # the report's section embeds the figure
+    assert '<img alt="phase diagram" src="data:image/png;base64,' in html and "8 runs" in html
