@@ -291,30 +291,33 @@ CLAIMS = [
     Claim(12, "Sources (000, 004): gradient clipping prevents an exploding RNN's divergence.",
           "the linear SimpleRNN at spectral radius 1.1 diverges; with clipnorm = 1.0 and with the "
           "global norm clipped to 1.0 it completes", _claim_12),
-    Claim(13, "Sources say he_normal + ReLU helps against vanishing gradients (001, 002).",
-          _VANISHING_CRITERION, _vanishing_remedy("he_relu")),
-    Claim(14, "Sources say LeakyReLU helps against vanishing gradients (001, 002).",
-          _VANISHING_CRITERION, _vanishing_remedy("leaky_relu")),
-    Claim(15, "Sources say ELU helps against vanishing gradients (002).",
-          _VANISHING_CRITERION, _vanishing_remedy("elu")),
-    Claim(16, "Sources say PReLU helps against vanishing gradients (001, 002).",
-          _VANISHING_CRITERION, _vanishing_remedy("prelu")),
-    Claim(17, "Sources say batch normalization between the linear part and the activation helps (002).",
-          _VANISHING_CRITERION, _vanishing_remedy("batchnorm_before_activation")),
-    Claim(18, "Sources say residual (skip) connections make a deep sigmoid net trainable (001).",
-          _VANISHING_CRITERION + ", and a lower last-epoch loss",
-          _vanishing_remedy("residual", also_trainable=True)),
-    Claim(19, "Sources say standardizing inputs and targets helps against exploding gradients "
-          "(the article's closing advice).", _EXPLODING_CRITERION, _exploding_remedy("standardized")),
-    Claim(20, "Sources say L1 regularization helps against exploding gradients (000).",
-          _EXPLODING_CRITERION, _exploding_remedy("l1_regularization")),
-    Claim(21, "Sources say a smaller batch size helps against exploding gradients (000).",
-          _EXPLODING_CRITERION, _exploding_remedy("small_batch")),
-    Claim(22, "Sources say clipnorm = 1.0 prevents exploding gradients (000).",
-          _EXPLODING_CRITERION, _exploding_remedy("clipnorm")),
-    Claim(23, "Sources say clipvalue = 0.5 prevents exploding gradients (000).",
-          _EXPLODING_CRITERION, _exploding_remedy("clipvalue")),
 ]
+
+#: The remedies the sources name, one claim each: (number, remedy, sources, experiment).
+VANISHING_REMEDIES = [
+    (13, "he_normal + ReLU", "001, 002", "he_relu"),
+    (14, "LeakyReLU", "001, 002", "leaky_relu"),
+    (15, "ELU", "002", "elu"),
+    (16, "PReLU", "001, 002", "prelu"),
+    (17, "batch normalization between the linear part and the activation", "002",
+     "batchnorm_before_activation"),
+]
+EXPLODING_REMEDIES = [
+    (19, "standardizing inputs and targets", "the article's closing advice", "standardized"),
+    (20, "L1 regularization", "000", "l1_regularization"),
+    (21, "a smaller batch size", "000", "small_batch"),
+    (22, "clipnorm = 1.0", "000", "clipnorm"),
+    (23, "clipvalue = 0.5", "000", "clipvalue"),
+]
+CLAIMS += [Claim(n, f"Sources say {remedy} helps against vanishing gradients ({sources}).",
+                 _VANISHING_CRITERION, _vanishing_remedy(name))
+           for n, remedy, sources, name in VANISHING_REMEDIES]
+CLAIMS.append(Claim(18, "Sources say residual (skip) connections make a deep sigmoid net trainable (001).",
+                    _VANISHING_CRITERION + ", and a lower last-epoch loss",
+                    _vanishing_remedy("residual", also_trainable=True)))
+CLAIMS += [Claim(n, f"Sources say {remedy} helps against exploding gradients ({sources}).",
+                 _EXPLODING_CRITERION, _exploding_remedy(name))
+           for n, remedy, sources, name in EXPLODING_REMEDIES]
 
 
 @dataclass

@@ -322,6 +322,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; a file that cannot be read or parsed is a :class:`ConfigError`."""
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(str(path), FILE, "", f"is not valid TOML: {error}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(str(path), FILE, "", f"cannot be read: {error}") from None
+
+
 def load_config(reference: str | Path, overrides: list[str] = (),
                 settings: Mapping[str, Any] | None = None, settings_from: str = "") -> ExperimentConfig:
     """Read, override and validate one config. Raises :class:`ConfigError`.
@@ -331,12 +341,7 @@ def load_config(reference: str | Path, overrides: list[str] = (),
     is blamed on ``settings_from`` (e.g. ``sweeps/x.toml [grid]``)."""
     path = find_config(reference)
     source = str(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(source, FILE, "", f"is not valid TOML: {error}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(source, FILE, "", f"cannot be read: {error}") from None
+    raw = read_toml(path)
     overridden: dict[str, str] = {}
     for text in overrides:
         keys, value = parse_override(text)

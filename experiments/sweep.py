@@ -36,7 +36,6 @@ import os
 import shutil
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.config import CONFIGS_DIR, FILE, ConfigError, ExperimentConfig, load_config
+from experiments.config import CONFIGS_DIR, FILE, ConfigError, ExperimentConfig, load_config, read_toml
 
 SWEEPS_DIR = CONFIGS_DIR / "sweeps"
 EXECUTORS = ("local", "ray")
@@ -108,10 +107,7 @@ def load_sweep(reference: str | Path) -> Sweep:
     bad value fails its points only). Raises :class:`ConfigError`."""
     path = find_sweep(reference)
     source = str(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(source, FILE, "", f"is not valid TOML: {error}") from None
+    raw = read_toml(path)
     unknown = set(raw) - {"sweep", "set", "grid"}
     if unknown:
         section = sorted(unknown)[0]
