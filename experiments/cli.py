@@ -229,9 +229,10 @@ def command_run_seeds(args) -> int:
 
 
 def command_list(_args) -> int:
-    for name in config_names():
-        config = load_config(name)
-        print(f"{name:32s} {config.values['experiment']['description']}")
+    names = config_names()
+    width = max(map(len, names), default=0)
+    for name in names:
+        print(f"{name:{width}s}  {load_config(name).values['experiment']['description']}")
     return 0
 
 
