@@ -1,4 +1,4 @@
-"""Seeds, claims and the report, from one small set of real runs (2 seeds, 5 epochs); the page
+"""Seeds, claims and the report, from one small set of real runs (1 seed, 5 epochs); the page
 is opened in real headless Chromium through its DevTools protocol."""
 
 import base64
@@ -24,7 +24,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    code = main(["report", "--seeds", "2", "--epochs", "5", "--quiet",
+    code = main(["report", "--seeds", "1", "--epochs", "5", "--quiet",
                  "--out", str(root / "runs"), "--report", str(root / "report")])
     assert code == 0
     return root / "report"
@@ -34,9 +34,8 @@ def test_claims_are_written_with_numbers_per_seed_and_a_verdict(report_dir):
     results = {r["number"]: r for r in json.loads((report_dir / "claims.json").read_text())}
     assert sorted(results) == list(range(1, 24))  # the article's ten, then the other sources' 13
     for result in results.values():
-        assert len(result["holds"]) == 2 and len(result["numbers"]) == 2
-        k = sum(result["holds"])
-        assert result["verdict"] == (f"holds in {k} of 2 seeds" if k else "does not hold (0 of 2 seeds)")
+        assert len(result["holds"]) == 1 and len(result["numbers"]) == 1
+        assert result["verdict"] == ("holds in 1 of 1 seeds" if result["holds"][0] else "does not hold (0 of 1 seeds)")
     # effects strong enough to show at 5 epochs (measured: ReLU's layer-1 signed-mean spread
     # is about 60× the sigmoid's; the exploding baseline is NaN by step 5; tanh + Glorot completes)
     # and the remedies whose effect is immediate: clipping an exploding net (RNN and MLP), and
@@ -49,7 +48,7 @@ def test_claims_are_written_with_numbers_per_seed_and_a_verdict(report_dir):
     runs = report_dir.parent / "runs"
     for reference, _ in EXPERIMENTS.values():
         run_dirs = sorted((runs / reference).glob("*/run.json"))
-        assert len(run_dirs) >= 2, reference
+        assert len(run_dirs) >= 1, reference
         for info in run_dirs:
             assert json.loads(info.read_text())["status"] in ("completed", "diverged"), info
         if reference.startswith("rnn/"):
@@ -59,6 +58,17 @@ def test_claims_are_written_with_numbers_per_seed_and_a_verdict(report_dir):
     assert len(rows) == 24  # header + 23 claims
     for row in rows:  # five cells each: a "|" inside a cell (e.g. |x|) must be escaped
         assert len(re.split(r"(?<!\\)\|", row)) == 7, row
+
+
+def test_a_claim_over_several_seeds_counts_them_and_reports_medians():
+    """The suite's report runs one seed (to stay fast); the count and the medians over seeds
+    are checked here on numbers written by hand."""
+    from experiments.claims import ClaimResult, median_numbers
+
+    some = ClaimResult(1, "c", "k", [True, False, True], [{"ratio": 1.0}, {"ratio": 30.0}, {"ratio": 2.0}])
+    assert some.verdict == "holds in 2 of 3 seeds" and median_numbers(some) == "ratio 2"
+    none = ClaimResult(2, "c", "k", [False, False], [{"ratio": 1.0}, {"ratio": 4.0}])
+    assert none.verdict == "does not hold (0 of 2 seeds)" and median_numbers(none) == "ratio 2.5"
 
 
 def test_seeds_write_one_run_each_a_summary_and_a_band_figure(tmp_path, capsys):
