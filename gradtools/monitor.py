@@ -26,6 +26,8 @@ from gradtools.stats import (
     layer_gradient_stats,
     metric_columns,
 )
+from gradtools.training import recurrent_kernel_positions
+
 _DEFAULT_CAPACITY = 4096
 
 
@@ -44,7 +46,8 @@ class GradientMonitor(keras.callbacks.Callback):
     """Records gradient statistics of every ``log_every``-th step of ``model.fit``.
 
     ``monitor.metrics`` is a DataFrame with the columns of ``gradtools.fit`` (``step``,
-    ``epoch``, ``batch``, ``loss``, ``grad_global_norm``, ``layer_k/…``), plus
+    ``epoch``, ``batch``, ``loss``, ``grad_global_norm``, ``layer_k/…``, and
+    ``layer_k/recurrent_…`` for the recurrent kernel of an RNN layer), plus
     ``grad_global_norm_clipped`` when the optimizer clips (``clipnorm``, ``clipvalue`` or
     ``global_clipnorm``). ``loss`` is the batch loss ``fit`` differentiates (regularization
     included). ``status`` and ``first_nonfinite_step`` are as in ``gradtools.fit``; with
@@ -109,11 +112,16 @@ class GradientMonitor(keras.callbacks.Callback):
                            else optimizer._trainable_variables)
             # Subclassed models are built by their first step: set up when the step is traced.
             kernel_positions = [i for i, v in enumerate(targets) if v.name == "kernel"]
-            monitor._prepare_buffers([targets[i].path for i in kernel_positions])
+            recurrent = recurrent_kernel_positions(targets, [targets[i] for i in kernel_positions])
+            monitor._prepare_buffers([targets[i].path for i in kernel_positions], recurrent)
+            # a recurrent layer's recurrent kernel right after its kernel, as in the columns
+            monitored = []
+            for k, i in enumerate(kernel_positions, start=1):
+                monitored += [i, recurrent[k]] if k in recurrent else [i]
             step = tf.cast(optimizer.iterations, tf.int64) + 1
-            before = [tf.identity(targets[i]) for i in kernel_positions]
+            before = [tf.identity(targets[i]) for i in monitored]
             result = original_apply(grads, trainable_variables)
-            monitor._record(step, grads, targets, kernel_positions, before)
+            monitor._record(step, grads, targets, monitored, before)
             return result
 
         model.compute_loss = compute_loss
@@ -121,7 +129,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._restore = [(model, "compute_loss"), (optimizer, "apply")]
         model.make_train_function(force=True)  # trace again, with the probes
 
-    def _prepare_buffers(self, layer_paths: list[str]) -> None:
+    def _prepare_buffers(self, layer_paths: list[str], recurrent_layers=()) -> None:
         """Create the buffer variables (once, eagerly, even when called while tracing)."""
         if self._buffers_ready:
             return
@@ -129,7 +137,8 @@ class GradientMonitor(keras.callbacks.Callback):
             raise ValueError("GradientMonitor: the model has no trainable variable named 'kernel' "
                              "(Dense, Conv, RNN layers have one); layers are numbered by kernels")
         self.layer_paths = layer_paths
-        self._columns = metric_columns(len(layer_paths)) + ([CLIPPED_COLUMN] if self._clipping else [])
+        self._columns = (metric_columns(len(layer_paths), recurrent_layers)
+                         + ([CLIPPED_COLUMN] if self._clipping else []))
         n_values = len(self._columns) - 3
         with tf.init_scope():
             self._rows = tf.Variable(tf.zeros([self._capacity, n_values]), trainable=False)
@@ -141,14 +150,15 @@ class GradientMonitor(keras.callbacks.Callback):
             logger.start(epochs=self.params.get("epochs") or 0,
                          steps_per_epoch=self.params.get("steps") or 0, layer_paths=layer_paths)
 
-    def _record(self, step, grads, variables, kernel_positions, before):
-        """In-graph: the step's row into the buffer (when logged), the non-finite flag."""
+    def _record(self, step, grads, variables, monitored, before):
+        """In-graph: the step's row into the buffer (when logged), the non-finite flag.
+        ``monitored``: positions of the kernels (and recurrent kernels) in column order."""
         loss = self._loss.read_value()
         finite = all_finite(loss, grads)
         head = [loss, global_gradient_norm(grads)]
         row = tf.concat(
             [tf.stack(head)]
-            + [layer_gradient_stats(grads[i], w0, variables[i]) for i, w0 in zip(kernel_positions, before)]
+            + [layer_gradient_stats(grads[i], w0, variables[i]) for i, w0 in zip(monitored, before)]
             + ([tf.reshape(global_gradient_norm(self._clipping(grads)), [1])] if self._clipping else []),
             axis=0,
         )

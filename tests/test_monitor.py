@@ -35,11 +35,14 @@ def test_statistics_equal_an_independent_tape_computation_with_weights_fixed():
         loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
     variables = model.trainable_weights
     grads = [g.numpy().astype(np.float64) for g in tape.gradient(loss, variables)]
-    kernels = [(v.numpy().astype(np.float64), g) for v, g in zip(variables, grads) if v.name == "kernel"]
+    by_name = [(v.name, v.numpy().astype(np.float64), g) for v, g in zip(variables, grads)]
+    kernels = [(w, g) for name, w, g in by_name if name == "kernel"]
     assert len(kernels) == 3  # the LSTM's input kernel and two Dense kernels (not recurrent_kernel)
+    # the LSTM's recurrent kernel, under layer_1/recurrent_<stat>, the columns gradtools.fit uses
+    (recurrent,) = [(w, g) for name, w, g in by_name if name == "recurrent_kernel"]
 
     metrics = monitor.metrics
-    assert list(metrics.columns) == metric_columns(3)
+    assert list(metrics.columns) == metric_columns(3, recurrent_layers={1})
     assert metrics["step"].tolist() == [1, 2] and metrics["epoch"].tolist() == [0, 1]
     for _, row in metrics.iterrows():
         assert row["loss"] == pytest.approx(float(loss), rel=1e-5)
@@ -52,6 +55,10 @@ def test_statistics_equal_an_independent_tape_computation_with_weights_fixed():
             assert row[f"layer_{k}/weight_mean"] == pytest.approx(w.mean(), rel=1e-5, abs=1e-8)
             assert row[f"layer_{k}/weight_norm"] == pytest.approx(np.sqrt((w ** 2).sum()), rel=1e-5)
             assert row[f"layer_{k}/update_ratio"] == 0.0
+        w, g = recurrent
+        assert row["layer_1/recurrent_grad_abs_mean"] == pytest.approx(np.abs(g).mean(), rel=1e-5)
+        assert row["layer_1/recurrent_grad_norm"] == pytest.approx(np.sqrt((g ** 2).sum()), rel=1e-5)
+        assert row["layer_1/recurrent_weight_norm"] == pytest.approx(np.sqrt((w ** 2).sum()), rel=1e-5)
 
 
 def test_update_ratio_is_the_applied_sgd_step_and_clipping_is_reported():
@@ -108,6 +115,7 @@ def test_subclassed_model_with_embedding_conv_gru_dropout_and_steps_per_executio
     assert monitor.status == "completed" and monitor.epochs_completed == 2
     assert len(monitor.layer_paths) == 3  # conv, gru and dense kernels; embeddings are not "kernel"
     assert (monitor.metrics["layer_1/grad_norm"] > 0).all()
+    assert (monitor.metrics["layer_2/recurrent_grad_norm"] > 0).all()  # the GRU's recurrent kernel
     written = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert written["step"].tolist() == monitor.metrics["step"].tolist()
 
