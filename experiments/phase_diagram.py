@@ -2,7 +2,10 @@
 
 Each cell is one run of the ``depth_init`` sweep; its colour is log10 of the layer-1 / last
 layer ``grad_abs_mean`` ratio (blue: less gradient reaches layer 1, red: more; white: 1),
-its mark is the diagnosis: V vanishing, E exploding, · healthy, ✕ failed.
+its mark is the diagnosis: V vanishing, E exploding, · healthy, ✕ failed. A third row shows
+the size of the whole gradient at the first step (its global norm), which the ratio cannot:
+in a ReLU net activations and back-propagated errors grow together with the weights' scale,
+so the ratio stays near 1 while the gradient itself grows by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.colors import TwoSlopeNorm
+from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 PHASE_SWEEP = "depth_init"
@@ -38,11 +41,17 @@ def _grid(table: pd.DataFrame, activation: str, column: str) -> tuple[pd.DataFra
     return values, verdicts
 
 
-def _heatmap(ax, values: pd.DataFrame, verdicts: pd.DataFrame | None, norm, title: str):
-    with np.errstate(divide="ignore", invalid="ignore"):  # a ratio of 0 (underflow) is blank
-        logs = np.log10(values.to_numpy(dtype=float))
-    logs = np.where(np.isfinite(logs), logs, np.nan)
-    image = ax.imshow(logs, cmap="RdBu_r", norm=norm, origin="lower", aspect="auto")
+def _log10(values) -> np.ndarray:
+    """log10 of positive finite values; NaN (a blank cell) for 0 (underflow), inf or NaN."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(np.asarray(values, dtype=float))
+    return np.where(np.isfinite(logs), logs, np.nan)
+
+
+def _heatmap(ax, values: pd.DataFrame, verdicts: pd.DataFrame | None, norm, title: str,
+             cmap: str = "RdBu_r"):
+    logs = _log10(values.to_numpy(dtype=float))
+    image = ax.imshow(logs, cmap=cmap, norm=norm, origin="lower", aspect="auto")
     ax.set_xticks(range(values.shape[1]), [f"{s:g}" for s in values.columns])
     ax.set_yticks(range(values.shape[0]), [str(int(d)) for d in values.index])
     ax.set_xlabel("initializer scale (Var(w) = scale / fan_in)")
@@ -71,33 +80,45 @@ def _mark_article_net(ax, activation: str, values: pd.DataFrame) -> None:
 
 
 def plot_phase_diagram(table: pd.DataFrame) -> Figure:
-    """Top row: the ratio at the first step (initialization); bottom row: over the last
-    epoch, with the run's diagnosis on each cell. Right column: the sigmoid ratio at the
-    first step against depth, one line per scale, beside the bound 4^−depth (seed 002: the
-    sigmoid's slope is at most 1/4, so with small weights each layer shrinks the gradient
-    at least 4×)."""
+    """Top row: the ratio at the first step (initialization); middle row: over the last
+    epoch, with the run's diagnosis on each cell; bottom row: log10 of the global gradient
+    norm at the first step. Right column: the sigmoid ratio at the first step against depth,
+    one line per scale, beside the bound 4^−depth (seed 002: the sigmoid's slope is at most
+    1/4, so with small weights each layer shrinks the gradient at least 4×); the verdicts
+    counted; the last activation's gradient size against depth, one line per scale."""
     activations = [a for a in ("sigmoid", "tanh", "relu") if a in set(table[ACTIVATION])]
-    ratios = table[["ratio_first_step", "ratio_last_epoch"]].to_numpy(dtype=float)
-    logs = np.log10(ratios[np.isfinite(ratios) & (ratios > 0)])
+    logs = _log10(table[["ratio_first_step", "ratio_last_epoch"]].to_numpy(dtype=float))
+    logs = logs[np.isfinite(logs)]
     # capped: one deep sigmoid corner reaches 1e-17 and would wash out every other contrast
     reach = min(COLOUR_DECADES, max(1.0, float(np.abs(logs).max()))) if logs.size else 1.0
     norm = TwoSlopeNorm(vcenter=0.0, vmin=-reach, vmax=reach)
-    fig = Figure(figsize=(5.2 * len(activations) + 5, 9), layout="constrained")
-    axes = fig.subplots(2, len(activations) + 1, squeeze=False)
-    image = None
+    sizes = _log10(table["grad_norm_first_step"]) if "grad_norm_first_step" in table else np.array([])
+    sizes = sizes[np.isfinite(sizes)]
+    size_norm = Normalize(*(np.floor(sizes.min()), np.ceil(sizes.max())) if sizes.size else (0, 1))
+    fig = Figure(figsize=(5.2 * len(activations) + 5, 13), layout="constrained")
+    axes = fig.subplots(3, len(activations) + 1, squeeze=False)
+    ratio_image = size_image = None
     for column, activation in enumerate(activations):
         first, _ = _grid(table, activation, "ratio_first_step")
         trained, verdicts = _grid(table, activation, "ratio_last_epoch")
-        image = _heatmap(axes[0, column], first, None, norm, f"{activation}: at the first step")
+        ratio_image = _heatmap(axes[0, column], first, None, norm, f"{activation}: at the first step")
         _heatmap(axes[1, column], trained, verdicts, norm,
                  f"{activation}: last epoch (V vanishing, E exploding, · healthy)")
-        for row in (0, 1):
+        if sizes.size:
+            size, _ = _grid(table, activation, "grad_norm_first_step")
+            size_image = _heatmap(axes[2, column], size, None, size_norm,
+                                  f"{activation}: gradient size at the first step", cmap="viridis")
+        for row in (0, 1, 2):
             _mark_article_net(axes[row, column], activation, first)
-    if image is not None:
-        fig.colorbar(image, ax=axes[:, : len(activations)], shrink=0.6, extend="both",
+    if ratio_image is not None:
+        fig.colorbar(ratio_image, ax=axes[:2, : len(activations)], shrink=0.6, extend="both",
                      label=f"log10(layer-1 / last-layer grad_abs_mean), clipped at ±{reach:g}")
+    if size_image is not None:
+        fig.colorbar(size_image, ax=axes[2, : len(activations)], shrink=0.9,
+                     label="log10(global gradient norm) at the first step")
     _plot_sigmoid_bound(axes[0, -1], table)
     _plot_verdict_counts(axes[1, -1], table, activations)
+    _plot_gradient_size(axes[2, -1], table, activations[-1] if activations else "relu")
     fig.suptitle("Gradient phase diagram: where gradients vanish or explode")
     return fig
 
@@ -114,6 +135,22 @@ def _plot_sigmoid_bound(ax, table: pd.DataFrame) -> None:
     ax.set_xlabel("hidden layers")
     ax.set_ylabel("layer-1 / last grad_abs_mean at the first step")
     ax.set_title("sigmoid, small weights, vs 4^−depth", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _plot_gradient_size(ax, table: pd.DataFrame, activation: str) -> None:
+    if "grad_norm_first_step" not in table:
+        ax.set_axis_off()
+        return
+    rows = table[table[ACTIVATION] == activation]
+    for index, (scale, group) in enumerate(rows.groupby(SCALE)):
+        group = group.sort_values(DEPTH)
+        ax.plot(group[DEPTH], group["grad_norm_first_step"], marker="o", color=f"C{index}",
+                label=f"scale {scale:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("hidden layers")
+    ax.set_ylabel("global gradient norm at the first step")
+    ax.set_title(f"{activation}: gradient size against depth", fontsize=10)
     ax.legend(fontsize=8)
 
 

@@ -74,8 +74,8 @@ def phase_section(table: pd.DataFrame | None) -> str:
 sweep (configs/sweeps/depth_init.toml): {html.escape(shown)}.</p>
 <figure><img alt="phase diagram" src="{_data_uri(_figure_png(plot_phase_diagram(table)))}">
 <figcaption>log10 of the layer-1 / last-layer gradient magnitude ratio per depth and
-initializer scale; top at the first step, bottom over the last epoch with each run's
-diagnosis</figcaption></figure>"""
+initializer scale, at the first step (top) and over the last epoch with each run's diagnosis
+(middle); the size of the whole gradient at the first step (bottom)</figcaption></figure>"""
 
 
 def write_report(runs: dict[int, dict[str, Run]], directory: Path,

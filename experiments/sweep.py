@@ -50,8 +50,8 @@ EXECUTORS = ("local", "ray")
 #: How a point can end: as a run (completed, diverged) or not (failed: bad value or error).
 DONE = ("completed", "diverged")
 RESULT_COLUMNS = ("status", "verdict", "first_nonfinite_step", "ratio_first_step",
-                  "ratio_first_epoch", "ratio_last_epoch", "ratio", "last_epoch_loss",
-                  "epochs_completed", "wall_seconds", "error")
+                  "ratio_first_epoch", "ratio_last_epoch", "ratio", "grad_norm_first_step",
+                  "last_epoch_loss", "epochs_completed", "wall_seconds", "error")
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,9 @@ def _ratio(metrics: pd.DataFrame, rows) -> float:
 
 
 def summarize_point(history) -> dict[str, Any]:
-    """The sweep.csv numbers of one run: how it ended, its diagnosis, and the layer-1/last
-    ``grad_abs_mean`` ratio at the first step, over the first and last epochs and the run."""
+    """The sweep.csv numbers of one run: how it ended, its diagnosis, the layer-1/last
+    ``grad_abs_mean`` ratio at the first step, over the first and last epochs and the run,
+    and the size of the whole gradient (global norm) at the first step."""
     from gradtools.diagnosis import diagnose
 
     metrics = history.metrics
@@ -180,6 +181,7 @@ def summarize_point(history) -> dict[str, Any]:
         ratio_first_epoch=_ratio(metrics, metrics[metrics["epoch"] == first_epoch]),
         ratio_last_epoch=_ratio(metrics, metrics[metrics["epoch"] == last_epoch]),
         ratio=_ratio(metrics, metrics),
+        grad_norm_first_step=float(metrics["grad_global_norm"].iloc[0]),
         last_epoch_loss=float(epochs["loss"].mean().iloc[-1]),
     )
     return row
@@ -202,7 +204,18 @@ class SweepDirectory:
         self.rows: dict[str, dict[str, Any]] = {}
         if self.table_path.is_file():
             for record in pd.read_csv(self.table_path, keep_default_na=False).to_dict("records"):
-                self.rows[record["point"]] = record
+                self.rows[record["point"]] = self._with_new_columns(record)
+
+    def _with_new_columns(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A finished point from a sweep.csv written before a result column existed gets it
+        from its run directory (nothing is trained again)."""
+        run_dir = self.points_dir / str(record["point"])
+        missing = set(RESULT_COLUMNS) - set(record) - {"error"}
+        if missing and record.get("status") in DONE and (run_dir / "run.json").is_file():
+            from gradtools.history import History
+
+            record = {**record, **summarize_point(History.from_run_dir(run_dir))}
+        return record
 
     def is_done(self, point: Point) -> bool:
         row = self.rows.get(point.id)

@@ -32,7 +32,8 @@ model.activation = ["sigmoid", "relu"]
 model.depth = [1, 4]
 model.kernel_initializer.config.scale = [0.3, 3.0]
 """
-NUMBERS = ["ratio_first_step", "ratio_first_epoch", "ratio_last_epoch", "ratio", "last_epoch_loss"]
+NUMBERS = ["ratio_first_step", "ratio_first_epoch", "ratio_last_epoch", "ratio", "grad_norm_first_step",
+           "last_epoch_loss"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,11 @@ def test_both_executors_give_identical_numbers(tiny):
     # the numbers say something: deep sigmoid with small weights vanishes, shallow does not
     table = local.table.set_index(keys[1:])
     assert table.loc[("sigmoid", 4, 0.3), "ratio_first_step"] < 0.1 * table.loc[("sigmoid", 1, 0.3), "ratio_first_step"]
+    # in the 4-layer ReLU net the ratio stays within a decade of 1 at both scales while the
+    # gradient itself grows with the weights (measured: 0.33 -> 7.8, ratio 1.6 and 0.47)
+    relu_small, relu_large = table.loc[("relu", 4, 0.3)], table.loc[("relu", 4, 3.0)]
+    assert relu_large["grad_norm_first_step"] > 10 * relu_small["grad_norm_first_step"]
+    assert all(0.1 < r["ratio_first_step"] < 10 for r in (relu_small, relu_large))
 
 
 def test_every_point_is_an_ordinary_run_directory(tiny):
@@ -80,6 +86,9 @@ def test_a_second_run_resumes_and_a_bad_grid_value_fails_only_its_points(tiny, t
     root, path, local, _ = tiny
     out = tmp_path / "resume"
     shutil.copytree(root / "local", out)
+    # a sweep.csv written before grad_norm_first_step existed: it is filled in from the run directories
+    old_table = out / "sweeps/tiny/sweep.csv"
+    pd.read_csv(old_table).drop(columns=["grad_norm_first_step"]).to_csv(old_table, index=False)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "sweeps/tiny/points").glob("*/metrics.csv")}
     path2 = tmp_path / "tiny.toml"
     path2.write_text(TINY.replace('["sigmoid", "relu"]', '["sigmoid", "relu", "sigmoidd"]'))
@@ -120,6 +129,7 @@ def test_phase_diagram_figure_from_the_table(tiny, tmp_path):
     figure = plot_phase_diagram(local.table)
     titles = [ax.get_title() for ax in figure.axes]
     assert "sigmoid: at the first step" in titles and "relu: last epoch (V vanishing, E exploding, · healthy)" in titles
+    assert "relu: gradient size at the first step" in titles
     assert any("4^−depth" in t for t in titles)
     html = phase_section(local.table)  # the report's section embeds the figure
     assert '<img alt="phase diagram" src="data:image/png;base64,' in html and "8 runs" in html
