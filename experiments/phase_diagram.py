@@ -123,16 +123,20 @@ def plot_phase_diagram(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def _plot_sigmoid_bound(ax, table: pd.DataFrame) -> None:
-    rows = table[(table[ACTIVATION] == "sigmoid") & (table[SCALE] <= 1.0)]
+def _lines_per_scale(ax, rows: pd.DataFrame, column: str, label: str) -> None:
+    """``column`` against depth on a log scale, one line per initializer scale."""
     for index, (scale, group) in enumerate(rows.groupby(SCALE)):
         group = group.sort_values(DEPTH)
-        ax.plot(group[DEPTH], group["ratio_first_step"], marker="o", color=f"C{index}",
-                label=f"sigmoid, scale {scale:g}")
-    depths = np.sort(table[DEPTH].unique())
-    ax.plot(depths, 4.0 ** -depths, color="black", linestyle="--", label="4^−depth (seed 002)")
+        ax.plot(group[DEPTH], group[column], marker="o", color=f"C{index}", label=f"{label}{scale:g}")
     ax.set_yscale("log")
     ax.set_xlabel("hidden layers")
+
+
+def _plot_sigmoid_bound(ax, table: pd.DataFrame) -> None:
+    rows = table[(table[ACTIVATION] == "sigmoid") & (table[SCALE] <= 1.0)]
+    _lines_per_scale(ax, rows, "ratio_first_step", "sigmoid, scale ")
+    depths = np.sort(table[DEPTH].unique())
+    ax.plot(depths, 4.0 ** -depths, color="black", linestyle="--", label="4^−depth (seed 002)")
     ax.set_ylabel("layer-1 / last grad_abs_mean at the first step")
     ax.set_title("sigmoid, small weights, vs 4^−depth", fontsize=10)
     ax.legend(fontsize=8)
@@ -142,13 +146,7 @@ def _plot_gradient_size(ax, table: pd.DataFrame, activation: str) -> None:
     if "grad_norm_first_step" not in table:
         ax.set_axis_off()
         return
-    rows = table[table[ACTIVATION] == activation]
-    for index, (scale, group) in enumerate(rows.groupby(SCALE)):
-        group = group.sort_values(DEPTH)
-        ax.plot(group[DEPTH], group["grad_norm_first_step"], marker="o", color=f"C{index}",
-                label=f"scale {scale:g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("hidden layers")
+    _lines_per_scale(ax, table[table[ACTIVATION] == activation], "grad_norm_first_step", "scale ")
     ax.set_ylabel("global gradient norm at the first step")
     ax.set_title(f"{activation}: gradient size against depth", fontsize=10)
     ax.legend(fontsize=8)

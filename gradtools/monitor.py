@@ -26,7 +26,7 @@ from gradtools.stats import (
     layer_gradient_stats,
     metric_columns,
 )
-from gradtools.training import recurrent_kernel_positions
+from gradtools.training import recurrent_kernel_positions, statistics_order
 
 _DEFAULT_CAPACITY = 4096
 
@@ -114,10 +114,7 @@ class GradientMonitor(keras.callbacks.Callback):
             kernel_positions = [i for i, v in enumerate(targets) if v.name == "kernel"]
             recurrent = recurrent_kernel_positions(targets, [targets[i] for i in kernel_positions])
             monitor._prepare_buffers([targets[i].path for i in kernel_positions], recurrent)
-            # a recurrent layer's recurrent kernel right after its kernel, as in the columns
-            monitored = []
-            for k, i in enumerate(kernel_positions, start=1):
-                monitored += [i, recurrent[k]] if k in recurrent else [i]
+            monitored = statistics_order(kernel_positions, recurrent)
             step = tf.cast(optimizer.iterations, tf.int64) + 1
             before = [tf.identity(targets[i]) for i in monitored]
             result = original_apply(grads, trainable_variables)

@@ -74,6 +74,15 @@ def recurrent_kernel_positions(variables, kernels) -> dict[int, int]:
             for k, kernel in enumerate(kernels, start=1) if _parent(kernel.path) in by_parent}
 
 
+def statistics_order(kernel_positions, recurrent_positions) -> list[int]:
+    """Positions of the variables whose statistics make a row, in column order: each kernel,
+    then its layer's recurrent kernel if it has one (see ``stats.layer_columns``)."""
+    ordered = []
+    for k, i in enumerate(kernel_positions, start=1):
+        ordered += [i, recurrent_positions[k]] if k in recurrent_positions else [i]
+    return ordered
+
+
 def _traced_layer_numbers(traced, kernels) -> list[int]:
     paths = [kernel.path for kernel in kernels]
     return [paths.index(layer.inner_cell.kernel.path) + 1 for layer in traced]
@@ -165,6 +174,7 @@ def fit(
         )
     kernel_positions = [i for i, v in enumerate(variables) if v.name == "kernel"]
     recurrent_positions = recurrent_kernel_positions(variables, kernels)
+    monitored = statistics_order(kernel_positions, recurrent_positions)
     traced = through_time.traced_layers(model)
     traced_numbers = _traced_layer_numbers(traced, kernels)
     optimizer.build(variables)
@@ -190,7 +200,6 @@ def fit(
         gradients = tape.gradient(loss_value, variables + probes)
         gradients, probe_gradients = gradients[: len(variables)], gradients[len(variables):]
         state_norms = [through_time.state_gradient_norms(g) for g in probe_gradients]
-        monitored = kernel_positions + list(recurrent_positions.values())
         before = {i: tf.identity(variables[i]) for i in monitored}
         applied = gradients
         if clip_value is not None:
@@ -198,12 +207,7 @@ def fit(
         if clip_global_norm is not None:
             applied = clip_by_global_norm(applied, clip_global_norm)
         optimizer.apply(applied, variables)
-        layer_rows = []
-        for k, i in enumerate(kernel_positions, start=1):
-            layer_rows.append(layer_gradient_stats(gradients[i], before[i], variables[i]))
-            if k in recurrent_positions:
-                r = recurrent_positions[k]
-                layer_rows.append(layer_gradient_stats(gradients[r], before[r], variables[r]))
+        layer_rows = [layer_gradient_stats(gradients[i], before[i], variables[i]) for i in monitored]
         head = tf.stack([tf.cast(loss_value, tf.float32), global_gradient_norm(gradients)])
         clipped = [tf.reshape(global_gradient_norm(applied), [1])] if clips else []
         row = tf.concat([head] + layer_rows + clipped, axis=0)
