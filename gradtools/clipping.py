@@ -2,7 +2,7 @@
 starting threshold.
 
 Each function takes the gradients of one step (``None`` entries pass through) and returns
-the clipped list. ``suggest_clip_norm`` turns the sources' advice (seed 004: train a few
+the clipped list. ``suggest_clip_norm`` turns a common piece of advice (train a few
 iterations and take the mean of the observed gradient norms as a first value) into numbers.
 """
 
@@ -17,10 +17,13 @@ import tensorflow as tf
 from gradtools.stats import global_gradient_norm
 
 
-def clip_by_value(gradients, clip_value: float):
-    """gᵢ ← min(max(gᵢ, −c), c) for every entry of every tensor (Keras's ``clipvalue``)."""
+def clip_by_value(gradients, clip_value: float, scale=1.0):
+    """gᵢ ← min(max(gᵢ, −c), c) for every entry of every tensor (Keras's ``clipvalue``).
+    With a loss ``scale`` s (mixed precision), gradients of s·loss are clipped at s·c."""
     _require_positive("clip_value", clip_value)
-    return [None if g is None else tf.clip_by_value(g, -clip_value, clip_value) for g in gradients]
+    threshold = clip_value * scale
+    return [None if g is None else tf.clip_by_value(g, -tf.cast(threshold, g.dtype), tf.cast(threshold, g.dtype))
+            for g in gradients]
 
 
 def clip_by_norm(gradients, clip_norm: float):
@@ -29,14 +32,18 @@ def clip_by_norm(gradients, clip_norm: float):
     return [None if g is None else tf.clip_by_norm(g, clip_norm) for g in gradients]
 
 
-def clip_by_global_norm(gradients, clip_norm: float):
+def clip_by_global_norm(gradients, clip_norm: float, scale=1.0):
     """All tensors together: if ‖g‖₂ ≥ c (g the concatenation of every gradient) then every
     tensor is scaled by c/‖g‖₂, which keeps the update's direction (Keras's
-    ``global_clipnorm``; Pascanu et al. 2013)."""
+    ``global_clipnorm``; Pascanu et al. 2013). With a loss ``scale`` s (mixed precision),
+    gradients of s·loss are clipped at s·c.
+
+    Unlike ``tf.clip_by_global_norm``, which turns every gradient into NaN when ‖g‖₂
+    overflows float32, an overflowing norm scales the step to zero."""
     _require_positive("clip_norm", clip_norm)
-    norm = global_gradient_norm(gradients)
-    scale = clip_norm / tf.maximum(norm, clip_norm)
-    return [None if g is None else g * tf.cast(scale, g.dtype) for g in gradients]
+    threshold = tf.cast(clip_norm * scale, tf.float32)
+    factor = threshold / tf.maximum(global_gradient_norm(gradients), threshold)
+    return [None if g is None else g * tf.cast(factor, g.dtype) for g in gradients]
 
 
 def _require_positive(name: str, value) -> None:

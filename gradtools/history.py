@@ -21,7 +21,8 @@ class History:
 
     ``metrics`` has one row per logged step with the columns of
     :func:`gradtools.stats.metric_columns`; ``layer_paths`` names the kernel variable behind
-    each numbered layer (``layer_paths[0]`` is ``layer_1``).
+    each numbered layer (``layer_paths[0]`` is ``layer_1``) and ``layer_blocks`` the block
+    (top-level layer) it belongs to, which says how deep it sits (:mod:`gradtools.layers`).
     """
 
     metrics: pd.DataFrame
@@ -30,9 +31,12 @@ class History:
     epochs_completed: int = 0
     wall_seconds: float = 0.0
     layer_paths: list[str] = field(default_factory=list)
+    #: The block of each numbered layer; empty when unknown (each layer is then its own block).
+    layer_blocks: list[str] = field(default_factory=list)
     #: Per-epoch gradients through time of :class:`gradtools.through_time.TracedRNN` layers:
     #: ``epoch``, ``layer_k/recurrent_spectral_radius`` (at the epoch's start) and
-    #: ``layer_k/state_grad_norm/t<t>`` (mean of the finite ‖∂L/∂h_t‖ over the epoch's steps); else None.
+    #: ``layer_k/state_grad_norm/t<t>`` (mean of the finite ‖∂L/∂h_t‖ over the epoch's steps)
+    #: and ``layer_k/bptt_steps`` (how far back the gradient may flow); else None.
     state_gradients: pd.DataFrame | None = None
 
     @property
@@ -58,5 +62,6 @@ class History:
             epochs_completed=info.get("epochs_completed", 0),
             wall_seconds=info.get("wall_seconds", 0.0),
             layer_paths=info.get("layer_paths", []),
+            layer_blocks=info.get("layer_blocks") or [],
             state_gradients=pd.read_csv(state_file) if state_file.is_file() else None,
         )

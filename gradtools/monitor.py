@@ -8,31 +8,39 @@ How: for the duration of ``fit`` it wraps two methods on the instances (restored
 ``train_step`` calls with the tape's gradients before the optimizer clips them. Inside the
 compiled train function each step's row goes into a buffer variable; the callback reads the
 buffer once per epoch (or when it is about to fill), so nothing but that table leaves the graph.
+
+- Mixed precision: under a ``LossScaleOptimizer`` (``mixed_float16``) the gradients Keras
+  passes are those of the scaled loss; they are divided by the scale before any statistic, and
+  a step the loss scaler skips (its gradients overflowed float16) is recorded with
+  ``skipped = 1`` and the ``loss_scale``, not as a divergence.
+- Distribution strategies: each replica's gradients and loss are summed across replicas
+  (Keras scales each replica's loss by 1/replicas), so the statistics are those of the
+  global batch, as on one device.
+- :class:`gradtools.through_time.TracedRNN` layers get ‖∂L/∂h_t‖ per epoch, as in ``fit``.
 """
 
 from __future__ import annotations
+
+import threading
 
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.history import History
-from gradtools.stats import (
-    CLIPPED_COLUMN,
-    all_finite,
-    global_gradient_norm,
-    layer_gradient_stats,
-    metric_columns,
-)
-from gradtools.training import recurrent_kernel_positions, statistics_order
+from gradtools.layers import layer_blocks, layer_layout
+from gradtools.stats import all_finite, metric_columns, statistics_row
 
 _DEFAULT_CAPACITY = 4096
 
 
 def _optimizer_clipping(optimizer):
-    """The optimizer's own clipping as a function of the gradients, or None."""
+    """The optimizer's own clipping as a function of the (unscaled) gradients, or None."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
     if getattr(optimizer, "clipnorm", None):
         return lambda g: clip_by_norm(g, optimizer.clipnorm)
     if getattr(optimizer, "global_clipnorm", None):
@@ -42,6 +50,95 @@ def _optimizer_clipping(optimizer):
     return None
 
 
+def _loss_scale(optimizer):
+    """The scale a LossScaleOptimizer multiplied this step's loss by (read before ``apply``,
+    which may change it). While unbuilt (the first trace) it scaled by its initial value."""
+    if not optimizer.built:
+        return tf.constant(float(optimizer.initial_scale))
+    return tf.identity(optimizer.dynamic_scale.value)  # read now, before apply changes it
+
+
+def _summed_over_replicas(values):
+    """Inside a multi-replica step: the sum over replicas of each tensor (None kept)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return values
+    present = [i for i, v in enumerate(values) if v is not None]
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in present])
+    result = list(values)
+    for i, value in zip(present, summed):
+        result[i] = value
+    return result
+
+
+def _is_first_replica() -> bool:
+    """True on one device, and on the first replica of a strategy (traced once per replica)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return True
+    replica = tf.get_static_value(context.replica_id_in_sync_group)
+    if replica is None:
+        raise NotImplementedError("GradientMonitor needs a strategy whose replica id is known "
+                                  "while tracing (MirroredStrategy, OneDeviceStrategy)")
+    return int(replica) == 0
+
+
+class _StepBuffer:
+    """In-graph table of logged rows: written by the train function, read once per epoch."""
+
+    def __init__(self, capacity: int, n_values: int, n_traced_steps: list[int]):
+        self.capacity = capacity
+        with tf.init_scope():
+            self.rows = tf.Variable(tf.zeros([capacity, n_values]), trainable=False)
+            self.steps = tf.Variable(tf.zeros([capacity], tf.int64), trainable=False)
+            self.finite = tf.Variable(tf.zeros([capacity], tf.bool), trainable=False)
+            self.count = tf.Variable(0, dtype=tf.int32, trainable=False)
+            # Train steps so far: the optimizer's iterations skip the steps a loss scaler skips.
+            self.train_steps = tf.Variable(0, dtype=tf.int64, trainable=False)
+            self.nonfinite_seen = tf.Variable(False, trainable=False)
+            self.state_sums = [tf.Variable(tf.zeros([t]), trainable=False) for t in n_traced_steps]
+            self.state_counts = [tf.Variable(tf.zeros([t]), trainable=False) for t in n_traced_steps]
+
+    def write(self, row, finite, log_every: int, state_norms) -> None:
+        """One train step: its row when it is logged (every ``log_every``-th step from the
+        first, and every non-finite one), the non-finite flag, the state-gradient sums."""
+        step = self.train_steps.assign_add(1)
+        log_now = tf.logical_or(tf.equal((step - 1) % log_every, 0), tf.logical_not(finite))
+        index = tf.minimum(self.count, self.capacity - 1)
+
+        def write_row():
+            self.rows[index].assign(row)
+            self.steps[index].assign(step)
+            self.finite[index].assign(finite)
+            self.count.assign_add(1)
+            return tf.constant(True)
+
+        tf.cond(log_now, write_row, lambda: tf.constant(False))
+        self.nonfinite_seen.assign(tf.logical_or(self.nonfinite_seen, tf.logical_not(finite)))
+        for sums, counts, norms in zip(self.state_sums, self.state_counts, state_norms):
+            ok = tf.math.is_finite(norms)
+            sums.assign_add(tf.where(ok, norms, 0.0))
+            counts.assign_add(tf.cast(ok, tf.float32))
+
+    def take_rows(self):
+        """(values, steps, finite flags) written since the last call."""
+        count = int(self.count.numpy())
+        self.count.assign(0)
+        if count > self.capacity:
+            raise RuntimeError("GradientMonitor's buffer overflowed; this is a bug, please report it")
+        return self.rows.numpy()[:count], self.steps.numpy()[:count], self.finite.numpy()[:count]
+
+    def take_state_means(self) -> list[np.ndarray]:
+        """The epoch's mean ‖∂L/∂h_t‖ of each traced layer (NaN where no finite value came)."""
+        means = []
+        for sums, counts in zip(self.state_sums, self.state_counts):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means.append(sums.numpy() / counts.numpy())
+            sums.assign(tf.zeros_like(sums))
+            counts.assign(tf.zeros_like(counts))
+        return means
+
+
 class GradientMonitor(keras.callbacks.Callback):
     """Records gradient statistics of every ``log_every``-th step of ``model.fit``.
 
@@ -49,11 +146,13 @@ class GradientMonitor(keras.callbacks.Callback):
     ``epoch``, ``batch``, ``loss``, ``grad_global_norm``, ``layer_k/…``, and
     ``layer_k/recurrent_…`` for the recurrent kernel of an RNN layer), plus
     ``grad_global_norm_clipped`` when the optimizer clips (``clipnorm``, ``clipvalue`` or
-    ``global_clipnorm``). ``loss`` is the batch loss ``fit`` differentiates (regularization
-    included). ``status`` and ``first_nonfinite_step`` are as in ``gradtools.fit``; with
-    ``stop_on_nonfinite`` training stops after the first non-finite loss or gradient (like
-    ``keras.callbacks.TerminateOnNaN``, but recorded). ``loggers`` get every row, like
-    ``gradtools.fit``'s (e.g. a ``LocalRunLogger`` writes a run directory).
+    ``global_clipnorm``) and ``loss_scale``, ``skipped`` under mixed precision. ``loss`` is
+    the batch loss ``fit`` differentiates (regularization included). ``status`` and
+    ``first_nonfinite_step`` are as in ``gradtools.fit``; with ``stop_on_nonfinite``
+    training stops after the first non-finite loss or gradient (like
+    ``keras.callbacks.TerminateOnNaN``, but recorded; a step the loss scaler skips does not
+    count). ``loggers`` get every row, like ``gradtools.fit``'s (e.g. a ``LocalRunLogger``
+    writes a run directory). ``history()`` gives what ``gradtools.diagnose`` reads.
     """
 
     def __init__(self, log_every: int = 1, loggers=(), stop_on_nonfinite: bool = False):
@@ -67,126 +166,123 @@ class GradientMonitor(keras.callbacks.Callback):
         self.first_nonfinite_step: int | None = None
         self.epochs_completed = 0
         self.layer_paths: list[str] = []
+        self.layer_blocks: list[str] = []
+        self._columns: list[str] = []
         self._frames: list[pd.DataFrame] = []
+        self._state_rows: list[dict[str, float]] = []
         self._restore = []
+        self._buffer: _StepBuffer | None = None
+        self._traced = []
+        # The step's loss tensor, from compute_loss to apply: per thread, since a strategy
+        # traces each replica's step in a thread of its own.
+        self._step = threading.local()
 
     @property
     def metrics(self) -> pd.DataFrame:
         if not self._frames:
-            return pd.DataFrame(columns=self._columns if hasattr(self, "_columns") else [])
+            return pd.DataFrame(columns=self._columns)
         return pd.concat(self._frames, ignore_index=True)
 
     def history(self) -> History:
         return History(metrics=self.metrics, status=self.status,
                        first_nonfinite_step=self.first_nonfinite_step,
-                       epochs_completed=self.epochs_completed, layer_paths=self.layer_paths)
+                       epochs_completed=self.epochs_completed, layer_paths=self.layer_paths,
+                       layer_blocks=self.layer_blocks,
+                       state_gradients=pd.DataFrame(self._state_rows) if self._traced else None)
 
     # --- installing the probes --------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
         model, optimizer = self.model, self.model.optimizer
-        self._buffers_ready = False
+        self._buffer = None
+        self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self._clipping = _optimizer_clipping(optimizer)
+        self._traced = through_time.traced_layers(model)
         self._steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         # Room for an epoch (read at its end) or, when its length is unknown, a flush before full.
         self._capacity = (self.params.get("steps") or _DEFAULT_CAPACITY) + self._steps_per_call
         self._pending_steps = 0
-        self._first_step_of_epoch = int(optimizer.iterations.numpy()) + 1
-        with tf.init_scope():
-            self._loss = tf.Variable(float("nan"), trainable=False)
-            self._nonfinite = tf.Variable(False, trainable=False)
-        monitor = self
+        self._epoch = 0
+        self._first_step_of_epoch = 1
+        if model.built and model.trainable_weights:
+            self._prepare(list(model.trainable_weights))
+        self._install(model, optimizer)
+        model.make_train_function(force=True)  # trace again, with the probes
 
+    def _install(self, model, optimizer) -> None:
+        monitor = self
         original_compute_loss = model.compute_loss
+        original_apply = optimizer.apply
 
         def compute_loss(*args, **kwargs):
             loss = original_compute_loss(*args, **kwargs)
-            monitor._loss.assign(tf.cast(loss, tf.float32))
+            monitor._step.loss = tf.cast(loss, tf.float32)
             return loss
-
-        original_apply = optimizer.apply
 
         def apply(grads, trainable_variables=None):
             grads = list(grads)
             targets = list(trainable_variables if trainable_variables is not None
                            else optimizer._trainable_variables)
-            # Subclassed models are built by their first step: set up when the step is traced.
-            kernel_positions = [i for i, v in enumerate(targets) if v.name == "kernel"]
-            recurrent = recurrent_kernel_positions(targets, [targets[i] for i in kernel_positions])
-            monitor._prepare_buffers([targets[i].path for i in kernel_positions], recurrent)
-            monitored = statistics_order(kernel_positions, recurrent)
-            step = tf.cast(optimizer.iterations, tf.int64) + 1
+            monitor._prepare(targets)  # subclassed models are built by their first step
+            monitored = monitor._layout.monitored
+            scale = _loss_scale(optimizer) if monitor._loss_scaled else None
             before = [tf.identity(targets[i]) for i in monitored]
             result = original_apply(grads, trainable_variables)
-            monitor._record(step, grads, targets, monitored, before)
+            monitor._record(grads, scale, [targets[i] for i in monitored], before)
             return result
 
         model.compute_loss = compute_loss
         optimizer.apply = apply
         self._restore = [(model, "compute_loss"), (optimizer, "apply")]
-        model.make_train_function(force=True)  # trace again, with the probes
 
-    def _prepare_buffers(self, layer_paths: list[str], recurrent_layers=()) -> None:
-        """Create the buffer variables (once, eagerly, even when called while tracing)."""
-        if self._buffers_ready:
+    def _prepare(self, variables) -> None:
+        """The layout of the numbered layers and the buffer (once, eagerly, even when called
+        while the train function is traced)."""
+        if self._buffer is not None:
             return
-        if not layer_paths:
-            raise ValueError("GradientMonitor: the model has no trainable variable named 'kernel' "
-                             "(Dense, Conv, RNN layers have one); layers are numbered by kernels")
-        self.layer_paths = layer_paths
-        self._columns = (metric_columns(len(layer_paths), recurrent_layers)
-                         + ([CLIPPED_COLUMN] if self._clipping else []))
-        n_values = len(self._columns) - 3
-        with tf.init_scope():
-            self._rows = tf.Variable(tf.zeros([self._capacity, n_values]), trainable=False)
-            self._row_steps = tf.Variable(tf.zeros([self._capacity], tf.int64), trainable=False)
-            self._row_finite = tf.Variable(tf.zeros([self._capacity], tf.bool), trainable=False)
-            self._count = tf.Variable(0, dtype=tf.int32, trainable=False)
-        self._buffers_ready = True
+        self._layout = layer_layout(variables)
+        self.layer_paths = list(self._layout.paths)
+        self.layer_blocks = layer_blocks(self.model, self.layer_paths)
+        self._columns = metric_columns(len(self.layer_paths), self._layout.recurrent_layers,
+                                       clipped=self._clipping is not None,
+                                       loss_scaled=self._loss_scaled)
+        self._traced_numbers = [self.layer_paths.index(layer.inner_cell.kernel.path) + 1
+                                for layer in self._traced]
+        self._buffer = _StepBuffer(self._capacity, len(self._columns) - 3,
+                                   [layer.time_steps for layer in self._traced])
         for logger in self.loggers:
             logger.start(epochs=self.params.get("epochs") or 0,
-                         steps_per_epoch=self.params.get("steps") or 0, layer_paths=layer_paths)
+                         steps_per_epoch=self.params.get("steps") or 0,
+                         layer_paths=self.layer_paths, layer_blocks=self.layer_blocks)
 
-    def _record(self, step, grads, variables, monitored, before):
-        """In-graph: the step's row into the buffer (when logged), the non-finite flag.
-        ``monitored``: positions of the kernels (and recurrent kernels) in column order."""
-        loss = self._loss.read_value()
-        finite = all_finite(loss, grads)
-        head = [loss, global_gradient_norm(grads)]
-        row = tf.concat(
-            [tf.stack(head)]
-            + [layer_gradient_stats(grads[i], w0, variables[i]) for i, w0 in zip(monitored, before)]
-            + ([tf.reshape(global_gradient_norm(self._clipping(grads)), [1])] if self._clipping else []),
-            axis=0,
-        )
-        log_now = tf.logical_or(tf.equal((step - 1) % self.log_every, 0), tf.logical_not(finite))
-        index = tf.minimum(self._count, self._capacity - 1)
-
-        def write():
-            self._rows[index].assign(row)
-            self._row_steps[index].assign(step)
-            self._row_finite[index].assign(finite)
-            self._count.assign_add(1)
-            return tf.constant(True)
-
-        tf.cond(log_now, write, lambda: tf.constant(False))
-        self._nonfinite.assign(tf.logical_or(self._nonfinite, tf.logical_not(finite)))
+    def _record(self, grads, scale, weights_after, weights_before):
+        """In-graph: the step's row into the buffer (when logged), the non-finite flag and
+        the gradients through time."""
+        loss, *grads = _summed_over_replicas([self._step.loss, *grads])
+        state_norms = [layer.state_gradient_norms.value() for layer in self._traced]
+        if scale is not None:
+            grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
+            state_norms = [norms / scale for norms in state_norms]
+        finite_gradients = all_finite(loss, grads)
+        row = statistics_row(
+            loss, grads, self._layout.monitored, weights_before, weights_after,
+            clipped_gradients=self._clipping(grads) if self._clipping else None,
+            loss_scale=scale, skipped=tf.logical_not(finite_gradients) if scale is not None else None)
+        # A step the loss scaler skips (float16 overflow) is not a divergence; a non-finite loss is.
+        finite = (tf.reduce_all(tf.math.is_finite(loss)) if scale is not None
+                  else finite_gradients)
+        if _is_first_replica():  # the others hold the same sums
+            self._buffer.write(row, finite, self.log_every, state_norms)
 
     # --- reading the buffer -------------------------------------------------------------------
 
     def _flush(self, epoch: int) -> None:
-        if not self._buffers_ready:
+        if self._buffer is None:
             return
-        count = int(self._count.numpy())
-        self._count.assign(0)
         self._pending_steps = 0
-        if count == 0:
+        values, steps, finite = self._buffer.take_rows()
+        if len(values) == 0:
             return
-        if count > self._capacity:
-            raise RuntimeError("GradientMonitor's buffer overflowed; this is a bug, please report it")
-        values = self._rows.numpy()[:count]
-        steps = self._row_steps.numpy()[:count]
-        finite = self._row_finite.numpy()[:count]
         frame = pd.DataFrame(values, columns=self._columns[3:])
         frame.insert(0, "batch", steps - self._first_step_of_epoch)
         frame.insert(0, "epoch", np.int64(epoch))
@@ -200,23 +296,36 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._first_step_of_epoch = int(self.model.optimizer.iterations.numpy()) + 1
+        self._first_step_of_epoch = (int(self._buffer.train_steps.numpy()) + 1
+                                     if self._buffer is not None else 1)
+        self._radii = through_time.spectral_radii(self._traced)
 
     def on_train_batch_end(self, batch, logs=None):
         self._pending_steps += self._steps_per_call
         if self._pending_steps + self._steps_per_call > self._capacity:
             self._flush(self._epoch)
-        if self.stop_on_nonfinite and bool(self._nonfinite.numpy()):
+        if self.stop_on_nonfinite and self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         self._flush(epoch)
+        epoch_values = self._through_time_row(epoch)
         if self.status != "diverged":
             self.epochs_completed = epoch + 1
         for logger in self.loggers:
+            if epoch_values:
+                logger.log_epoch_metrics(epoch, epoch_values)
             logger.log_epoch_end(epoch, self.model, None)
         if self.stop_on_nonfinite and self.status == "diverged":
             self.model.stop_training = True
+
+    def _through_time_row(self, epoch: int) -> dict[str, float]:
+        if not self._traced or self._buffer is None:
+            return {}
+        values = through_time.epoch_row(self._traced, self._traced_numbers, self._radii,
+                                        self._buffer.take_state_means())
+        self._state_rows.append({"epoch": epoch, **values})
+        return values
 
     def on_train_end(self, logs=None):
         for owner, name in self._restore:
@@ -224,7 +333,8 @@ class GradientMonitor(keras.callbacks.Callback):
                 delattr(owner, name)
         self._restore = []
         self.model.make_train_function(force=True)  # later fits run without the probes
-        if bool(self._nonfinite.numpy()) and self.status != "diverged":
+        if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) \
+                and self.status != "diverged":
             self.status = "diverged"
         history = self.history()
         for logger in self.loggers:

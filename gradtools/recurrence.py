@@ -13,6 +13,7 @@ import numpy as np
 #: Per-epoch column names, beside the per-step ``metrics.csv`` columns.
 STATE_GRAD_STAT = "state_grad_norm"
 SPECTRAL_RADIUS_STAT = "recurrent_spectral_radius"
+BPTT_STEPS_STAT = "bptt_steps"
 
 
 def state_column(layer: int, t: int) -> str:
@@ -22,6 +23,12 @@ def state_column(layer: int, t: int) -> str:
 
 def spectral_radius_column(layer: int) -> str:
     return f"layer_{layer}/{SPECTRAL_RADIUS_STAT}"
+
+
+def bptt_steps_column(layer: int) -> str:
+    """``layer_<k>/bptt_steps``: how many hidden states, counted back from the last, the
+    gradient may reach (T, or the layer's ``truncate_bptt`` + 1)."""
+    return f"layer_{layer}/{BPTT_STEPS_STAT}"
 
 
 def spectral_radius(matrix) -> float:

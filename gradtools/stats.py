@@ -1,9 +1,11 @@
 """Per-layer gradient and weight statistics, computed in-graph as pure functions of tensors.
 
 Every statistic has one name, used as a ``metrics.csv`` column, a Neptune series and a
-TensorBoard tag: ``layer_<k>/<statistic>`` for the k-th numbered layer (1-based), plus the
-step-level columns in :data:`STEP_COLUMNS`. A recurrent layer (one with a variable named
-``recurrent_kernel`` beside its ``kernel``) also has ``layer_<k>/recurrent_<statistic>``.
+TensorBoard tag: ``layer_<k>/<statistic>`` for the k-th numbered layer (1-based, see
+:mod:`gradtools.layers`), plus the step-level columns in :data:`STEP_COLUMNS`. A recurrent
+layer (one with a variable named ``recurrent_kernel`` beside its ``kernel``) also has
+``layer_<k>/recurrent_<statistic>``. :func:`statistics_row` makes the row of one step for
+both ``gradtools.fit`` and ``GradientMonitor``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ LAYER_STATS = (
 CLIPPED_COLUMN = "grad_global_norm_clipped"
 
 
+#: Extra columns under a loss-scaling optimizer (mixed precision): the loss scale the step's
+#: gradients were computed with, and 1 when the optimizer skipped the step because they
+#: overflowed (it then halves the scale); 0 otherwise.
+LOSS_SCALE_COLUMNS = ("loss_scale", "skipped")
+
+
 #: Prefix of a recurrent layer's statistics of its recurrent kernel (``layer_k/recurrent_…``).
 RECURRENT_PREFIX = "recurrent_"
 
@@ -45,9 +53,12 @@ def layer_columns(n_layers: int, recurrent_layers=()) -> list[str]:
     return columns
 
 
-def metric_columns(n_layers: int, recurrent_layers=()) -> list[str]:
-    """All columns of a metrics table for a model with ``n_layers`` numbered layers."""
-    return list(STEP_COLUMNS) + layer_columns(n_layers, recurrent_layers)
+def metric_columns(n_layers: int, recurrent_layers=(), *, clipped: bool = False,
+                   loss_scaled: bool = False) -> list[str]:
+    """All columns of a metrics table for a model with ``n_layers`` numbered layers; with
+    ``clipped``, :data:`CLIPPED_COLUMN`; with ``loss_scaled``, :data:`LOSS_SCALE_COLUMNS`."""
+    return (list(STEP_COLUMNS) + layer_columns(n_layers, recurrent_layers)
+            + ([CLIPPED_COLUMN] if clipped else []) + (list(LOSS_SCALE_COLUMNS) if loss_scaled else []))
 
 
 def layer_gradient_stats(gradient, weight_before, weight_after) -> tf.Tensor:
@@ -82,12 +93,28 @@ def layer_gradient_stats(gradient, weight_before, weight_after) -> tf.Tensor:
 
 
 def global_gradient_norm(gradients) -> tf.Tensor:
-    """‖g‖₂ over every gradient tensor of the step (kernels, biases, all trainable variables).
+    """‖g‖₂ over every gradient tensor of the step (kernels, biases, all trainable variables),
+    in float32: the norm that Keras's ``global_clipnorm`` and ``tf.clip_by_global_norm`` use."""
+    return tf.linalg.global_norm([tf.cast(tf.convert_to_tensor(g), tf.float32)
+                                  for g in gradients if g is not None])
 
-    This is the norm that Keras's ``global_clipnorm`` and ``tf.clip_by_global_norm`` use.
-    """
-    present = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g in gradients if g is not None]
-    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in present]))
+
+def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
+                   clipped_gradients=None, loss_scale=None, skipped=None) -> tf.Tensor:
+    """One step's values in column order, after ``step, epoch, batch``: the loss, the global
+    norm of ``gradients`` (every gradient of the step), :func:`layer_gradient_stats` of the
+    gradients at positions ``monitored`` (see :attr:`gradtools.layers.LayerLayout.monitored`)
+    with the matching ``weights_before`` / ``weights_after``, then the optional columns: the
+    global norm of ``clipped_gradients``, the ``loss_scale`` and the ``skipped`` flag."""
+    head = tf.stack([tf.cast(loss, tf.float32), global_gradient_norm(gradients)])
+    layers = [layer_gradient_stats(gradients[i], before, after)
+              for i, before, after in zip(monitored, weights_before, weights_after)]
+    tail = []
+    if clipped_gradients is not None:
+        tail.append(global_gradient_norm(clipped_gradients))
+    if loss_scale is not None:
+        tail += [tf.cast(loss_scale, tf.float32), tf.cast(skipped, tf.float32)]
+    return tf.concat([head, *layers] + ([tf.stack(tail)] if tail else []), axis=0)
 
 
 def all_finite(loss, gradients) -> tf.Tensor:

@@ -3,60 +3,33 @@
 A Keras RNN runs its cell inside a symbolic loop, so its hidden states h_1 … h_T are not
 tensors a tape can be asked about. :class:`TracedRNN` adds a zero "probe" p_t to each new
 hidden state (h_t ← h_t + p_t, which changes no value); the derivative of the loss with
-respect to p_t is then exactly the total derivative ∂L/∂h_t, through every later step.
-:func:`gradtools.fit` watches the probes of every ``TracedRNN`` in the model and records,
-per epoch, the mean over the epoch's steps of ‖∂L/∂h_t‖ (the Frobenius norm over the batch
-and the hidden units) for t = 1 … T.
+respect to p_t is then exactly the total derivative ∂L/∂h_t, through every later step. The
+probe's own gradient function stores ‖∂L/∂h_t‖ (the Frobenius norm over the batch and the
+hidden units, t = 1 … T) in the layer's :attr:`TracedRNN.state_gradient_norms` whenever a
+backward pass reaches the layer's weights: inside ``gradtools.fit``, inside ``model.fit``
+(where :class:`gradtools.GradientMonitor` reads it) or in a custom loop.
 
 ``TracedRNN`` also implements truncated backpropagation through time: with
 ``truncate_bptt = k`` the gradient flows only k steps back from the last one.
 
 For a linear RNN h_t = W h_{t-1} + U x_t, ∂L/∂h_t = (Wᵀ)^(T−t) ∂L/∂h_T, so the norm behaves
-like r^(T−t) for the spectral radius r of W (:func:`gradtools.recurrence.geometric_prediction`): the sources'
+like r^(T−t) for the spectral radius r of W (:func:`gradtools.recurrence.geometric_prediction`):
 0.9^30 ≈ 0.042 and 1.1^30 ≈ 17.45. A tanh RNN decays at least that fast (tanh' ≤ 1).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import keras
 import tensorflow as tf
 
 from gradtools.recurrence import (  # noqa: F401  (re-exported: the numbers that go with the layer)
+    bptt_steps_column,
     geometric_prediction,
     scale_to_spectral_radius,
     spectral_radius,
     spectral_radius_column,
     state_column,
 )
-
-class _Recording:
-    """The tape and the probes created while one forward pass was traced."""
-
-    def __init__(self, tape: tf.GradientTape):
-        self.tape = tape
-        self.probes: dict[int, tf.Tensor] = {}  # id(layer) -> probe [batch, T, units]
-
-    def add(self, layer: "TracedRNN", probe) -> None:
-        self.tape.watch(probe)
-        self.probes[id(layer)] = probe
-
-
-_recordings: list[_Recording] = []
-
-
-@contextlib.contextmanager
-def recording(tape: tf.GradientTape) -> Iterator[_Recording]:
-    """While active, every :class:`TracedRNN` call registers its probe on ``tape``."""
-    record = _Recording(tape)
-    _recordings.append(record)
-    try:
-        yield record
-    finally:
-        _recordings.remove(record)
-
 
 class _TracedCell(keras.layers.Layer):
     """Wraps a recurrent cell. Its step input is [x_t, p_t, s_t]: the cell's own input, the
@@ -118,13 +91,36 @@ class TracedRNN(keras.layers.RNN):
     def inner_cell(self) -> keras.layers.Layer:
         return self.cell.cell
 
+    @property
+    def time_steps(self) -> int:
+        """T: the number of time steps of the input (fixed when the layer is built)."""
+        return int(self.state_gradient_norms.shape[0])
+
+    @property
+    def bptt_steps(self) -> int:
+        """How many hidden states, counted back from h_T, the gradient reaches: T, or
+        ``truncate_bptt`` + 1 (h_T and the k states before it)."""
+        return self.time_steps if self.truncate_bptt is None else min(self.truncate_bptt + 1,
+                                                                      self.time_steps)
+
+    def build(self, sequences_shape, initial_state_shape=None):
+        steps = sequences_shape[1]
+        if steps is None:
+            raise ValueError(f"{self.name}: TracedRNN needs a fixed number of time steps "
+                             "(an Input shape such as (T, features)) to record ∂L/∂h_t for each")
+        super().build(sequences_shape, initial_state_shape)
+        # Not a Keras weight (not saved, not counted): a buffer the backward pass writes.
+        with tf.init_scope():
+            self.state_gradient_norms = tf.Variable(
+                tf.zeros([int(steps)]), trainable=False, name="state_gradient_norms",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
     def call(self, sequences, initial_state=None, mask=None, training=False):
         shape = tf.shape(sequences)
         batch, steps = shape[0], shape[1]
         units = self.cell.output_size
-        probe = tf.zeros(tf.stack([batch, steps, units]), dtype=sequences.dtype)
-        if _recordings:
-            _recordings[-1].add(self, probe)
+        probe = _state_probe(self.inner_cell.trainable_weights[0], self.state_gradient_norms,
+                             tf.stack([batch, steps, units]), sequences.dtype)
         position = tf.range(steps)
         if self.truncate_bptt is None:
             stopped = tf.zeros_like(position, dtype=sequences.dtype)
@@ -149,8 +145,46 @@ def traced_layers(model: keras.Model) -> list[TracedRNN]:
 
 def state_gradient_norms(probe_gradient) -> tf.Tensor:
     """‖∂L/∂h_t‖ for t = 1 … T from the probe's gradient [batch, T, units]: the Frobenius
-    norm over the batch and the units, a [T] float32 vector (zeros where none flowed)."""
-    if probe_gradient is None:
-        raise ValueError("no gradient reached the hidden states")
+    norm over the batch and the units, a [T] float32 vector (zeros where none flowed).
+    Computed as m·‖g/m‖ with m = max|g|, so a gradient of 1e-30 is not squared to 0."""
     g = tf.cast(tf.convert_to_tensor(probe_gradient), tf.float32)
-    return tf.sqrt(tf.reduce_sum(tf.square(g), axis=[0, 2]))
+    largest = tf.reduce_max(tf.abs(g), axis=[0, 2])
+    safe = tf.where(largest > 0, largest, 1.0)
+    return largest * tf.sqrt(tf.reduce_sum(tf.square(g / safe[None, :, None]), axis=[0, 2]))
+
+
+def _state_probe(anchor, sink: tf.Variable, shape, dtype):
+    """A zero tensor of ``shape`` whose gradient is written to ``sink`` as ‖∂L/∂h_t‖.
+
+    The probe is made from ``anchor`` (one of the cell's weights) so that it lies on the
+    tape's path from the loss to the weights, and its gradient is computed; what it passes
+    on to ``anchor`` is zero, so the weights' gradients are unchanged."""
+
+    @tf.custom_gradient
+    def probe(weight):
+        def record(upstream):
+            sink.assign(state_gradient_norms(upstream))
+            return tf.zeros_like(weight)
+
+        return tf.zeros(shape, dtype), record
+
+    return probe(anchor)
+
+
+def spectral_radii(traced) -> list[float]:
+    """The spectral radius of each traced layer's recurrent kernel now (NaN when it has none
+    or it is not square)."""
+    return [spectral_radius(layer.inner_cell.recurrent_kernel.numpy())
+            if hasattr(layer.inner_cell, "recurrent_kernel") else float("nan") for layer in traced]
+
+
+def epoch_row(traced, layer_numbers, radii, state_means) -> dict[str, float]:
+    """One epoch's per-time-step numbers of each traced layer: the spectral radius at the
+    epoch's start, how far back the gradient may flow, and the mean ‖∂L/∂h_t‖ for t = 1 … T."""
+    row: dict[str, float] = {}
+    for layer, k, radius, means in zip(traced, layer_numbers, radii, state_means):
+        row[spectral_radius_column(k)] = radius
+        row[bptt_steps_column(k)] = layer.bptt_steps
+        for t, value in enumerate(list(means), start=1):
+            row[state_column(k, t)] = float(value)
+    return row

@@ -21,13 +21,8 @@ from gradtools.history import History
 from gradtools.loggers.base import RunLogger
 from gradtools.clipping import clip_by_global_norm, clip_by_value
 from gradtools import through_time
-from gradtools.stats import (
-    CLIPPED_COLUMN,
-    all_finite,
-    global_gradient_norm,
-    layer_gradient_stats,
-    metric_columns,
-)
+from gradtools.layers import layer_blocks, layer_layout
+from gradtools.stats import all_finite, metric_columns, statistics_row
 
 
 class _LossFromFunction(keras.losses.Loss):
@@ -57,35 +52,17 @@ def resolve_loss(loss, dtype: str | None = None) -> keras.losses.Loss:
     return resolved
 
 
-def kernel_variables(model: keras.Model) -> list[keras.Variable]:
-    """The numbered layers: trainable variables named ``kernel``, in ``trainable_weights`` order."""
-    return [v for v in model.trainable_weights if v.name == "kernel"]
+def _traced_layer_numbers(traced, paths) -> list[int]:
+    return [list(paths).index(layer.inner_cell.kernel.path) + 1 for layer in traced]
 
 
-def _parent(path: str) -> str:
-    return path.rsplit("/", 1)[0]
-
-
-def recurrent_kernel_positions(variables, kernels) -> dict[int, int]:
-    """Layer number k (1-based) -> position in ``variables`` of the ``recurrent_kernel`` that
-    sits beside the k-th kernel (same layer), for the recurrent layers."""
-    by_parent = {_parent(v.path): i for i, v in enumerate(variables) if v.name == "recurrent_kernel"}
-    return {k: by_parent[_parent(kernel.path)]
-            for k, kernel in enumerate(kernels, start=1) if _parent(kernel.path) in by_parent}
-
-
-def statistics_order(kernel_positions, recurrent_positions) -> list[int]:
-    """Positions of the variables whose statistics make a row, in column order: each kernel,
-    then its layer's recurrent kernel if it has one (see ``stats.layer_columns``)."""
-    ordered = []
-    for k, i in enumerate(kernel_positions, start=1):
-        ordered += [i, recurrent_positions[k]] if k in recurrent_positions else [i]
-    return ordered
-
-
-def _traced_layer_numbers(traced, kernels) -> list[int]:
-    paths = [kernel.path for kernel in kernels]
-    return [paths.index(layer.inner_cell.kernel.path) + 1 for layer in traced]
+def with_loss_scaling(optimizer):
+    """Under the ``mixed_float16`` policy, the optimizer wrapped in a LossScaleOptimizer, as
+    ``model.compile`` does; otherwise the optimizer itself."""
+    if (keras.config.dtype_policy().name == "mixed_float16"
+            and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
+        return keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
 
 
 def _as_tensor(values):
@@ -153,7 +130,8 @@ def fit(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
         _require_positive_int(name, value)
     loss_fn = resolve_loss(loss)
-    optimizer = keras.optimizers.get(optimizer)
+    optimizer = with_loss_scaling(keras.optimizers.get(optimizer))
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     if seed is not None:
         keras.utils.set_random_seed(int(seed))
         tf.config.experimental.enable_op_determinism()
@@ -166,22 +144,17 @@ def fit(
     if not model.built:
         model(x[:1])
     variables = list(model.trainable_weights)
-    kernels = kernel_variables(model)
-    if not kernels:
-        raise ValueError(
-            "the model has no trainable variable named 'kernel' (Dense, Conv, RNN layers have one); "
-            "gradtools numbers layers by their kernels"
-        )
-    kernel_positions = [i for i, v in enumerate(variables) if v.name == "kernel"]
-    recurrent_positions = recurrent_kernel_positions(variables, kernels)
-    monitored = statistics_order(kernel_positions, recurrent_positions)
+    _require_one_device(variables)
+    layout = layer_layout(variables)
+    kernels = [variables[i] for i in layout.kernel_positions]
+    monitored = layout.monitored
     traced = through_time.traced_layers(model)
-    traced_numbers = _traced_layer_numbers(traced, kernels)
+    traced_numbers = _traced_layer_numbers(traced, layout.paths)
     optimizer.build(variables)
     n_batches = math.ceil(n_examples / batch_size)
     clips = clip_value is not None or clip_global_norm is not None
-    columns = (metric_columns(len(kernels), recurrent_positions)
-               + ([CLIPPED_COLUMN] if clips else []))
+    columns = metric_columns(len(kernels), layout.recurrent_layers, clipped=clips,
+                             loss_scaled=loss_scaled)
     n_values = len(columns) - 3  # step, epoch and batch are filled in on the Python side
 
     # Loggers that draw histograms get the kernel gradients of each epoch's last step.
@@ -191,34 +164,36 @@ def fit(
     # next to the update, so always computed; the Python side keeps the logged rows).
     def train_step(x_batch, y_batch):
         with tf.GradientTape() as tape:
-            with through_time.recording(tape) as recorded:
-                predictions = model(x_batch, training=True)
+            predictions = model(x_batch, training=True)
             loss_value = loss_fn(y_batch, predictions)
             if model.losses:
                 loss_value = loss_value + tf.add_n(model.losses)
-        probes = [recorded.probes[id(layer)] for layer in traced]
-        gradients = tape.gradient(loss_value, variables + probes)
-        gradients, probe_gradients = gradients[: len(variables)], gradients[len(variables):]
-        state_norms = [through_time.state_gradient_norms(g) for g in probe_gradients]
-        before = {i: tf.identity(variables[i]) for i in monitored}
-        applied = gradients
-        if clip_value is not None:
-            applied = clip_by_value(applied, clip_value)
-        if clip_global_norm is not None:
-            applied = clip_by_global_norm(applied, clip_global_norm)
+            scaled_loss = optimizer.scale_loss(loss_value)
+        gradients = tape.gradient(scaled_loss, variables)
+        # Under loss scaling, the statistics describe the unscaled gradients (the scale may
+        # change in apply, so it is read first); clipping acts on the scaled ones.
+        scale = tf.identity(optimizer.dynamic_scale.value) if loss_scaled else None
+        unscaled = _unscale(gradients, scale)
+        state_norms = _unscale([layer.state_gradient_norms.value() for layer in traced], scale)
+        before = [tf.identity(variables[i]) for i in monitored]
+        applied = _clip(gradients, clip_value, clip_global_norm, scale)
         optimizer.apply(applied, variables)
-        layer_rows = [layer_gradient_stats(gradients[i], before[i], variables[i]) for i in monitored]
-        head = tf.stack([tf.cast(loss_value, tf.float32), global_gradient_norm(gradients)])
-        clipped = [tf.reshape(global_gradient_norm(applied), [1])] if clips else []
-        row = tf.concat([head] + layer_rows + clipped, axis=0)
+        finite_gradients = all_finite(loss_value, unscaled)
+        row = statistics_row(
+            loss_value, unscaled, monitored, before, [variables[i] for i in monitored],
+            clipped_gradients=_unscale(applied, scale) if clips else None,
+            loss_scale=scale, skipped=tf.logical_not(finite_gradients) if loss_scaled else None)
         kernel_gradients = (
-            [tf.convert_to_tensor(gradients[i]) for i in kernel_positions] if keep_gradients else []
+            [tf.convert_to_tensor(unscaled[i]) for i in layout.kernel_positions] if keep_gradients else []
         )
-        return row, all_finite(loss_value, gradients), kernel_gradients, state_norms
+        # A step the loss scaler skips (float16 overflow) is not a divergence; a non-finite loss is.
+        finite = (tf.reduce_all(tf.math.is_finite(tf.cast(loss_value, tf.float32)))
+                  if loss_scaled else finite_gradients)
+        return row, finite, kernel_gradients, state_norms
 
     n_full, remainder = divmod(n_examples, batch_size)
     feature_shape, target_shape = list(x.shape[1:]), list(y.shape[1:])
-    time_steps = [_time_steps(layer, x) for layer in traced]
+    time_steps = [layer.time_steps for layer in traced]
 
     # The whole epoch is one compiled call: full batches are slices of a static-shaped
     # [n_full, batch_size, ...] tensor (as XLA needs), the smaller last batch follows.
@@ -265,10 +240,10 @@ def fit(
         state_means = [s / c for s, c in zip(state_sums, state_counts)]  # 0/0: NaN
         return rows.stack(), finite_flags.stack(), done, last_gradients, state_means
 
+    blocks = layer_blocks(model, layout.paths)
     for logger in loggers:
-        logger.start(
-            epochs=epochs, steps_per_epoch=n_batches, layer_paths=[v.path for v in kernels]
-        )
+        logger.start(epochs=epochs, steps_per_epoch=n_batches, layer_paths=list(layout.paths),
+                     layer_blocks=blocks)
     frames: list[pd.DataFrame] = []
     state_rows: list[dict[str, float]] = []
     status, first_nonfinite_step, epochs_completed = "completed", None, 0
@@ -282,15 +257,14 @@ def fit(
             first_nonfinite_step=first_nonfinite_step,
             epochs_completed=epochs_completed,
             wall_seconds=time.perf_counter() - started,
-            layer_paths=[v.path for v in kernels],
+            layer_paths=list(layout.paths),
+            layer_blocks=blocks,
             state_gradients=pd.DataFrame(state_rows) if traced else None,
         )
 
     try:
         for epoch in range(epochs):
-            radii = [through_time.spectral_radius(layer.inner_cell.recurrent_kernel.numpy())
-                     if hasattr(layer.inner_cell, "recurrent_kernel") else float("nan")
-                     for layer in traced]
+            radii = through_time.spectral_radii(traced)
             with _quiet_first_trace(epoch == 0):
                 values, finite_flags, done, last_gradients, state_means = run_epoch(
                     tf.constant(epoch, tf.int32))
@@ -303,7 +277,8 @@ def fit(
                                  values.numpy()[:done][logged])
             frames.append(frame)
             kernel_gradients = [g.numpy() for g in last_gradients] if keep_gradients else None
-            epoch_values = _state_gradient_row(traced_numbers, radii, state_means)
+            epoch_values = through_time.epoch_row(traced, traced_numbers, radii,
+                                                  [m.numpy() for m in state_means])
             if traced:
                 state_rows.append({"epoch": epoch, **epoch_values})
             for logger in loggers:
@@ -334,6 +309,32 @@ def fit(
     return result
 
 
+def _require_one_device(variables) -> None:
+    distributed = any(isinstance(getattr(v, "value", v), tf.distribute.DistributedValues)
+                      for v in variables)
+    if distributed or tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        raise ValueError("gradtools.fit trains on one device; under a distribution strategy, "
+                         "train with model.fit and record with gradtools.GradientMonitor")
+
+
+def _unscale(tensors, scale):
+    """``tensors`` divided by the loss scale (unchanged when there is none)."""
+    if scale is None:
+        return tensors
+    return [None if t is None else t / tf.cast(scale, t.dtype) for t in tensors]
+
+
+def _clip(gradients, clip_value, clip_global_norm, scale):
+    """gradtools.fit's clipping, by value then by global norm; on loss-scaled gradients the
+    thresholds are scaled too, which clips the unscaled gradients exactly as asked."""
+    factor = 1.0 if scale is None else scale
+    if clip_value is not None:
+        gradients = clip_by_value(gradients, clip_value, factor)
+    if clip_global_norm is not None:
+        gradients = clip_by_global_norm(gradients, clip_global_norm, factor)
+    return gradients
+
+
 @contextlib.contextmanager
 def _quiet_first_trace(active: bool):
     """Every ``fit`` call compiles its own epoch function by design; TensorFlow's warning
@@ -355,29 +356,6 @@ def _accumulate(sums, counts, norms):
     sums = [s + tf.where(f, n, 0.0) for s, f, n in zip(sums, finite, norms)]
     counts = [c + tf.cast(f, tf.float32) for c, f in zip(counts, finite)]
     return sums, counts
-
-
-def _time_steps(layer, x) -> int:
-    """T of a traced layer: its input's time dimension (the model input's, when not built)."""
-    try:
-        steps = layer.input.shape[1]
-    except (AttributeError, ValueError):
-        steps = None
-    steps = steps if steps is not None else x.shape[1]
-    if steps is None:
-        raise ValueError(f"{layer.name}: the number of time steps must be known")
-    return int(steps)
-
-
-def _state_gradient_row(layer_numbers, radii, state_means) -> dict[str, float]:
-    """One epoch's per-time-step numbers: the spectral radius at the epoch's start and the
-    mean ‖∂L/∂h_t‖ of every traced layer."""
-    row: dict[str, float] = {}
-    for k, radius, means in zip(layer_numbers, radii, state_means):
-        row[through_time.spectral_radius_column(k)] = radius
-        for t, value in enumerate(means.numpy().tolist(), start=1):
-            row[through_time.state_column(k, t)] = value
-    return row
 
 
 def _epoch_frame(columns, epoch, n_batches, batch_index, values) -> pd.DataFrame:

@@ -107,10 +107,16 @@ def test_truncated_bptt_stops_the_gradient_k_steps_back():
     x, y = data()
     k = 4
     model = tiny_rnn(keras.layers.LSTMCell(UNITS), truncate_bptt=k)
-    norms = one_step(model, x, y).state_gradients.iloc[0][
-        [state_column(1, t) for t in range(1, T + 1)]].to_numpy(float)
+    history = one_step(model, x, y)
+    states = history.state_gradients.iloc[0]
+    norms = states[[state_column(1, t) for t in range(1, T + 1)]].to_numpy(float)
     assert (norms[: T - k - 1] == 0).all()  # h_1 … h_{T-k-1}: no gradient
     assert (norms[T - k - 1:] > 0).all()   # h_{T-k} … h_T: the last k steps back
+    assert states["layer_1/bptt_steps"] == k + 1  # the setting, recorded: h_{T-k} … h_T
+    # The diagnosis judges the window the setting allows, not the zeros before it.
+    evidence = gradtools.diagnose(history).evidence
+    assert evidence["bptt_steps"] == k + 1 and evidence["time_steps"] == T
+    assert evidence["state_grad_ratio"] == pytest.approx(norms[T - k - 1] / norms[T - 1], rel=1e-6)
     assert np.isnan(spectral_radius(np.ones((UNITS, 4 * UNITS))))  # LSTM: no spectral radius
 
 
@@ -135,7 +141,9 @@ def test_every_logger_stores_the_state_gradients_under_the_same_names(tmp_path, 
     history = gradtools.fit(tiny_rnn(keras.layers.SimpleRNNCell(UNITS)), x, y, loss="mse",
                             optimizer="adam", epochs=3, batch_size=8, seed=0, loggers=loggers)
     names = [c for c in history.state_gradients.columns if c != "epoch"]
-    assert names == ["layer_1/recurrent_spectral_radius"] + [state_column(1, t) for t in range(1, T + 1)]
+    assert names == (["layer_1/recurrent_spectral_radius", "layer_1/bptt_steps"]
+                     + [state_column(1, t) for t in range(1, T + 1)])
+    assert (history.state_gradients["layer_1/bptt_steps"] == T).all()
 
     from_disk = History.from_run_dir(tmp_path / "run")
     np.testing.assert_allclose(from_disk.state_gradients[names], history.state_gradients[names], rtol=1e-6)
@@ -150,7 +158,7 @@ def test_every_logger_stores_the_state_gradients_under_the_same_names(tmp_path, 
 
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
     events.Reload()
-    for name in (names[0], names[1], names[-1]):
+    for name in (names[0], names[2], names[-1]):
         points = events.Tensors(name)
         assert [p.step for p in points] == [0, 1, 2]
         np.testing.assert_allclose([float(tensor_util.make_ndarray(p.tensor_proto)) for p in points],

@@ -25,8 +25,10 @@ class RunLogger:
     #: Set to True to receive each epoch's last kernel gradients in :meth:`log_epoch_end`.
     wants_gradients: bool = False
 
-    def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str]) -> None:
-        """Called by ``fit`` before the first step."""
+    def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str],
+              layer_blocks: list[str] | None = None) -> None:
+        """Called by ``fit`` before the first step, with the kernel path behind each numbered
+        layer and the block (top-level layer) each belongs to (see :mod:`gradtools.layers`)."""
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """The run's configuration (nested mappings of plain values)."""

@@ -85,8 +85,10 @@ class LocalRunLogger(RunLogger):
     def _write_info(self) -> None:
         _write_atomically(self.run_dir / "run.json", json.dumps(self._info, indent=2) + "\n")
 
-    def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str]) -> None:
-        self._info.update(epochs=epochs, steps_per_epoch=steps_per_epoch, layer_paths=layer_paths)
+    def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str],
+              layer_blocks: list[str] | None = None) -> None:
+        self._info.update(epochs=epochs, steps_per_epoch=steps_per_epoch, layer_paths=layer_paths,
+                          layer_blocks=layer_blocks)
         self._write_info()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -120,6 +122,7 @@ class LocalRunLogger(RunLogger):
             epochs_completed=history.epochs_completed,
             wall_seconds=round(time.time() - self._started, 3),
             layer_paths=history.layer_paths,
+            layer_blocks=history.layer_blocks,
         )
         self._write_info()
 

@@ -24,7 +24,8 @@ class ProgressLogger(RunLogger):
         self._started = time.perf_counter()
         self._last_rows: pd.DataFrame | None = None
 
-    def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str]) -> None:
+    def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str],
+              layer_blocks: list[str] | None = None) -> None:
         self._epochs = epochs
         self._started = time.perf_counter()
         print(f"training {len(layer_paths)} layers for {epochs} epochs of {steps_per_epoch} steps",

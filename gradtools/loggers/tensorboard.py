@@ -43,7 +43,8 @@ class TensorBoardLogger(RunLogger):
         self._kernel_paths: list[str] = []
         self._last_step = 0
 
-    def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str]) -> None:
+    def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str],
+              layer_blocks: list[str] | None = None) -> None:
         self._kernel_paths = layer_paths
 
     def log_params(self, params: Mapping[str, Any]) -> None:

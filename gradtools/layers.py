@@ -1,0 +1,85 @@
+"""Which variables are a model's numbered layers, what they are called, and the blocks that
+say how deep each one sits.
+
+A numbered layer is a trainable variable named ``kernel`` (Dense, Conv, the projections inside
+``MultiHeadAttention``, RNN cells), numbered ``layer_1, layer_2, …`` in ``trainable_weights``
+order and named by its path (``encoder/attention/query/kernel``). A recurrent layer's
+``recurrent_kernel`` is recorded beside its kernel.
+
+A *block* is the top-level layer a kernel belongs to (nested Functional or Sequential models
+are opened): the query, key and value projections of one attention layer, or the forward and
+backward halves of a ``Bidirectional`` LSTM, sit at the same depth, so the diagnosis compares
+depths block by block, not kernel by kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where the numbered layers are in a list of trainable variables."""
+
+    #: Position of layer_k's kernel (index k − 1) in the variable list.
+    kernel_positions: tuple[int, ...]
+    #: Layer number k -> position of the ``recurrent_kernel`` beside its kernel.
+    recurrent_positions: dict[int, int]
+    #: layer_k's kernel path (index k − 1).
+    paths: tuple[str, ...]
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.recurrent_positions))
+
+    @property
+    def monitored(self) -> list[int]:
+        """Positions whose statistics make a row, in column order: each kernel, then its
+        layer's recurrent kernel if it has one (see :func:`gradtools.stats.layer_columns`)."""
+        ordered = []
+        for k, position in enumerate(self.kernel_positions, start=1):
+            ordered.append(position)
+            if k in self.recurrent_positions:
+                ordered.append(self.recurrent_positions[k])
+        return ordered
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0]
+
+
+def layer_layout(variables) -> LayerLayout:
+    """The numbered layers among ``variables`` (a model's trainable weights, in order)."""
+    variables = list(variables)
+    kernels = [i for i, v in enumerate(variables) if v.name == "kernel"]
+    if not kernels:
+        raise ValueError("the model has no trainable variable named 'kernel' (Dense, Conv, RNN and "
+                         "attention layers have one); gradtools numbers layers by their kernels")
+    by_parent = {_parent(v.path): i for i, v in enumerate(variables) if v.name == "recurrent_kernel"}
+    recurrent = {k: by_parent[_parent(variables[i].path)]
+                 for k, i in enumerate(kernels, start=1) if _parent(variables[i].path) in by_parent}
+    return LayerLayout(tuple(kernels), recurrent, tuple(variables[i].path for i in kernels))
+
+
+def layer_blocks(model: keras.Model, paths) -> list[str]:
+    """The block of each kernel path: the name of the top-level layer that owns it (nested
+    Functional and Sequential models are opened). A path no top-level layer owns is its own block."""
+    owner: dict[str, str] = {}
+
+    def visit(container: keras.Model) -> None:
+        for layer in container.layers:
+            if isinstance(layer, keras.Model) and layer.layers:
+                visit(layer)
+            else:
+                for variable in layer.trainable_weights:
+                    owner.setdefault(variable.path, layer.name)
+
+    visit(model)
+    return [owner.get(path, path) for path in paths]
+
+
+def layer_label(k: int, paths) -> str:
+    """``layer_3 (encoder/attention/value/kernel)``, or ``layer_3`` when the path is unknown."""
+    return f"layer_{k} ({paths[k - 1]})" if paths and k <= len(paths) else f"layer_{k}"

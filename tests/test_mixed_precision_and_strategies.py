@@ -1,0 +1,113 @@
+"""Mixed precision (a LossScaleOptimizer's scaled gradients and skipped steps) and a
+MirroredStrategy over two logical CPU devices, for GradientMonitor and gradtools.fit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gradtools
+from conftest import REPO_ROOT
+from gradtools.diagnosis import diagnose
+from gradtools.monitor import GradientMonitor
+
+
+@pytest.fixture
+def mixed_precision():
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy("float32")
+
+
+def data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    return x, (x[:, 0] - x[:, 1] > 0).astype(np.float32)
+
+
+def small_model():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(1, activation="sigmoid", dtype="float32")])
+
+
+def tape_kernel_norms(model, x, y):
+    """‖∂L/∂kernel‖ of the unscaled loss, computed independently of gradtools."""
+    with tf.GradientTape() as tape:
+        loss = keras.losses.binary_crossentropy(y[:, None], model(x, training=True))
+        loss = tf.reduce_mean(loss)
+    kernels = [v for v in model.trainable_weights if v.name == "kernel"]
+    return [float(tf.norm(g)) for g in tape.gradient(loss, kernels)]
+
+
+def test_the_monitor_records_unscaled_gradients_under_mixed_float16(mixed_precision):
+    x, y = data()
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    monitor = GradientMonitor()
+    model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    expected = tape_kernel_norms(model, x, y)
+    row = monitor.metrics.iloc[-1]
+    assert row["loss_scale"] == 2.0 ** 15 and row["skipped"] == 0
+    for k, norm in enumerate(expected, start=1):  # not 32768 times larger
+        assert row[f"layer_{k}/grad_norm"] == pytest.approx(norm, rel=1e-2)
+
+
+def test_steps_the_loss_scaler_skips_are_recorded_not_a_divergence(mixed_precision):
+    x, y = data()
+    model = small_model()
+    # 2^40 overflows float16 in the backward pass: the scaler halves it and skips the step
+    # until the gradients fit.
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=2.0 ** 40)
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
+    monitor = GradientMonitor(stop_on_nonfinite=True)
+    model.fit(x, y, batch_size=16, epochs=10, shuffle=False, verbose=0, callbacks=[monitor])
+    metrics = monitor.metrics
+    skipped = metrics[metrics["skipped"] == 1]
+    assert len(skipped) >= 10, "the first steps overflow"
+    assert skipped["loss_scale"].tolist() == [2.0 ** (40 - i) for i in range(len(skipped))]
+    assert skipped["step"].iloc[:10].tolist() == list(range(1, 11))
+    assert metrics["step"].tolist() == list(range(1, 41)), "every train step, skipped or not"
+    assert monitor.status == "completed" and monitor.first_nonfinite_step is None
+    assert monitor.epochs_completed == 10, "a skipped step does not stop training"
+    diagnosis = diagnose(monitor.history())
+    assert diagnosis.verdict != "exploding", diagnosis.explanation
+    assert diagnosis.evidence["skipped_steps"] == len(skipped)
+
+
+def test_gradtools_fit_wraps_the_optimizer_under_a_mixed_policy(mixed_precision):
+    x, y = data()
+    model = small_model()
+    history = gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer=keras.optimizers.SGD(0.0),
+                            epochs=1, batch_size=64, shuffle=False, seed=0)
+    expected = tape_kernel_norms(model, x, y)
+    row = history.metrics.iloc[0]
+    assert row["loss_scale"] == 2.0 ** 15 and row["skipped"] == 0
+    for k, norm in enumerate(expected, start=1):
+        assert row[f"layer_{k}/grad_norm"] == pytest.approx(norm, rel=1e-2)
+    assert history.status == "completed"
+
+
+def test_a_mirrored_strategy_gives_the_single_device_statistics():
+    """Two logical CPU devices must be set up before TensorFlow starts: a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "mirrored_run.py")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(result.stdout.strip().splitlines()[-1])
+    single, mirrored = runs["single"], runs["mirrored"]
+    assert runs["replicas"] == 2
+    assert "GradientMonitor" in runs["fit_under_strategy"], "gradtools.fit points to model.fit"
+    for source in ("monitor",):
+        assert single[source].keys() == mirrored[source].keys()
+        for column, values in single[source].items():
+            np.testing.assert_allclose(mirrored[source][column], values, rtol=1e-4, atol=1e-7,
+                                       err_msg=f"{source}: {column}")
