@@ -22,7 +22,15 @@ def command_diagnose(args) -> int:
     from gradtools.diagnosis import diagnose
 
     diagnosis = diagnose(args.run_dir)
-    print(diagnosis.to_json() if args.json else diagnosis)
+    if args.json:
+        print(diagnosis.to_json())
+        return 0
+    print(diagnosis)
+    table = diagnosis.layer_table()[["layer", "path", "block", "verdict", "sensitivity_first_epoch",
+                                     "depth_ratio_first_epoch", "update_ratio", "grad_to_weight"]]
+    print("\nper layer (sensitivity ‖g‖·‖W‖/|loss| and its ratio to the strongest block after it, "
+          "first epoch; largest epoch medians of ‖ΔW‖/‖W‖ and ‖g‖/‖W‖):")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 
@@ -42,11 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=command_compare)
     diagnose = commands.add_parser(
         "diagnose", help="vanishing, exploding or healthy, with the evidence",
-        description="Diagnose one run directory: vanishing, exploding or healthy, with the numbers "
-        "behind the verdict and the remedies the sources suggest (rule and thresholds: README).")
+        description="Diagnose one run directory: vanishing, exploding or healthy, for the run and "
+        "for each layer (named by path), with the numbers behind the verdict and what usually "
+        "helps (rule and thresholds: docs/diagnosis.md).")
     diagnose.add_argument("run_dir", metavar="RUN_DIR")
     diagnose.add_argument("--json", action="store_true",
-                          help='print {"verdict", "evidence", "explanation", "remedies"} as JSON')
+                          help='print {"verdict", "evidence", "explanation", "remedies", "layers"} as JSON')
     diagnose.set_defaults(handler=command_diagnose)
     return parser
 
@@ -57,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (CompareError, FileNotFoundError) as error:
+    except (CompareError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -1,25 +1,36 @@
-"""``gradtools.diagnose``: vanishing, exploding or healthy, with the numbers behind the verdict.
+"""``gradtools.diagnose``: vanishing, exploding or healthy, per layer and for the run, with the
+numbers behind the verdict.
 
-The rule, in order (thresholds are the constants below; the README has the table):
+Every layer is judged on scale-free numbers of its own (``docs/diagnosis.md`` has the rule, the
+thresholds and where they come from):
 
-1. **exploding** if any loss, gradient statistic or weight statistic is NaN/Inf; or the global
-   gradient norm grows to ``EXPLODING_GRAD_GROWTH``× its median over the first logged steps;
-   or a layer's weight norm grows to ``EXPLODING_WEIGHT_GROWTH``× its first value.
-2. **vanishing** (networks of at least ``MIN_LAYERS_FOR_VANISHING`` numbered layers) if layer
-   1's median ``grad_abs_mean`` is below ``VANISHING_RATIO`` of the last layer's, over the
-   whole run or over its first epoch (where vanishing gradients stall training most); or layer
-   1's median ``update_ratio`` is below ``VANISHING_RATIO`` of the last layer's (early weights
-   barely moving).
-   For a recurrent model traced by :class:`gradtools.through_time.TracedRNN`: **vanishing**
-   also if the median over epochs of ‖∂L/∂h_1‖ / ‖∂L/∂h_T‖ is below
-   ``VANISHING_THROUGH_TIME`` (gradients vanishing through time, whatever the depth; 0 when
-   they underflow float32). When no epoch's gradient reached every time step, the gradient was
-   cut on purpose (truncated BPTT): that is reported, not judged.
-3. **healthy** otherwise.
+- its **sensitivity** S = ‖g‖·‖W‖ / |loss|: the first-order relative change of the loss when
+  the layer's weights move by their own size in the steepest direction. It does not depend on
+  the layer's shape or on how its weights are scaled, and in a network that is positively
+  homogeneous (ReLU, no normalization) ⟨g, W⟩ is the same for every layer, so healthy layers
+  have comparable S whatever their role;
+- its **update ratio** ‖ΔW‖ / ‖W‖ per step (what the optimizer did with the gradient);
+- its **gradient-to-weight ratio** ‖g‖ / ‖W‖, and its own history (how far its weight norm
+  grew, shown as evidence).
 
-Loss stalling and loss swings between consecutive steps are reported as evidence; they do
-not decide the verdict alone (mini-batch noise moves the loss by 20–50 % between steps in
-healthy runs of the article's nets).
+**exploding** if a loss or gradient became NaN/Inf (not counting a step the loss scaler skipped);
+or, in some epoch (medians over the epoch's logged steps), a layer's update ratio is at least
+:data:`EXPLODING_UPDATE_RATIO`, or its gradient is :data:`EXPLODING_GRAD_TO_WEIGHT` times its
+weight norm or more, or the loss is at least :data:`ASTRONOMICAL_LOSS`; or the global gradient
+norm grows :data:`EXPLODING_GRAD_GROWTH`× over its first steps; or, through time,
+‖∂L/∂h_1‖ ≥ 1/:data:`VANISHING_THROUGH_TIME` × ‖∂L/∂h_T‖.
+
+**vanishing** if a layer's gradient is exactly zero at most steps (dead or saturated units);
+or if a block (the top-level layer a kernel belongs to: see :mod:`gradtools.layers`) has a
+sensitivity below :data:`VANISHING_RATIO` times the strongest block after it, over the
+first epoch or over the run; or, for a :class:`gradtools.through_time.TracedRNN`, if ‖∂L/∂h_t‖
+falls below :data:`VANISHING_THROUGH_TIME` × ‖∂L/∂h_T‖ within the steps the gradient is allowed
+to reach (the layer's ``truncate_bptt``; a gradient that underflowed to 0 is vanishing).
+Layers are compared by block, not one by one: the query and key projections of an attention
+layer get far less gradient than its value projection at the same depth, which says the gradient
+reached that depth.
+
+**healthy** otherwise.
 """
 
 from __future__ import annotations
@@ -32,15 +43,34 @@ import numpy as np
 import pandas as pd
 
 from gradtools.history import History
+from gradtools.layers import layer_label
 from gradtools.plots import layer_numbers, state_gradient_curve, state_gradient_layers
+from gradtools.recurrence import bptt_steps_column
+from gradtools.stats import LOSS_SCALE_COLUMNS
 
-EXPLODING_GRAD_GROWTH = 1e3
-EXPLODING_WEIGHT_GROWTH = 1e2
-VANISHING_RATIO = 0.1
-MIN_LAYERS_FOR_VANISHING = 3
+#: A block whose sensitivity is below this fraction of the strongest block after it vanishes.
+VANISHING_RATIO = 1e-2
+#: ‖∂L/∂h_1‖ / ‖∂L/∂h_T‖ below this (median over epochs) vanishes through time; above its
+#: inverse explodes through time.
 VANISHING_THROUGH_TIME = 1e-3
+#: A layer whose weights change by their own norm per step (epoch median) explodes.
+EXPLODING_UPDATE_RATIO = 1.0
+#: A layer whose gradient norm is this many times its weight norm (epoch median) explodes: a
+#: plain gradient step of learning rate 1e-5, the smallest in common use, would move its
+#: weights by their own size.
+EXPLODING_GRAD_TO_WEIGHT = 1e5
+#: A layer whose gradient is exactly zero at more than this fraction of the steps (its units,
+#: or those after it, are dead or saturated) vanishes.
+DEAD_FRACTION = 0.5
+#: An epoch whose median loss reaches this explodes.
+ASTRONOMICAL_LOSS = 1e10
+#: Growth of the global gradient norm over its median in the first FIRST_STEPS logged steps.
+EXPLODING_GRAD_GROWTH = 1e3
 FIRST_STEPS = 10
+#: Shown as evidence only: an epoch-mean loss that improves less than this (relative) stalled.
 STALLED_LOSS_IMPROVEMENT = 0.01
+#: How many layers an explanation names before it says "and N more".
+NAMED_LAYERS = 3
 
 REMEDIES = {
     "vanishing": [
@@ -49,6 +79,7 @@ REMEDIES = {
         "batch normalization (between the linear part and the activation)",
         "residual (skip) connections, or fewer layers",
         "an adaptive optimizer (RMSprop, Adam) that rescales small gradients",
+        "for recurrent nets: LSTM or GRU cells instead of a simple RNN",
     ],
     "exploding": [
         "gradient clipping: clipnorm=1.0 or clipvalue=0.5 to start (see suggest_clip_norm)",
@@ -62,167 +93,367 @@ REMEDIES = {
 
 
 @dataclass
+class LayerFinding:
+    """The numbers of one numbered layer and what they say."""
+
+    layer: int
+    path: str
+    block: str
+    verdict: str
+    numbers: dict[str, float | None]
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"layer_{self.layer} ({self.path})" if self.path else f"layer_{self.layer}"
+
+
+@dataclass
 class Diagnosis:
     verdict: str
     evidence: dict[str, float | int | bool | None]
     explanation: str
     remedies: list[str] = field(default_factory=list)
+    layers: list[LayerFinding] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps({"verdict": self.verdict, "evidence": self.evidence,
-                           "explanation": self.explanation, "remedies": self.remedies}, indent=2)
+        return json.dumps(self.to_dict(), indent=2)
+
+    def layer_table(self) -> pd.DataFrame:
+        """One row per numbered layer: its path, block, verdict and numbers."""
+        return pd.DataFrame([{"layer": f.layer, "path": f.path, "block": f.block,
+                              "verdict": f.verdict, **f.numbers} for f in self.layers])
 
     def __str__(self) -> str:
         lines = [f"verdict: {self.verdict}", self.explanation]
         if self.remedies:
-            lines.append("what the sources suggest:")
+            lines.append("what usually helps:")
             lines += [f"  - {remedy}" for remedy in self.remedies]
         return "\n".join(lines)
 
+
+# --- numbers ------------------------------------------------------------------------------------
 
 def _finite(values) -> np.ndarray:
     array = np.asarray(values, dtype=float)
     return array[np.isfinite(array)]
 
 
-def _median_ratio(numerator, denominator) -> float | None:
-    top, bottom = _finite(numerator), _finite(denominator)
-    if not top.size or not bottom.size or np.median(bottom) == 0:
-        return None
-    return float(np.median(top) / np.median(bottom))
+def _median(values) -> float | None:
+    finite = _finite(values)
+    return float(np.median(finite)) if finite.size else None
 
 
-def _number(value):
+def _number(value) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
-def through_time_evidence(state_gradients: pd.DataFrame | None) -> dict:
-    """‖∂L/∂h_1‖ / ‖∂L/∂h_T‖ in the first epoch and its median over epochs (the smallest over
-    traced layers), and the time steps any gradient reached; {} without traced layers."""
-    if state_gradients is None or state_gradients.empty:
-        return {}
-    first_epoch, median, reached = [], [], []
-    for k in state_gradient_layers(state_gradients):
-        curves = np.stack([state_gradient_curve(state_gradients, k, int(e))
-                           for e in state_gradients["epoch"]])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = curves[:, 0] / curves[:, -1]
-        first_epoch.append(ratios[0])
-        median.append(np.nanmedian(ratios) if np.isfinite(ratios).any() else np.nan)
-        reached.append(int((np.nan_to_num(curves) > 0).any(axis=0).sum()))
+def _max_epoch_median(values: pd.Series, epochs: pd.Series) -> float | None:
+    """The largest per-epoch median of the finite values (one spike does not decide)."""
+    medians = values.replace([np.inf, -np.inf], np.nan).groupby(epochs).median()
+    return _number(medians.max()) if medians.notna().any() else None
+
+
+def sensitivity(metrics: pd.DataFrame, k: int) -> pd.Series:
+    """‖g‖·‖W‖ / |loss| of layer_k at every row (NaN where undefined)."""
+    values = (metrics[f"layer_{k}/grad_norm"] * metrics[f"layer_{k}/weight_norm"]
+              / metrics["loss"].abs())
+    return values.replace([np.inf, -np.inf], np.nan)
+
+
+def judged_rows(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The rows a verdict is built on: every logged step but those the loss scaler skipped."""
+    if "skipped" in metrics:
+        return metrics[metrics["skipped"].fillna(0) == 0]
+    return metrics
+
+
+def first_nonfinite_step(metrics: pd.DataFrame) -> int | None:
+    """The first judged step whose loss or gradient statistics are NaN/Inf."""
+    rows = judged_rows(metrics)
+    columns = [c for c in rows.columns if c not in ("step", "epoch", "batch", *LOSS_SCALE_COLUMNS)]
+    bad = ~np.isfinite(rows[columns].to_numpy(dtype=float)).all(axis=1)
+    return int(rows["step"][bad].iloc[0]) if bad.any() else None
+
+
+def _grad_growth(metrics: pd.DataFrame) -> float | None:
+    norms = _finite(metrics["grad_global_norm"])
+    if not norms.size:
+        return None
+    early = np.median(norms[:FIRST_STEPS])
+    return _number(norms.max() / early) if early > 0 else None
+
+
+def _weight_growth(metrics: pd.DataFrame, k: int) -> float | None:
+    weights = _finite(metrics[f"layer_{k}/weight_norm"])
+    return _number(weights.max() / weights[0]) if weights.size and weights[0] > 0 else None
+
+
+def _zero_fraction(values: pd.Series) -> float | None:
+    return float((values == 0).mean()) if len(values) else None
+
+
+def _layer_numbers(metrics: pd.DataFrame, k: int) -> dict[str, float | None]:
+    """Every per-layer number except the depth ratios (which need the other blocks)."""
+    epochs = metrics["epoch"]
+    first_epoch = metrics[epochs == epochs.min()]
+    grad, weight = metrics[f"layer_{k}/grad_norm"], metrics[f"layer_{k}/weight_norm"]
     return {
-        "time_steps": int(curves.shape[1]),
-        "state_grad_ratio_first_epoch": _number(min(first_epoch)),
-        "state_grad_ratio": _number(min(median)),
-        "time_steps_reached": min(reached),
+        "sensitivity_first_epoch": _median(sensitivity(first_epoch, k)),
+        "sensitivity": _median(sensitivity(metrics, k)),
+        "zero_gradient_first_epoch": _zero_fraction(first_epoch[f"layer_{k}/grad_norm"]),
+        "zero_gradient": _zero_fraction(grad),
+        "grad_to_weight": _max_epoch_median(grad / weight, epochs),
+        "update_ratio": _max_epoch_median(metrics[f"layer_{k}/update_ratio"], epochs),
+        "weight_growth": _weight_growth(metrics, k),
     }
 
 
-def evidence_of(metrics: pd.DataFrame) -> dict:
-    """Every number the verdict is built on."""
-    layers = layer_numbers(metrics)
-    first, last = layers[0], layers[-1]
-    stat_columns = [c for c in metrics.columns if c not in ("step", "epoch", "batch")]
-    values = metrics[stat_columns].to_numpy(dtype=float)
-    bad_rows = ~np.isfinite(values).all(axis=1)
-    first_nonfinite = int(metrics["step"][bad_rows].iloc[0]) if bad_rows.any() else None
+def _block_ratios(numbers: list[dict], blocks: list[str], key: str) -> dict[str, float | None]:
+    """For each block but the last, its strongest ``key`` over the strongest of every later
+    block (blocks in order of first appearance)."""
+    order = list(dict.fromkeys(blocks))
+    strongest = {}
+    for block in order:
+        values = [n[key] for n, b in zip(numbers, blocks) if b == block and n[key] is not None]
+        strongest[block] = max(values) if values else None
+    ratios = {}
+    for i, block in enumerate(order[:-1]):
+        later = [strongest[b] for b in order[i + 1:] if strongest[b] is not None]
+        ratios[block] = (_number(strongest[block] / max(later))
+                         if strongest[block] is not None and later and max(later) > 0 else None)
+    return ratios
 
-    norms = _finite(metrics["grad_global_norm"])
-    early_norm = np.median(norms[:FIRST_STEPS]) if norms.size else np.nan
-    grad_growth = norms.max() / early_norm if norms.size and early_norm > 0 else np.nan
-    weight_growth = np.nan
-    for k in layers:
-        weights = _finite(metrics[f"layer_{k}/weight_norm"])
-        if weights.size and weights[0] > 0:
-            weight_growth = np.nanmax([weight_growth, weights.max() / weights[0]])
 
-    first_epoch = metrics[metrics["epoch"] == metrics["epoch"].min()]
-    losses = _finite(metrics["loss"])
-    epoch_loss = metrics.groupby("epoch")["loss"].mean()
-    improvement = (epoch_loss.iloc[0] - epoch_loss.iloc[-1]) / abs(epoch_loss.iloc[0]) \
-        if len(epoch_loss) >= 2 and np.isfinite(epoch_loss.iloc[[0, -1]]).all() and epoch_loss.iloc[0] else None
+# --- judging layers -----------------------------------------------------------------------------
+
+def _exploding_reasons(n: dict) -> list[str]:
+    reasons = []
+    if (n["update_ratio"] or 0) >= EXPLODING_UPDATE_RATIO:
+        reasons.append(f"each step changes its weights by {n['update_ratio']:.3g}× their norm "
+                       f"(epoch median; threshold {EXPLODING_UPDATE_RATIO:g})")
+    if (n["grad_to_weight"] or 0) >= EXPLODING_GRAD_TO_WEIGHT:
+        reasons.append(f"its gradient norm is {n['grad_to_weight']:.3g}× its weight norm "
+                       f"(epoch median; threshold {EXPLODING_GRAD_TO_WEIGHT:g})")
+    return reasons
+
+
+def _vanishing_reasons(n: dict, strongest_after: dict[str, str | None]) -> list[str]:
+    reasons = []
+    for key, when in (("zero_gradient_first_epoch", "in the first epoch"), ("zero_gradient", "over the run")):
+        if (n[key] or 0) > DEAD_FRACTION:
+            reasons.append(f"its gradient is exactly 0 at {n[key]:.0%} of the steps {when} (its "
+                           "units, or those after it, are dead or saturated)")
+            break
+    for key, when in (("depth_ratio_first_epoch", "in the first epoch"), ("depth_ratio", "over the run")):
+        if n[key] is not None and n[key] < VANISHING_RATIO:
+            reasons.append(f"its block gets {n[key]:.3g}× the gradient sensitivity of the strongest "
+                           f"block after it ({strongest_after[key]}) {when} "
+                           f"(threshold {VANISHING_RATIO:g})")
+    return reasons
+
+
+def _strongest_after(numbers, blocks, block: str, key: str) -> str | None:
+    order = list(dict.fromkeys(blocks))
+    later = order[order.index(block) + 1:]
+    candidates = [(n[key], b) for n, b in zip(numbers, blocks) if b in later and n[key] is not None]
+    return max(candidates)[1] if candidates else None
+
+
+def layer_findings(metrics: pd.DataFrame, paths, blocks) -> list[LayerFinding]:
+    """Every numbered layer judged on its own numbers and its block's depth ratio."""
+    ks = layer_numbers(metrics)
+    paths = list(paths) if paths and len(paths) == len(ks) else [""] * len(ks)
+    blocks = list(blocks) if blocks and len(blocks) == len(ks) else [f"layer_{k}" for k in ks]
+    numbers = [_layer_numbers(metrics, k) for k in ks]
+    ratios = {key: _block_ratios(numbers, blocks, source) for key, source in (
+        ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
+    findings = []
+    for k, path, block, n in zip(ks, paths, blocks, numbers):
+        n = {**n, **{key: ratios[key].get(block) for key in ratios}}
+        after = {key: _strongest_after(numbers, blocks, block, source) for key, source in (
+            ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
+        exploding, vanishing = _exploding_reasons(n), _vanishing_reasons(n, after)
+        verdict = "exploding" if exploding else "vanishing" if vanishing else "healthy"
+        findings.append(LayerFinding(k, path, block, verdict, n, exploding or vanishing))
+    return findings
+
+
+# --- through time -------------------------------------------------------------------------------
+
+def through_time_evidence(state_gradients: pd.DataFrame | None) -> dict:
+    """For the traced recurrent layers: T, the steps the gradient may reach (``bptt_steps``),
+    and ‖∂L/∂h_first‖ / ‖∂L/∂h_T‖ over those steps, in the first epoch and as the median over
+    epochs, for the layer where it is smallest and where it is largest; {} without any."""
+    if state_gradients is None or state_gradients.empty:
+        return {}
+    per_layer = []
+    for k in state_gradient_layers(state_gradients):
+        curves = np.stack([state_gradient_curve(state_gradients, k, int(e))
+                           for e in state_gradients["epoch"]])
+        reach = _bptt_steps(state_gradients, k, curves.shape[1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = curves[:, -reach] / curves[:, -1]
+        median = np.nanmedian(ratios) if np.isfinite(ratios).any() else np.nan
+        per_layer.append((k, curves.shape[1], reach, ratios[0], median))
+    low = min(per_layer, key=lambda item: np.nan_to_num(item[4], nan=np.inf))
+    high = max(per_layer, key=lambda item: np.nan_to_num(item[4], nan=-np.inf))
+    return {
+        "time_steps": int(low[1]),
+        "bptt_steps": int(low[2]),
+        "state_grad_layer": int(low[0]),
+        "state_grad_ratio_first_epoch": _number(low[3]),
+        "state_grad_ratio": _number(low[4]),
+        "state_grad_ratio_max": _number(high[4]),
+        "state_grad_layer_max": int(high[0]),
+    }
+
+
+def _bptt_steps(state_gradients: pd.DataFrame, k: int, time_steps: int) -> int:
+    column = bptt_steps_column(k)
+    if column in state_gradients and state_gradients[column].notna().any():
+        return int(min(state_gradients[column].dropna().iloc[0], time_steps))
+    return time_steps  # tables written before the setting was recorded
+
+
+def _through_time_reasons(e: dict, label) -> tuple[list[str], list[str]]:
+    """(exploding reasons, vanishing reasons) through time."""
+    if e.get("state_grad_ratio") is None and e.get("state_grad_ratio_max") is None:
+        return [], []
+    span = (f"over the last {e['bptt_steps']} of {e['time_steps']} steps (truncated backpropagation)"
+            if e["bptt_steps"] < e["time_steps"] else f"T = {e['time_steps']}")
+    exploding, vanishing = [], []
+    high = e.get("state_grad_ratio_max")
+    if high is not None and high >= 1 / VANISHING_THROUGH_TIME:
+        exploding.append(f"through time, {label(e['state_grad_layer_max'])}: ‖∂L/∂h_first‖ is "
+                         f"{high:.3g}× ‖∂L/∂h_T‖ (median over epochs, {span}; threshold "
+                         f"{1 / VANISHING_THROUGH_TIME:g})")
+    low = e.get("state_grad_ratio")
+    if low is not None and low < VANISHING_THROUGH_TIME:
+        vanishing.append(f"through time, {label(e['state_grad_layer'])}: ‖∂L/∂h_first‖ is "
+                         f"{low:.3g}× ‖∂L/∂h_T‖ (median over epochs, {span}; threshold "
+                         f"{VANISHING_THROUGH_TIME:g})")
+    return exploding, vanishing
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def run_evidence(metrics: pd.DataFrame) -> dict:
+    """The run-level numbers: non-finite steps, skipped steps, loss size and progress, growth."""
+    judged = judged_rows(metrics)
+    epoch_loss = judged.groupby("epoch")["loss"].mean()
+    ends = epoch_loss.iloc[[0, -1]] if len(epoch_loss) else epoch_loss
+    improvement = ((ends.iloc[0] - ends.iloc[1]) / abs(ends.iloc[0])
+                   if len(epoch_loss) >= 2 and np.isfinite(ends).all() and ends.iloc[0] else None)
+    losses = _finite(judged["loss"])
     swings = np.abs(np.diff(losses)) / np.maximum(np.abs(losses[:-1]), 1e-12) if losses.size > 1 else []
     return {
-        "layers": len(layers),
-        "first_nonfinite_statistic_step": first_nonfinite,
-        "grad_norm_growth": _number(grad_growth),
-        "weight_norm_growth": _number(weight_growth),
-        "first_to_last_grad_ratio": _median_ratio(metrics[f"layer_{first}/grad_abs_mean"],
-                                                  metrics[f"layer_{last}/grad_abs_mean"]),
-        "first_to_last_grad_ratio_first_epoch": _median_ratio(
-            first_epoch[f"layer_{first}/grad_abs_mean"], first_epoch[f"layer_{last}/grad_abs_mean"]),
-        "first_to_last_update_ratio": _median_ratio(metrics[f"layer_{first}/update_ratio"],
-                                                    metrics[f"layer_{last}/update_ratio"]),
+        "layers": len(layer_numbers(metrics)),
+        "first_nonfinite_statistic_step": first_nonfinite_step(metrics),
+        "skipped_steps": int((metrics["skipped"] > 0).sum()) if "skipped" in metrics else 0,
+        "loss_epoch_median_max": _max_epoch_median(judged["loss"], judged["epoch"]),
+        "grad_norm_growth": _grad_growth(judged),
         "loss_improvement": _number(improvement) if improvement is not None else None,
         "median_loss_swing": _number(np.median(swings)) if len(swings) else None,
     }
 
 
-def _below(value, threshold) -> bool:
-    return value is not None and value < threshold
+def _run_exploding_reasons(e: dict) -> list[str]:
+    reasons = []
+    if e["first_nonfinite_statistic_step"] is not None:
+        reasons.append(f"the loss or the gradients became NaN/Inf at step "
+                       f"{e['first_nonfinite_statistic_step']}")
+    if (e["loss_epoch_median_max"] or 0) >= ASTRONOMICAL_LOSS:
+        reasons.append(f"the loss reached {e['loss_epoch_median_max']:.3g} (epoch median; "
+                       f"threshold {ASTRONOMICAL_LOSS:g})")
+    if (e["grad_norm_growth"] or 0) >= EXPLODING_GRAD_GROWTH:
+        reasons.append(f"the global gradient norm grew {e['grad_norm_growth']:.3g}× over its first "
+                       f"{FIRST_STEPS} steps (threshold {EXPLODING_GRAD_GROWTH:g}×)")
+    return reasons
+
+
+def _named(findings: list[LayerFinding]) -> str:
+    shown = "; ".join(f"{f.label}: {', '.join(f.reasons)}" for f in findings[:NAMED_LAYERS])
+    more = len(findings) - NAMED_LAYERS
+    return shown + (f"; and {more} more layer{'s' if more > 1 else ''}" if more > 0 else "")
+
+
+def _depth_summary(e: dict) -> str:
+    if e.get("weakest_block") is None:
+        return ("one block, so no depth to compare" if e.get("blocks", 0) < 2
+                else "no block's sensitivity could be compared")
+    return (f"the weakest block ({e['weakest_block']}) gets {e['weakest_depth_ratio']:.3g}× the "
+            f"gradient sensitivity of the strongest block after it (threshold {VANISHING_RATIO:g})")
+
+
+def _weakest(findings: list[LayerFinding]) -> tuple[str | None, float | None]:
+    ratios = [(min(r for r in (f.numbers["depth_ratio_first_epoch"], f.numbers["depth_ratio"])
+                   if r is not None), f.block) for f in findings
+              if f.numbers["depth_ratio_first_epoch"] is not None or f.numbers["depth_ratio"] is not None]
+    if not ratios:
+        return None, None
+    ratio, block = min(ratios)
+    return block, ratio
 
 
 def diagnose(source) -> Diagnosis:
-    """Diagnose a :class:`gradtools.History`, a metrics DataFrame or a run directory."""
+    """Diagnose a :class:`gradtools.History` (from ``gradtools.fit``, ``GradientMonitor.history()``
+    or ``History.from_run_dir``), a run directory, or a metrics DataFrame."""
     if isinstance(source, (str, Path)):
         source = History.from_run_dir(source)
-    metrics = source.metrics if isinstance(source, History) else source
+    history = source if isinstance(source, History) else History(metrics=source, status="completed")
+    metrics = history.metrics
     if metrics.empty:
         raise ValueError("no logged steps to diagnose")
-    e = evidence_of(metrics)
-    e.update(through_time_evidence(source.state_gradients if isinstance(source, History) else None))
-    reasons = []
-    if e["first_nonfinite_statistic_step"] is not None:
-        reasons.append(f"logged values (loss, gradient or weight statistics) became NaN/Inf at "
-                       f"step {e['first_nonfinite_statistic_step']}")
-    if (e["grad_norm_growth"] or 0) >= EXPLODING_GRAD_GROWTH:
-        reasons.append(f"the global gradient norm grew {e['grad_norm_growth']:.3g}× over its "
-                       f"first {FIRST_STEPS} steps (threshold {EXPLODING_GRAD_GROWTH:g}×)")
-    if (e["weight_norm_growth"] or 0) >= EXPLODING_WEIGHT_GROWTH:
-        reasons.append(f"a layer's weight norm grew {e['weight_norm_growth']:.3g}× "
-                       f"(threshold {EXPLODING_WEIGHT_GROWTH:g}×)")
+    e = run_evidence(metrics)
+    findings = layer_findings(judged_rows(metrics), history.layer_paths, history.layer_blocks)
+    e["blocks"] = len({f.block for f in findings})
+    e["weakest_block"], e["weakest_depth_ratio"] = _weakest(findings)
+    e.update(through_time_evidence(history.state_gradients))
+    def label(k):
+        return layer_label(k, history.layer_paths)
+    time_exploding, time_vanishing = _through_time_reasons(e, label)
+
+    exploding_layers = [f for f in findings if f.verdict == "exploding"]
+    reasons = _run_exploding_reasons(e) + time_exploding
+    if exploding_layers:
+        reasons.append(_named(exploding_layers))
     if reasons:
         return Diagnosis("exploding", e, "Exploding gradients: " + "; ".join(reasons) + ".",
-                         REMEDIES["exploding"])
+                         REMEDIES["exploding"], findings)
+    vanishing_layers = [f for f in findings if f.verdict == "vanishing"]
+    if vanishing_layers or time_vanishing:
+        text = "; ".join(([_named(vanishing_layers)] if vanishing_layers else []) + time_vanishing)
+        return Diagnosis("vanishing", e, "Vanishing gradients: " + text + "." + _vanishing_tail(e, vanishing_layers),
+                         REMEDIES["vanishing"], findings)
+    return Diagnosis("healthy", e, _healthy_text(e, findings), [], findings)
 
-    if e["layers"] >= MIN_LAYERS_FOR_VANISHING:
-        for key, what in (("first_to_last_grad_ratio", "over the whole run"),
-                          ("first_to_last_grad_ratio_first_epoch", "in the first epoch")):
-            if _below(e[key], VANISHING_RATIO):
-                reasons.append(f"layer 1's gradient magnitude is {e[key]:.3g}× the last layer's "
-                               f"{what} (threshold {VANISHING_RATIO:g})")
-        if _below(e["first_to_last_update_ratio"], VANISHING_RATIO):
-            reasons.append(f"layer 1's weights move {e['first_to_last_update_ratio']:.3g}× as much "
-                           f"as the last layer's per step (threshold {VANISHING_RATIO:g})")
-    through_time = e.get("state_grad_ratio")
-    truncated = through_time is not None and e["time_steps_reached"] < e["time_steps"]
-    if through_time is not None and not truncated and through_time < VANISHING_THROUGH_TIME:
-        reasons.append(f"through time: ‖∂L/∂h_1‖ is {through_time:.3g}× ‖∂L/∂h_T‖ (median over "
-                       f"epochs, T = {e['time_steps']}; threshold {VANISHING_THROUGH_TIME:g})")
-    if reasons:
-        stalled = _below(e["loss_improvement"], STALLED_LOSS_IMPROVEMENT)
-        tail = " The loss stalled." if stalled else ""
-        recovered = (e["layers"] >= MIN_LAYERS_FOR_VANISHING
-                     and (e["first_to_last_grad_ratio"] or 0) >= VANISHING_RATIO)
-        if recovered:
-            tail += (f" Later steps recover (whole-run ratio {e['first_to_last_grad_ratio']:.3g}): "
-                     "the early layers learned late.")
-        return Diagnosis("vanishing", e, "Vanishing gradients: " + "; ".join(reasons) + "." + tail,
-                         REMEDIES["vanishing"])
 
-    ratio = e["first_to_last_grad_ratio"]
-    shown = f"{ratio:.3g}" if ratio is not None else "n/a"
-    note = ("" if e["layers"] >= MIN_LAYERS_FOR_VANISHING else
-            f" (with {e['layers']} layers, vanishing across layers is not judged: it is an "
-            "effect of depth)")
-    if through_time is not None:
-        note += (f"; through time, ‖∂L/∂h_1‖ is {through_time:.3g}× ‖∂L/∂h_T‖ (median over epochs)"
-                 if not truncated else
-                 f"; through time, the gradient reaches only the last {e['time_steps_reached']} "
-                 f"of {e['time_steps']} steps (truncated backpropagation)")
-    return Diagnosis("healthy", e, f"No sign of exploding or vanishing gradients: layer 1 gets "
-                     f"{shown}× the last layer's gradient magnitude, gradient norm growth "
-                     f"{e['grad_norm_growth'] or float('nan'):.3g}×{note}.", [])
+def _vanishing_tail(e: dict, vanishing_layers: list[LayerFinding]) -> str:
+    tail = " The loss stalled." if (e["loss_improvement"] is not None
+                                    and e["loss_improvement"] < STALLED_LOSS_IMPROVEMENT) else ""
+    recovered = [f for f in vanishing_layers
+                 if f.numbers["depth_ratio"] is not None and f.numbers["depth_ratio"] >= VANISHING_RATIO]
+    if vanishing_layers and len(recovered) == len(vanishing_layers):
+        lowest = min(f.numbers["depth_ratio"] for f in recovered)
+        tail += (f" Over the whole run the ratio recovers ({lowest:.3g}): the early layers "
+                 "learned late.")
+    return tail
+
+
+def _healthy_text(e: dict, findings: list[LayerFinding]) -> str:
+    largest_update = max((f.numbers["update_ratio"] or 0 for f in findings), default=0)
+    growth = e["grad_norm_growth"]
+    text = (f"No sign of exploding or vanishing gradients: {_depth_summary(e)}; no layer's "
+            f"weights change by more than {largest_update:.3g}× their norm per step (epoch "
+            f"median); gradient norm growth {growth if growth is not None else float('nan'):.3g}×")
+    if e.get("state_grad_ratio") is not None:
+        reach = ("" if e["bptt_steps"] == e["time_steps"] else
+                 f" over the last {e['bptt_steps']} of {e['time_steps']} steps (truncated "
+                 "backpropagation)")
+        text += (f"; through time, ‖∂L/∂h_first‖ is {e['state_grad_ratio']:.3g}× ‖∂L/∂h_T‖ "
+                 f"(median over epochs{reach})")
+    return text + "."

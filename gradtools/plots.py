@@ -11,7 +11,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from matplotlib.colors import Normalize
+
 from gradtools.history import History
+from gradtools.layers import layer_label
 from gradtools.recurrence import (
     STATE_GRAD_STAT,
     geometric_prediction,
@@ -51,7 +54,7 @@ def _spans_decades(values, decades: float = 2.0) -> bool:
 
 
 def plot_mean_gradient(metrics: pd.DataFrame, title: str,
-                       first_nonfinite_step: int | None = None) -> Figure:
+                       first_nonfinite_step: int | None = None, layer_paths=()) -> Figure:
     """The article's figure: the signed mean gradient of every layer's kernel.
 
     Sampled at batch 5 of each epoch (x = epoch) like the article; a run with fewer than two
@@ -64,7 +67,7 @@ def plot_mean_gradient(metrics: pd.DataFrame, title: str,
     data = sample_per_epoch(metrics) if by_epoch else metrics
     x_name = "epoch" if by_epoch else "step"
     for k in layer_numbers(metrics):
-        ax.plot(data[x_name], data[f"layer_{k}/grad_mean"], label=f"layer_{k}")
+        ax.plot(data[x_name], data[f"layer_{k}/grad_mean"], label=layer_label(k, layer_paths))
     if first_nonfinite_step is not None:
         where = metrics.loc[metrics["step"] == first_nonfinite_step, x_name]
         x_value = where.iloc[0] if len(where) else first_nonfinite_step
@@ -73,12 +76,12 @@ def plot_mean_gradient(metrics: pd.DataFrame, title: str,
     ax.set_xlabel(f"{x_name} (batch {ARTICLE_SAMPLE_BATCH} of each epoch)" if by_epoch else x_name)
     ax.set_ylabel("mean of kernel gradient")
     ax.axhline(0, color="grey", linewidth=0.5)
-    ax.legend()
+    ax.legend(fontsize=8)
     return fig
 
 
 def plot_first_vs_last(metrics: pd.DataFrame, title: str,
-                       first_nonfinite_step: int | None = None) -> Figure:
+                       first_nonfinite_step: int | None = None, layer_paths=()) -> Figure:
     """Layer 1 beside the last layer, at every logged step: the signed mean gradient on top
     (what the article plots) and the mean absolute gradient below on a shared log scale (what
     shows vanishing: the signed mean cancels out, the magnitude does not)."""
@@ -89,7 +92,8 @@ def plot_first_vs_last(metrics: pd.DataFrame, title: str,
     for column, k in enumerate((first, last)):
         axes[0, column].plot(metrics["step"], metrics[f"layer_{k}/grad_mean"], linewidth=0.6)
         axes[0, column].axhline(0, color="grey", linewidth=0.5)
-        axes[0, column].set_title(f"layer_{k}" + (" (first)" if k == first else " (last)"))
+        axes[0, column].set_title(layer_label(k, layer_paths) + (" (first)" if k == first else " (last)"),
+                                  fontsize=9)
         axes[1, column].plot(metrics["step"], metrics[f"layer_{k}/grad_abs_mean"],
                              linewidth=0.6, color="tab:orange")
         axes[1, column].set_yscale("log")
@@ -103,7 +107,8 @@ def plot_first_vs_last(metrics: pd.DataFrame, title: str,
     return fig
 
 
-def plot_loss(metrics: pd.DataFrame, title: str, first_nonfinite_step: int | None = None) -> Figure:
+def plot_loss(metrics: pd.DataFrame, title: str, first_nonfinite_step: int | None = None,
+              layer_paths=()) -> Figure:
     """The loss at every logged step, and its mean per epoch."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
@@ -177,16 +182,53 @@ def plot_state_gradients(state_gradients: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
+#: Above this many numbered layers, the per-layer line figure is left out: the heatmap shows them.
+MAX_LAYER_LINES = 12
+
+
+def sensitivity_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """‖g‖·‖W‖ / |loss| of every numbered layer (columns ``layer_k``) at every logged row: the
+    scale-free gradient size :mod:`gradtools.diagnosis` judges (NaN where undefined)."""
+    loss = metrics["loss"].abs()
+    table = pd.DataFrame({f"layer_{k}": metrics[f"layer_{k}/grad_norm"]
+                          * metrics[f"layer_{k}/weight_norm"] / loss for k in layer_numbers(metrics)})
+    return table.replace([np.inf, -np.inf], np.nan)
+
+
+def plot_gradient_heatmap(metrics: pd.DataFrame, title: str,
+                          first_nonfinite_step: int | None = None, layer_paths=()) -> Figure:
+    """Where gradients die or blow up, at a glance: one row per numbered layer (first at the
+    top), one column per logged step, coloured by log10 of the layer's sensitivity
+    ‖g‖·‖W‖/|loss|. A healthy network is one colour from top to bottom; vanishing shows as
+    rows that fade towards the input, exploding as a bright band."""
+    values = np.log10(sensitivity_table(metrics).where(lambda t: t > 0)).to_numpy(dtype=float).T
+    ks = layer_numbers(metrics)
+    fig = Figure(figsize=(9, 1.6 + 0.32 * len(ks)), layout="constrained")
+    ax = fig.add_subplot()
+    steps = metrics["step"].to_numpy()
+    finite = values[np.isfinite(values)]
+    norm = Normalize(*(np.floor(finite.min()), np.ceil(finite.max()))) if finite.size else None
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap="magma", norm=norm,
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(ks) - 0.5, -0.5))
+    ax.set_yticks(range(len(ks)), [layer_label(k, layer_paths) for k in ks], fontsize=7)
+    ax.set_xlabel("step")
+    if first_nonfinite_step is not None:
+        _mark_divergence(ax, first_nonfinite_step, f"non-finite at step {first_nonfinite_step}")
+    fig.colorbar(image, ax=ax, label="log10 ‖g‖·‖W‖ / |loss|")
+    ax.set_title(f"Gradient sensitivity per layer {title}")
+    return fig
+
+
 def run_figures(history: History, title: str) -> dict[str, Figure]:
     """Every standard figure of one run, by file stem."""
     if history.metrics.empty:
         return {}
-    args = (history.metrics, title, history.first_nonfinite_step)
-    figures = {
-        "mean_gradient": plot_mean_gradient(*args),
-        "first_vs_last": plot_first_vs_last(*args),
-        "loss": plot_loss(*args),
-    }
+    args = (history.metrics, title, history.first_nonfinite_step, history.layer_paths)
+    figures = {"gradient_heatmap": plot_gradient_heatmap(*args)}
+    if len(layer_numbers(history.metrics)) <= MAX_LAYER_LINES:
+        figures["mean_gradient"] = plot_mean_gradient(*args)
+    figures["first_vs_last"] = plot_first_vs_last(*args)
+    figures["loss"] = plot_loss(*args)
     states = history.state_gradients
     if states is not None and not states.empty and state_gradient_layers(states):
         figures["state_gradients"] = plot_state_gradients(states, title)
