@@ -109,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
         "the article's two networks marked, and the 4^-depth bound for sigmoid.")
     phase.add_argument("--figures", default="figures", help="where the figure goes (default figures)")
     _add_sweep_options(phase)
+
+    gallery = commands.add_parser(
+        "gallery", help="diagnose the gallery of real architectures, healthy and broken",
+        description="Train every gallery model (a convnet, a ResNet, a transformer, a BiLSTM, "
+        "Conv1D and GRU sequence models, an MLP regressor, and four broken nets) with model.fit "
+        "and GradientMonitor, diagnose each, and time plain model.fit against model.fit with the "
+        "monitor. Prints a markdown table and writes it to <figures>/gallery.md, with each "
+        "model's gradient heatmap as <figures>/gallery_<model>.png.")
+    gallery.add_argument("--seeds", type=int, default=1, help="seeds per model (default 1)")
+    gallery.add_argument("--figures", default="figures", help="where the table and heatmaps go "
+                         "(default figures)")
+    gallery.add_argument("--no-timing", action="store_true",
+                         help="skip the overhead measurement (about a minute)")
     return parser
 
 
@@ -162,6 +175,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def describe_run(run) -> str:
     """The paragraph printed after a run."""
+    from gradtools.layers import layer_label
     from gradtools.summary import summarize
 
     history = run.history
@@ -174,8 +188,9 @@ def describe_run(run) -> str:
         lines[0] += f"; loss or gradients became non-finite at step {history.first_nonfinite_step}"
     lines[0] += f". Final loss {summary.final_loss:.4g}."
     lines.append(
-        f"Gradient magnitude (median grad_abs_mean over all steps): layer_{summary.first_layer} "
-        f"{summary.first_grad_abs_mean:.3g}, layer_{summary.last_layer} (last) "
+        f"Gradient magnitude (median grad_abs_mean over all steps): "
+        f"{layer_label(summary.first_layer, history.layer_paths)} {summary.first_grad_abs_mean:.3g}, "
+        f"{layer_label(summary.last_layer, history.layer_paths)} (last) "
         f"{summary.last_grad_abs_mean:.3g}: layer 1 gets {summary.first_to_last_ratio:.3g}× the "
         f"last layer's. Largest |grad_mean| of layer 1: {summary.max_abs_first_grad_mean:.3g}."
     )
@@ -347,7 +362,32 @@ def command_phase_diagram(args) -> int:
     return 1 if result.failed else 0
 
 
-COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures,
+def command_gallery(args) -> int:
+    from experiments.gallery import CASES, gallery_row, markdown_table
+    from gradtools.plots import plot_gradient_heatmap
+
+    if args.seeds < 1:
+        raise ConfigError("--seeds", "--seeds", args.seeds, "must be an integer >= 1")
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in CASES:
+        started = time.perf_counter()
+        row = gallery_row(case, seeds=range(args.seeds), overhead=not args.no_timing)
+        history = row.pop("heatmap")
+        plot_gradient_heatmap(history.metrics, case.name, history.first_nonfinite_step,
+                              history.layer_paths).savefig(figures / f"gallery_{case.name}.png", dpi=80)
+        rows.append(row)
+        print(f"{case.name}: {', '.join(row['verdicts'])} (expected {case.expected}; "
+              f"{time.perf_counter() - started:.0f} s)", flush=True)
+    table = markdown_table(rows)
+    (figures / "gallery.md").write_text(table)
+    print(table + f"table: {figures / 'gallery.md'}")
+    wrong = sum(v != row["expected"] for row in rows for v in row["verdicts"])
+    return 1 if wrong else 0
+
+
+COMMANDS = {"gallery": command_gallery, "run": command_run, "list": command_list, "figures": command_figures,
             "compare": command_compare, "claims": command_claims, "report": command_report,
             "sweep": command_sweep, "phase-diagram": command_phase_diagram}
 

@@ -1,0 +1,106 @@
+"""The gallery: real architectures trained with model.fit + GradientMonitor, healthy and broken;
+every verdict asserted, with the numbers that make each case hard."""
+
+import numpy as np
+import pytest
+
+from experiments.gallery import CASES, train
+from gradtools.diagnosis import VANISHING_RATIO, VANISHING_THROUGH_TIME, diagnose
+
+BY_NAME = {case.name: case for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Each case trained once (seed 0), shared by the tests of this module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            run = train(BY_NAME[name], seed=0)
+            cache[name] = run, diagnose(run.monitor.history())
+        return cache[name]
+
+    return get
+
+
+def test_the_gallery_has_six_healthy_and_four_broken_architectures():
+    expected = [case.expected for case in CASES]
+    assert expected.count("healthy") >= 6
+    assert {"vanishing", "exploding"} <= set(expected) and len(expected) - expected.count("healthy") >= 4
+
+
+@pytest.mark.parametrize("name", [c.name for c in CASES if c.expected == "healthy"])
+def test_healthy_models_are_diagnosed_healthy_and_learn(trained, name):
+    run, diagnosis = trained(name)
+    assert diagnosis.verdict == "healthy", diagnosis.explanation
+    assert run.losses[-1] < 0.8 * run.losses[0], f"{name} did not learn: {run.losses}"
+    assert run.monitor.status == "completed"
+    assert [f.path for f in diagnosis.layers] == run.monitor.layer_paths
+
+
+def test_a_transformer_whose_attention_scores_get_little_gradient_is_still_healthy(trained):
+    """The old first-vs-last rule called this model vanishing: its first kernel (the query
+    projection) gets 1e-4 of the head's mean |gradient|. By sensitivity, the query and key
+    projections are far below the value projection of the same attention layer; judged by
+    block, the encoder gets a healthy share."""
+    run, diagnosis = trained("transformer")
+    layers = {f.path.split("/", 1)[-1]: f for f in diagnosis.layers}
+    query, value = layers["attention/query/kernel"], layers["attention/value/kernel"]
+    assert query.numbers["sensitivity_first_epoch"] < VANISHING_RATIO * value.numbers["sensitivity_first_epoch"]
+    metrics = run.monitor.metrics
+    first, last = metrics["layer_1/grad_abs_mean"], metrics[f"layer_{len(layers)}/grad_abs_mean"]
+    assert first.median() / last.median() < 1e-2, "the case the old rule got wrong"
+    assert query.block == value.block == "encoder" and query.verdict == "healthy"
+    assert diagnosis.evidence["weakest_depth_ratio"] > 10 * VANISHING_RATIO
+
+
+def test_a_bidirectional_lstm_is_healthy_although_its_kernels_get_less_than_the_head(trained):
+    run, diagnosis = trained("bilstm")
+    metrics = run.monitor.metrics
+    old_ratio = metrics["layer_1/grad_abs_mean"].median() / metrics["layer_5/grad_abs_mean"].median()
+    assert diagnosis.layers[-1].path.endswith("head/kernel")
+    assert old_ratio < 0.1, "mean |gradient| of the LSTM kernel against the head's"
+    blocks = [f.block for f in diagnosis.layers]
+    assert blocks[0] == blocks[1] != blocks[2], "forward and backward halves share a block"
+
+
+def test_a_deep_saturating_net_vanishes_layer_by_layer(trained):
+    _, diagnosis = trained("deep_sigmoid")
+    assert diagnosis.verdict == "vanishing", diagnosis.explanation
+    first = diagnosis.layers[0]
+    assert first.verdict == "vanishing" and first.numbers["depth_ratio_first_epoch"] < 1e-6
+    assert diagnosis.layers[-1].verdict == "healthy"
+    sensitivities = [f.numbers["sensitivity_first_epoch"] for f in diagnosis.layers[:-1]]
+    assert sensitivities == sorted(sensitivities), "sensitivity grows towards the output"
+    assert first.path in diagnosis.explanation
+
+
+def test_an_explosion_to_nan_under_sgd(trained):
+    run, diagnosis = trained("sgd_nan")
+    assert run.monitor.status == "diverged"
+    assert diagnosis.verdict == "exploding"
+    assert diagnosis.evidence["first_nonfinite_statistic_step"] == run.monitor.first_nonfinite_step
+
+
+def test_an_explosion_that_stays_finite_under_adam(trained):
+    """The old rule (NaN or growth only) called this vanishing: Adam keeps every number finite
+    while the loss sits near 1e12."""
+    run, diagnosis = trained("adam_finite")
+    assert run.monitor.status == "completed" and np.isfinite(run.monitor.metrics["loss"]).all()
+    assert diagnosis.verdict == "exploding", diagnosis.explanation
+    assert diagnosis.evidence["loss_epoch_median_max"] > 1e10
+    assert all(f.verdict == "exploding" and f.numbers["grad_to_weight"] > 1e6 for f in diagnosis.layers)
+    assert all(f.numbers["update_ratio"] < 1e-2 for f in diagnosis.layers), "Adam's steps stay small"
+
+
+def test_a_recurrent_net_vanishes_through_time(trained):
+    run, diagnosis = trained("rnn_through_time")
+    assert diagnosis.verdict == "vanishing", diagnosis.explanation
+    e = diagnosis.evidence
+    assert e["time_steps"] == e["bptt_steps"] == 60
+    assert e["state_grad_ratio"] < VANISHING_THROUGH_TIME
+    states = run.monitor.history().state_gradients
+    assert list(states["epoch"]) == list(range(BY_NAME["rnn_through_time"].epochs))
+    last = states["layer_1/state_grad_norm/t060"]
+    assert (last > 0).all(), "the gradient reaches the last state"
