@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: venv run-experiment figures compare claims report phase-diagram sweep dashboard test bench clean
+.PHONY: venv run-experiment figures gallery compare claims report phase-diagram sweep dashboard test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ run-experiment: $(STAMP)  ## train configs/$(EXP).toml and print its summary
 
 figures: $(STAMP)  ## run every experiment config, write figures/<group>_<name>.png
 	$(PY) -m experiments figures $(ARGS)
+
+gallery: $(STAMP)  ## diagnose the gallery of real architectures: figures/gallery.md, heatmaps
+	$(PY) -m experiments gallery $(ARGS)
 
 claims: $(STAMP)  ## the 23 claims over 3 seeds: report/claims.md, report/claims.json
 	$(PY) -m experiments claims $(ARGS)

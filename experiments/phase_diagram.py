@@ -83,7 +83,8 @@ def plot_phase_diagram(table: pd.DataFrame) -> Figure:
     """Top row: the ratio at the first step (initialization); middle row: over the last
     epoch, with the run's diagnosis on each cell; bottom row: log10 of the global gradient
     norm at the first step. Right column: the sigmoid ratio at the first step against depth,
-    one line per scale, beside the bound 4^−depth (seed 002: the sigmoid's slope is at most
+    one line per scale, beside the bound 4^−depth (the lecture notes' chain-rule derivation:
+    the sigmoid's slope is at most
     1/4, so with small weights each layer shrinks the gradient at least 4×); the verdicts
     counted; the last activation's gradient size against depth, one line per scale."""
     activations = [a for a in ("sigmoid", "tanh", "relu") if a in set(table[ACTIVATION])]
@@ -136,7 +137,7 @@ def _plot_sigmoid_bound(ax, table: pd.DataFrame) -> None:
     rows = table[(table[ACTIVATION] == "sigmoid") & (table[SCALE] <= 1.0)]
     _lines_per_scale(ax, rows, "ratio_first_step", "sigmoid, scale ")
     depths = np.sort(table[DEPTH].unique())
-    ax.plot(depths, 4.0 ** -depths, color="black", linestyle="--", label="4^−depth (seed 002)")
+    ax.plot(depths, 4.0 ** -depths, color="black", linestyle="--", label="4^−depth (sigmoid' ≤ 1/4)")
     ax.set_ylabel("layer-1 / last grad_abs_mean at the first step")
     ax.set_title("sigmoid, small weights, vs 4^−depth", fontsize=10)
     ax.legend(fontsize=8)
