@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from experiments.config import FILE, ConfigError, config_groups, config_names, l
 from gradtools.loggers.neptune import NeptuneUnavailable
 
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_ERROR = 1
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -387,17 +389,44 @@ def command_gallery(args) -> int:
     return 1 if wrong else 0
 
 
+#: The options each command writes under: checked before anything runs.
+OUTPUT_OPTIONS = {"run": ("out",), "figures": ("out", "figures"), "claims": ("out", "report"),
+                  "report": ("out", "report"), "compare": ("figures",), "sweep": ("out",),
+                  "phase-diagram": ("out", "figures"), "gallery": ("figures",)}
+
+
+def check_writable(args) -> None:
+    """Every output directory of the command is a directory that takes a file, or can be
+    made in one (nothing is created here): exit 2 now, not a traceback after training."""
+    for option in OUTPUT_OPTIONS.get(args.command, ()):
+        path, flag = Path(getattr(args, option)), f"--{option}"
+        existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+        if not existing.is_dir():
+            raise ConfigError(flag, flag, str(path), f"{existing} is a file; give a directory")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            raise ConfigError(flag, flag, str(path),
+                              f"cannot be written ({error.strerror or error})") from None
+
+
 COMMANDS = {"gallery": command_gallery, "run": command_run, "list": command_list, "figures": command_figures,
             "compare": command_compare, "claims": command_claims, "report": command_report,
             "sweep": command_sweep, "phase-diagram": command_phase_diagram}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gradtools.__main__ import one_line_warnings
+    from gradtools.history import RunDirectoryError
+
     args = build_parser().parse_args(argv)
+    one_line_warnings()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        check_writable(args)
         return COMMANDS[args.command](args)
-    except ConfigError as error:
+    except (ConfigError, RunDirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ImportError as error:
@@ -408,9 +437,14 @@ def main(argv: list[str] | None = None) -> int:
     except NeptuneUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: could not write {where}{error.strerror or error}; what was written before "
+              "is kept, and run.json says how far the run got", file=sys.stderr)
+        return EXIT_WRITE_ERROR
     except KeyboardInterrupt as interruption:
-        print("interrupted: the run directory keeps what was computed (status 'interrupted')",
-              file=sys.stderr)
+        print("interrupted: what finished is kept (each run.json says how far its run got; "
+              "sweeps resume where they stopped)", file=sys.stderr)
         return EXIT_TERMINATED if isinstance(interruption, Terminated) else EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)

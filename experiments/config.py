@@ -8,6 +8,7 @@ are checked by asking Keras's own registries to resolve them.
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,18 +47,27 @@ FILE = "(file)"  # the key of an error about the whole file
 
 # --- value checks: each returns the (normalized) value or raises ValueError(allowed) ----------
 
-def _integer(minimum: int) -> Callable[[Any], int]:
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def check(value):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"must be an integer >= {minimum}")
+            raise ValueError(f"must be an integer >= {minimum}"
+                             + (f" and <= {maximum}" if maximum is not None else ""))
+        if maximum is not None and value > maximum:
+            raise ValueError(f"must be an integer from {minimum} to {maximum}")
         return value
     return check
+
+
+#: Seeds are 32-bit (NumPy's and TensorFlow's generators take no more).
+MAX_SEED = 2**32 - 1
 
 
 def _number(minimum: float | None = None, exclusive: bool = False) -> Callable[[Any], float]:
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be a number")
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number (not nan or inf)")
         if minimum is not None and (value <= minimum if exclusive else value < minimum):
             raise ValueError(f"must be a number {'>' if exclusive else '>='} {minimum}")
         return value
@@ -241,7 +251,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "loss": Key(_loss),
         "epochs": Key(_integer(1)),
         "batch_size": Key(_integer(1), 32),
-        "seed": Key(_integer(0), 42),
+        "seed": Key(_integer(0, MAX_SEED), 42),
         "shuffle": Key(_boolean, True),
         "log_every": Key(_integer(1), 1),
         "stop_on_nonfinite": Key(_boolean, True),
@@ -402,7 +412,8 @@ def validate(raw: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
             except ValueError as error:
                 raise ConfigError(source, f"{section}.{key}", value, str(error)) from None
         if section == "data":
-            checked.update(_data_params(extra, checked["generator"], source))
+            checked.update(_data_params(extra, checked["generator"], source,
+                                        checked["standardize_targets"]))
         elif extra:
             key = sorted(extra)[0]
             raise ConfigError(source, f"{section}.{key}", extra[key],
@@ -453,13 +464,18 @@ def hidden_layer_units(model: Mapping[str, Any]) -> list[int]:
     return list(model["hidden_units"])
 
 
-def _data_params(params: dict[str, Any], generator: str, source: str) -> dict[str, Any]:
+def _data_params(params: dict[str, Any], generator: str, source: str,
+                 standardize_targets: bool = False) -> dict[str, Any]:
     try:
-        check_data_params(generator, params)
+        check_data_params(generator, params, standardize_targets)
     except KeyError as error:
         key, allowed = error.args
         raise ConfigError(source, f"data.{key}", params[key],
                           f"unknown key for the {generator!r} generator; allowed: {allowed}") from None
+    except ZeroDivisionError:
+        raise ConfigError(source, "data.standardize_targets", True,
+                          "the targets all have the same value: they cannot be scaled to unit "
+                          "variance; set it to false or change the data") from None
     except ValueError as error:
         key = next((k for k in params if f"'{k}'" in str(error)), "generator")
         raise ConfigError(source, f"data.{key}", params.get(key, generator), str(error)) from None
@@ -467,6 +483,12 @@ def _data_params(params: dict[str, Any], generator: str, source: str) -> dict[st
 
 
 def _check_optimizer(section: dict[str, Any], source: str) -> None:
+    for key, value in section["config"].items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(source, f"optimizer.config.{key}", value, "must be a finite number")
+    rate = section["config"].get("learning_rate")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate <= 0:
+        raise ConfigError(source, "optimizer.config.learning_rate", rate, "must be a number > 0")
     try:
         keras.optimizers.get(copy.deepcopy(section))
     except (ValueError, TypeError) as error:

@@ -64,17 +64,20 @@ def generator_parameters(generator: str) -> list[str]:
     return [name for name in signature.parameters if name not in _NOT_CONFIGURABLE]
 
 
-def check_data_params(generator: str, params: dict[str, Any]) -> None:
+def check_data_params(generator: str, params: dict[str, Any], standardize_targets: bool = False) -> None:
     """Raise KeyError(key, allowed) for an unknown parameter, ValueError for a bad value
-    (scikit-learn's own validation message, which names the parameter)."""
+    (scikit-learn's own validation message, which names the parameter), ZeroDivisionError
+    when targets to standardize have no variance."""
     allowed = generator_parameters(generator)
     for key in params:
         if key not in allowed:
             raise KeyError(key, ", ".join(allowed))
     try:
-        GENERATORS[generator](**params)  # scikit-learn validates its own parameters
+        _, y = GENERATORS[generator](**params)  # scikit-learn validates its own parameters
     except (TypeError, ValueError) as error:
         raise ValueError(str(error)) from None
+    if standardize_targets and not (np.std(np.atleast_1d(y), axis=0) > 0).all():
+        raise ZeroDivisionError("targets with zero variance")
 
 
 def make_dataset(data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,14 +3,24 @@
 Each worker starts TensorFlow once and runs its share of the jobs; every run writes its own
 run directory, which the parent then reads back. Results are identical to running the jobs
 one by one (each run seeds itself and turns on op determinism).
+
+Ctrl-C (or SIGTERM) reaches the parent only: workers ignore the terminal's SIGINT. The parent
+cancels the queued jobs, asks the running ones to stop (SIGTERM, which a worker turns into
+KeyboardInterrupt: its run is closed as ``interrupted``), waits a few seconds for them, then
+ends any that are left, and raises KeyboardInterrupt. Finished runs are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 from experiments import worker
 from experiments.config import load_config
@@ -20,10 +30,87 @@ from gradtools.history import History
 #: A job: a config reference and its --set overrides.
 Job = tuple[str, list[str]]
 
+#: Seconds the running workers get to close their runs after Ctrl-C before they are ended.
+STOP_GRACE_SECONDS = 5.0
+
 
 def default_workers() -> int:
     """Both cores of the reference machine (measured to pay: see the README), at most."""
     return max(1, min(2, os.cpu_count() or 1))
+
+
+class _Interrupts:
+    """Ctrl-C and SIGTERM noted as they come and raised by :meth:`check` where the loop
+    can stop cleanly (raised at once, a KeyboardInterrupt can land inside a library's
+    callback, which only prints it)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.handlers = {}
+
+    def note(self, signum, frame):
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            handler = self.handlers.get(self.signum)
+            if callable(handler):
+                handler(self.signum, None)  # the command's own: KeyboardInterrupt, or Terminated
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[_Interrupts]:
+    interrupts = _Interrupts()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        interrupts.handlers[signum] = signal.signal(signum, interrupts.note)
+    try:
+        yield interrupts
+    finally:
+        for signum, handler in interrupts.handlers.items():
+            signal.signal(signum, handler)
+
+
+#: How often a multi-run loop looks for a finished job or a Ctrl-C.
+POLL_SECONDS = 0.2
+
+
+def map_in_workers(function: Callable[[Any], Any], arguments: list[Any], workers: int,
+                   on_result: Callable[[int, Any], None]) -> None:
+    """``function(arguments[i])`` in ``workers`` spawned processes; ``on_result(i, result)`` in
+    this process as each finishes. Interruptible as the module says."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: TF is not fork-safe
+    with deferred_interrupts() as interrupts:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker.start)
+        try:
+            pending = {pool.submit(function, argument): i for i, argument in enumerate(arguments)}
+            while pending:
+                done, _ = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                interrupts.check()
+                for future in done:
+                    on_result(pending.pop(future), future.result())
+        except BaseException:
+            _stop(pool)
+            raise
+        pool.shutdown()
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what is queued, ask the workers to stop, end the ones that do not."""
+    processes = list((pool._processes or {}).values())  # noqa: SLF001 - no public handle on them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
 
 
 def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list) -> list[Run]:
@@ -34,9 +121,11 @@ def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list) -
         run_dirs = [run_experiment(load_config(reference, overrides), out, loggers=loggers()).run_dir
                     for reference, overrides in jobs]
     else:
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: TF is not fork-safe
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                 initializer=worker.start) as pool:
-            run_dirs = list(pool.map(worker.run_job, [(ref, list(ov), str(out)) for ref, ov in jobs]))
+        run_dirs = [None] * len(jobs)
+
+        def keep(index: int, run_dir: str) -> None:
+            run_dirs[index] = run_dir
+
+        map_in_workers(worker.run_job, [(ref, list(ov), str(out)) for ref, ov in jobs], workers, keep)
     return [Run(load_config(ref, ov), Path(run_dir), History.from_run_dir(run_dir))
             for (ref, ov), run_dir in zip(jobs, run_dirs)]

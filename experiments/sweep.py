@@ -28,6 +28,7 @@ runs again; a failed one is run again.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -36,6 +37,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,13 +200,46 @@ class SweepDirectory:
         self.points_dir = self.path / "points"
         self.table_path = self.path / "sweep.csv"
         self.points_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _claim(self.path)
         (self.path / "sweep.json").write_text(json.dumps(
             {"name": sweep.name, "source": sweep.source, "base": sweep.base,
              "description": sweep.description, "set": sweep.fixed, "grid": sweep.grid}, indent=2) + "\n")
         self.rows: dict[str, dict[str, Any]] = {}
-        if self.table_path.is_file():
-            for record in pd.read_csv(self.table_path, keep_default_na=False).to_dict("records"):
-                self.rows[record["point"]] = self._with_new_columns(record)
+        for record in self._read_table():
+            self.rows[record["point"]] = self._with_new_columns(record)
+
+    def _read_table(self) -> list[dict[str, Any]]:
+        """sweep.csv's rows; a damaged or empty one is rebuilt from the point directories,
+        which are the truth."""
+        if not self.table_path.is_file():
+            return []
+        try:
+            table = pd.read_csv(self.table_path, keep_default_na=False)
+            if "point" not in table or "status" not in table:
+                raise ValueError("no point or status column")
+            return table.to_dict("records")
+        except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+            warnings.warn(f"{self.table_path} is damaged ({error}); rebuilt from the point "
+                          "directories", RuntimeWarning, stacklevel=2)
+            return self._rows_from_points()
+
+    def _rows_from_points(self) -> list[dict[str, Any]]:
+        from gradtools.history import History, RunDirectoryError
+
+        rows = []
+        for point in self.sweep.points():
+            run_dir = self.points_dir / point.id
+            try:
+                history = History.from_run_dir(run_dir)
+            except RunDirectoryError:
+                continue  # never finished: it runs again
+            if history.status in DONE:
+                rows.append({"point": point.id, **{k: _cell(v) for k, v in point.params.items()},
+                             **summarize_point(history), "run_dir": str(run_dir)})
+        return rows
+
+    def release(self) -> None:
+        self._lock.close()
 
     def _with_new_columns(self, record: dict[str, Any]) -> dict[str, Any]:
         """A finished point from a sweep.csv written before a result column existed gets it
@@ -247,6 +282,25 @@ class SweepDirectory:
         partial = self.table_path.with_suffix(".csv.partial")
         table.to_csv(partial, index=False)
         os.replace(partial, self.table_path)
+
+
+def _claim(path: Path):
+    """Hold ``<sweep>/.lock`` for this process (released when it ends, however it ends): a
+    second invocation on the same sweep stops at once instead of running its points again."""
+    lock = (path / ".lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(str(path), FILE, "", f"this sweep is being run by {owner}; wait for it "
+                          "to finish (or stop it) and run again: finished points are kept") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    return lock
 
 
 def _cell(value: Any) -> Any:
@@ -297,6 +351,29 @@ def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", w
         raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
     started = time.perf_counter()
     directory = SweepDirectory(out, sweep)
+    try:
+        todo, progress = _start(directory, sweep, executor, workers, quiet)
+        jobs = _jobs(directory, sweep, todo, progress)
+
+        def finished(point: Point, result: dict[str, Any]) -> None:
+            directory.record(point, result["row"], result["files"])
+            progress.point_done(result["row"]["status"])
+
+        if jobs:
+            run = _run_with_ray if executor == "ray" else _run_locally
+            run(jobs, finished, workers, ray_address)
+        directory.write_table()
+    finally:
+        directory.release()
+    table = pd.read_csv(directory.table_path)
+    points = sweep.points()
+    return SweepResult(directory.path, table, ran=len(todo), skipped=len(points) - len(todo),
+                       failed=int((~table["status"].isin(DONE)).sum()),
+                       wall_seconds=time.perf_counter() - started)
+
+
+def _start(directory: SweepDirectory, sweep: Sweep, executor: str, workers: int, quiet: bool):
+    """The points still to run, and the progress line that counts them."""
     points = sweep.points()
     todo = [p for p in points if not directory.is_done(p)]
     progress = Progress(sweep.name, len(points), len(points) - len(todo), quiet)
@@ -304,26 +381,19 @@ def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", w
         print(f"sweep {sweep.name}: {len(points)} points, {len(points) - len(todo)} already done, "
               f"{len(todo)} to run ({executor}, {workers} worker{'s' * (workers != 1)})",
               file=sys.stderr, flush=True)
+    return todo, progress
+
+
+def _jobs(directory: SweepDirectory, sweep: Sweep, todo: list[Point], progress: Progress):
+    """(point, config) to run; a point whose values are not a valid config fails on its own."""
     jobs = []
     for point in todo:
         try:
             jobs.append((point, point_config(sweep, point)))
-        except ConfigError as error:  # a bad value in the grid fails its points only
+        except ConfigError as error:
             directory.record(point, {"status": "failed", "error": str(error)})
             progress.point_done("failed")
-
-    def finished(point: Point, result: dict[str, Any]) -> None:
-        directory.record(point, result["row"], result["files"])
-        progress.point_done(result["row"]["status"])
-
-    if jobs:
-        run = _run_with_ray if executor == "ray" else _run_locally
-        run(jobs, finished, workers, ray_address)
-    directory.write_table()
-    table = pd.read_csv(directory.table_path)
-    return SweepResult(directory.path, table, ran=len(todo), skipped=len(points) - len(todo),
-                       failed=int((~table["status"].isin(DONE)).sum()),
-                       wall_seconds=time.perf_counter() - started)
+    return jobs
 
 
 Finished = Callable[[Point, dict[str, Any]], None]
@@ -336,14 +406,10 @@ def _run_locally(jobs, finished: Finished, workers: int, ray_address) -> None:
         for point, config in jobs:
             finished(point, worker.run_sweep_point(config))
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from experiments.parallel import map_in_workers
 
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: TF is not fork-safe
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker.start) as pool:
-        futures = {pool.submit(worker.run_sweep_point, config): point for point, config in jobs}
-        for future in as_completed(futures):
-            finished(futures[future], future.result())
+    map_in_workers(worker.run_sweep_point, [config for _, config in jobs], workers,
+                   lambda index, result: finished(jobs[index][0], result))
 
 
 def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | None) -> None:
@@ -372,12 +438,21 @@ def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | Non
         else:
             ray.init(num_cpus=workers, **options)
     try:
+        from experiments.parallel import POLL_SECONDS, deferred_interrupts
+
         remote = ray.remote(num_cpus=1)(worker.run_sweep_point)
         pending = {remote.remote(config): point for point, config in jobs}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            point = pending.pop(done[0])
-            finished(point, ray.get(done[0]))
+        try:
+            with deferred_interrupts() as interrupts:
+                while pending:
+                    done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+                    interrupts.check()
+                    for ref in done:
+                        finished(pending.pop(ref), ray.get(ref))
+        except KeyboardInterrupt:
+            for ref in pending:  # queued and running tasks: their points run again next time
+                ray.cancel(ref, force=True)
+            raise
     finally:
         if started_here:
             ray.shutdown()

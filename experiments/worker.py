@@ -3,8 +3,51 @@ spawned worker starts TensorFlow quietly (``start``) before anything else import
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+
+#: True in a worker process of a pool (after :func:`start`), not where jobs run in the command's own.
+_pool_worker = False
+#: True while this worker runs a job: a stop request then interrupts the run, else ends the worker.
+_in_job = False
+EXIT_STOPPED = 143
+
+
+def _stop_requested(signum, frame):
+    if not _in_job:
+        os._exit(EXIT_STOPPED)  # between jobs (or still starting): nothing to close
+    raise KeyboardInterrupt
+
 
 def start() -> None:
+    """A worker ignores the terminal's Ctrl-C (its parent decides) and takes SIGTERM, the
+    parent's request to stop, as a KeyboardInterrupt: the run in progress closes as
+    ``interrupted`` and the worker ends quietly."""
+    global _pool_worker
+    _pool_worker = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_requested)
+    _quiet_tensorflow()
+
+
+@contextlib.contextmanager
+def _job():
+    """Marks a job in progress; in a pool worker, a stop request ends the worker once the run
+    is closed (in the command's own process, Ctrl-C goes on up as usual)."""
+    global _in_job
+    _in_job = True
+    try:
+        yield
+    except KeyboardInterrupt:
+        if _pool_worker:
+            os._exit(EXIT_STOPPED)  # the run directory is closed; no traceback for the terminal
+        raise
+    finally:
+        _in_job = False
+
+
+def _quiet_tensorflow() -> None:
     from gradtools.tf_startup import import_tensorflow_quietly
 
     import_tensorflow_quietly()
@@ -16,7 +59,8 @@ def run_job(job: tuple[str, list[str], str]) -> str:
     from experiments.runner import run_experiment
 
     reference, overrides, out = job
-    return str(run_experiment(load_config(reference, overrides), out).run_dir)
+    with _job():
+        return str(run_experiment(load_config(reference, overrides), out).run_dir)
 
 
 def run_sweep_point(config) -> dict:
@@ -27,7 +71,7 @@ def run_sweep_point(config) -> dict:
     import traceback
     from pathlib import Path
 
-    start()
+    _quiet_tensorflow()  # a Ray task runs here without start()
     from experiments.runner import run_experiment
     from experiments.sweep import summarize_point
 
@@ -35,7 +79,8 @@ def run_sweep_point(config) -> dict:
         run_dir = Path(scratch) / "run"
         failure = None
         try:
-            row = summarize_point(run_experiment(config, run_dir=run_dir).history)
+            with _job():
+                row = summarize_point(run_experiment(config, run_dir=run_dir).history)
         except Exception as error:  # noqa: BLE001 — recorded in sweep.csv, with its traceback
             row = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
             failure = traceback.format_exc()

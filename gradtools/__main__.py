@@ -1,20 +1,26 @@
-"""``python -m gradtools``: tools that work on run directories."""
+"""``python -m gradtools``: tools that work on run directories (they never start TensorFlow)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-
-from gradtools.tf_startup import import_tensorflow_quietly
+import warnings
 
 EXIT_BAD_INPUT = 2
+EXIT_WRITE_ERROR = 1
+
+
+def one_line_warnings() -> None:
+    """Warnings on the terminal as ``warning: <message>``, once each, without source lines."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
 
 
 def command_compare(args) -> int:
-    from gradtools.compare import compare_runs
+    from gradtools.compare import compare_runs, figure_path
 
     _, run_dirs = compare_runs(args.run_dirs, args.stat, args.out)
-    print(f"compared {len(run_dirs)} runs on {args.stat}: {args.out}")
+    print(f"compared {len(run_dirs)} runs on {args.stat}: {figure_path(args.out)}")
     return 0
 
 
@@ -46,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories or globs")
     compare.add_argument("--stat", default="layer_1/grad_abs_mean",
                          help="a metrics.csv column (default layer_1/grad_abs_mean)")
-    compare.add_argument("--out", default="comparison.png", help="figure file (default comparison.png)")
+    compare.add_argument("--out", default="comparison.png",
+                         help="figure file, or a directory for DIR/comparison.png (default comparison.png)")
     compare.set_defaults(handler=command_compare)
     diagnose = commands.add_parser(
         "diagnose", help="vanishing, exploding or healthy, with the evidence",
@@ -63,14 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from gradtools.compare import CompareError
+    from gradtools.history import RunDirectoryError
 
+    one_line_warnings()
     try:
         return args.handler(args)
-    except (CompareError, FileNotFoundError, ValueError) as error:
+    except (CompareError, RunDirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # the reader went away (| head): nothing to report
+        sys.stdout = open(os.devnull, "w")
+        return 0
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_WRITE_ERROR
 
 
 if __name__ == "__main__":
-    import_tensorflow_quietly()
     sys.exit(main())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import glob
 import json
+import warnings
 from pathlib import Path
 
-from gradtools.history import History
+from gradtools.history import DamagedRunWarning, History, RunDirectoryError
 from gradtools.plots import plot_comparison
 
 
@@ -14,10 +15,10 @@ class CompareError(ValueError):
     """A run directory or statistic that cannot be compared; the message lists what can."""
 
 
-def expand_run_dirs(patterns: list[str]) -> list[Path]:
+def expand_run_dirs(patterns: list[str]) -> list[tuple[Path, bool]]:
     """Paths and shell-style globs (also when the shell did not expand them) to run
-    directories, in order, without repeats."""
-    found: list[Path] = []
+    directories, in order, without repeats; each with whether a glob found it."""
+    found: dict[Path, bool] = {}
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
@@ -27,32 +28,61 @@ def expand_run_dirs(patterns: list[str]) -> list[Path]:
             if not (path / "metrics.csv").is_file() or not (path / "run.json").is_file():
                 raise CompareError(f"{path}: not a run directory (it needs metrics.csv and run.json; "
                                    "run directories look like runs/<group>/<name>/<run id>)")
-            if path not in found:
-                found.append(path)
-    return found
+            found.setdefault(path, glob.has_magic(pattern))
+    return list(found.items())
 
 
-def run_label(run_dir: Path) -> str:
+def run_label(run_dir: Path, history: History) -> str:
     info = json.loads((run_dir / "run.json").read_text())
-    return f"{info.get('experiment', run_dir.name)} (seed {info.get('seed')})"
+    label = f"{info.get('experiment', run_dir.name)} (seed {info.get('seed')})"
+    return label + (" [unfinished]" if history.unfinished else "")
+
+
+def _readable(run_dir: Path, from_glob: bool, stat: str) -> History | None:
+    """The run, or None (with a warning) for a run a glob found that cannot be compared; a run
+    named on its own that cannot be compared is an error."""
+    try:
+        history = History.from_run_dir(run_dir)
+        if history.metrics.empty:
+            raise RunDirectoryError(f"{run_dir}: no logged steps (metrics.csv has no rows)")
+    except RunDirectoryError as error:
+        if not from_glob:
+            raise CompareError(str(error)) from None
+        warnings.warn(f"skipped {error}", DamagedRunWarning, stacklevel=2)
+        return None
+    if stat not in history.metrics.columns:
+        available = ", ".join(c for c in history.metrics.columns if c not in ("step", "epoch", "batch"))
+        raise CompareError(f"{run_dir} has no statistic {stat!r}; available: {available}")
+    return history
+
+
+def figure_path(out: str | Path) -> Path:
+    """Where a comparison figure goes: ``out`` itself, ``out/comparison.png`` for a
+    directory, with ``.png`` added when ``out`` has no suffix."""
+    out = Path(out)
+    if out.is_dir():
+        return out / "comparison.png"
+    return out if out.suffix else out.with_suffix(".png")
 
 
 def compare_runs(patterns: list[str], stat: str = "layer_1/grad_abs_mean", out: str | Path | None = None):
-    """Draw ``stat`` of every run matched by ``patterns``; save to ``out`` if given.
-    Returns (figure, list of run directories)."""
-    run_dirs = expand_run_dirs(patterns)
-    runs = {}
-    for run_dir in run_dirs:
-        metrics = History.from_run_dir(run_dir).metrics
-        if stat not in metrics.columns:
-            available = ", ".join(c for c in metrics.columns if c not in ("step", "epoch", "batch"))
-            raise CompareError(f"{run_dir} has no statistic {stat!r}; available: {available}")
-        label = run_label(run_dir)
+    """Draw ``stat`` of every run matched by ``patterns``; save to ``out`` (see
+    :func:`figure_path`) if given. Returns (figure, the run directories drawn)."""
+    runs, run_dirs = {}, []
+    for run_dir, from_glob in expand_run_dirs(patterns):
+        history = _readable(run_dir, from_glob, stat)
+        if history is None:
+            continue
+        label = run_label(run_dir, history)
         while label in runs:
             label += "'"
-        runs[label] = metrics
+        runs[label] = history.metrics
+        run_dirs.append(run_dir)
+    if not runs:
+        raise CompareError(f"no run with logged steps among {', '.join(patterns)}")
     figure = plot_comparison(runs, stat, f"{stat} of {len(runs)} runs")
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out, dpi=100)
+        target = figure_path(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(target, dpi=100)
     return figure, run_dirs

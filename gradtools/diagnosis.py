@@ -42,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradtools.history import History
+from gradtools.history import History, RunDirectoryError
 from gradtools.layers import layer_label
 from gradtools.plots import layer_numbers, state_gradient_curve, state_gradient_layers
 from gradtools.recurrence import bptt_steps_column
-from gradtools.stats import LOSS_SCALE_COLUMNS
+from gradtools.columns import LOSS_SCALE_COLUMNS
 
 #: A block whose sensitivity is below this fraction of the strongest block after it vanishes.
 VANISHING_RATIO = 1e-2
@@ -402,12 +402,26 @@ def _weakest(findings: list[LayerFinding]) -> tuple[str | None, float | None]:
 def diagnose(source) -> Diagnosis:
     """Diagnose a :class:`gradtools.History` (from ``gradtools.fit``, ``GradientMonitor.history()``
     or ``History.from_run_dir``), a run directory, or a metrics DataFrame."""
+    where = f"{source}: " if isinstance(source, (str, Path)) else ""
     if isinstance(source, (str, Path)):
         source = History.from_run_dir(source)
     history = source if isinstance(source, History) else History(metrics=source, status="completed")
     metrics = history.metrics
     if metrics.empty:
-        raise ValueError("no logged steps to diagnose")
+        raise RunDirectoryError(f"{where}no logged steps to diagnose (the run stopped before its "
+                                "first epoch ended, or its metrics table is empty)")
+    diagnosis = _judge(history)
+    if history.unfinished:
+        diagnosis.explanation += (f" This run did not finish: its run directory still says "
+                                  f"'running' after {history.epochs_completed} complete epochs (the "
+                                  "process was killed, or is still training); the verdict covers "
+                                  "the steps logged so far.")
+    diagnosis.evidence["status"] = history.status
+    return diagnosis
+
+
+def _judge(history: History) -> Diagnosis:
+    metrics = history.metrics
     e = run_evidence(metrics)
     findings = layer_findings(judged_rows(metrics), history.layer_paths, history.layer_blocks)
     e["blocks"] = len({f.block for f in findings})

@@ -2,14 +2,41 @@
 
 from __future__ import annotations
 
+import io
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 #: How a run can end. ``diverged`` is a result (a non-finite loss or gradient), not an error.
-STATUSES = ("completed", "diverged", "interrupted", "failed")
+#: A run directory still says ``running`` when its process was killed (or is still training).
+STATUSES = ("completed", "diverged", "interrupted", "failed", "running")
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that cannot be read; the message names the file and what is wrong."""
+
+
+class DamagedRunWarning(UserWarning):
+    """A run directory was read, but part of it had to be left out (a cut last row)."""
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """A metrics table written by appends; a last row that a killed process or a full disk
+    cut short is left out, with one warning."""
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        return pd.DataFrame()
+    header, rows = lines[0], lines[1:]
+    fields = header.count(",")
+    if rows and (not rows[-1].endswith("\n") or rows[-1].count(",") != fields):
+        warnings.warn(f"{path}: its last row was cut short (the run stopped while writing it); "
+                      "it is left out", DamagedRunWarning, stacklevel=3)
+        rows = rows[:-1]
+    return pd.read_csv(io.StringIO(header + "".join(rows)))
 
 #: The run directory's per-epoch table of gradients through time (recurrent models only).
 STATE_GRADIENTS_FILE = "state_gradients.csv"
@@ -20,7 +47,7 @@ class History:
     """What :func:`gradtools.fit` measured.
 
     ``metrics`` has one row per logged step with the columns of
-    :func:`gradtools.stats.metric_columns`; ``layer_paths`` names the kernel variable behind
+    :func:`gradtools.columns.metric_columns`; ``layer_paths`` names the kernel variable behind
     each numbered layer (``layer_paths[0]`` is ``layer_1``) and ``layer_blocks`` the block
     (top-level layer) it belongs to, which says how deep it sits (:mod:`gradtools.layers`).
     """
@@ -43,25 +70,37 @@ class History:
     def n_layers(self) -> int:
         return len(self.layer_paths)
 
+    @property
+    def unfinished(self) -> bool:
+        """True for a run directory whose process never closed it (killed, or still running)."""
+        return self.status == "running"
+
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> "History":
-        """Read a run directory written by :class:`gradtools.loggers.LocalRunLogger`."""
+        """Read a run directory written by :class:`gradtools.loggers.LocalRunLogger`.
+        Raises :class:`RunDirectoryError` naming what is missing or damaged."""
         run_dir = Path(run_dir)
         metrics_file, info_file = run_dir / "metrics.csv", run_dir / "run.json"
         missing = [p.name for p in (metrics_file, info_file) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise RunDirectoryError(
                 f"{run_dir} is not a run directory: missing {', '.join(missing)}"
             )
-        info = json.loads(info_file.read_text())
+        try:
+            info = json.loads(info_file.read_text())
+            if not isinstance(info, dict) or "status" not in info:
+                raise ValueError("no status")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise RunDirectoryError(f"{info_file} is damaged ({error}): not the JSON a run "
+                                    "directory holds") from None
         state_file = run_dir / STATE_GRADIENTS_FILE
         return cls(
-            metrics=pd.read_csv(metrics_file),
+            metrics=read_metrics(metrics_file),
             status=info["status"],
             first_nonfinite_step=info.get("first_nonfinite_step"),
             epochs_completed=info.get("epochs_completed", 0),
             wall_seconds=info.get("wall_seconds", 0.0),
             layer_paths=info.get("layer_paths", []),
             layer_blocks=info.get("layer_blocks") or [],
-            state_gradients=pd.read_csv(state_file) if state_file.is_file() else None,
+            state_gradients=read_metrics(state_file) if state_file.is_file() else None,
         )

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import keras
-
 
 @dataclass(frozen=True)
 class LayerLayout:
@@ -37,7 +35,7 @@ class LayerLayout:
     @property
     def monitored(self) -> list[int]:
         """Positions whose statistics make a row, in column order: each kernel, then its
-        layer's recurrent kernel if it has one (see :func:`gradtools.stats.layer_columns`)."""
+        layer's recurrent kernel if it has one (see :func:`gradtools.columns.layer_columns`)."""
         ordered = []
         for k, position in enumerate(self.kernel_positions, start=1):
             ordered.append(position)
@@ -63,9 +61,11 @@ def layer_layout(variables) -> LayerLayout:
     return LayerLayout(tuple(kernels), recurrent, tuple(variables[i].path for i in kernels))
 
 
-def layer_blocks(model: keras.Model, paths) -> list[str]:
+def layer_blocks(model, paths) -> list[str]:
     """The block of each kernel path: the name of the top-level layer that owns it (nested
     Functional and Sequential models are opened). A path no top-level layer owns is its own block."""
+    import keras  # here, so that reading run directories never starts TensorFlow
+
     owner: dict[str, str] = {}
 
     def visit(container: keras.Model) -> None:

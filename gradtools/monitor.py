@@ -32,7 +32,8 @@ from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.history import History
 from gradtools.layers import layer_blocks, layer_layout
-from gradtools.stats import all_finite, metric_columns, statistics_row
+from gradtools.columns import metric_columns
+from gradtools.stats import all_finite, statistics_row
 
 _DEFAULT_CAPACITY = 4096
 
@@ -312,10 +313,13 @@ class GradientMonitor(keras.callbacks.Callback):
         epoch_values = self._through_time_row(epoch)
         if self.status != "diverged":
             self.epochs_completed = epoch + 1
+        last = epoch + 1 == self.params.get("epochs") or (self.stop_on_nonfinite and self.status == "diverged")
+        progress = self.status if self.status == "diverged" else ("completed" if last else "running")
         for logger in self.loggers:
             if epoch_values:
                 logger.log_epoch_metrics(epoch, epoch_values)
             logger.log_epoch_end(epoch, self.model, None)
+            logger.log_progress(epochs_completed=self.epochs_completed, status=progress)
         if self.stop_on_nonfinite and self.status == "diverged":
             self.model.stop_training = True
 

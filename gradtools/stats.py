@@ -1,64 +1,12 @@
 """Per-layer gradient and weight statistics, computed in-graph as pure functions of tensors.
 
-Every statistic has one name, used as a ``metrics.csv`` column, a Neptune series and a
-TensorBoard tag: ``layer_<k>/<statistic>`` for the k-th numbered layer (1-based, see
-:mod:`gradtools.layers`), plus the step-level columns in :data:`STEP_COLUMNS`. A recurrent
-layer (one with a variable named ``recurrent_kernel`` beside its ``kernel``) also has
-``layer_<k>/recurrent_<statistic>``. :func:`statistics_row` makes the row of one step for
-both ``gradtools.fit`` and ``GradientMonitor``.
+:func:`statistics_row` makes the row of one step, in the column order of
+:func:`gradtools.columns.metric_columns`, for both ``gradtools.fit`` and ``GradientMonitor``.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-
-#: Columns that describe a step rather than a layer, in the order they appear.
-STEP_COLUMNS = ("step", "epoch", "batch", "loss", "grad_global_norm")
-
-#: Per-layer statistics, in the order :func:`layer_gradient_stats` returns them.
-LAYER_STATS = (
-    "grad_mean",
-    "grad_abs_mean",
-    "grad_norm",
-    "grad_max_abs",
-    "weight_mean",
-    "weight_norm",
-    "update_ratio",
-)
-
-
-#: Extra column when gradients are clipped before the update: the global norm after clipping.
-CLIPPED_COLUMN = "grad_global_norm_clipped"
-
-
-#: Extra columns under a loss-scaling optimizer (mixed precision): the loss scale the step's
-#: gradients were computed with, and 1 when the optimizer skipped the step because they
-#: overflowed (it then halves the scale); 0 otherwise.
-LOSS_SCALE_COLUMNS = ("loss_scale", "skipped")
-
-
-#: Prefix of a recurrent layer's statistics of its recurrent kernel (``layer_k/recurrent_…``).
-RECURRENT_PREFIX = "recurrent_"
-
-
-def layer_columns(n_layers: int, recurrent_layers=()) -> list[str]:
-    """Column names ``layer_k/<stat>`` for layers 1..n_layers, in :data:`LAYER_STATS` order;
-    a layer in ``recurrent_layers`` (1-based) also gets ``layer_k/recurrent_<stat>``, the
-    same statistics of its recurrent kernel, right after its own."""
-    columns = []
-    for k in range(1, n_layers + 1):
-        columns += [f"layer_{k}/{stat}" for stat in LAYER_STATS]
-        if k in recurrent_layers:
-            columns += [f"layer_{k}/{RECURRENT_PREFIX}{stat}" for stat in LAYER_STATS]
-    return columns
-
-
-def metric_columns(n_layers: int, recurrent_layers=(), *, clipped: bool = False,
-                   loss_scaled: bool = False) -> list[str]:
-    """All columns of a metrics table for a model with ``n_layers`` numbered layers; with
-    ``clipped``, :data:`CLIPPED_COLUMN`; with ``loss_scaled``, :data:`LOSS_SCALE_COLUMNS`."""
-    return (list(STEP_COLUMNS) + layer_columns(n_layers, recurrent_layers)
-            + ([CLIPPED_COLUMN] if clipped else []) + (list(LOSS_SCALE_COLUMNS) if loss_scaled else []))
 
 
 def layer_gradient_stats(gradient, weight_before, weight_after) -> tf.Tensor:
@@ -67,7 +15,7 @@ def layer_gradient_stats(gradient, weight_before, weight_after) -> tf.Tensor:
     With g the gradient of the loss with respect to the kernel (as the tape computed it,
     before any clipping), W0 the kernel before the update and W1 after it, n = size(g):
 
-    - grad_mean     = Σ g / n            (the article's statistic; signed, so it can cancel)
+    - grad_mean     = Σ g / n            (signed, so positive and negative entries cancel)
     - grad_abs_mean = Σ |g| / n
     - grad_norm     = ‖g‖₂ = sqrt(Σ g²)
     - grad_max_abs  = max |g|

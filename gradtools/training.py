@@ -22,7 +22,8 @@ from gradtools.loggers.base import RunLogger
 from gradtools.clipping import clip_by_global_norm, clip_by_value
 from gradtools import through_time
 from gradtools.layers import layer_blocks, layer_layout
-from gradtools.stats import all_finite, metric_columns, statistics_row
+from gradtools.columns import metric_columns
+from gradtools.stats import all_finite, statistics_row
 
 
 class _LossFromFunction(keras.losses.Loss):
@@ -104,7 +105,8 @@ def fit(
             ``model.losses`` (regularizers) are added to it before differentiating.
         optimizer: a Keras optimizer name, config dict or instance. Its own clipping options
             apply to the update; the statistics describe the gradients before clipping.
-        epochs, batch_size: as in ``model.fit``; the last batch of an epoch may be smaller.
+        epochs, batch_size: as in ``model.fit``; the last batch of an epoch may be smaller,
+            and a batch size larger than the data trains on one batch of all of it.
         shuffle: reshuffle the examples every epoch (a full permutation, seeded by ``seed``).
         seed: when given, seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``)
             and turns on op determinism, so the same seed gives identical numbers.
@@ -129,6 +131,9 @@ def fit(
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
         _require_positive_int(name, value)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or not 0 <= seed < 2**32):
+        raise ValueError(f"seed must be an integer from 0 to 4294967295 or None, got {seed!r}")
     loss_fn = resolve_loss(loss)
     optimizer = with_loss_scaling(keras.optimizers.get(optimizer))
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -141,6 +146,9 @@ def fit(
     n_examples = int(x.shape[0])
     if int(y.shape[0]) != n_examples:
         raise ValueError(f"x has {n_examples} examples but y has {int(y.shape[0])}")
+    if n_examples == 0:
+        raise ValueError("x and y hold no examples")
+    batch_size = min(batch_size, n_examples)  # like model.fit: one batch of everything
     if not model.built:
         model(x[:1])
     variables = list(model.trainable_weights)
@@ -290,19 +298,26 @@ def fit(
                 status = "diverged"
                 if first_nonfinite_step is None:
                     first_nonfinite_step = int(steps[np.argmin(finite_flags)])
-                if stop_on_nonfinite:
-                    break
-            epochs_completed += 1
+            stopping = not finite_flags.all() and stop_on_nonfinite
+            if not stopping:
+                epochs_completed += 1
+            # The last epoch's progress is the final status, so nothing after it can lose it.
+            final = stopping or epoch + 1 == epochs
+            progress = status if status == "diverged" else ("completed" if final else "running")
+            for logger in loggers:
+                logger.log_progress(epochs_completed=epochs_completed, status=progress)
+            if stopping:
+                break
     except KeyboardInterrupt:
         status = "interrupted"
-        _finish(loggers, history())
+        _finish_after_error(loggers, history())
         raise
     except Exception as error:
         status = "failed"
         if jit_compile and not frames:
             error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
                            "an op of this model, call it with jit_compile=False")
-        _finish(loggers, history())
+        _finish_after_error(loggers, history())
         raise
     result = history()
     _finish(loggers, result)
@@ -369,4 +384,14 @@ def _epoch_frame(columns, epoch, n_batches, batch_index, values) -> pd.DataFrame
 def _finish(loggers: Sequence[RunLogger], history: History) -> None:
     for logger in loggers:
         logger.finish(history)
+
+
+def _finish_after_error(loggers: Sequence[RunLogger], history: History) -> None:
+    """Close every logger while an error or Ctrl-C is on its way up: a logger that fails
+    too (the same full disk) must not replace that error with its own."""
+    for logger in loggers:
+        try:
+            logger.finish(history)
+        except Exception:  # noqa: BLE001 - the error being raised is the one to report
+            pass
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from gradtools.stats import metric_columns
+from gradtools.columns import metric_columns
 
 RUN_JSON_KEYS = {"experiment", "seed", "status", "first_nonfinite_step", "epochs_completed",
                  "wall_seconds", "versions"}

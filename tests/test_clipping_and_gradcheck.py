@@ -32,8 +32,9 @@ def test_clip_by_global_norm_keeps_the_direction():
     np.testing.assert_allclose(clipped[0], GRADS[0] / 2, rtol=1e-6)
     np.testing.assert_allclose(clipped[1], GRADS[1] / 2, rtol=1e-6)
     np.testing.assert_allclose(clip_by_global_norm(GRADS, 13.5)[1], GRADS[1], rtol=1e-6)
-    with pytest.raises(ValueError, match="clip_norm must be a number > 0"):
-        clip_by_global_norm(GRADS, 0)
+    for bad in (0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip_norm must be a finite number > 0"):
+            clip_by_global_norm(GRADS, bad)
 
 
 def test_suggested_threshold_from_a_history_and_from_a_model():

@@ -9,7 +9,7 @@ import tensorflow as tf
 from gradtools.loggers import LocalRunLogger
 from gradtools.monitor import GradientMonitor
 from conftest import exploding_relu_setup
-from gradtools.stats import CLIPPED_COLUMN, metric_columns
+from gradtools.columns import CLIPPED_COLUMN, metric_columns
 
 
 def lstm_batchnorm_model():

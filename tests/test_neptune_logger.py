@@ -16,7 +16,7 @@ import pytest
 import gradtools
 from conftest import REPO_ROOT, exploding_relu_setup, run_cli
 from gradtools.loggers.neptune import NeptuneLogger
-from gradtools.stats import metric_columns
+from gradtools.columns import metric_columns
 
 
 def stored_operations(data_dir):
@@ -113,6 +113,10 @@ def test_async_mode_with_an_unreachable_server_fails_before_training(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Neptune could not start a run in 'async' mode" in result.stderr
     assert "offline" in result.stderr and "neptune sync" in result.stderr
+    error_line = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert "\x1b[" not in result.stderr, "no terminal colour codes in the message"
+    assert "connection to the Neptune server was lost" in error_line
+    assert "Connection refused" in error_line, "the cause is kept"
     assert not (tmp_path / "runs").exists(), "no run directory when the run never started"
 
 

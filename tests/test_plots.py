@@ -6,7 +6,7 @@ import pandas as pd
 
 from gradtools.history import History
 from gradtools.plots import plot_gradient_heatmap, plot_mean_gradient, run_figures
-from gradtools.stats import metric_columns
+from gradtools.columns import metric_columns
 
 
 def synthetic_metrics(n_layers: int, steps: int = 6) -> pd.DataFrame:

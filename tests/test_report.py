@@ -24,7 +24,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    code = main(["report", "--seeds", "1", "--epochs", "5", "--quiet",
+    code = main(["report", "--seeds", "1", "--epochs", "5", "--quiet", "--workers", "1",
                  "--out", str(root / "runs"), "--report", str(root / "report")])
     assert code == 0
     return root / "report"

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import gradtools
-from gradtools.stats import LAYER_STATS, metric_columns
+from gradtools.columns import LAYER_STATS, metric_columns
 
 LEARNING_RATE = 0.1
 

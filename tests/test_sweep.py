@@ -41,7 +41,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweeps")
     path = root / "tiny.toml"
     path.write_text(TINY)
-    local = run_sweep(load_sweep(path), root / "local", executor="local", workers=2, quiet=True)
+    # in this process: worker processes are tested in test_faults.py (Ctrl-C on a two-worker sweep)
+    local = run_sweep(load_sweep(path), root / "local", executor="local", workers=1, quiet=True)
     ray = run_sweep(load_sweep(path), root / "ray", executor="ray", workers=2, quiet=True)
     return root, path, local, ray
 

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import gradtools
 from gradtools.loggers.tensorboard import TensorBoardLogger
-from gradtools.stats import metric_columns
+from gradtools.columns import metric_columns
 from tensorboard.util import tensor_util
 
 

@@ -15,7 +15,7 @@ from gradtools.loggers import LocalRunLogger
 from gradtools.loggers.neptune import NeptuneLogger
 from gradtools.loggers.tensorboard import TensorBoardLogger
 from gradtools.recurrence import geometric_prediction, spectral_radius, state_column
-from gradtools.stats import LAYER_STATS, metric_columns
+from gradtools.columns import LAYER_STATS, metric_columns
 from gradtools.through_time import TracedRNN
 
 T, FEATURES, UNITS, N = 12, 3, 6, 16

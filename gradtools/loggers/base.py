@@ -52,6 +52,10 @@ class RunLogger:
         """After each epoch, with the model as it is then. ``kernel_gradients`` (layer order)
         are the gradients of the epoch's last step when :attr:`wants_gradients` is set."""
 
+    def log_progress(self, *, epochs_completed: int, status: str) -> None:
+        """After each epoch's rows: how many epochs completed so far, and the status so far
+        (``running``, or ``diverged`` once a step was non-finite)."""
+
     def log_figure(self, name: str, figure: "Figure") -> None:
         """A matplotlib figure under ``name`` (e.g. ``mean_gradient``)."""
 

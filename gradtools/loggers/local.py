@@ -5,6 +5,13 @@
     <run dir>/run.json       status, first non-finite step, epochs, wall time, versions
     <run dir>/state_gradients.csv  recurrent models: one row per epoch of ‖∂L/∂h_t‖, t = 1…T
     <run dir>/figures/*.png  the standard figures of gradtools.plots, plus any logged ones
+
+What survives a fault: run.json is replaced atomically after every epoch (status
+``running`` and the epochs completed so far), so a killed run is an honest record of what
+it finished; when the run ends, its final status is written before any figure is drawn, and
+a later interruption (Ctrl-C while figures are drawn) cannot undo it. An append or a file
+that fails to write (a full disk) is rolled back: no half row, no empty figure, no
+``.partial`` file is left behind.
 """
 
 from __future__ import annotations
@@ -40,10 +47,43 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _write_atomically(path: Path, text: str) -> None:
+#: Statuses a run cannot leave once they are written (what an interrupted clean-up keeps).
+FINAL_STATUSES = ("completed", "diverged")
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The same error, saying which file it was about (a failed write() does not)."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(partial_path)``, then rename it over ``path``; on failure nothing is left."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except OSError as error:
+        raise _naming(error, path) from error
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _append_or_roll_back(path: Path, rows: pd.DataFrame) -> None:
+    """Append ``rows`` to a CSV (with a header if it is new); if the write fails, cut the
+    file back to what it was, so it never ends in half a row."""
+    size = path.stat().st_size if path.exists() else None
+    try:
+        with path.open("a", newline="") as stream:
+            rows.to_csv(stream, header=size is None, index=False)
+    except BaseException as error:
+        if size is None:
+            path.unlink(missing_ok=True)
+        else:
+            with path.open("r+b") as stream:
+                stream.truncate(size)
+        if isinstance(error, OSError):
+            raise _naming(error, path) from error
+        raise
 
 
 def _toml_ready(value: Any) -> Any:
@@ -83,7 +123,8 @@ class LocalRunLogger(RunLogger):
         self._write_info()
 
     def _write_info(self) -> None:
-        _write_atomically(self.run_dir / "run.json", json.dumps(self._info, indent=2) + "\n")
+        text = json.dumps(self._info, indent=2) + "\n"
+        _write_atomically(self.run_dir / "run.json", lambda path: path.write_text(text))
 
     def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str],
               layer_blocks: list[str] | None = None) -> None:
@@ -92,39 +133,44 @@ class LocalRunLogger(RunLogger):
         self._write_info()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        _write_atomically(self.run_dir / "config.toml", tomli_w.dumps(_toml_ready(params)))
+        text = tomli_w.dumps(_toml_ready(params))
+        _write_atomically(self.run_dir / "config.toml", lambda path: path.write_text(text))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         self.log_rows(pd.DataFrame([{"step": step, **metrics}]))
 
     def log_rows(self, rows: pd.DataFrame) -> None:
-        new_file = not self.metrics_path.exists()
-        with self.metrics_path.open("a", newline="") as stream:
-            rows.to_csv(stream, header=new_file, index=False)
+        _append_or_roll_back(self.metrics_path, rows)
 
     def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        path = self.run_dir / STATE_GRADIENTS_FILE
-        new_file = not path.exists()
-        with path.open("a", newline="") as stream:
-            pd.DataFrame([{"epoch": epoch, **metrics}]).to_csv(stream, header=new_file, index=False)
+        _append_or_roll_back(self.run_dir / STATE_GRADIENTS_FILE,
+                             pd.DataFrame([{"epoch": epoch, **metrics}]))
+
+    def log_progress(self, *, epochs_completed: int, status: str) -> None:
+        self._info.update(epochs_completed=epochs_completed, status=status,
+                          wall_seconds=round(time.time() - self._started, 3))
+        self._write_info()
 
     def log_figure(self, name: str, figure) -> None:
-        figure.savefig(self.run_dir / "figures" / f"{name}.png", dpi=100)
+        _write_atomically(self.run_dir / "figures" / f"{name}.png",
+                          lambda path: figure.savefig(path, dpi=100, format="png"))
 
     def finish(self, history) -> None:
+        """The final status first, durably; then the figures."""
+        if self._info["status"] in FINAL_STATUSES and history.status == "interrupted":
+            self._info["figures_interrupted"] = True  # Ctrl-C while drawing: the run had ended
+        else:
+            self._info.update(status=history.status, first_nonfinite_step=history.first_nonfinite_step,
+                              epochs_completed=history.epochs_completed)
+        self._info.update(wall_seconds=round(time.time() - self._started, 3),
+                          layer_paths=history.layer_paths, layer_blocks=history.layer_blocks)
         if not self.metrics_path.exists():
-            history.metrics.to_csv(self.metrics_path, index=False)
+            _write_atomically(self.metrics_path, lambda path: history.metrics.to_csv(path, index=False))
+        self._write_info()
+        if self._info.get("figures_interrupted"):
+            return
         for stem, figure in run_figures(history, self.name).items():
             self.log_figure(stem, figure)
-        self._info.update(
-            status=history.status,
-            first_nonfinite_step=history.first_nonfinite_step,
-            epochs_completed=history.epochs_completed,
-            wall_seconds=round(time.time() - self._started, 3),
-            layer_paths=history.layer_paths,
-            layer_blocks=history.layer_blocks,
-        )
-        self._write_info()
 
     def update_info(self, **entries: Any) -> None:
         """Add entries to run.json (e.g. a diagnosis) after the run."""

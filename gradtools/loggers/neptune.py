@@ -1,4 +1,4 @@
-"""Neptune (client 1.x): the article's backend.
+"""Neptune (client 1.x).
 
 Series are ``metrics/<column>`` (``metrics/layer_1/grad_abs_mean``), the config is under
 ``parameters/``, figures under ``figures/``, and how the run ended under ``diagnostics/``.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +24,23 @@ MODES = ("offline", "async", "sync", "debug", "read-only")
 
 class NeptuneUnavailable(RuntimeError):
     """Neptune could not be started: raised before training, so nothing is lost."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in one line: the error's own words without terminal colours or the
+    client's banner lines, then its cause's."""
+    parts = []
+    while error is not None and len(parts) < 3:
+        lines = [line.strip(" -=*_") for line in _ANSI.sub("", str(error)).splitlines()]
+        # the client's banner repeats the class name; its first sentence says what happened
+        words = " ".join(line for line in lines if line and line != type(error).__name__)
+        first = words.split(". ")[0][:300]
+        parts.append(f"{type(error).__name__}: {first}" if first else type(error).__name__)
+        error = error.__cause__ or error.__context__
+    return "; caused by ".join(parts)
 
 
 def default_mode() -> str:
@@ -70,10 +88,9 @@ class NeptuneLogger(RunLogger):
                 self.run.wait()  # surfaces an unreachable server now, not mid-run
         except Exception as error:  # the client raises many types; all mean "not started"
             raise NeptuneUnavailable(
-                f"Neptune could not start a run in {self.mode!r} mode: "
-                f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
-                " (check NEPTUNE_PROJECT / NEPTUNE_API_TOKEN, or use --neptune-mode offline "
-                "and upload later with `neptune sync`)"
+                f"Neptune could not start a run in {self.mode!r} mode: {_reason(error)} (check "
+                "NEPTUNE_PROJECT / NEPTUNE_API_TOKEN, or use --neptune-mode offline and upload "
+                "later with `neptune sync`)"
             ) from None
 
     def _guard(self, what: str, action) -> None:

@@ -1,0 +1,303 @@
+"""Faults a real user hits, injected for real: signals at awkward moments, kill -9, a file
+size limit that makes writes fail mid-run, unusable output paths, damaged run directories and
+sweep tables, bad values, Ctrl-C on multi-run commands, and a second sweep on the same
+directory. Each asserts the exit code, the message, and that nothing written before the fault
+is lost or left half-written."""
+
+import fcntl
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT, run_cli
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def start_cli(args, cwd, module="experiments", **kwargs):
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_for(condition, process, timeout=120, every=0.01):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        if process.poll() is not None:
+            raise AssertionError(f"the process ended first: {process.communicate()}")
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Files a fault must not leave behind: partial writes and empty figures."""
+    return [p for p in root.rglob("*") if p.name.endswith(".partial")
+            or (p.suffix == ".png" and p.stat().st_size == 0)]
+
+
+def one_run_dir(root: Path) -> Path:
+    (info,) = list(root.glob("*/*/*/run.json"))
+    return info.parent
+
+
+# --- the run's status is durable ----------------------------------------------------------------
+
+def test_ctrl_c_while_figures_are_drawn_keeps_the_finished_status(tmp_path):
+    process = start_cli(["run", "vanishing/sigmoid_baseline", "--out", "runs", "--quiet"], tmp_path)
+    figure = wait_for(lambda: next(iter(tmp_path.glob("runs/*/*/*/figures/*.png*")), None), process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    info = json.loads((figure.parent.parent / "run.json").read_text())
+    assert info["status"] == "completed" and info["epochs_completed"] == 100
+    assert "Traceback" not in stderr and stderr.count("interrupted") == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_kill_9_leaves_an_honest_record_and_a_cut_last_row_is_dropped(tmp_path):
+    process = start_cli(["run", "vanishing/sigmoid_baseline", "--set", "training.epochs=100000",
+                         "--out", "runs", "--quiet"], tmp_path)
+
+    def progressed():
+        found = list(tmp_path.glob("runs/*/*/*/run.json"))
+        return found and json.loads(found[0].read_text()).get("epochs_completed", 0) >= 3 and found[0]
+
+    info_file = wait_for(progressed, process, every=0.05)
+    process.kill()
+    process.wait()
+    info = json.loads(info_file.read_text())
+    metrics = pd.read_csv(info_file.parent / "metrics.csv")
+    assert info["status"] == "running" and info["epochs_completed"] >= 3
+    assert metrics["epoch"].nunique() >= info["epochs_completed"], "every recorded epoch's rows are there"
+
+    text = (info_file.parent / "metrics.csv").read_bytes()
+    (info_file.parent / "metrics.csv").write_bytes(text[:-20])  # the append a kill -9 cut short
+    result = run_cli(["diagnose", str(info_file.parent)], cwd=tmp_path, module="gradtools")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("warning:") == 1 and "cut short" in result.stderr
+    assert "did not finish" in result.stdout and "NaN" not in result.stdout.splitlines()[1]
+
+
+def test_a_write_error_mid_run_is_one_line_exit_1_and_rolled_back(tmp_path):
+    """A 400 kB file size limit: metrics.csv cannot grow past it a few epochs in (EFBIG, as a
+    full disk gives ENOSPC)."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+
+    process = start_cli(["run", "vanishing/sigmoid_baseline", "--out", "runs", "--quiet"], tmp_path,
+                        preexec_fn=limit_file_size)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: could not write") and "metrics.csv" in lines[0]
+    run_dir = one_run_dir(tmp_path / "runs")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "failed" and info["epochs_completed"] >= 1
+    text = (run_dir / "metrics.csv").read_text()
+    assert text.endswith("\n") and len({line.count(",") for line in text.splitlines()}) == 1, \
+        "no half row"
+    assert len(pd.read_csv(run_dir / "metrics.csv")) == 94 * info["epochs_completed"]
+    assert leftovers(tmp_path) == []
+
+
+# --- bad input: exit 2 before anything runs -----------------------------------------------------
+
+@pytest.mark.parametrize("overrides, key, allowed", [
+    (["--set", "training.clip_value=nan"], "training.clip_value", "finite"),
+    (["--set", "optimizer.config.learning_rate=-0.1"], "optimizer.config.learning_rate", "> 0"),
+    (["--set", "optimizer.config.learning_rate=inf"], "optimizer.config.learning_rate", "finite"),
+    (["--seed", "4294967296"], "training.seed", "4294967295"),
+    (["--set", "data.n_samples=1", "--set", "data.standardize_targets=true"],
+     "data.standardize_targets", "same value"),
+    (["--set", "data.n_informative=0", "--set", "data.noise=0.0", "--set", "data.standardize_targets=true"],
+     "data.standardize_targets", "same value"),
+])
+def test_bad_values_are_refused_naming_file_key_value_and_what_is_allowed(tmp_path, overrides, key, allowed):
+    from experiments.cli import main
+
+    config = "exploding/relu_baseline"
+    with _stderr(tmp_path) as captured:
+        code = main(["run", config, *overrides, "--out", str(tmp_path / "runs"), "--quiet"])
+    assert code == 2
+    message = captured.read()
+    assert message.startswith("error: ") and "relu_baseline.toml" in message
+    assert key in message and allowed in message
+    assert not list((tmp_path / "runs").rglob("run.json")), "nothing ran"
+
+
+class _stderr:
+    """Captures what a main() prints on stderr."""
+
+    def __init__(self, tmp_path):
+        self.path = tmp_path / "stderr.txt"
+
+    def __enter__(self):
+        self.stream = self.path.open("w")
+        self.saved, sys.stderr = sys.stderr, self.stream
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr = self.saved
+        self.stream.close()
+        return False
+
+    def read(self):
+        return self.path.read_text()
+
+
+@pytest.mark.parametrize("make_out, reason", [
+    (lambda tmp: (tmp / "a-file").write_text("x") and tmp / "a-file", "is a file"),
+    (lambda tmp: Path("/proc/gradtools-cannot-be-here"), "cannot be written"),
+])
+def test_an_unusable_out_is_exit_2_before_training(tmp_path, make_out, reason):
+    from experiments.cli import main
+
+    out = make_out(tmp_path)
+    with _stderr(tmp_path) as captured:
+        code = main(["run", "vanishing/shallow", "--out", str(out), "--quiet"])
+    assert code == 2
+    message = captured.read()
+    assert message.startswith("error: --out") and str(out) in message and reason in message
+
+
+def test_a_batch_larger_than_the_data_trains_on_one_batch_like_model_fit(tmp_path):
+    from experiments.cli import main
+
+    code = main(["run", "vanishing/shallow", "--set", "training.batch_size=5000", "--set",
+                 "data.n_samples=200", "--set", "training.epochs=3", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    metrics = pd.read_csv(one_run_dir(tmp_path) / "metrics.csv")
+    assert metrics["step"].tolist() == [1, 2, 3] and (metrics["batch"] == 0).all()
+
+
+# --- damaged run directories and tables ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    from experiments.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    for seed in (1, 2):
+        assert main(["run", "vanishing/shallow", "--set", "training.epochs=2", "--seed", str(seed),
+                     "--out", str(root / "runs"), "--quiet"]) == 0
+    return root
+
+
+def test_damaged_run_directories_are_a_clear_error_alone_and_skipped_in_a_glob(two_runs, tmp_path):
+    good = sorted((two_runs / "runs" / "vanishing" / "shallow").iterdir())
+    header_only = tmp_path / "runs" / "vanishing" / "shallow" / "empty"
+    corrupt = tmp_path / "runs" / "vanishing" / "shallow" / "corrupt"
+    for damaged, source in ((header_only, good[0]), (corrupt, good[1])):
+        damaged.mkdir(parents=True)
+        (damaged / "run.json").write_text((source / "run.json").read_text())
+        (damaged / "metrics.csv").write_text((source / "metrics.csv").read_text().splitlines()[0] + "\n")
+    (corrupt / "run.json").write_text('{"status": "comp')
+
+    alone = run_cli(["diagnose", str(header_only)], cwd=tmp_path, module="gradtools")
+    assert alone.returncode == 2 and "no logged steps" in alone.stderr and str(header_only) in alone.stderr
+    broken = run_cli(["diagnose", str(corrupt)], cwd=tmp_path, module="gradtools")
+    assert broken.returncode == 2 and "run.json is damaged" in broken.stderr
+    assert "Traceback" not in alone.stderr + broken.stderr
+
+    for run_dir in good:
+        target = tmp_path / "runs" / "vanishing" / "shallow" / run_dir.name
+        target.mkdir()
+        for name in ("run.json", "metrics.csv"):
+            (target / name).write_bytes((run_dir / name).read_bytes())
+    out_dir = tmp_path / "figures"
+    out_dir.mkdir()
+    compared = run_cli(["compare", str(tmp_path / "runs" / "vanishing" / "shallow" / "*"),
+                        "--out", str(out_dir)], cwd=tmp_path, module="gradtools")
+    assert compared.returncode == 0, compared.stderr
+    assert compared.stdout.strip().endswith(str(out_dir / "comparison.png"))
+    assert "compared 2 runs" in compared.stdout and (out_dir / "comparison.png").is_file()
+    assert compared.stderr.count("warning: skipped") == 2
+
+
+SWEEP = """
+[sweep]
+name = "tiny"
+base = "vanishing/shallow"
+
+[set]
+training.epochs = 1
+data.n_samples = 200
+
+[grid]
+training.seed = [1, 2, 3, 4]
+"""
+
+
+def test_a_damaged_sweep_table_is_rebuilt_and_a_second_sweep_is_refused(tmp_path, capsys):
+    from experiments.cli import main
+
+    (tmp_path / "tiny.toml").write_text(SWEEP.replace("[1, 2, 3, 4]", "[1, 2]"))
+    sweep = ["sweep", str(tmp_path / "tiny.toml"), "--workers", "1", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(sweep) == 0
+    table = tmp_path / "out" / "sweeps" / "tiny" / "sweep.csv"
+    before = pd.read_csv(table)
+    table.write_text("point,sta")  # a cut write
+    capsys.readouterr()
+    with pytest.warns(RuntimeWarning, match="damaged .*rebuilt from the point directories"):
+        assert main(sweep) == 0
+    assert "0 points run, 2 already done" in capsys.readouterr().out
+    after = pd.read_csv(table)
+    assert after[["point", "status", "verdict"]].equals(before[["point", "status", "verdict"]])
+
+    with (tmp_path / "out" / "sweeps" / "tiny" / ".lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a sweep in progress holds it
+        held.truncate(0)
+        held.write("pid 4242")
+        held.flush()
+        assert main(sweep) == 2
+    assert "being run by pid 4242" in capsys.readouterr().err
+
+
+# --- Ctrl-C on commands that run many runs ------------------------------------------------------
+
+def test_ctrl_c_on_a_sweep_stops_within_seconds_keeps_finished_points_and_resumes(tmp_path):
+    (tmp_path / "tiny.toml").write_text(SWEEP)
+    process = start_cli(["sweep", "tiny.toml", "--workers", "2", "--out", "out", "--quiet"], tmp_path)
+    table = tmp_path / "out" / "sweeps" / "tiny" / "sweep.csv"
+    wait_for(lambda: table.is_file(), process, timeout=180, every=0.05)
+    interrupted_at = time.time()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert time.time() - interrupted_at < 15, "queued points are cancelled, not run"
+    done = pd.read_csv(table)
+    assert len(done) < 4 and (done["status"] == "completed").all()
+    assert "Traceback" not in stderr
+    assert not list((tmp_path / "out" / "sweeps" / "tiny" / "points").glob("*.partial"))
+
+    resumed = run_cli(["sweep", "tiny.toml", "--workers", "2", "--out", "out", "--quiet"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{4 - len(done)} points run, {len(done)} already done" in resumed.stdout
+
+
+def test_ctrl_c_on_seed_runs_keeps_finished_runs_and_marks_none_failed(tmp_path):
+    process = start_cli(["run", "vanishing/shallow", "--seeds", "6", "--workers", "2",
+                         "--set", "training.epochs=40", "--out", "runs", "--quiet"], tmp_path)
+    wait_for(lambda: any(json.loads(p.read_text())["status"] == "completed"
+                         for p in tmp_path.glob("runs/*/*/*/run.json")), process, timeout=180, every=0.05)
+    interrupted_at = time.time()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    stopped_in = time.time() - interrupted_at
+    assert process.returncode == 130, stderr
+    assert stopped_in < 15, stopped_in
+    statuses = [json.loads(p.read_text())["status"] for p in tmp_path.glob("runs/*/*/*/run.json")]
+    assert "completed" in statuses and "failed" not in statuses and len(statuses) < 6, statuses
+    assert set(statuses) <= {"completed", "interrupted", "running"}, statuses
+    assert "Traceback" not in stderr, stderr
