@@ -46,8 +46,9 @@ compare: $(STAMP)  ## the article's two comparisons from the newest runs (after 
 dashboard: $(STAMP)  ## TensorBoard on http://127.0.0.1:6006 for runs made with --logger tensorboard
 	$(PY) -m tensorboard.main --logdir runs --host 127.0.0.1 $(ARGS)
 
-# two pytest workers, a test file each at a time (files share module-scoped runs)
+# the linter, then two pytest workers, a test file each at a time (files share module-scoped runs)
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## per-epoch time (eager loop, model.fit, gradtools.fit), make figures, sweep points/min

@@ -98,9 +98,6 @@ class _EpochClock(keras.callbacks.Callback, RunLogger):
     def start(self, **_):
         self._last = time.perf_counter()
 
-    def log_metrics(self, metrics, step):
-        pass
-
     def log_rows(self, rows):
         pass
 

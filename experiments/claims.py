@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from experiments.parallel import run_jobs
-from experiments.runner import Run
+from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
+from gradtools.columns import layer_numbers
 from gradtools.diagnosis import diagnose, through_time_evidence
-from gradtools.plots import layer_numbers, sample_per_epoch
+from gradtools.summary import first_to_last_ratio, sample_per_epoch
 
 #: Runs the claims need: a name -> (config, extra overrides).
 EXPERIMENTS = {
@@ -57,21 +58,17 @@ def grad_mean_std(run: Run, which: str) -> float:
     """Standard deviation over epochs of a layer's signed mean gradient at batch 5."""
     first, last = _layers(run)
     k = first if which == "first" else last
-    return float(sample_per_epoch(run.history.metrics)[f"layer_{k}/grad_mean"].std())
+    return float(sample_per_epoch(run.history.metrics, ARTICLE_SAMPLE_BATCH)[f"layer_{k}/grad_mean"].std())
 
 
 def max_abs_first_grad_mean(run: Run) -> float:
     first, _ = _layers(run)
-    return float(sample_per_epoch(run.history.metrics)[f"layer_{first}/grad_mean"].abs().max())
+    return float(sample_per_epoch(run.history.metrics, ARTICLE_SAMPLE_BATCH)[f"layer_{first}/grad_mean"].abs().max())
 
 
 def magnitude_ratio(run: Run, first_epoch: bool = False) -> float:
     metrics = run.history.metrics
-    if first_epoch:
-        metrics = metrics[metrics["epoch"] == 0]
-    first, last = _layers(run)
-    return float(metrics[f"layer_{first}/grad_abs_mean"].median()
-                 / metrics[f"layer_{last}/grad_abs_mean"].median())
+    return first_to_last_ratio(metrics[metrics["epoch"] == 0] if first_epoch else metrics)
 
 
 def first_grad_abs_mean(run: Run) -> float:

@@ -319,9 +319,8 @@ def command_claims(args) -> int:
 def command_report(args) -> int:
     import pandas as pd
 
-    from experiments.report import write_report
-
     from experiments.phase_diagram import PHASE_SWEEP
+    from experiments.report import write_report
 
     started = time.perf_counter()
     phase_csv = Path(args.out) / "sweeps" / PHASE_SWEEP / "sweep.csv"

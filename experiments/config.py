@@ -18,6 +18,8 @@ from typing import Any
 import keras
 
 from experiments.datasets import GENERATORS, SEQUENCE_GENERATORS, check_data_params
+from gradtools.training import MAX_SEED
+from gradtools.validation import is_integer, is_number
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 BATCH_NORM_PLACES = ("none", "input", "before_activation")
@@ -49,26 +51,18 @@ FILE = "(file)"  # the key of an error about the whole file
 
 def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     def check(value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"must be an integer >= {minimum}"
-                             + (f" and <= {maximum}" if maximum is not None else ""))
-        if maximum is not None and value > maximum:
-            raise ValueError(f"must be an integer from {minimum} to {maximum}")
+        if not is_integer(value, minimum, maximum):
+            raise ValueError(f"must be an integer >= {minimum}" if maximum is None
+                             else f"must be an integer from {minimum} to {maximum}")
         return value
     return check
 
 
-#: Seeds are 32-bit (NumPy's and TensorFlow's generators take no more).
-MAX_SEED = 2**32 - 1
-
-
 def _number(minimum: float | None = None, exclusive: bool = False) -> Callable[[Any], float]:
     def check(value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError("must be a number")
-        if not math.isfinite(value):
+        if not is_number(value):
             raise ValueError("must be a finite number (not nan or inf)")
-        if minimum is not None and (value <= minimum if exclusive else value < minimum):
+        if not is_number(value, minimum, exclusive):
             raise ValueError(f"must be a number {'>' if exclusive else '>='} {minimum}")
         return value
     return check

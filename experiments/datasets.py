@@ -10,6 +10,9 @@ import numpy as np
 from sklearn import datasets
 from sklearn.preprocessing import StandardScaler
 
+from gradtools.validation import is_integer
+
+
 def make_adding_problem(n_samples: int = 2048, sequence_length: int = 50, random_state=None):
     """The adding problem (Hochreiter & Schmidhuber 1997), made to span the whole sequence.
 
@@ -21,13 +24,12 @@ def make_adding_problem(n_samples: int = 2048, sequence_length: int = 50, random
 
     Returns ``x`` of shape (n_samples, sequence_length, 2) and ``y`` of shape (n_samples,).
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+    if not is_integer(n_samples, 1):
         raise ValueError(f"The 'n_samples' parameter must be an integer >= 1. Got {n_samples!r}.")
-    if (isinstance(sequence_length, bool) or not isinstance(sequence_length, int)
-            or not 4 <= sequence_length <= 1000):
+    if not is_integer(sequence_length, 4, 1000):
         raise ValueError("The 'sequence_length' parameter must be an integer in [4, 1000]. "
                          f"Got {sequence_length!r}.")
-    if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
+    if random_state is not None and not is_integer(random_state):
         raise ValueError(f"The 'random_state' parameter must be an integer or None. Got {random_state!r}.")
     rng = np.random.default_rng(random_state)
     rows = np.arange(n_samples)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.claims import EXPERIMENTS, diagnoses, evaluate, median_numbers, write_claims
-from experiments.runner import Run
+from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
 from gradtools.diagnosis import diagnose
 from gradtools.plots import plot_seed_band
 
@@ -44,7 +44,7 @@ def _experiment_section(name: str, runs: list[Run], verdicts: list[str]) -> str:
     first = runs[0]
     article_png = (first.run_dir / "figures" / "mean_gradient.png").read_bytes()
     band_png = _figure_png(plot_seed_band([r.history.metrics for r in runs if not r.history.metrics.empty],
-                                          first.config.run_name))
+                                          first.config.run_name, ARTICLE_SAMPLE_BATCH))
     diagnosis = diagnose(first.history)
     counts = ", ".join(f"{verdicts.count(v)}× {v}" for v in sorted(set(verdicts)))
     through_time = first.run_dir / "figures" / "state_gradients.png"
@@ -100,7 +100,8 @@ def write_report(runs: dict[int, dict[str, Run]], directory: Path,
 <title>gradtools: the article's experiments, measured</title><style>{STYLE}</style></head><body>
 <h1>Vanishing and exploding gradients: the article's experiments, measured</h1>
 <p>{len(runs)} seeds per experiment. Claims, figures and diagnoses from fresh runs of gradtools.</p>
-<h2>The claims: the article's ten, then the other sources'</h2><table><tr><th>#</th><th>claim</th><th>criterion</th><th>measured (median over seeds)</th>
+<h2>The claims: the article's ten, then the other sources'</h2>
+<table><tr><th>#</th><th>claim</th><th>criterion</th><th>measured (median over seeds)</th>
 <th>verdict</th></tr>{rows}</table>
 {sections}
 {phase_section(phase_table)}

@@ -16,6 +16,10 @@ from experiments.datasets import make_dataset
 from experiments.models import build_model
 from gradtools.diagnosis import diagnose
 from gradtools.loggers import LocalRunLogger, RunLogger
+from gradtools.plots import run_figures
+
+#: The article's script recorded batch index 5 of every epoch; its figure samples the same.
+ARTICLE_SAMPLE_BATCH = 5
 
 
 @dataclass
@@ -46,6 +50,11 @@ SUGGESTION_STEPS = 20
 
 #: Logger backends besides the run directory, by their --logger name.
 BACKENDS = ("neptune", "tensorboard")
+
+
+def article_figures(title: str):
+    """The standard figures, with the mean gradient sampled as the article did."""
+    return lambda history: run_figures(history, title, sample_batch=ARTICLE_SAMPLE_BATCH)
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
@@ -102,6 +111,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
         log_every=training["log_every"],
         stop_on_nonfinite=training["stop_on_nonfinite"],
         loggers=[local, *loggers],
+        figures=article_figures(config.run_name),
         **clipping,
     )
     if suggestion is not None:

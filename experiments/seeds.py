@@ -10,7 +10,7 @@ import pandas as pd
 
 from experiments.config import load_config
 from experiments.parallel import run_jobs
-from experiments.runner import Run, run_experiment
+from experiments.runner import ARTICLE_SAMPLE_BATCH, Run, run_experiment
 from gradtools.plots import plot_seed_band
 from gradtools.summary import summarize
 
@@ -53,5 +53,5 @@ def run_seeds(reference: str, seeds: list[int], out: str | Path = "runs", overri
     summary_path, figure_path = stem.with_suffix(".csv"), stem.with_suffix(".png")
     summary.to_csv(summary_path, index=False)
     finished = [run.history.metrics for run in runs if not run.history.metrics.empty]
-    plot_seed_band(finished, configs[0].run_name).savefig(figure_path, dpi=100)
+    plot_seed_band(finished, configs[0].run_name, ARTICLE_SAMPLE_BATCH).savefig(figure_path, dpi=100)
     return SeedGroup(runs, summary, summary_path, figure_path)

@@ -32,7 +32,6 @@ import fcntl
 import hashlib
 import itertools
 import json
-import math
 import os
 import shutil
 import sys
@@ -153,20 +152,12 @@ def point_config(sweep: Sweep, point: Point) -> ExperimentConfig:
     return config
 
 
-def _ratio(metrics: pd.DataFrame, rows) -> float:
-    from gradtools.plots import layer_numbers
-
-    layers = layer_numbers(metrics)
-    first, last = rows[f"layer_{layers[0]}/grad_abs_mean"], rows[f"layer_{layers[-1]}/grad_abs_mean"]
-    bottom = float(last.median())
-    return float(first.median()) / bottom if bottom > 0 else math.nan
-
-
 def summarize_point(history) -> dict[str, Any]:
     """The sweep.csv numbers of one run: how it ended, its diagnosis, the layer-1/last
     ``grad_abs_mean`` ratio at the first step, over the first and last epochs and the run,
     and the size of the whole gradient (global norm) at the first step."""
     from gradtools.diagnosis import diagnose
+    from gradtools.summary import first_to_last_ratio
 
     metrics = history.metrics
     row: dict[str, Any] = {"status": history.status,
@@ -179,10 +170,10 @@ def summarize_point(history) -> dict[str, Any]:
     first_epoch, last_epoch = metrics["epoch"].min(), metrics["epoch"].max()
     row.update(
         verdict=diagnose(history).verdict,
-        ratio_first_step=_ratio(metrics, metrics.iloc[[0]]),
-        ratio_first_epoch=_ratio(metrics, metrics[metrics["epoch"] == first_epoch]),
-        ratio_last_epoch=_ratio(metrics, metrics[metrics["epoch"] == last_epoch]),
-        ratio=_ratio(metrics, metrics),
+        ratio_first_step=first_to_last_ratio(metrics.iloc[[0]]),
+        ratio_first_epoch=first_to_last_ratio(metrics[metrics["epoch"] == first_epoch]),
+        ratio_last_epoch=first_to_last_ratio(metrics[metrics["epoch"] == last_epoch]),
+        ratio=first_to_last_ratio(metrics),
         grad_norm_first_step=float(metrics["grad_global_norm"].iloc[0]),
         last_epoch_loss=float(epochs["loss"].mean().iloc[-1]),
     )

@@ -8,7 +8,6 @@ iterations and take the mean of the observed gradient norms as a first value) in
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +15,13 @@ import pandas as pd
 import tensorflow as tf
 
 from gradtools.stats import global_gradient_norm
+from gradtools.validation import require_positive_number
 
 
 def clip_by_value(gradients, clip_value: float, scale=1.0):
     """gᵢ ← min(max(gᵢ, −c), c) for every entry of every tensor (Keras's ``clipvalue``).
     With a loss ``scale`` s (mixed precision), gradients of s·loss are clipped at s·c."""
-    _require_positive("clip_value", clip_value)
+    require_positive_number("clip_value", clip_value)
     threshold = clip_value * scale
     return [None if g is None else tf.clip_by_value(g, -tf.cast(threshold, g.dtype), tf.cast(threshold, g.dtype))
             for g in gradients]
@@ -29,7 +29,7 @@ def clip_by_value(gradients, clip_value: float, scale=1.0):
 
 def clip_by_norm(gradients, clip_norm: float):
     """Each tensor on its own: if ‖g‖₂ ≥ c then g ← c·g/‖g‖₂ (Keras's ``clipnorm``)."""
-    _require_positive("clip_norm", clip_norm)
+    require_positive_number("clip_norm", clip_norm)
     return [None if g is None else tf.clip_by_norm(g, clip_norm) for g in gradients]
 
 
@@ -41,16 +41,10 @@ def clip_by_global_norm(gradients, clip_norm: float, scale=1.0):
 
     Unlike ``tf.clip_by_global_norm``, which turns every gradient into NaN when ‖g‖₂
     overflows float32, an overflowing norm scales the step to zero."""
-    _require_positive("clip_norm", clip_norm)
+    require_positive_number("clip_norm", clip_norm)
     threshold = tf.cast(clip_norm * scale, tf.float32)
     factor = threshold / tf.maximum(global_gradient_norm(gradients), threshold)
     return [None if g is None else g * tf.cast(factor, g.dtype) for g in gradients]
-
-
-def _require_positive(name: str, value) -> None:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-            or not math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)

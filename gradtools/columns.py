@@ -57,3 +57,8 @@ def metric_columns(n_layers: int, recurrent_layers=(), *, clipped: bool = False,
     ``clipped``, :data:`CLIPPED_COLUMN`; with ``loss_scaled``, :data:`LOSS_SCALE_COLUMNS`."""
     return (list(STEP_COLUMNS) + layer_columns(n_layers, recurrent_layers)
             + ([CLIPPED_COLUMN] if clipped else []) + (list(LOSS_SCALE_COLUMNS) if loss_scaled else []))
+
+
+def layer_numbers(table) -> list[int]:
+    """The layer numbers k that have ``layer_k/…`` columns in ``table``, in order."""
+    return sorted({int(c.split("/")[0].split("_")[1]) for c in table.columns if c.startswith("layer_")})

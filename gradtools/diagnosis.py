@@ -42,11 +42,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradtools.history import History, RunDirectoryError
+from gradtools.columns import LOSS_SCALE_COLUMNS, layer_numbers
+from gradtools.history import COMPLETED, History, RunDirectoryError
 from gradtools.layers import layer_label
-from gradtools.plots import layer_numbers, state_gradient_curve, state_gradient_layers
-from gradtools.recurrence import bptt_steps_column
-from gradtools.columns import LOSS_SCALE_COLUMNS
+from gradtools.recurrence import bptt_steps_column, state_gradient_curve, state_gradient_layers
+from gradtools.summary import sensitivity_table
 
 #: A block whose sensitivity is below this fraction of the strongest block after it vanishes.
 VANISHING_RATIO = 1e-2
@@ -157,13 +157,6 @@ def _max_epoch_median(values: pd.Series, epochs: pd.Series) -> float | None:
     return _number(medians.max()) if medians.notna().any() else None
 
 
-def sensitivity(metrics: pd.DataFrame, k: int) -> pd.Series:
-    """‖g‖·‖W‖ / |loss| of layer_k at every row (NaN where undefined)."""
-    values = (metrics[f"layer_{k}/grad_norm"] * metrics[f"layer_{k}/weight_norm"]
-              / metrics["loss"].abs())
-    return values.replace([np.inf, -np.inf], np.nan)
-
-
 def judged_rows(metrics: pd.DataFrame) -> pd.DataFrame:
     """The rows a verdict is built on: every logged step but those the loss scaler skipped."""
     if "skipped" in metrics:
@@ -196,14 +189,15 @@ def _zero_fraction(values: pd.Series) -> float | None:
     return float((values == 0).mean()) if len(values) else None
 
 
-def _layer_numbers(metrics: pd.DataFrame, k: int) -> dict[str, float | None]:
+def _layer_numbers(metrics: pd.DataFrame, k: int, sensitivities: pd.DataFrame) -> dict[str, float | None]:
     """Every per-layer number except the depth ratios (which need the other blocks)."""
     epochs = metrics["epoch"]
-    first_epoch = metrics[epochs == epochs.min()]
+    in_first_epoch = epochs == epochs.min()
+    first_epoch = metrics[in_first_epoch]
     grad, weight = metrics[f"layer_{k}/grad_norm"], metrics[f"layer_{k}/weight_norm"]
     return {
-        "sensitivity_first_epoch": _median(sensitivity(first_epoch, k)),
-        "sensitivity": _median(sensitivity(metrics, k)),
+        "sensitivity_first_epoch": _median(sensitivities.loc[in_first_epoch, f"layer_{k}"]),
+        "sensitivity": _median(sensitivities[f"layer_{k}"]),
         "zero_gradient_first_epoch": _zero_fraction(first_epoch[f"layer_{k}/grad_norm"]),
         "zero_gradient": _zero_fraction(grad),
         "grad_to_weight": _max_epoch_median(grad / weight, epochs),
@@ -268,7 +262,8 @@ def layer_findings(metrics: pd.DataFrame, paths, blocks) -> list[LayerFinding]:
     ks = layer_numbers(metrics)
     paths = list(paths) if paths and len(paths) == len(ks) else [""] * len(ks)
     blocks = list(blocks) if blocks and len(blocks) == len(ks) else [f"layer_{k}" for k in ks]
-    numbers = [_layer_numbers(metrics, k) for k in ks]
+    sensitivities = sensitivity_table(metrics)
+    numbers = [_layer_numbers(metrics, k, sensitivities) for k in ks]
     ratios = {key: _block_ratios(numbers, blocks, source) for key, source in (
         ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
     findings = []
@@ -405,7 +400,7 @@ def diagnose(source) -> Diagnosis:
     where = f"{source}: " if isinstance(source, (str, Path)) else ""
     if isinstance(source, (str, Path)):
         source = History.from_run_dir(source)
-    history = source if isinstance(source, History) else History(metrics=source, status="completed")
+    history = source if isinstance(source, History) else History(metrics=source, status=COMPLETED)
     metrics = history.metrics
     if metrics.empty:
         raise RunDirectoryError(f"{where}no logged steps to diagnose (the run stopped before its "

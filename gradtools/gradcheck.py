@@ -1,6 +1,6 @@
 """Gradient checking: the tape's gradients against central finite differences, in float64.
 
-What the sources recommend when backpropagation is written by hand (a custom layer, a
+The standard check when backpropagation is written by hand (a custom layer, a
 ``tf.custom_gradient``): a wrong backward pass shows as a large relative error in its layer.
 """
 

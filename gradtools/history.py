@@ -12,7 +12,12 @@ import pandas as pd
 
 #: How a run can end. ``diverged`` is a result (a non-finite loss or gradient), not an error.
 #: A run directory still says ``running`` when its process was killed (or is still training).
-STATUSES = ("completed", "diverged", "interrupted", "failed", "running")
+COMPLETED, DIVERGED, INTERRUPTED, FAILED, RUNNING = "completed", "diverged", "interrupted", "failed", "running"
+STATUSES = (COMPLETED, DIVERGED, INTERRUPTED, FAILED, RUNNING)
+#: The statuses of a run that went to its end: what an interruption afterwards cannot undo.
+FINAL_STATUSES = (COMPLETED, DIVERGED)
+#: The statuses of a run that ended before its end.
+EARLY_END_STATUSES = (INTERRUPTED, FAILED)
 
 
 class RunDirectoryError(ValueError):
@@ -73,7 +78,7 @@ class History:
     @property
     def unfinished(self) -> bool:
         """True for a run directory whose process never closed it (killed, or still running)."""
-        return self.status == "running"
+        return self.status == RUNNING
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> "History":

@@ -30,10 +30,13 @@ import tensorflow as tf
 
 from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
-from gradtools.history import History
-from gradtools.layers import layer_blocks, layer_layout
 from gradtools.columns import metric_columns
+from gradtools.history import COMPLETED, DIVERGED, RUNNING, History
+from gradtools.layers import layer_blocks, layer_layout
+from gradtools.loggers.base import end_run
+from gradtools.plots import run_figures
 from gradtools.stats import all_finite, statistics_row
+from gradtools.validation import require_integer
 
 _DEFAULT_CAPACITY = 4096
 
@@ -153,17 +156,19 @@ class GradientMonitor(keras.callbacks.Callback):
     training stops after the first non-finite loss or gradient (like
     ``keras.callbacks.TerminateOnNaN``, but recorded; a step the loss scaler skips does not
     count). ``loggers`` get every row, like ``gradtools.fit``'s (e.g. a ``LocalRunLogger``
-    writes a run directory). ``history()`` gives what ``gradtools.diagnose`` reads.
+    writes a run directory), and ``figures`` as in ``gradtools.fit`` when training ends.
+    ``history()`` gives what ``gradtools.diagnose`` reads.
     """
 
-    def __init__(self, log_every: int = 1, loggers=(), stop_on_nonfinite: bool = False):
+    def __init__(self, log_every: int = 1, loggers=(), stop_on_nonfinite: bool = False,
+                 figures=True):
         super().__init__()
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every must be an integer >= 1, got {log_every!r}")
+        require_integer("log_every", log_every)
         self.log_every = log_every
         self.loggers = list(loggers)
         self.stop_on_nonfinite = stop_on_nonfinite
-        self.status = "completed"
+        self.figures = figures
+        self.status = COMPLETED
         self.first_nonfinite_step: int | None = None
         self.epochs_completed = 0
         self.layer_paths: list[str] = []
@@ -291,7 +296,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._frames.append(frame)
         if not finite.all() and self.first_nonfinite_step is None:
             self.first_nonfinite_step = int(steps[np.argmin(finite)])
-            self.status = "diverged"
+            self.status = DIVERGED
         for logger in self.loggers:
             logger.log_rows(frame)
 
@@ -311,16 +316,16 @@ class GradientMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         self._flush(epoch)
         epoch_values = self._through_time_row(epoch)
-        if self.status != "diverged":
+        if self.status != DIVERGED:
             self.epochs_completed = epoch + 1
-        last = epoch + 1 == self.params.get("epochs") or (self.stop_on_nonfinite and self.status == "diverged")
-        progress = self.status if self.status == "diverged" else ("completed" if last else "running")
+        last = epoch + 1 == self.params.get("epochs") or (self.stop_on_nonfinite and self.status == DIVERGED)
+        progress = self.status if self.status == DIVERGED else (COMPLETED if last else RUNNING)
         for logger in self.loggers:
             if epoch_values:
                 logger.log_epoch_metrics(epoch, epoch_values)
             logger.log_epoch_end(epoch, self.model, None)
             logger.log_progress(epochs_completed=self.epochs_completed, status=progress)
-        if self.stop_on_nonfinite and self.status == "diverged":
+        if self.stop_on_nonfinite and self.status == DIVERGED:
             self.model.stop_training = True
 
     def _through_time_row(self, epoch: int) -> dict[str, float]:
@@ -338,8 +343,6 @@ class GradientMonitor(keras.callbacks.Callback):
         self._restore = []
         self.model.make_train_function(force=True)  # later fits run without the probes
         if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) \
-                and self.status != "diverged":
-            self.status = "diverged"
-        history = self.history()
-        for logger in self.loggers:
-            logger.finish(history)
+                and self.status != DIVERGED:
+            self.status = DIVERGED
+        end_run(self.loggers, self.history(), run_figures if self.figures is True else self.figures or None)

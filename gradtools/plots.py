@@ -9,36 +9,19 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from matplotlib.colors import Normalize
-
+from gradtools.columns import layer_numbers
 from gradtools.history import History
 from gradtools.layers import layer_label
 from gradtools.recurrence import (
-    STATE_GRAD_STAT,
     geometric_prediction,
     spectral_radius_column,
+    state_gradient_curve,
+    state_gradient_layers,
 )
-
-#: The article recorded batch index 5 of every epoch.
-ARTICLE_SAMPLE_BATCH = 5
-
-
-def layer_numbers(metrics: pd.DataFrame) -> list[int]:
-    """The layer numbers k that have ``layer_k/…`` columns, in order."""
-    found = {int(c.split("/")[0].split("_")[1]) for c in metrics.columns if c.startswith("layer_")}
-    return sorted(found)
-
-
-def sample_per_epoch(metrics: pd.DataFrame, batch: int = ARTICLE_SAMPLE_BATCH) -> pd.DataFrame:
-    """One row per epoch, as the article sampled: ``batch`` if it was logged in that epoch,
-    else the first logged batch after it, else the epoch's last logged row."""
-    picked = []
-    for _, rows in metrics.groupby("epoch", sort=True):
-        at_or_after = rows[rows["batch"] >= batch]
-        picked.append(at_or_after.iloc[0] if len(at_or_after) else rows.iloc[-1])
-    return pd.DataFrame(picked).reset_index(drop=True)
+from gradtools.summary import sample_per_epoch, sensitivity_table
 
 
 def _mark_divergence(ax, x_value, label: str) -> None:
@@ -53,18 +36,17 @@ def _spans_decades(values, decades: float = 2.0) -> bool:
     return positive.size > 1 and np.log10(positive.max() / positive.min()) >= decades
 
 
-def plot_mean_gradient(metrics: pd.DataFrame, title: str,
-                       first_nonfinite_step: int | None = None, layer_paths=()) -> Figure:
-    """The article's figure: the signed mean gradient of every layer's kernel.
-
-    Sampled at batch 5 of each epoch (x = epoch) like the article; a run with fewer than two
-    epochs is drawn at every logged step instead (x = step), so a run that diverged early
-    still shows its curve. A divergence is marked with a red dashed line.
-    """
+def plot_mean_gradient(metrics: pd.DataFrame, title: str = "",
+                       first_nonfinite_step: int | None = None, layer_paths=(),
+                       sample_batch: int = 0) -> Figure:
+    """The signed mean gradient of every layer's kernel, one point per epoch: the logged row
+    at batch ``sample_batch`` of each epoch (see :func:`gradtools.summary.sample_per_epoch`).
+    A run with fewer than two epochs is drawn at every logged step instead (x = step), so a
+    run that diverged early still shows its curve. A divergence is marked in red."""
     fig = Figure(figsize=(7, 5), layout="constrained")
     ax = fig.add_subplot()
     by_epoch = metrics["epoch"].nunique() >= 2
-    data = sample_per_epoch(metrics) if by_epoch else metrics
+    data = sample_per_epoch(metrics, sample_batch) if by_epoch else metrics
     x_name = "epoch" if by_epoch else "step"
     for k in layer_numbers(metrics):
         ax.plot(data[x_name], data[f"layer_{k}/grad_mean"], label=layer_label(k, layer_paths))
@@ -73,17 +55,17 @@ def plot_mean_gradient(metrics: pd.DataFrame, title: str,
         x_value = where.iloc[0] if len(where) else first_nonfinite_step
         _mark_divergence(ax, x_value, f"non-finite at step {first_nonfinite_step}")
     ax.set_title(f"Mean gradient {title}")
-    ax.set_xlabel(f"{x_name} (batch {ARTICLE_SAMPLE_BATCH} of each epoch)" if by_epoch else x_name)
+    ax.set_xlabel(f"{x_name} (batch {sample_batch} of each epoch)" if by_epoch else x_name)
     ax.set_ylabel("mean of kernel gradient")
     ax.axhline(0, color="grey", linewidth=0.5)
     ax.legend(fontsize=8)
     return fig
 
 
-def plot_first_vs_last(metrics: pd.DataFrame, title: str,
+def plot_first_vs_last(metrics: pd.DataFrame, title: str = "",
                        first_nonfinite_step: int | None = None, layer_paths=()) -> Figure:
     """Layer 1 beside the last layer, at every logged step: the signed mean gradient on top
-    (what the article plots) and the mean absolute gradient below on a shared log scale (what
+    and the mean absolute gradient below on a shared log scale (what
     shows vanishing: the signed mean cancels out, the magnitude does not)."""
     layers = layer_numbers(metrics)
     first, last = layers[0], layers[-1]
@@ -107,7 +89,7 @@ def plot_first_vs_last(metrics: pd.DataFrame, title: str,
     return fig
 
 
-def plot_loss(metrics: pd.DataFrame, title: str, first_nonfinite_step: int | None = None,
+def plot_loss(metrics: pd.DataFrame, title: str = "", first_nonfinite_step: int | None = None,
               layer_paths=()) -> Figure:
     """The loss at every logged step, and its mean per epoch."""
     fig = Figure(figsize=(7, 4), layout="constrained")
@@ -125,19 +107,6 @@ def plot_loss(metrics: pd.DataFrame, title: str, first_nonfinite_step: int | Non
     ax.set_ylabel("loss")
     ax.legend()
     return fig
-
-
-def state_gradient_layers(state_gradients: pd.DataFrame) -> list[int]:
-    """The layer numbers k with ``layer_k/state_grad_norm/…`` columns."""
-    return sorted({int(c.split("/")[0].split("_")[1]) for c in state_gradients.columns
-                   if f"/{STATE_GRAD_STAT}/" in c})
-
-
-def state_gradient_curve(state_gradients: pd.DataFrame, layer: int, epoch: int) -> np.ndarray:
-    """‖∂L/∂h_t‖, t = 1 … T, of ``layer`` in ``epoch`` (a row of the per-epoch table)."""
-    row = state_gradients[state_gradients["epoch"] == epoch].iloc[0]
-    columns = [c for c in state_gradients.columns if c.startswith(f"layer_{layer}/{STATE_GRAD_STAT}/")]
-    return row[columns].to_numpy(dtype=float)
 
 
 def _limit_to(ax, values, decades: float) -> None:
@@ -186,16 +155,7 @@ def plot_state_gradients(state_gradients: pd.DataFrame, title: str) -> Figure:
 MAX_LAYER_LINES = 12
 
 
-def sensitivity_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """‖g‖·‖W‖ / |loss| of every numbered layer (columns ``layer_k``) at every logged row: the
-    scale-free gradient size :mod:`gradtools.diagnosis` judges (NaN where undefined)."""
-    loss = metrics["loss"].abs()
-    table = pd.DataFrame({f"layer_{k}": metrics[f"layer_{k}/grad_norm"]
-                          * metrics[f"layer_{k}/weight_norm"] / loss for k in layer_numbers(metrics)})
-    return table.replace([np.inf, -np.inf], np.nan)
-
-
-def plot_gradient_heatmap(metrics: pd.DataFrame, title: str,
+def plot_gradient_heatmap(metrics: pd.DataFrame, title: str = "",
                           first_nonfinite_step: int | None = None, layer_paths=()) -> Figure:
     """Where gradients die or blow up, at a glance: one row per numbered layer (first at the
     top), one column per logged step, coloured by log10 of the layer's sensitivity
@@ -219,14 +179,15 @@ def plot_gradient_heatmap(metrics: pd.DataFrame, title: str,
     return fig
 
 
-def run_figures(history: History, title: str) -> dict[str, Figure]:
-    """Every standard figure of one run, by file stem."""
+def run_figures(history: History, title: str = "", sample_batch: int = 0) -> dict[str, Figure]:
+    """Every standard figure of one run, by file stem; ``sample_batch`` as in
+    :func:`plot_mean_gradient`."""
     if history.metrics.empty:
         return {}
     args = (history.metrics, title, history.first_nonfinite_step, history.layer_paths)
     figures = {"gradient_heatmap": plot_gradient_heatmap(*args)}
     if len(layer_numbers(history.metrics)) <= MAX_LAYER_LINES:
-        figures["mean_gradient"] = plot_mean_gradient(*args)
+        figures["mean_gradient"] = plot_mean_gradient(*args, sample_batch=sample_batch)
     figures["first_vs_last"] = plot_first_vs_last(*args)
     figures["loss"] = plot_loss(*args)
     states = history.state_gradients
@@ -265,14 +226,14 @@ def _band(ax, frames: list[pd.DataFrame], x_name: str, column: str, label: str, 
     ax.fill_between(table.index, table.min(axis=1), table.max(axis=1), color=color, alpha=0.2)
 
 
-def plot_seed_band(runs: list[pd.DataFrame], title: str) -> Figure:
+def plot_seed_band(runs: list[pd.DataFrame], title: str, sample_batch: int = 0) -> Figure:
     """Several seeds of one experiment: per layer, the mean over seeds as a line and the
-    min–max over seeds as a band. Left, the article's statistic (signed mean gradient at
-    batch 5 of each epoch); right, the mean absolute gradient (per-epoch mean, log scale)."""
+    min–max over seeds as a band. Left, the signed mean gradient at batch ``sample_batch`` of
+    each epoch; right, the mean absolute gradient (per-epoch mean, log scale)."""
     fig = Figure(figsize=(12, 5), layout="constrained")
     left, right = fig.subplots(1, 2)
     runs = [m.replace([np.inf, -np.inf], np.nan) for m in runs]  # a diverged step has no point
-    sampled = [sample_per_epoch(m) for m in runs]
+    sampled = [sample_per_epoch(m, sample_batch) for m in runs]
     per_epoch = [m.groupby("epoch").mean(numeric_only=True).reset_index() for m in runs]
     for index, k in enumerate(layer_numbers(runs[0])):
         color = f"C{index % 10}"
@@ -280,7 +241,7 @@ def plot_seed_band(runs: list[pd.DataFrame], title: str) -> Figure:
         _band(right, per_epoch, "epoch", f"layer_{k}/grad_abs_mean", f"layer_{k}", color)
     left.axhline(0, color="grey", linewidth=0.5)
     left.set_title(f"Mean gradient {title}: mean of {len(runs)} seeds, band min–max")
-    left.set_xlabel(f"epoch (batch {ARTICLE_SAMPLE_BATCH})")
+    left.set_xlabel(f"epoch (batch {sample_batch})")
     magnitudes = np.concatenate([f.filter(like="/grad_abs_mean").to_numpy(dtype=float).ravel()
                                  for f in per_epoch])
     if (np.isfinite(magnitudes) & (magnitudes > 0)).any():  # a run that diverged at once has none

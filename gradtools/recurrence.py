@@ -31,6 +31,19 @@ def bptt_steps_column(layer: int) -> str:
     return f"layer_{layer}/{BPTT_STEPS_STAT}"
 
 
+def state_gradient_layers(state_gradients) -> list[int]:
+    """The layer numbers k with ``layer_k/state_grad_norm/…`` columns."""
+    return sorted({int(c.split("/")[0].split("_")[1]) for c in state_gradients.columns
+                   if f"/{STATE_GRAD_STAT}/" in c})
+
+
+def state_gradient_curve(state_gradients, layer: int, epoch: int) -> np.ndarray:
+    """‖∂L/∂h_t‖, t = 1 … T, of ``layer`` in ``epoch`` (a row of the per-epoch table)."""
+    row = state_gradients[state_gradients["epoch"] == epoch].iloc[0]
+    columns = [c for c in state_gradients.columns if c.startswith(f"layer_{layer}/{STATE_GRAD_STAT}/")]
+    return row[columns].to_numpy(dtype=float)
+
+
 def spectral_radius(matrix) -> float:
     """max |eigenvalue| of a square matrix; NaN for a non-square one (LSTM/GRU stack their
     gates' recurrent kernels side by side, so theirs has no spectral radius)."""

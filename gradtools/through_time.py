@@ -30,6 +30,8 @@ from gradtools.recurrence import (  # noqa: F401  (re-exported: the numbers that
     spectral_radius_column,
     state_column,
 )
+from gradtools.validation import require_integer
+
 
 class _TracedCell(keras.layers.Layer):
     """Wraps a recurrent cell. Its step input is [x_t, p_t, s_t]: the cell's own input, the
@@ -79,9 +81,8 @@ class TracedRNN(keras.layers.RNN):
     """
 
     def __init__(self, cell, truncate_bptt: int | None = None, **kwargs):
-        if truncate_bptt is not None and (isinstance(truncate_bptt, bool)
-                                          or not isinstance(truncate_bptt, int) or truncate_bptt < 1):
-            raise ValueError(f"truncate_bptt must be an integer >= 1 or None, got {truncate_bptt!r}")
+        if truncate_bptt is not None:
+            require_integer("truncate_bptt", truncate_bptt)
         if isinstance(cell, dict):
             cell = keras.layers.deserialize(cell)
         super().__init__(_TracedCell(cell), **kwargs)

@@ -17,13 +17,18 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from gradtools.history import History
-from gradtools.loggers.base import RunLogger
-from gradtools.clipping import clip_by_global_norm, clip_by_value
 from gradtools import through_time
-from gradtools.layers import layer_blocks, layer_layout
+from gradtools.clipping import clip_by_global_norm, clip_by_value
 from gradtools.columns import metric_columns
+from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING, History
+from gradtools.layers import layer_blocks, layer_layout
+from gradtools.loggers.base import RunLogger, end_run, end_run_after_error
+from gradtools.plots import run_figures
 from gradtools.stats import all_finite, statistics_row
+from gradtools.validation import require_integer
+
+#: Seeds are 32-bit: NumPy's and TensorFlow's generators take no more.
+MAX_SEED = 2**32 - 1
 
 
 class _LossFromFunction(keras.losses.Loss):
@@ -73,11 +78,6 @@ def _as_tensor(values):
     return tensor
 
 
-def _require_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def fit(
     model: keras.Model,
     x,
@@ -95,6 +95,7 @@ def fit(
     jit_compile: bool = True,
     clip_value: float | None = None,
     clip_global_norm: float | None = None,
+    figures=True,
 ) -> History:
     """Train ``model`` on ``(x, y)`` and record per-layer gradient statistics.
 
@@ -123,6 +124,9 @@ def fit(
             the gradients before clipping, and the column ``grad_global_norm_clipped`` is added.
         jit_compile: compile each epoch with XLA (the default, several times faster on small
             models); pass False for a model with ops XLA cannot compile.
+        figures: when the run ends, draw :func:`gradtools.plots.run_figures` once and hand
+            them to every logger (``log_figure``); a function of the History returning
+            ``{name: Figure}`` draws those instead; False draws none.
 
     Returns:
         a :class:`gradtools.History`. A non-finite loss or gradient ends the run with status
@@ -130,10 +134,9 @@ def fit(
         are passed on to every logger (status ``"interrupted"`` / ``"failed"``) and re-raised.
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
-        _require_positive_int(name, value)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-                             or not 0 <= seed < 2**32):
-        raise ValueError(f"seed must be an integer from 0 to 4294967295 or None, got {seed!r}")
+        require_integer(name, value)
+    if seed is not None:
+        require_integer("seed", seed, 0, MAX_SEED)
     loss_fn = resolve_loss(loss)
     optimizer = with_loss_scaling(keras.optimizers.get(optimizer))
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -254,7 +257,7 @@ def fit(
                      layer_blocks=blocks)
     frames: list[pd.DataFrame] = []
     state_rows: list[dict[str, float]] = []
-    status, first_nonfinite_step, epochs_completed = "completed", None, 0
+    status, first_nonfinite_step, epochs_completed = COMPLETED, None, 0
     started = time.perf_counter()
 
     def history() -> History:
@@ -295,7 +298,7 @@ def fit(
                     logger.log_epoch_metrics(epoch, epoch_values)
                 logger.log_epoch_end(epoch, model, kernel_gradients)
             if not finite_flags.all():
-                status = "diverged"
+                status = DIVERGED
                 if first_nonfinite_step is None:
                     first_nonfinite_step = int(steps[np.argmin(finite_flags)])
             stopping = not finite_flags.all() and stop_on_nonfinite
@@ -303,24 +306,24 @@ def fit(
                 epochs_completed += 1
             # The last epoch's progress is the final status, so nothing after it can lose it.
             final = stopping or epoch + 1 == epochs
-            progress = status if status == "diverged" else ("completed" if final else "running")
+            progress = status if status == DIVERGED else (COMPLETED if final else RUNNING)
             for logger in loggers:
                 logger.log_progress(epochs_completed=epochs_completed, status=progress)
             if stopping:
                 break
     except KeyboardInterrupt:
-        status = "interrupted"
-        _finish_after_error(loggers, history())
+        status = INTERRUPTED
+        end_run_after_error(loggers, history(), _figure_maker(figures))
         raise
     except Exception as error:
-        status = "failed"
+        status = FAILED
         if jit_compile and not frames:
             error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
                            "an op of this model, call it with jit_compile=False")
-        _finish_after_error(loggers, history())
+        end_run_after_error(loggers, history(), _figure_maker(figures))
         raise
     result = history()
-    _finish(loggers, result)
+    end_run(loggers, result, _figure_maker(figures))
     return result
 
 
@@ -381,17 +384,8 @@ def _epoch_frame(columns, epoch, n_batches, batch_index, values) -> pd.DataFrame
     return frame
 
 
-def _finish(loggers: Sequence[RunLogger], history: History) -> None:
-    for logger in loggers:
-        logger.finish(history)
-
-
-def _finish_after_error(loggers: Sequence[RunLogger], history: History) -> None:
-    """Close every logger while an error or Ctrl-C is on its way up: a logger that fails
-    too (the same full disk) must not replace that error with its own."""
-    for logger in loggers:
-        try:
-            logger.finish(history)
-        except Exception:  # noqa: BLE001 - the error being raised is the one to report
-            pass
-
+def _figure_maker(figures):
+    """``fit``'s ``figures`` argument as a function of the History (or None)."""
+    if figures is True:
+        return run_figures
+    return figures or None

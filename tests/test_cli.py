@@ -6,8 +6,8 @@ import time
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
+
 from gradtools.columns import metric_columns
 
 RUN_JSON_KEYS = {"experiment", "seed", "status", "first_nonfinite_step", "epochs_completed",

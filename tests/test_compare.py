@@ -7,9 +7,9 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
 import gradtools
-from conftest import REPO_ROOT
 from gradtools.compare import CompareError, compare_runs
 from gradtools.loggers import LocalRunLogger
 

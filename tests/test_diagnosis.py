@@ -9,10 +9,10 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, exploding_relu_setup
 from sklearn.datasets import make_moons
 
 import gradtools
-from conftest import REPO_ROOT, exploding_relu_setup
 from gradtools.diagnosis import VANISHING_RATIO, diagnose
 from gradtools.loggers import LocalRunLogger
 

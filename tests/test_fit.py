@@ -101,9 +101,9 @@ def test_loggers_receive_every_row_and_the_final_status():
         def __init__(self):
             self.steps, self.finished = [], None
 
-        def log_metrics(self, metrics, step):
-            self.steps.append(step)
-            assert "layer_1/grad_norm" in metrics and "step" not in metrics
+        def log_rows(self, rows):
+            self.steps += rows["step"].tolist()
+            assert "layer_1/grad_norm" in rows.columns
 
         def finish(self, history):
             self.finished = history.status
@@ -120,7 +120,7 @@ def test_an_error_inside_training_reaches_loggers_as_failed_and_is_raised():
     class Failing(RunLogger):
         status = None
 
-        def log_metrics(self, metrics, step):
+        def log_rows(self, rows):
             raise RuntimeError("disk full")
 
         def finish(self, history):

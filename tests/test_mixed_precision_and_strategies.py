@@ -10,9 +10,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import REPO_ROOT
 
 import gradtools
-from conftest import REPO_ROOT
 from gradtools.diagnosis import diagnose
 from gradtools.monitor import GradientMonitor
 

@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import exploding_relu_setup
 
+from gradtools.columns import CLIPPED_COLUMN, metric_columns
 from gradtools.loggers import LocalRunLogger
 from gradtools.monitor import GradientMonitor
-from conftest import exploding_relu_setup
-from gradtools.columns import CLIPPED_COLUMN, metric_columns
 
 
 def lstm_batchnorm_model():

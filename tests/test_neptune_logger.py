@@ -12,11 +12,11 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, exploding_relu_setup, run_cli
 
 import gradtools
-from conftest import REPO_ROOT, exploding_relu_setup, run_cli
-from gradtools.loggers.neptune import NeptuneLogger
 from gradtools.columns import metric_columns
+from gradtools.loggers.neptune import NeptuneLogger
 
 
 def stored_operations(data_dir):
@@ -128,7 +128,7 @@ def test_neptune_failing_mid_run_warns_once_and_training_goes_on(offline, tmp_pa
     class StopNeptuneAfterFirstEpoch(RunLogger):
         """Stops the Neptune run under the logger's feet: every later call of the real client fails."""
 
-        def log_metrics(self, metrics, step):
+        def log_rows(self, rows):
             pass
 
         def log_epoch_end(self, epoch, model, kernel_gradients=None):

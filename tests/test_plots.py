@@ -4,9 +4,9 @@ names, the line figures' labels, which figures a deep model gets."""
 import numpy as np
 import pandas as pd
 
+from gradtools.columns import metric_columns
 from gradtools.history import History
 from gradtools.plots import plot_gradient_heatmap, plot_mean_gradient, run_figures
-from gradtools.columns import metric_columns
 
 
 def synthetic_metrics(n_layers: int, steps: int = 6) -> pd.DataFrame:

@@ -10,7 +10,6 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import pandas as pd
 import pytest

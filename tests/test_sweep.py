@@ -25,7 +25,8 @@ description = "a test grid"
 [set]
 data.n_samples = 256
 training.epochs = 1
-"model.kernel_initializer" = { class_name = "VarianceScaling", config = { scale = 1.0, mode = "fan_in", distribution = "uniform" } }
+"model.kernel_initializer" = { class_name = "VarianceScaling", config = { scale = 1.0, mode = "fan_in", \
+distribution = "uniform" } }
 
 [grid]
 model.activation = ["sigmoid", "relu"]
@@ -79,7 +80,8 @@ def test_every_point_is_an_ordinary_run_directory(tiny):
             assert (config["model"]["kernel_initializer"]["config"]["scale"]
                     == row["model.kernel_initializer.config.scale"])
             assert len([k for k in history.layer_paths]) == row["model.depth"] + 1
-            assert json.loads((result.directory / "points" / row["point"] / "run.json").read_text())["diagnosis"]["verdict"] == row["verdict"]
+            info = json.loads((result.directory / "points" / row["point"] / "run.json").read_text())
+            assert info["diagnosis"]["verdict"] == row["verdict"]
     assert json.loads((local.directory / "sweep.json").read_text())["grid"]["model.depth"] == [1, 4]
 
 

@@ -11,11 +11,11 @@ import keras
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 import gradtools
-from gradtools.loggers.tensorboard import TensorBoardLogger
 from gradtools.columns import metric_columns
-from tensorboard.util import tensor_util
+from gradtools.loggers.tensorboard import TensorBoardLogger
 
 
 @pytest.fixture(scope="module")

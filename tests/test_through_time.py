@@ -10,12 +10,12 @@ import pytest
 import tensorflow as tf
 
 import gradtools
+from gradtools.columns import LAYER_STATS, metric_columns
 from gradtools.history import History
 from gradtools.loggers import LocalRunLogger
 from gradtools.loggers.neptune import NeptuneLogger
 from gradtools.loggers.tensorboard import TensorBoardLogger
 from gradtools.recurrence import geometric_prediction, spectral_radius, state_column
-from gradtools.columns import LAYER_STATS, metric_columns
 from gradtools.through_time import TracedRNN
 
 T, FEATURES, UNITS, N = 12, 3, 6, 16
@@ -128,7 +128,6 @@ def test_bad_truncation_is_refused():
 def test_every_logger_stores_the_state_gradients_under_the_same_names(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
-
     from test_neptune_logger import series, stored_operations
 
     monkeypatch.setenv("NEPTUNE_MODE", "offline")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from gradtools.history import EARLY_END_STATUSES
 
 if TYPE_CHECKING:
     import keras
@@ -18,8 +19,9 @@ if TYPE_CHECKING:
 class RunLogger:
     """Receives one run's parameters, metric rows, figures and final status.
 
-    Subclasses implement :meth:`log_metrics`; the other hooks default to doing nothing.
-    Metric names are the ``metrics.csv`` column names (``loss``, ``layer_1/grad_abs_mean``…).
+    Subclasses implement :meth:`log_rows`; the other hooks default to doing nothing. Metric
+    names are the ``metrics.csv`` column names (``loss``, ``layer_1/grad_abs_mean``…). Figures
+    are drawn once by the training loop (:func:`end_run`) and handed to every logger.
     """
 
     #: Set to True to receive each epoch's last kernel gradients in :meth:`log_epoch_end`.
@@ -33,15 +35,9 @@ class RunLogger:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """The run's configuration (nested mappings of plain values)."""
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """One row of statistics recorded at ``step`` (1 for the first update)."""
-        raise NotImplementedError
-
     def log_rows(self, rows: "pd.DataFrame") -> None:
-        """Rows of a metrics table (one epoch's, from ``fit``); by default one call a row."""
-        names = [c for c in rows.columns if c != "step"]
-        for step, values in zip(rows["step"].tolist(), rows[names].itertuples(index=False)):
-            self.log_metrics(dict(zip(names, values)), int(step))
+        """Rows of a metrics table (an epoch's, or fewer), with a ``step`` column."""
+        raise NotImplementedError
 
     def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Numbers recorded once per epoch (0-based), such as the gradients through time
@@ -63,9 +59,30 @@ class RunLogger:
         """The run is over: ``history.status`` says how it ended."""
 
 
-def is_finite_number(value: Any) -> bool:
-    """True for a real number that is neither NaN nor ±Inf."""
+def end_run(loggers: Sequence[RunLogger], history: "History", figures=None) -> None:
+    """Close a run in every logger: a run that ended early (``interrupted``, ``failed``) gets
+    its status recorded first; then the figures are drawn once (``figures``: a function of the
+    history returning ``{name: Figure}``, or None for none) and handed to each logger; then
+    each logger finishes."""
+    if history.status in EARLY_END_STATUSES:
+        for logger in loggers:
+            logger.log_progress(epochs_completed=history.epochs_completed, status=history.status)
+    if figures is not None and not history.metrics.empty and loggers:
+        for name, figure in figures(history).items():
+            for logger in loggers:
+                logger.log_figure(name, figure)
+    for logger in loggers:
+        logger.finish(history)
+
+
+def end_run_after_error(loggers: Sequence[RunLogger], history: "History", figures=None) -> None:
+    """:func:`end_run` while an error or Ctrl-C is on its way up: a logger that fails too (the
+    same full disk) must not replace that error with its own."""
     try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+        end_run(loggers, history, figures)
+    except Exception:  # noqa: BLE001 - the error being raised is the one to report
+        for logger in loggers:
+            try:
+                logger.finish(history)
+            except Exception:  # noqa: BLE001
+                pass

@@ -7,9 +7,9 @@
     <run dir>/figures/*.png  the standard figures of gradtools.plots, plus any logged ones
 
 What survives a fault: run.json is replaced atomically after every epoch (status
-``running`` and the epochs completed so far), so a killed run is an honest record of what
-it finished; when the run ends, its final status is written before any figure is drawn, and
-a later interruption (Ctrl-C while figures are drawn) cannot undo it. An append or a file
+``running`` and the epochs completed so far, then the final status with the last epoch), so a
+killed run is an honest record of what it finished, and the final status is on disk before
+any figure is drawn: an interruption while they are drawn cannot undo it. An append or a file
 that fails to write (a full disk) is rolled back: no half row, no empty figure, no
 ``.partial`` file is left behind.
 """
@@ -27,9 +27,8 @@ from typing import Any
 import pandas as pd
 import tomli_w
 
-from gradtools.history import STATE_GRADIENTS_FILE
+from gradtools.history import FINAL_STATUSES, RUNNING, STATE_GRADIENTS_FILE
 from gradtools.loggers.base import RunLogger
-from gradtools.plots import run_figures
 
 
 def library_versions() -> dict[str, str]:
@@ -45,10 +44,6 @@ def library_versions() -> dict[str, str]:
         "keras": keras.__version__,
         "gradtools": __version__,
     }
-
-
-#: Statuses a run cannot leave once they are written (what an interrupted clean-up keeps).
-FINAL_STATUSES = ("completed", "diverged")
 
 
 def _naming(error: OSError, path: Path) -> OSError:
@@ -113,7 +108,7 @@ class LocalRunLogger(RunLogger):
         self._info: dict[str, Any] = {
             "experiment": name,
             "seed": seed,
-            "status": "running",
+            "status": RUNNING,
             "first_nonfinite_step": None,
             "epochs_completed": 0,
             "wall_seconds": None,
@@ -136,9 +131,6 @@ class LocalRunLogger(RunLogger):
         text = tomli_w.dumps(_toml_ready(params))
         _write_atomically(self.run_dir / "config.toml", lambda path: path.write_text(text))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self.log_rows(pd.DataFrame([{"step": step, **metrics}]))
-
     def log_rows(self, rows: pd.DataFrame) -> None:
         _append_or_roll_back(self.metrics_path, rows)
 
@@ -156,21 +148,17 @@ class LocalRunLogger(RunLogger):
                           lambda path: figure.savefig(path, dpi=100, format="png"))
 
     def finish(self, history) -> None:
-        """The final status first, durably; then the figures."""
-        if self._info["status"] in FINAL_STATUSES and history.status == "interrupted":
-            self._info["figures_interrupted"] = True  # Ctrl-C while drawing: the run had ended
-        else:
-            self._info.update(status=history.status, first_nonfinite_step=history.first_nonfinite_step,
-                              epochs_completed=history.epochs_completed)
-        self._info.update(wall_seconds=round(time.time() - self._started, 3),
+        """The final entries of run.json. The status itself was written by the last
+        :meth:`log_progress` (a ``completed`` or ``diverged`` status is not undone here)."""
+        if self._info["status"] not in FINAL_STATUSES:
+            self._info.update(status=history.status, first_nonfinite_step=history.first_nonfinite_step)
+        self._info.update(epochs_completed=history.epochs_completed,
+                          first_nonfinite_step=history.first_nonfinite_step,
+                          wall_seconds=round(time.time() - self._started, 3),
                           layer_paths=history.layer_paths, layer_blocks=history.layer_blocks)
         if not self.metrics_path.exists():
             _write_atomically(self.metrics_path, lambda path: history.metrics.to_csv(path, index=False))
         self._write_info()
-        if self._info.get("figures_interrupted"):
-            return
-        for stem, figure in run_figures(history, self.name).items():
-            self.log_figure(stem, figure)
 
     def update_info(self, **entries: Any) -> None:
         """Add entries to run.json (e.g. a diagnosis) after the run."""

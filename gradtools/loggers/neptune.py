@@ -107,9 +107,6 @@ class NeptuneLogger(RunLogger):
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._guard("parameters", lambda: self.run.__setitem__("parameters", _plain(params)))
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self.log_rows(pd.DataFrame([{"step": step, **metrics}]))
-
     def log_rows(self, rows: pd.DataFrame) -> None:
         steps = rows["step"].astype(int)
         for column in rows.columns:
@@ -155,10 +152,6 @@ class NeptuneLogger(RunLogger):
         self._guard(f"figures/{name}", lambda: self.run[f"figures/{name}"].upload(File.as_image(figure)))
 
     def finish(self, history) -> None:
-        from gradtools.plots import run_figures
-
-        for stem, figure in run_figures(history, self.name).items():
-            self.log_figure(stem, figure)
         self._guard("diagnostics", lambda: self.run.__setitem__("diagnostics/status", history.status))
         if history.first_nonfinite_step is not None and self._first_nonfinite_step is None:
             self._guard("diagnostics", lambda: self.run.__setitem__(

@@ -9,6 +9,7 @@ from typing import TextIO
 
 import pandas as pd
 
+from gradtools.history import COMPLETED
 from gradtools.loggers.base import RunLogger
 
 
@@ -30,9 +31,6 @@ class ProgressLogger(RunLogger):
         self._started = time.perf_counter()
         print(f"training {len(layer_paths)} layers for {epochs} epochs of {steps_per_epoch} steps",
               file=self.stream, flush=True)
-
-    def log_metrics(self, metrics, step: int) -> None:
-        pass
 
     def log_rows(self, rows: pd.DataFrame) -> None:
         self._last_rows = rows
@@ -58,7 +56,7 @@ class ProgressLogger(RunLogger):
         )
 
     def finish(self, history) -> None:
-        if history.status != "completed":
+        if history.status != COMPLETED:
             note = f" at step {history.first_nonfinite_step}" if history.first_nonfinite_step else ""
             print(f"run {history.status}{note} after {history.epochs_completed} full epochs",
                   file=self.stream, flush=True)

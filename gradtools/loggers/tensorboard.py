@@ -54,9 +54,6 @@ class TensorBoardLogger(RunLogger):
         with self.writer.as_default():
             tf.summary.text("config", text, step=0)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self.log_rows(pd.DataFrame([{"step": step, **metrics}]))
-
     def log_rows(self, rows: pd.DataFrame) -> None:
         tags = [c for c in rows.columns if c not in _NOT_SCALARS]
         if self._write_scalars is None or self._write_scalars[0] != tags:

@@ -1,0 +1,31 @@
+"""Checks of the numbers a user passes in, with messages that name the parameter, the value
+received and what is allowed (scikit-learn's habit)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def is_integer(value, minimum: int | None = None, maximum: int | None = None) -> bool:
+    """An integer (not a bool) within the bounds given."""
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and (minimum is None or value >= minimum) and (maximum is None or value <= maximum))
+
+
+def is_number(value, minimum: float | None = None, exclusive: bool = False) -> bool:
+    """A finite real number (not a bool), above ``minimum`` (or at it, unless ``exclusive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return False
+    return minimum is None or (value > minimum if exclusive else value >= minimum)
+
+
+def require_integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+    if not is_integer(value, minimum, maximum):
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
+def require_positive_number(name: str, value) -> None:
+    if not is_number(value, 0, exclusive=True):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
