@@ -44,9 +44,9 @@ EXPERIMENT = "vanishing/sigmoid_baseline"
 def _setup():
     config = load_config(EXPERIMENT)
     keras.utils.set_random_seed(config.seed)
-    x, y = make_dataset(config.section("data"))
-    model = build_mlp(config.section("model"), x.shape[1])
-    optimizer = keras.optimizers.get(config.section("optimizer"))
+    x, y = make_dataset(config.data)
+    model = build_mlp(config.model, x.shape[1])
+    optimizer = keras.optimizers.get(config.optimizer.keras_config())
     return x, y, model, optimizer
 
 

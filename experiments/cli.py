@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     phase.add_argument("--figures", default="figures", help="where the figure goes (default figures)")
     _add_sweep_options(phase)
 
+    commands.add_parser("config-reference", help="print docs/config.md: every config key, its "
+                        "default and what it means")
+
     gallery = commands.add_parser(
         "gallery", help="diagnose the gallery of real architectures, healthy and broken",
         description="Train every gallery model (a convnet, a ResNet, a transformer, a BiLSTM, "
@@ -249,7 +252,7 @@ def command_list(_args) -> int:
     names = config_names()
     width = max(map(len, names), default=0)
     for name in names:
-        print(f"{name:{width}s}  {load_config(name).values['experiment']['description']}")
+        print(f"{name:{width}s}  {load_config(name).experiment.description}")
     return 0
 
 
@@ -410,9 +413,17 @@ def check_writable(args) -> None:
                               f"cannot be written ({error.strerror or error})") from None
 
 
-COMMANDS = {"gallery": command_gallery, "run": command_run, "list": command_list, "figures": command_figures,
+def command_config_reference(_args) -> int:
+    from experiments.config import config_reference
+
+    print(config_reference(), end="")
+    return 0
+
+
+COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures,
             "compare": command_compare, "claims": command_claims, "report": command_report,
-            "sweep": command_sweep, "phase-diagram": command_phase_diagram}
+            "sweep": command_sweep, "phase-diagram": command_phase_diagram,
+            "gallery": command_gallery, "config-reference": command_config_reference}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,10 +8,11 @@ are checked by asking Keras's own registries to resolve them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ class ConfigError(ValueError):
 
 _MISSING = object()
 FILE = "(file)"  # the key of an error about the whole file
+#: TOML has no null: a config says "none" where the value is absent; it is None once read.
+NONE = "none"
 
 
 # --- value checks: each returns the (normalized) value or raises ValueError(allowed) ----------
@@ -74,12 +77,6 @@ def _boolean(value):
     return value
 
 
-def _text(value):
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("must be a non-empty string")
-    return value
-
-
 def _optional_text(value):
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -95,21 +92,21 @@ def _name(value):
 def _text_list(value):
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("must be a list of strings")
-    return value
+    return tuple(value)
 
 
 def _units(value):
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+    if not isinstance(value, list) or not value or not all(is_integer(v, 1) for v in value):
         raise ValueError("must be a non-empty list of integers >= 1, e.g. [10, 10, 5]")
-    return value
+    return tuple(value)
 
 
-def _choice(*allowed: str) -> Callable[[Any], str]:
+def _choice(*allowed: str) -> Callable[[Any], str | None]:
+    """One of ``allowed``; ``"none"``, when allowed, is None."""
     def check(value):
         if value not in allowed:
             raise ValueError(f"must be one of {', '.join(repr(a) for a in allowed)}")
-        return value
+        return None if value == NONE else value
     return check
 
 
@@ -123,8 +120,8 @@ def _keras_object(kind: str, getter: Callable[[Any], Any], module, optional: boo
     """Accepts what ``getter`` (a Keras registry's ``get``) resolves: a name or
     ``{class_name = "...", config = {...}}``."""
     def check(value):
-        if optional and value == "none":
-            return value
+        if optional and value == NONE:
+            return None
         if not isinstance(value, (str, dict)):
             raise ValueError(f"must be a Keras {kind} name or {{class_name = ..., config = {{...}}}}")
         if isinstance(value, dict) and set(value) - {"class_name", "config"}:
@@ -157,8 +154,8 @@ _loss = _keras_object("loss", keras.losses.get, keras.losses)
 
 
 def _optional_count(value):
-    if value == "none":
-        return value
+    if value == NONE:
+        return None
     try:
         return _integer(1)(value)
     except ValueError:
@@ -166,8 +163,8 @@ def _optional_count(value):
 
 
 def _optional_positive(value):
-    if value == "none":
-        return value
+    if value == NONE:
+        return None
     return _number(0, exclusive=True)(value)
 
 
@@ -192,84 +189,128 @@ def _table(value):
     return value
 
 
+def key(check: Callable[[Any], Any], default: Any = _MISSING, doc: str = ""):
+    """A config key: the check that validates (and normalizes) its value, its default and
+    what it means (shown in docs/config.md)."""
+    metadata = {"check": check, "doc": doc, "default": default}
+    if default is _MISSING:
+        return field(metadata=metadata)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
-class Key:
-    check: Callable[[Any], Any]
-    default: Any = _MISSING
-    doc: str = ""
+class ExperimentSection:
+    """[experiment]: what the run is called and where it goes."""
+
+    name: str = key(_name, doc="the run directory's name")
+    group: str = key(_name, "ungrouped", "runs are written to `<out>/<group>/<name>/`")
+    description: str = key(_optional_text, "", "one sentence: what this experiment changes")
+    tags: tuple[str, ...] = key(_text_list, (), "labels for the run (Neptune tags)")
+    article_name: str = key(_optional_text, "", "the model's name in the article's script")
 
 
-#: The schema: section -> key -> check and default. [data] also takes the parameters of the
-#: scikit-learn generator it names.
-SCHEMA: dict[str, dict[str, Key]] = {
-    "experiment": {
-        "name": Key(_name, doc="the run directory's name"),
-        "group": Key(_name, "ungrouped", "runs are written to <out>/<group>/<name>/"),
-        "description": Key(_optional_text, ""),
-        "tags": Key(_text_list, []),
-        "article_name": Key(_optional_text, "", "the model's name in the article's script"),
-    },
-    "data": {
-        "generator": Key(_choice(*GENERATORS), doc="a scikit-learn make_* generator"),
-        "standardize": Key(_boolean, False, "scale inputs to zero mean, unit variance"),
-        "standardize_targets": Key(_boolean, False, "regression only: scale targets too"),
-    },
-    "model": {
-        "architecture": Key(_choice(*ARCHITECTURES), "mlp",
+@dataclass(frozen=True)
+class DataSection:
+    """[data]: a scikit-learn generator (or the adding problem) and its parameters."""
+
+    generator: str = key(_choice(*GENERATORS), doc="moons, circles, classification, regression "
+                         "(scikit-learn's make_*) or adding (the adding problem)")
+    standardize: bool = key(_boolean, False, "scale inputs to zero mean, unit variance")
+    standardize_targets: bool = key(_boolean, False, "regression only: scale targets too")
+    #: The generator's own keyword parameters (n_samples, noise, random_state, …).
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """[model]: the network."""
+
+    hidden_units: tuple[int, ...] = key(_units, doc="widths of the hidden layers, e.g. [10, 10, 5]")
+    activation: Any = key(_hidden_activation, doc=f"the hidden layers' Keras activation, or {PRELU!r}")
+    architecture: str = key(_choice(*ARCHITECTURES), "mlp",
                             "mlp; residual_mlp (x + f(x) around every hidden layer after the first); "
-                            "rnn (recurrent layers of hidden_units, then the output layer)"),
-        "hidden_units": Key(_units),
-        "depth": Key(_optional_count, "none",
-                     "when set: depth hidden layers of hidden_units[0] units each"),
-        "activation": Key(_hidden_activation, doc=f"a Keras activation, or {PRELU!r}"),
-        "output_units": Key(_integer(1), 1),
-        "output_activation": Key(_activation, "linear"),
-        "kernel_initializer": Key(_initializer, "glorot_uniform"),
-        "output_kernel_initializer": Key(_initializer, "glorot_uniform"),
-        "batch_norm": Key(_choice(*BATCH_NORM_PLACES), "none"),
-        "kernel_regularizer": Key(_regularizer, "none", "hidden layers only"),
-        "activity_regularizer": Key(_regularizer, "none", "hidden layers only"),
-        "recurrent_cell": Key(_choice(*RECURRENT_CELLS), "SimpleRNN", "rnn only"),
-        "recurrent_initializer": Key(_initializer, "orthogonal", "rnn only"),
-        "recurrent_spectral_radius": Key(_optional_positive, "none",
-                                         "rnn, SimpleRNN only: rescale the initial recurrent "
-                                         "kernel to this spectral radius"),
-        "truncate_bptt": Key(_optional_count, "none",
-                             "rnn only: the gradient flows only this many steps back"),
-    },
-    "optimizer": {
-        "class_name": Key(_optimizer_class),
-        "config": Key(_table, {}),
-    },
-    "training": {
-        "loss": Key(_loss),
-        "epochs": Key(_integer(1)),
-        "batch_size": Key(_integer(1), 32),
-        "seed": Key(_integer(0, MAX_SEED), 42),
-        "shuffle": Key(_boolean, True),
-        "log_every": Key(_integer(1), 1),
-        "stop_on_nonfinite": Key(_boolean, True),
-        "clip_value": Key(_optional_positive, "none", "clip each gradient entry to [-c, c]"),
-        "clip_global_norm": Key(_clip_norm, "none",
-                                "a number, or \"suggested\": the mean global norm of 20 probe steps"),
-    },
-}
+                            "rnn (recurrent layers of hidden_units, then the output layer)")
+    depth: int | None = key(_optional_count, None, "when set: depth hidden layers of hidden_units[0] units each")
+    output_units: int = key(_integer(1), 1, "units of the output layer")
+    output_activation: Any = key(_activation, "linear", "the output layer's Keras activation")
+    kernel_initializer: Any = key(_initializer, "glorot_uniform", "the hidden layers' Keras initializer")
+    output_kernel_initializer: Any = key(_initializer, "glorot_uniform", "the output layer's Keras initializer")
+    batch_norm: str | None = key(_choice(*BATCH_NORM_PLACES), None,
+                                 "none; input (after the input); before_activation (every hidden layer)")
+    kernel_regularizer: Any = key(_regularizer, None, "hidden layers only: a Keras regularizer")
+    activity_regularizer: Any = key(_regularizer, None, "hidden layers only: a Keras regularizer")
+    recurrent_cell: str = key(_choice(*RECURRENT_CELLS), "SimpleRNN", "rnn only")
+    recurrent_initializer: Any = key(_initializer, "orthogonal", "rnn only")
+    recurrent_spectral_radius: float | None = key(_optional_positive, None,
+                                                  "rnn, SimpleRNN only: rescale the initial recurrent "
+                                                  "kernel to this spectral radius")
+    truncate_bptt: int | None = key(_optional_count, None,
+                                    "rnn only: the gradient flows only this many steps back")
+
+    @property
+    def hidden_layer_units(self) -> list[int]:
+        """The hidden layers' widths: ``hidden_units``, or ``depth`` × ``hidden_units[0]``."""
+        return [self.hidden_units[0]] * self.depth if self.depth is not None else list(self.hidden_units)
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    """[optimizer]: a Keras optimizer by class name and its arguments."""
+
+    class_name: str = key(_optimizer_class, doc="a Keras optimizer class: SGD, RMSprop, Adam, …")
+    config: Mapping[str, Any] = key(_table, {}, "its arguments, e.g. {learning_rate = 0.01, clipnorm = 1.0}")
+
+    def keras_config(self) -> dict[str, Any]:
+        """What ``keras.optimizers.get`` takes (a fresh copy: Keras may change it)."""
+        return {"class_name": self.class_name, "config": copy.deepcopy(dict(self.config))}
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """[training]: the loop."""
+
+    loss: Any = key(_loss, doc="a Keras loss name or config")
+    epochs: int = key(_integer(1), doc="passes over the data")
+    batch_size: int = key(_integer(1), 32, "examples per step (more than the data: one batch of all of it)")
+    seed: int = key(_integer(0, MAX_SEED), 42, "seeds Python, NumPy and TensorFlow; same seed, same numbers")
+    shuffle: bool = key(_boolean, True, "reshuffle the examples every epoch")
+    log_every: int = key(_integer(1), 1, "record every k-th step (and every non-finite one)")
+    stop_on_nonfinite: bool = key(_boolean, True, "stop at the first NaN/Inf loss or gradient")
+    clip_value: float | None = key(_optional_positive, None, "clip each gradient entry to [-c, c]")
+    clip_global_norm: float | str | None = key(_clip_norm, None, 'a number, or "suggested": the mean '
+                                               "global norm of 20 probe steps")
+
+
+#: The sections of a config file, in order.
+SECTIONS = {"experiment": ExperimentSection, "data": DataSection, "model": ModelSection,
+            "optimizer": OptimizerSection, "training": TrainingSection}
+
+
+def _keys(section: type) -> list:
+    """The fields of a section that a config file sets (not ``params``)."""
+    return [f for f in fields(section) if "check" in f.metadata]
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """A validated config with every default filled in (``values`` is what config.toml holds)."""
+    """A validated config, every default filled in. Immutable: :meth:`replace` makes another."""
 
     source: str
-    values: dict[str, dict[str, Any]]
+    experiment: ExperimentSection
+    data: DataSection
+    model: ModelSection
+    optimizer: OptimizerSection
+    training: TrainingSection
 
     @property
     def name(self) -> str:
-        return self.values["experiment"]["name"]
+        return self.experiment.name
 
     @property
     def group(self) -> str:
-        return self.values["experiment"]["group"]
+        return self.experiment.group
 
     @property
     def run_name(self) -> str:
@@ -278,10 +319,22 @@ class ExperimentConfig:
 
     @property
     def seed(self) -> int:
-        return self.values["training"]["seed"]
+        return self.training.seed
 
-    def section(self, name: str) -> dict[str, Any]:
-        return copy.deepcopy(self.values[name])
+    def replace(self, section: str, **changes) -> "ExperimentConfig":
+        """A copy with ``changes`` to one section (already valid values)."""
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The config as config.toml holds it (None values left out: TOML has no null)."""
+        tables = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            table = {f.name: getattr(section, f.name) for f in _keys(type(section))}
+            if name == "data":
+                table.update(section.params)
+            tables[name] = table
+        return tables
 
 
 def find_config(reference: str | Path) -> Path:
@@ -357,7 +410,7 @@ def load_config(reference: str | Path, overrides: list[str] = (),
         _apply_override(raw, key.split("."), copy.deepcopy(value), f"{source} ({shown})")
         overridden[key] = shown
     try:
-        return ExperimentConfig(source, validate(raw, source))
+        return ExperimentConfig(source, **validate(raw, source))
     except ConfigError as error:
         # A bad value that came from the command line is blamed on the --set that gave it.
         given_by = next((text for key, text in overridden.items()
@@ -369,9 +422,9 @@ def load_config(reference: str | Path, overrides: list[str] = (),
 
 
 def _apply_override(raw: dict, keys: list[str], value: Any, source: str) -> None:
-    if len(keys) < 2 or keys[0] not in SCHEMA:
+    if len(keys) < 2 or keys[0] not in SECTIONS:
         raise ConfigError(source, ".".join(keys), value,
-                          f"a key is <section>.<key>, sections: {', '.join(SCHEMA)}")
+                          f"a key is <section>.<key>, sections: {', '.join(SECTIONS)}")
     table = raw
     for part in keys[:-1]:
         table = table.setdefault(part, {})
@@ -380,82 +433,75 @@ def _apply_override(raw: dict, keys: list[str], value: Any, source: str) -> None
     table[keys[-1]] = value
 
 
-def validate(raw: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
-    """Check every section and key; return the values with defaults filled in."""
-    unknown = set(raw) - set(SCHEMA)
+def validate(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check every section and key; return each section's values, defaults filled in."""
+    unknown = set(raw) - set(SECTIONS)
     if unknown:
         section = sorted(unknown)[0]
         raise ConfigError(source, f"[{section}]", raw[section],
-                          f"unknown section; allowed sections: {', '.join(SCHEMA)}")
-    values: dict[str, dict[str, Any]] = {}
-    for section, keys in SCHEMA.items():
-        given = raw.get(section, {})
+                          f"unknown section; allowed sections: {', '.join(SECTIONS)}")
+    values: dict[str, Any] = {}
+    for name, section in SECTIONS.items():
+        given = raw.get(name, {})
         if not isinstance(given, dict):
-            raise ConfigError(source, f"[{section}]", given, "must be a table")
+            raise ConfigError(source, f"[{name}]", given, "must be a table")
         extra = dict(given)
-        checked: dict[str, Any] = {}
-        for key, spec in keys.items():
-            value = extra.pop(key, _MISSING)
-            if value is _MISSING:
-                if spec.default is _MISSING:
-                    raise ConfigError(source, f"{section}.{key}", _MISSING, "is required")
-                checked[key] = copy.deepcopy(spec.default)
-                continue
-            try:
-                checked[key] = spec.check(value)
-            except ValueError as error:
-                raise ConfigError(source, f"{section}.{key}", value, str(error)) from None
-        if section == "data":
-            checked.update(_data_params(extra, checked["generator"], source,
-                                        checked["standardize_targets"]))
+        checked = {f.name: _checked(extra, f, f"{name}.{f.name}", source) for f in _keys(section)}
+        if name == "data":
+            checked["params"] = _data_params(extra, checked["generator"], source,
+                                             checked["standardize_targets"])
         elif extra:
-            key = sorted(extra)[0]
-            raise ConfigError(source, f"{section}.{key}", extra[key],
-                              f"unknown key; allowed in [{section}]: {', '.join(keys)}")
-        values[section] = checked
+            key_name = sorted(extra)[0]
+            raise ConfigError(source, f"{name}.{key_name}", extra[key_name],
+                              f"unknown key; allowed in [{name}]: {', '.join(f.name for f in _keys(section))}")
+        values[name] = section(**checked)
     _check_optimizer(values["optimizer"], source)
     _check_model(values, raw.get("model", {}), source)
     return values
 
 
-def _check_model(values: dict[str, dict[str, Any]], given: Mapping[str, Any], source: str) -> None:
+def _checked(given: dict[str, Any], spec, dotted: str, source: str) -> Any:
+    """The value of one key (taken out of ``given``), checked, or its default."""
+    value = given.pop(spec.name, _MISSING)
+    if value is _MISSING:
+        if spec.metadata["default"] is _MISSING:
+            raise ConfigError(source, dotted, _MISSING, "is required")
+        return copy.deepcopy(spec.metadata["default"])
+    try:
+        return spec.metadata["check"](value)
+    except ValueError as error:
+        raise ConfigError(source, dotted, value, str(error)) from None
+
+
+def _check_model(values: dict[str, Any], given: Mapping[str, Any], source: str) -> None:
     """Keys that only make sense together."""
-    model, generator = values["model"], values["data"]["generator"]
-    architecture = model["architecture"]
+    model, generator = values["model"], values["data"].generator
+    architecture = model.architecture
     if architecture == "rnn":
         if generator not in SEQUENCE_GENERATORS:
             raise ConfigError(source, "model.architecture", architecture,
                               f"an rnn needs sequence data: data.generator one of "
                               f"{', '.join(SEQUENCE_GENERATORS)}")
-        if model["batch_norm"] != "none":
-            raise ConfigError(source, "model.batch_norm", model["batch_norm"],
-                              "must be 'none' for an rnn")
-        if model["activation"] == PRELU:
+        if model.batch_norm is not None:
+            raise ConfigError(source, "model.batch_norm", model.batch_norm, "must be 'none' for an rnn")
+        if model.activation == PRELU:
             raise ConfigError(source, "model.activation", PRELU, "an rnn cell needs a Keras activation")
-        if model["recurrent_spectral_radius"] != "none" and model["recurrent_cell"] != "SimpleRNN":
-            raise ConfigError(source, "model.recurrent_spectral_radius",
-                              model["recurrent_spectral_radius"],
+        if model.recurrent_spectral_radius is not None and model.recurrent_cell != "SimpleRNN":
+            raise ConfigError(source, "model.recurrent_spectral_radius", model.recurrent_spectral_radius,
                               "only a SimpleRNN has a square recurrent kernel; use 'none'")
         return
     if generator in SEQUENCE_GENERATORS:
         raise ConfigError(source, "data.generator", generator,
                           f"gives sequences; it needs model.architecture = 'rnn' (is {architecture!r})")
-    for key in RNN_KEYS:
-        if key in given:
-            raise ConfigError(source, f"model.{key}", given[key],
+    for name in RNN_KEYS:
+        if name in given:
+            raise ConfigError(source, f"model.{name}", given[name],
                               f"only for model.architecture = 'rnn' (is {architecture!r})")
-    units = hidden_layer_units(model)
+    units = model.hidden_layer_units
     if architecture == "residual_mlp" and len(set(units[1:])) > 1:
-        raise ConfigError(source, "model.hidden_units", model["hidden_units"],
+        raise ConfigError(source, "model.hidden_units", list(model.hidden_units),
                           "a residual_mlp adds each layer's input to its output, so every hidden "
                           "layer after the first needs the same number of units")
-
-
-def hidden_layer_units(model: Mapping[str, Any]) -> list[int]:
-    """The hidden layers' widths: ``hidden_units``, or ``depth`` × ``hidden_units[0]``."""
-    if model["depth"] != "none":
-        return [model["hidden_units"][0]] * model["depth"]
-    return list(model["hidden_units"])
 
 
 def _data_params(params: dict[str, Any], generator: str, source: str,
@@ -476,17 +522,52 @@ def _data_params(params: dict[str, Any], generator: str, source: str,
     return params
 
 
-def _check_optimizer(section: dict[str, Any], source: str) -> None:
-    for key, value in section["config"].items():
+def _check_optimizer(section: OptimizerSection, source: str) -> None:
+    for name, value in section.config.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(source, f"optimizer.config.{key}", value, "must be a finite number")
-    rate = section["config"].get("learning_rate")
-    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate <= 0:
+            raise ConfigError(source, f"optimizer.config.{name}", value, "must be a finite number")
+    rate = section.config.get("learning_rate")
+    if is_number(rate) and rate <= 0:
         raise ConfigError(source, "optimizer.config.learning_rate", rate, "must be a number > 0")
     try:
-        keras.optimizers.get(copy.deepcopy(section))
+        keras.optimizers.get(section.keras_config())
     except (ValueError, TypeError) as error:
         names = ", ".join(n for n in dir(keras.optimizers) if n[:1].isupper() and n not in
                           ("Optimizer", "LossScaleOptimizer", "MultiOptimizer", "OptimizerMap"))
-        raise ConfigError(source, "optimizer", section,
+        raise ConfigError(source, "optimizer", section.keras_config(),
                           f"Keras cannot make an optimizer of it ({error}); classes: {names}") from None
+
+
+def config_reference() -> str:
+    """docs/config.md: every section and key with its default and meaning, from the sections'
+    own fields (``python -m experiments config-reference`` prints it)."""
+    lines = ["# Config reference", "",
+             "Generated from `experiments/config.py` by `python -m experiments config-reference`; "
+             "a test keeps this page equal to it. A config is a TOML file with these sections; "
+             '`"none"` stands for no value (TOML has no null). `--set section.key=value` '
+             "overrides any key.", ""]
+    for name, section in SECTIONS.items():
+        about = section.__doc__.split(": ", 1)[-1].strip()
+        lines += [f"## [{name}]", "", about[0].upper() + about[1:], "",
+                  "| key | default | meaning |", "|---|---|---|"]
+        for spec in _keys(section):
+            default = spec.metadata["default"]
+            shown = "required" if default is _MISSING else f"`{_toml_text(default)}`"
+            lines.append(f"| `{spec.name}` | {shown} | {spec.metadata['doc']} |")
+        if name == "data":
+            lines.append("| *others* | | the generator's own parameters, e.g. `n_samples`, `noise`, "
+                         "`random_state` (checked by the generator) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_text(value: Any) -> str:
+    if value is None:
+        return f'"{NONE}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_text(v)}" for k, v in value.items()) + "}"
+    return f'"{value}"' if isinstance(value, str) else str(value)

@@ -55,8 +55,6 @@ GENERATORS = {
 #: Generators whose examples are sequences (batch, time, features).
 SEQUENCE_GENERATORS = ("adding",)
 
-#: Keys of [data] that are ours, not the generator's.
-OWN_KEYS = ("generator", "standardize", "standardize_targets")
 _NOT_CONFIGURABLE = ("return_X_y", "coef")
 
 
@@ -82,15 +80,15 @@ def check_data_params(generator: str, params: dict[str, Any], standardize_target
         raise ZeroDivisionError("targets with zero variance")
 
 
-def make_dataset(data: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` as float32 arrays from a validated [data] section; y is 1-D for a single
-    target, as the generators return it."""
-    params = {k: v for k, v in data.items() if k not in OWN_KEYS}
-    x, y = GENERATORS[data["generator"]](**params)
+def make_dataset(data) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as float32 arrays from a validated [data] section
+    (:class:`experiments.config.DataSection`); y is 1-D for a single target, as the
+    generators return it."""
+    x, y = GENERATORS[data.generator](**data.params)
     x, y = x.astype(np.float32), y.astype(np.float32)
-    if data.get("standardize"):
+    if data.standardize:
         flat = x.reshape(-1, x.shape[-1])  # sequences: per channel over all steps
         x = StandardScaler().fit_transform(flat).reshape(x.shape).astype(np.float32)
-    if data.get("standardize_targets"):
+    if data.standardize_targets:
         y = ((y - y.mean(axis=0)) / y.std(axis=0)).astype(np.float32)
     return x, y

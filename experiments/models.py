@@ -4,11 +4,10 @@ a residual MLP, and recurrent networks whose gradients through time gradtools re
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import keras
 
-from experiments.config import PRELU, hidden_layer_units
+from experiments.config import PRELU, ModelSection
 from gradtools.through_time import TracedRNN, scale_to_spectral_radius
 
 #: [model] recurrent_cell -> the Keras cell class.
@@ -20,47 +19,47 @@ CELLS = {
 
 
 def _resolve(getter, value):
-    """A fresh Keras object per layer from its config value ("none" means no object)."""
-    if value == "none":
+    """A fresh Keras object per layer from its config value (None: no object)."""
+    if value is None:
         return None
     return getter(copy.deepcopy(value))
 
 
-def build_model(spec: dict[str, Any], input_shape: tuple[int, ...]) -> keras.Model:
-    """The network ``spec["architecture"]`` names, for examples of ``input_shape``."""
-    if spec["architecture"] == "rnn":
+def build_model(spec: ModelSection, input_shape: tuple[int, ...]) -> keras.Model:
+    """The network ``spec.architecture`` names, for examples of ``input_shape``."""
+    if spec.architecture == "rnn":
         return build_rnn(spec, input_shape)
     (input_dim,) = input_shape
     return build_mlp(spec, input_dim)
 
 
-def _activation_layer(spec: dict[str, Any], name: str) -> keras.layers.Layer:
-    if spec["activation"] == PRELU:
+def _activation_layer(spec: ModelSection, name: str) -> keras.layers.Layer:
+    if spec.activation == PRELU:
         return keras.layers.PReLU(name=name)
-    return keras.layers.Activation(keras.activations.get(spec["activation"]), name=name)
+    return keras.layers.Activation(keras.activations.get(spec.activation), name=name)
 
 
-def _hidden_dense(spec: dict[str, Any], units: int, index: int, activation=None) -> keras.layers.Dense:
+def _hidden_dense(spec: ModelSection, units: int, index: int, activation=None) -> keras.layers.Dense:
     return keras.layers.Dense(
         units,
         activation=activation,
-        kernel_initializer=_resolve(keras.initializers.get, spec["kernel_initializer"]),
-        kernel_regularizer=_resolve(keras.regularizers.get, spec["kernel_regularizer"]),
-        activity_regularizer=_resolve(keras.regularizers.get, spec["activity_regularizer"]),
+        kernel_initializer=_resolve(keras.initializers.get, spec.kernel_initializer),
+        kernel_regularizer=_resolve(keras.regularizers.get, spec.kernel_regularizer),
+        activity_regularizer=_resolve(keras.regularizers.get, spec.activity_regularizer),
         name=f"hidden_{index}",
     )
 
 
-def _output_layer(spec: dict[str, Any]) -> keras.layers.Dense:
+def _output_layer(spec: ModelSection) -> keras.layers.Dense:
     return keras.layers.Dense(
-        spec["output_units"],
-        activation=keras.activations.get(spec["output_activation"]),
-        kernel_initializer=_resolve(keras.initializers.get, spec["output_kernel_initializer"]),
+        spec.output_units,
+        activation=keras.activations.get(spec.output_activation),
+        kernel_initializer=_resolve(keras.initializers.get, spec.output_kernel_initializer),
         name="output",
     )
 
 
-def build_mlp(spec: dict[str, Any], input_dim: int) -> keras.Model:
+def build_mlp(spec: ModelSection, input_dim: int) -> keras.Model:
     """Input → [BatchNorm] → hidden layers → Dense(output_units).
 
     Each hidden layer is Dense (``kernel_initializer``, regularizers) → [BatchNorm] →
@@ -75,24 +74,24 @@ def build_mlp(spec: dict[str, Any], input_dim: int) -> keras.Model:
     """
     inputs = keras.Input((input_dim,), name="features")
     h = inputs
-    if spec["batch_norm"] == "input":
+    if spec.batch_norm == "input":
         h = keras.layers.BatchNormalization(name="input_batch_norm")(h)
-    residual = spec["architecture"] == "residual_mlp"
-    separate_activation = spec["batch_norm"] == "before_activation" or spec["activation"] == PRELU
-    for index, units in enumerate(hidden_layer_units(spec), start=1):
+    residual = spec.architecture == "residual_mlp"
+    separate_activation = spec.batch_norm == "before_activation" or spec.activation == PRELU
+    for index, units in enumerate(spec.hidden_layer_units, start=1):
         if separate_activation:
             z = _hidden_dense(spec, units, index)(h)
-            if spec["batch_norm"] == "before_activation":
+            if spec.batch_norm == "before_activation":
                 z = keras.layers.BatchNormalization(name=f"batch_norm_{index}")(z)
             z = _activation_layer(spec, f"activation_{index}")(z)
         else:  # the activity regularizer sees the activated output, as in the article
-            z = _hidden_dense(spec, units, index, keras.activations.get(spec["activation"]))(h)
+            z = _hidden_dense(spec, units, index, keras.activations.get(spec.activation))(h)
         h = keras.layers.Add(name=f"skip_{index}")([h, z]) if residual and index > 1 else z
     outputs = _output_layer(spec)(h)
-    return keras.Model(inputs, outputs, name=spec["architecture"])
+    return keras.Model(inputs, outputs, name=spec.architecture)
 
 
-def build_rnn(spec: dict[str, Any], input_shape: tuple[int, int]) -> keras.Model:
+def build_rnn(spec: ModelSection, input_shape: tuple[int, int]) -> keras.Model:
     """Input (T, features) → recurrent layers (``recurrent_cell`` with ``hidden_units``
     units each; all but the last return every step) → Dense(output_units) on the last state.
 
@@ -103,17 +102,17 @@ def build_rnn(spec: dict[str, Any], input_shape: tuple[int, int]) -> keras.Model
     """
     inputs = keras.Input(input_shape, name="sequences")
     h = inputs
-    layers = hidden_layer_units(spec)
-    truncate = None if spec["truncate_bptt"] == "none" else spec["truncate_bptt"]
+    layers = spec.hidden_layer_units
+    truncate = spec.truncate_bptt
     recurrent = []
     for index, units in enumerate(layers, start=1):
-        cell = CELLS[spec["recurrent_cell"]](
+        cell = CELLS[spec.recurrent_cell](
             units,
-            activation=keras.activations.get(spec["activation"]),
-            kernel_initializer=_resolve(keras.initializers.get, spec["kernel_initializer"]),
-            recurrent_initializer=_resolve(keras.initializers.get, spec["recurrent_initializer"]),
-            kernel_regularizer=_resolve(keras.regularizers.get, spec["kernel_regularizer"]),
-            recurrent_regularizer=_resolve(keras.regularizers.get, spec["kernel_regularizer"]),
+            activation=keras.activations.get(spec.activation),
+            kernel_initializer=_resolve(keras.initializers.get, spec.kernel_initializer),
+            recurrent_initializer=_resolve(keras.initializers.get, spec.recurrent_initializer),
+            kernel_regularizer=_resolve(keras.regularizers.get, spec.kernel_regularizer),
+            recurrent_regularizer=_resolve(keras.regularizers.get, spec.kernel_regularizer),
         )
         layer = TracedRNN(cell, truncate_bptt=truncate, return_sequences=index < len(layers),
                           name=f"recurrent_{index}")
@@ -121,8 +120,8 @@ def build_rnn(spec: dict[str, Any], input_shape: tuple[int, int]) -> keras.Model
         recurrent.append(layer)
     outputs = _output_layer(spec)(h)
     model = keras.Model(inputs, outputs, name="rnn")
-    if spec["recurrent_spectral_radius"] != "none":
+    if spec.recurrent_spectral_radius is not None:
         for layer in recurrent:
             kernel = layer.inner_cell.recurrent_kernel
-            kernel.assign(scale_to_spectral_radius(kernel.numpy(), spec["recurrent_spectral_radius"]))
+            kernel.assign(scale_to_spectral_radius(kernel.numpy(), spec.recurrent_spectral_radius))
     return model

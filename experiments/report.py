@@ -53,7 +53,7 @@ src="{_data_uri(through_time.read_bytes())}"><figcaption>‖∂L/∂h_t‖ per t
 geometric prediction r^(T−t) (seed {first.config.seed})</figcaption></figure>"""
              if through_time.is_file() else "")
     return f"""<section id="{html.escape(name)}"><h3>{html.escape(first.config.run_name)}</h3>
-<p>{html.escape(first.config.values['experiment']['description'])}</p>
+<p>{html.escape(first.config.experiment.description)}</p>
 <p>Diagnosis (seed {first.config.seed}): <b class="{diagnosis.verdict}">{diagnosis.verdict}</b>.
 {html.escape(diagnosis.explanation)} Over {len(runs)} seeds: {counts}.</p>
 <div class="pair"><figure><img alt="article figure {html.escape(name)}" src="{_data_uri(article_png)}">

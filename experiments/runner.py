@@ -59,63 +59,71 @@ def article_figures(title: str):
 
 def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
                    loggers: list[RunLogger] = (), backends: Sequence[str] = (),
-                   neptune_mode: str | None = None, run_dir: str | Path | None = None) -> Run:
+                   neptune_mode: str | None = None, run_dir: str | Path | None = None,
+                   figures: bool = True) -> Run:
     """Train ``config`` and write its run directory, logging also to ``backends``.
     Everything that can fail before training (data, model, reaching Neptune) happens before
     the directory is created. The directory is a new ``<out>/<group>/<name>/<time>-seed<N>``
-    unless ``run_dir`` (absent or empty) is given."""
+    unless ``run_dir`` (absent or empty) is given. ``figures=False`` draws none (sweep points,
+    seed replicas: their summary figures are drawn from the tables)."""
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    x, y = make_dataset(config.section("data"))
-    model = build_model(config.section("model"), input_shape=x.shape[1:])
-    optimizer = keras.optimizers.get(config.section("optimizer"))
-    training = config.section("training")
-    clipping = {key: training[key] for key in ("clip_value", "clip_global_norm")
-                if training[key] != "none"}
-    suggestion = None
-    if clipping.get("clip_global_norm") == "suggested":
-        from gradtools.clipping import suggest_clip_norm
-
-        suggestion = suggest_clip_norm(model, x, y, loss=training["loss"],
-                                       optimizer=config.section("optimizer"),
-                                       steps=SUGGESTION_STEPS, batch_size=training["batch_size"])
-        clipping["clip_global_norm"] = suggestion.threshold
-        config.values["training"]["clip_global_norm"] = suggestion.threshold
-
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        raise ValueError(f"unknown logger {sorted(unknown)[0]!r}; choose from {', '.join(BACKENDS)}")
-    loggers = list(loggers)
-    if "neptune" in backends:
-        from gradtools.loggers.neptune import NeptuneLogger
-
-        experiment = config.values["experiment"]
-        loggers.append(NeptuneLogger(name=config.run_name, description=experiment["description"],
-                                     tags=experiment["tags"], mode=neptune_mode))
+    x, y = make_dataset(config.data)
+    model = build_model(config.model, input_shape=x.shape[1:])
+    config, suggestion = _with_suggested_clip(config, model, x, y)
+    loggers = [*loggers, *_remote_loggers(config, backends, neptune_mode)]
     run_dir = new_run_dir(Path(out), config) if run_dir is None else Path(run_dir)
     local = LocalRunLogger(run_dir, name=config.run_name, seed=config.seed)
+    loggers = [local, *loggers]
     if "tensorboard" in backends:
         from gradtools.loggers.tensorboard import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
-    for logger in [local, *loggers]:
-        logger.log_params(config.values)
-    history = gradtools.fit(
-        model, x, y,
-        loss=training["loss"],
-        optimizer=optimizer,
-        epochs=training["epochs"],
-        batch_size=training["batch_size"],
-        shuffle=training["shuffle"],
-        seed=config.seed,
-        log_every=training["log_every"],
-        stop_on_nonfinite=training["stop_on_nonfinite"],
-        loggers=[local, *loggers],
-        figures=article_figures(config.run_name),
-        **clipping,
-    )
+    for logger in loggers:
+        logger.log_params(config.to_dict())
+    history = gradtools.fit(model, x, y, optimizer=keras.optimizers.get(config.optimizer.keras_config()),
+                            loggers=loggers, figures=article_figures(config.run_name) if figures else False,
+                            **_fit_arguments(config))
     if suggestion is not None:
         local.update_info(clip_suggestion=str(suggestion))
     if not history.metrics.empty:
         local.update_info(diagnosis=diagnose(history).to_dict())
     return Run(config, run_dir, history)
+
+
+def _fit_arguments(config: ExperimentConfig) -> dict:
+    """``gradtools.fit``'s arguments from the [training] section."""
+    training = config.training
+    arguments = dict(loss=training.loss, epochs=training.epochs, batch_size=training.batch_size,
+                     shuffle=training.shuffle, seed=training.seed, log_every=training.log_every,
+                     stop_on_nonfinite=training.stop_on_nonfinite)
+    for name in ("clip_value", "clip_global_norm"):
+        if getattr(training, name) is not None:
+            arguments[name] = getattr(training, name)
+    return arguments
+
+
+def _with_suggested_clip(config: ExperimentConfig, model, x, y):
+    """``clip_global_norm = "suggested"`` replaced by the number probe steps suggest (the
+    config that is written and run holds the number), and the suggestion; else unchanged."""
+    if config.training.clip_global_norm != "suggested":
+        return config, None
+    from gradtools.clipping import suggest_clip_norm
+
+    suggestion = suggest_clip_norm(model, x, y, loss=config.training.loss,
+                                   optimizer=config.optimizer.keras_config(),
+                                   steps=SUGGESTION_STEPS, batch_size=config.training.batch_size)
+    return config.replace("training", clip_global_norm=suggestion.threshold), suggestion
+
+
+def _remote_loggers(config: ExperimentConfig, backends: Sequence[str], neptune_mode) -> list[RunLogger]:
+    """The loggers that must reach a service, started before the run directory exists."""
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown logger {sorted(unknown)[0]!r}; choose from {', '.join(BACKENDS)}")
+    if "neptune" not in backends:
+        return []
+    from gradtools.loggers.neptune import NeptuneLogger
+
+    return [NeptuneLogger(name=config.run_name, description=config.experiment.description,
+                          tags=list(config.experiment.tags), mode=neptune_mode)]

@@ -148,8 +148,7 @@ def point_config(sweep: Sweep, point: Point) -> ExperimentConfig:
     """The point's validated config: the base, then [set], then the point's values."""
     config = load_config(sweep.base, settings={**sweep.fixed, **point.params},
                          settings_from=f"sweep {sweep.source}")
-    config.values["experiment"]["name"] = f"{config.name}-{point.id}"
-    return config
+    return config.replace("experiment", name=f"{config.name}-{point.id}")
 
 
 def summarize_point(history) -> dict[str, Any]:

@@ -36,6 +36,20 @@ def exploding_relu_setup(seed=0, n=64, features=4):
     return model, x, y
 
 
+def assert_drawn_png(path, size_inches=None, dpi=100):
+    """A PNG that holds a drawn picture: it decodes, has the figure's size in pixels when
+    ``size_inches`` is given, and is not one flat colour."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    pixels = imread(path)
+    if size_inches is not None:
+        width, height = size_inches
+        assert pixels.shape[:2] == (round(height * dpi), round(width * dpi)), pixels.shape
+    assert np.ptp(pixels[..., :3]) > 0.5, f"{path} is blank"
+    return pixels
+
+
 @pytest.fixture
 def repo_root():
     return REPO_ROOT

@@ -53,7 +53,7 @@ def test_the_three_exploding_fixes_complete_with_finite_loss(tmp_path, fix):
 def test_the_sources_suggested_threshold_delays_but_does_not_prevent_divergence(tmp_path):
     baseline = run_experiment(load_config("exploding/relu_baseline", ["training.epochs=5"]), tmp_path)
     suggested = run_experiment(load_config("exploding/suggested_clipnorm", ["training.epochs=5"]), tmp_path)
-    threshold = suggested.config.values["training"]["clip_global_norm"]
+    threshold = suggested.config.training.clip_global_norm
     assert isinstance(threshold, float) and threshold > 1e6  # the probe itself explodes
     assert suggested.history.status == "diverged"
     assert suggested.history.first_nonfinite_step > 10 * baseline.history.first_nonfinite_step

@@ -6,7 +6,7 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import run_cli
+from conftest import assert_drawn_png, run_cli
 
 from gradtools.columns import metric_columns
 
@@ -37,9 +37,9 @@ def test_run_writes_the_whole_contract_and_is_deterministic(tmp_path):
     assert info["first_nonfinite_step"] is None and info["seed"] == 42
     assert set(info["versions"]) == {"python", "tensorflow", "keras", "gradtools"}
     assert "epochs = 2" in (run_dir / "config.toml").read_text()
-    for figure in ("mean_gradient", "first_vs_last", "loss"):
-        png = (run_dir / "figures" / f"{figure}.png").read_bytes()
-        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    for figure, size in (("mean_gradient", (7, 5)), ("first_vs_last", (11, 6)), ("loss", (7, 4))):
+        assert_drawn_png(run_dir / "figures" / f"{figure}.png", size)
+    assert_drawn_png(run_dir / "figures" / "gradient_heatmap.png")
     summary = first.stdout
     assert "completed" in summary and "layer_1" in summary and "mean_gradient.png" in summary
 
@@ -55,7 +55,7 @@ def test_diverged_run_exits_0_with_its_result_recorded(tmp_path):
     assert info["status"] == "diverged"
     assert info["first_nonfinite_step"] == pd.read_csv(run_dir / "metrics.csv")["step"].iloc[-1]
     assert "non-finite at step" in result.stdout
-    assert (run_dir / "figures" / "mean_gradient.png").stat().st_size > 10_000
+    assert_drawn_png(run_dir / "figures" / "mean_gradient.png", (7, 5))
 
 
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

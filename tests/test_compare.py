@@ -7,7 +7,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_drawn_png
 
 import gradtools
 from gradtools.compare import CompareError, compare_runs
@@ -54,7 +54,7 @@ def test_command_line_exit_codes(runs_dir, tmp_path):
     good = subprocess.run(command + [str(runs_dir / "toy/*/*"), "--out", str(tmp_path / "c.png")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert good.returncode == 0, good.stderr
-    assert "compared 3 runs" in good.stdout and (tmp_path / "c.png").stat().st_size > 10_000
+    assert "compared 3 runs" in good.stdout and assert_drawn_png(tmp_path / "c.png", (9, 5)) is not None
     bad = subprocess.run(command + [str(runs_dir / "toy/relu/seed0"), "--stat", "nope"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "available:" in bad.stderr

@@ -43,15 +43,16 @@ def test_article_configs_all_load_with_their_article_parameters():
     for name in ARTICLE_CONFIGS:
         config = load_config(name)
         assert config.run_name == name
-        assert config.values["training"]["batch_size"] == 32
-        assert config.values["training"]["epochs"] == 100
-    exploding = load_config("exploding/relu_baseline").values["model"]
-    assert exploding["kernel_initializer"]["config"] == {"minval": 4.0, "maxval": 5.0}
-    assert exploding["output_kernel_initializer"] == "glorot_uniform"
-    vanishing = load_config("vanishing/sigmoid_baseline").values["model"]
-    assert vanishing["output_kernel_initializer"] == vanishing["kernel_initializer"]
-    assert load_config("vanishing/batchnorm").values["model"]["batch_norm"] == "input"
-    assert load_config("exploding/grad_clipping").values["optimizer"]["config"] == {"clipvalue": 50.0}
+        assert config.training.batch_size == 32
+        assert config.training.epochs == 100
+    exploding = load_config("exploding/relu_baseline").model
+    assert exploding.kernel_initializer["config"] == {"minval": 4.0, "maxval": 5.0}
+    assert exploding.output_kernel_initializer == "glorot_uniform"
+    vanishing = load_config("vanishing/sigmoid_baseline").model
+    assert vanishing.output_kernel_initializer == vanishing.kernel_initializer
+    assert load_config("vanishing/batchnorm").model.batch_norm == "input"
+    assert load_config("vanishing/relu").model.batch_norm is None, '"none" in TOML is None'
+    assert load_config("exploding/grad_clipping").optimizer.config == {"clipvalue": 50.0}
 
 
 def test_overrides_are_toml_values_and_bare_words_are_strings():
@@ -59,8 +60,8 @@ def test_overrides_are_toml_values_and_bare_words_are_strings():
     assert parse_override("model.activation=relu") == (["model", "activation"], "relu")
     assert parse_override("model.hidden_units=[3, 3]") == (["model", "hidden_units"], [3, 3])
     config = load_config("vanishing/relu", ["training.epochs=7", "optimizer.config.learning_rate=0.5"])
-    assert config.values["training"]["epochs"] == 7
-    assert config.values["optimizer"]["config"] == {"learning_rate": 0.5}
+    assert config.training.epochs == 7
+    assert config.optimizer.config == {"learning_rate": 0.5}
 
 
 BAD = [
@@ -148,3 +149,13 @@ def test_missing_file_and_bad_override_exit_2(tmp_path, capsys):
 def test_config_error_message_format():
     error = ConfigError("a.toml", "training.epochs", 0, "must be an integer >= 1")
     assert str(error) == "a.toml: training.epochs = 0: must be an integer >= 1"
+
+
+def test_the_config_reference_page_is_generated_from_the_sections(repo_root):
+    from experiments.config import SECTIONS, config_reference
+
+    page = (repo_root / "docs" / "config.md").read_text()
+    assert page == config_reference(), "regenerate: python -m experiments config-reference > docs/config.md"
+    for name in SECTIONS:
+        assert f"## [{name}]" in page
+    assert '| `clip_global_norm` | `"none"` |' in page and "| `epochs` | required |" in page

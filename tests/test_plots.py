@@ -54,3 +54,64 @@ def test_a_deep_model_gets_the_heatmap_instead_of_forty_lines():
     assert {"mean_gradient", "gradient_heatmap"} <= set(run_figures(shallow, "shallow"))
     heatmap = run_figures(deep, "deep")["gradient_heatmap"]
     assert heatmap.axes[0].images[0].get_array().shape == (40, 6)
+
+
+def test_the_mean_gradient_figure_samples_one_row_per_epoch_at_the_chosen_batch():
+    metrics = synthetic_metrics(2, steps=9)  # 3 epochs of 3 batches
+    metrics["layer_1/grad_mean"] = np.arange(9) * 0.1
+    figure = plot_mean_gradient(metrics, "toy", sample_batch=2)
+    line = figure.axes[0].get_lines()[0]
+    np.testing.assert_allclose(line.get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(line.get_ydata(), [0.2, 0.5, 0.8])  # batch 2 of each epoch
+    assert "batch 2" in figure.axes[0].get_xlabel()
+
+
+def test_first_vs_last_shows_magnitudes_on_a_log_scale_and_marks_the_divergence():
+    from gradtools.plots import plot_first_vs_last
+
+    metrics = synthetic_metrics(3)
+    figure = plot_first_vs_last(metrics, "toy", first_nonfinite_step=4)
+    top_left, top_right, bottom_left, bottom_right = figure.axes
+    assert bottom_left.get_yscale() == "log" and top_left.get_yscale() == "linear"
+    np.testing.assert_allclose(bottom_right.get_lines()[0].get_ydata(), metrics["layer_3/grad_abs_mean"])
+    assert any(list(line.get_xdata()) == [4, 4] for line in bottom_left.get_lines())
+
+
+def test_the_loss_figure_draws_the_epoch_means_on_a_log_scale_when_it_spans_decades():
+    from gradtools.plots import plot_loss
+
+    metrics = synthetic_metrics(1)
+    metrics["loss"] = [1000.0, 100.0, 10.0, 1.0, 0.1, 0.01]
+    ax = plot_loss(metrics, "toy").axes[0]
+    epoch_mean = next(line for line in ax.get_lines() if line.get_label() == "epoch mean")
+    np.testing.assert_allclose(epoch_mean.get_ydata(), [370.0, 0.37])
+    assert ax.get_yscale() == "log"
+
+
+def test_the_comparison_labels_each_run_and_the_seed_band_spans_the_seeds():
+    from gradtools.plots import plot_comparison, plot_seed_band
+
+    low, high = synthetic_metrics(2), synthetic_metrics(2)
+    high["layer_1/grad_abs_mean"] = low["layer_1/grad_abs_mean"] * 1000
+    ax = plot_comparison({"low": low, "high": high}, "layer_1/grad_abs_mean", "toy").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["low", "high"]
+    assert ax.get_yscale() == "log"
+    left, right = plot_seed_band([low, high], "toy", sample_batch=0).axes[:2]
+    band = right.collections[0].get_paths()[0].vertices[:, 1]
+    per_epoch = [m.groupby("epoch")["layer_1/grad_abs_mean"].mean() for m in (low, high)]
+    assert np.isclose(band.min(), min(s.min() for s in per_epoch))
+    assert np.isclose(band.max(), max(s.max() for s in per_epoch))
+
+
+def test_the_state_gradient_figure_draws_the_geometric_prediction():
+    from gradtools.plots import plot_state_gradients
+    from gradtools.recurrence import geometric_prediction, spectral_radius_column, state_column
+
+    norms = 0.9 ** np.arange(9, -1, -1.0)  # ‖∂L/∂h_t‖, t = 1 … 10, a linear RNN at r = 0.9
+    table = pd.DataFrame([{"epoch": 0, spectral_radius_column(1): 0.9,
+                           **{state_column(1, t): v for t, v in enumerate(norms, start=1)}}])
+    ax = plot_state_gradients(table, "toy").axes[0]
+    measured, predicted = ax.get_lines()[:2]
+    np.testing.assert_allclose(measured.get_ydata(), norms)
+    np.testing.assert_allclose(predicted.get_ydata(), geometric_prediction(0.9, norms[-1], 10))
+    assert ax.get_yscale() == "log"

@@ -25,11 +25,18 @@ def run(name, tmp_path, *overrides):
 
 
 def test_every_source_named_remedy_has_a_config():
-    assert len(NEW_CONFIGS) == 21
+    named = {  # what the sources recommend against vanishing and exploding gradients
+        "vanishing_remedies/he_relu", "vanishing_remedies/leaky_relu", "vanishing_remedies/elu",
+        "vanishing_remedies/prelu", "vanishing_remedies/batchnorm_before_activation",
+        "vanishing_remedies/residual", "exploding_remedies/clipnorm", "exploding_remedies/clipvalue",
+        "exploding_remedies/l1_regularization", "exploding_remedies/small_batch",
+        "exploding_remedies/standardized", "rnn/lstm_t50", "rnn/gru_t50", "rnn/lstm_t50_truncated",
+        "rnn/simple_rnn_exploding_clipnorm", "rnn/simple_rnn_exploding_global_clip"}
+    assert named <= set(NEW_CONFIGS)
     assert NOT_IN_CLAIMS == ["rnn/gru_t50", "rnn/lstm_t50_truncated", "rnn/simple_rnn_t100",
                              "rnn/simple_rnn_t20"]
     for name in NEW_CONFIGS:
-        description = load_config(name).values["experiment"]["description"]
+        description = load_config(name).experiment.description
         assert description.strip(), name
 
 

@@ -9,6 +9,7 @@ import tomllib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import assert_drawn_png
 
 from experiments.cli import main
 from experiments.phase_diagram import plot_phase_diagram, write_phase_diagram
@@ -128,7 +129,8 @@ def test_bad_sweep_files_exit_2_naming_file_and_key(tmp_path, capsys):
 def test_phase_diagram_figure_from_the_table(tiny, tmp_path):
     _, _, local, _ = tiny
     target = write_phase_diagram(local.table, tmp_path)
-    assert target.stat().st_size > 20_000
+    activations = local.table["model.activation"].nunique()
+    assert_drawn_png(target, (5.2 * activations + 5, 13), dpi=90)
     figure = plot_phase_diagram(local.table)
     titles = [ax.get_title() for ax in figure.axes]
     assert "sigmoid: at the first step" in titles and "relu: last epoch (V vanishing, E exploding, · healthy)" in titles
