@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from gradtools.training import resolve_loss
+from gradtools.steps import resolve_loss
 
 
 def _float64_copy(model: keras.Model) -> keras.Model:
