@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 EXP ?= vanishing/sigmoid_baseline
 ARGS ?=
 PYTEST_ARGS ?=
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: venv run-experiment figures gallery compare claims report phase-diagram sweep dashboard test bench clean
 

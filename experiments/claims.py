@@ -334,7 +334,8 @@ class ClaimResult:
 
 def run_claim_experiments(seeds: list[int], epochs: int | None, out: str | Path,
                           loggers=list, workers: int = 1) -> dict[int, dict[str, Run]]:
-    """Every run the claims need (in ``workers`` processes): seed -> name -> Run."""
+    """Every run the claims need (in ``workers`` processes, without per-run figures: the
+    report draws the ones it shows): seed -> name -> Run."""
     keys, jobs = [], []
     for seed in seeds:
         for name, (reference, overrides) in EXPERIMENTS.items():
@@ -342,7 +343,7 @@ def run_claim_experiments(seeds: list[int], epochs: int | None, out: str | Path,
             keys.append((seed, name))
             jobs.append((reference, extra))
     runs: dict[int, dict[str, Run]] = {seed: {} for seed in seeds}
-    for (seed, name), run in zip(keys, run_jobs(jobs, out, workers=workers, loggers=loggers)):
+    for (seed, name), run in zip(keys, run_jobs(jobs, out, workers=workers, loggers=loggers, figures=False)):
         runs[seed][name] = run
     return runs
 

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     seeding.add_argument("--seeds", type=int, metavar="N",
                          help="run seeds 0..N-1 (one run directory each) and write a group "
                          "summary seeds-<time>.csv and a mean-with-band figure seeds-<time>.png")
+    run.add_argument("--run-figures", action="store_true",
+                     help="with --seeds: draw each run's own figures too (by default only the band)")
     _add_workers(run)
 
     commands.add_parser("list", help="list the configs with their descriptions")
@@ -202,9 +204,10 @@ def describe_run(run) -> str:
     diagnosis = json.loads((run.run_dir / "run.json").read_text()).get("diagnosis")
     if diagnosis:
         lines.append(f"Diagnosis: {diagnosis['verdict']}. {diagnosis['explanation']}")
-    others = sorted(p.name for p in (run.run_dir / "figures").glob("*.png") if p.stem != "mean_gradient")
-    lines.append(f"Figure: {run.run_dir / 'figures' / 'mean_gradient.png'} "
-                 f"(also {', '.join(others)})")
+    drawn = sorted(p.name for p in (run.run_dir / "figures").glob("*.png"))
+    if "mean_gradient.png" in drawn:
+        others = [name for name in drawn if name != "mean_gradient.png"]
+        lines.append(f"Figure: {run.run_dir / 'figures' / 'mean_gradient.png'} (also {', '.join(others)})")
     lines.append(f"run: {run.run_dir}")
     return "\n".join(lines)
 
@@ -238,7 +241,7 @@ def command_run_seeds(args) -> int:
 
     group = run_seeds(args.config, list(range(args.seeds)), args.out, args.overrides,
                       loggers=lambda: _loggers(args.quiet), workers=args.workers,
-                      backends=args.backends, neptune_mode=args.neptune_mode)
+                      run_figures=args.run_figures, backends=args.backends, neptune_mode=args.neptune_mode)
     for run in group.runs:
         print(describe_run(run), end="\n\n")
     columns = [c for c in ("seed", "status", "first_nonfinite_step", "last_epoch_loss",

@@ -13,6 +13,7 @@ ends any that are left, and raises KeyboardInterrupt. Finished runs are kept.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
@@ -113,19 +114,43 @@ def _stop(pool: ProcessPoolExecutor) -> None:
             process.join(1.0)
 
 
-def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list) -> list[Run]:
+def program_key(config) -> str:
+    """What a run compiles, as text: its config without the values that enter the compiled
+    epoch as inputs (the seed, the initializers' parameters). Runs with one key share one
+    compiled program (:mod:`gradtools.compilation_cache`)."""
+    tables = config.to_dict()
+    tables["training"].pop("seed", None)
+    for name in ("kernel_initializer", "output_kernel_initializer", "recurrent_initializer"):
+        if isinstance(tables["model"].get(name), dict):
+            tables["model"][name] = tables["model"][name].get("class_name")
+    return json.dumps(tables, sort_keys=True, default=str)
+
+
+def program_order(keys: list[str]) -> list[int]:
+    """Indices in the order to run them: the first run of each program, then the others, so
+    every program is compiled once and the rest load it."""
+    firsts = {key: index for index, key in reversed(list(enumerate(keys)))}
+    leading = sorted(firsts.values())
+    return leading + [i for i in range(len(keys)) if i not in set(leading)]
+
+
+def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list,
+             figures: bool = True) -> list[Run]:
     """Run every job, in this process (``workers`` = 1, with ``loggers``) or in ``workers``
-    spawned processes (quiet); returns the runs in the order of ``jobs``, each read back from
-    its run directory, so the numbers are the same either way."""
+    spawned processes (quiet), each program's first run first; returns the runs in the order of
+    ``jobs``, each read back from its run directory, so the numbers are the same either way.
+    ``figures=False``: no per-run figures (seed replicas, claims)."""
+    configs = [load_config(reference, overrides) for reference, overrides in jobs]
+    order = program_order([program_key(config) for config in configs])
+    run_dirs: list = [None] * len(jobs)
+
+    def keep(index: int, run_dir) -> None:
+        run_dirs[order[index]] = run_dir
+
     if workers <= 1 or len(jobs) <= 1:
-        run_dirs = [run_experiment(load_config(reference, overrides), out, loggers=loggers()).run_dir
-                    for reference, overrides in jobs]
+        for position, index in enumerate(order):
+            keep(position, run_experiment(configs[index], out, loggers=loggers(), figures=figures).run_dir)
     else:
-        run_dirs = [None] * len(jobs)
-
-        def keep(index: int, run_dir: str) -> None:
-            run_dirs[index] = run_dir
-
-        map_in_workers(worker.run_job, [(ref, list(ov), str(out)) for ref, ov in jobs], workers, keep)
-    return [Run(load_config(ref, ov), Path(run_dir), History.from_run_dir(run_dir))
-            for (ref, ov), run_dir in zip(jobs, run_dirs)]
+        arguments = [(*jobs[index], str(out), figures) for index in order]
+        map_in_workers(worker.run_job, arguments, workers, keep)
+    return [Run(config, Path(run_dir), History.from_run_dir(run_dir)) for config, run_dir in zip(configs, run_dirs)]

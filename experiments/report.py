@@ -13,7 +13,7 @@ import pandas as pd
 from experiments.claims import EXPERIMENTS, diagnoses, evaluate, median_numbers, write_claims
 from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
 from gradtools.diagnosis import diagnose
-from gradtools.plots import plot_seed_band
+from gradtools.plots import plot_mean_gradient, plot_seed_band, plot_state_gradients
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:90%}
@@ -42,16 +42,18 @@ def _figure_png(figure) -> bytes:
 
 def _experiment_section(name: str, runs: list[Run], verdicts: list[str]) -> str:
     first = runs[0]
-    article_png = (first.run_dir / "figures" / "mean_gradient.png").read_bytes()
+    history = first.history
+    article_png = _figure_png(plot_mean_gradient(history.metrics, first.config.run_name, history.first_nonfinite_step,
+                                                 history.layer_paths, sample_batch=ARTICLE_SAMPLE_BATCH))
     band_png = _figure_png(plot_seed_band([r.history.metrics for r in runs if not r.history.metrics.empty],
                                           first.config.run_name, ARTICLE_SAMPLE_BATCH))
     diagnosis = diagnose(first.history)
     counts = ", ".join(f"{verdicts.count(v)}× {v}" for v in sorted(set(verdicts)))
-    through_time = first.run_dir / "figures" / "state_gradients.png"
+    states = history.state_gradients
     extra = (f"""<figure><img alt="gradient through time {html.escape(name)}"
-src="{_data_uri(through_time.read_bytes())}"><figcaption>‖∂L/∂h_t‖ per time step against the
-geometric prediction r^(T−t) (seed {first.config.seed})</figcaption></figure>"""
-             if through_time.is_file() else "")
+src="{_data_uri(_figure_png(plot_state_gradients(states, first.config.run_name)))}"><figcaption>‖∂L/∂h_t‖
+per time step against the geometric prediction r^(T−t) (seed {first.config.seed})</figcaption></figure>"""
+             if states is not None and not states.empty else "")
     return f"""<section id="{html.escape(name)}"><h3>{html.escape(first.config.run_name)}</h3>
 <p>{html.escape(first.config.experiment.description)}</p>
 <p>Diagnosis (seed {first.config.seed}): <b class="{diagnosis.verdict}">{diagnosis.verdict}</b>.

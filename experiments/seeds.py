@@ -38,16 +38,18 @@ def summary_row(run: Run) -> dict:
 
 
 def run_seeds(reference: str, seeds: list[int], out: str | Path = "runs", overrides=(),
-              loggers=list, workers: int = 1, **run_options) -> SeedGroup:
+              loggers=list, workers: int = 1, run_figures: bool = False, **run_options) -> SeedGroup:
     """Run ``reference`` once per seed (in ``workers`` processes, each starting TensorFlow
     once; with backends such as Neptune, in this process); write
-    ``<out>/<group>/<name>/seeds-<time>.csv`` and ``.png`` next to the run directories."""
+    ``<out>/<group>/<name>/seeds-<time>.csv`` and ``.png`` (the seeds' band) next to the run
+    directories. Each run draws its own figures only with ``run_figures``."""
     configs = [load_config(reference, [*overrides, f"training.seed={seed}"]) for seed in seeds]
     if run_options.get("backends"):
-        runs = [run_experiment(config, out, loggers=loggers(), **run_options) for config in configs]
+        runs = [run_experiment(config, out, loggers=loggers(), figures=run_figures, **run_options)
+                for config in configs]
     else:
         runs = run_jobs([(reference, [*overrides, f"training.seed={seed}"]) for seed in seeds], out,
-                        workers=workers, loggers=loggers)
+                        workers=workers, loggers=loggers, figures=run_figures)
     summary = pd.DataFrame([summary_row(run) for run in runs])
     stem = Path(out) / configs[0].group / configs[0].name / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}"
     summary_path, figure_path = stem.with_suffix(".csv"), stem.with_suffix(".png")

@@ -375,7 +375,10 @@ def _start(directory: SweepDirectory, sweep: Sweep, executor: str, workers: int,
 
 
 def _jobs(directory: SweepDirectory, sweep: Sweep, todo: list[Point], progress: Progress):
-    """(point, config) to run; a point whose values are not a valid config fails on its own."""
+    """(point, config) to run, each program's first point first (the others then load its
+    compilation); a point whose values are not a valid config fails on its own."""
+    from experiments.parallel import program_key, program_order
+
     jobs = []
     for point in todo:
         try:
@@ -383,7 +386,7 @@ def _jobs(directory: SweepDirectory, sweep: Sweep, todo: list[Point], progress: 
         except ConfigError as error:
             directory.record(point, {"status": "failed", "error": str(error)})
             progress.point_done("failed")
-    return jobs
+    return [jobs[i] for i in program_order([program_key(config) for _, config in jobs])]
 
 
 Finished = Callable[[Point, dict[str, Any]], None]

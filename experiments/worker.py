@@ -53,14 +53,14 @@ def _quiet_tensorflow() -> None:
     import_tensorflow_quietly()
 
 
-def run_job(job: tuple[str, list[str], str]) -> str:
-    """Run one (config reference, overrides, out) job; return its run directory."""
+def run_job(job: tuple[str, list[str], str, bool]) -> str:
+    """Run one (config reference, overrides, out, figures) job; return its run directory."""
     from experiments.config import load_config
     from experiments.runner import run_experiment
 
-    reference, overrides, out = job
+    reference, overrides, out, figures = job
     with _job():
-        return str(run_experiment(load_config(reference, overrides), out).run_dir)
+        return str(run_experiment(load_config(reference, list(overrides)), out, figures=figures).run_dir)
 
 
 def run_sweep_point(config) -> dict:
@@ -80,7 +80,7 @@ def run_sweep_point(config) -> dict:
         failure = None
         try:
             with _job():
-                row = summarize_point(run_experiment(config, run_dir=run_dir).history)
+                row = summarize_point(run_experiment(config, run_dir=run_dir, figures=False).history)
         except Exception as error:  # noqa: BLE001 — recorded in sweep.csv, with its traceback
             row = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
             failure = traceback.format_exc()

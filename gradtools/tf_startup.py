@@ -1,20 +1,27 @@
-"""Start TensorFlow without its start-up chatter, for command-line entry points.
+"""Start TensorFlow for a command-line entry point: with the persistent compilation cache on
+(:mod:`gradtools.compilation_cache`) and without its start-up chatter.
 
 TensorFlow 2.21's CUDA stub writes "Could not find cuda drivers" and absl's "All log messages
 before absl::InitializeLog()" to file descriptor 2 on every CPU-only start, whatever
-TF_CPP_MIN_LOG_LEVEL says; a user then sees them above every result.
+TF_CPP_MIN_LOG_LEVEL says; a user then sees them above every result. Loading a cached program
+logs, at error level, that the cache entry is not text and which CPU features it was compiled
+for; so while the cache is on, TensorFlow's C++ log shows fatal errors only (its errors reach
+Python as exceptions). ``TF_CPP_MIN_LOG_LEVEL=0`` shows everything.
 """
 
 from __future__ import annotations
 
 import os
 
+from gradtools import compilation_cache
+
 
 def import_tensorflow_quietly() -> None:
-    """Import TensorFlow and initialize its devices with fd 2 muted, unless the user asked
-    for TensorFlow's logs with ``TF_CPP_MIN_LOG_LEVEL=0``. Python errors still surface
-    (they are raised, and printed after stderr is restored)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Turn the compilation cache on, then import TensorFlow and initialize its devices with
+    fd 2 muted, unless the user asked for TensorFlow's logs with ``TF_CPP_MIN_LOG_LEVEL=0``.
+    Python errors still surface (they are raised, and printed after stderr is restored)."""
+    cached = compilation_cache.enable() is not None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if cached else "2")
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
         import tensorflow  # noqa: F401
 

@@ -2,11 +2,18 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The suite compiles many programs more than once (in workers, subprocesses, repeated runs):
+# one persistent XLA cache for it, inside the checkout, before TensorFlow starts.
+os.environ.setdefault("GRADTOOLS_XLA_CACHE", str(REPO_ROOT / ".pytest_cache" / "xla"))
+sys.path.insert(0, str(REPO_ROOT))
+from gradtools.compilation_cache import enable  # noqa: E402
+
+enable()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(args, cwd, timeout=300, env=None, module="experiments", **kwargs):
@@ -14,7 +21,7 @@ def run_cli(args, cwd, timeout=300, env=None, module="experiments", **kwargs):
     checkout's code."""
     import subprocess
 
-    env = {**(env or os.environ), "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**(env or os.environ), "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 

@@ -66,7 +66,7 @@ def test_ctrl_c_or_sigterm_ends_the_run_as_interrupted(tmp_path, signum, exit_co
 
     from conftest import REPO_ROOT
 
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(
         [sys.executable, "-m", "experiments", "run", "vanishing/sigmoid_baseline",
          "--set", "training.epochs=100000", "--out", "runs", "--quiet"],

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from conftest import REPO_ROOT, run_cli
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
 def start_cli(args, cwd, module="experiments", **kwargs):

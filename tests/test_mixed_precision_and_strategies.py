@@ -98,7 +98,7 @@ def test_gradtools_fit_wraps_the_optimizer_under_a_mixed_policy(mixed_precision)
 
 def test_a_mirrored_strategy_gives_the_single_device_statistics():
     """Two logical CPU devices must be set up before TensorFlow starts: a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "mirrored_run.py")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

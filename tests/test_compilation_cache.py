@@ -1,0 +1,45 @@
+"""The persistent compilation cache: where it lives, how it is turned off, and that a run's
+numbers are byte-identical whether its program was compiled, loaded from the cache, or the
+cache was off."""
+
+from importlib.metadata import version
+
+from conftest import run_cli
+
+from gradtools import compilation_cache
+
+
+def test_the_cache_lives_in_the_users_cache_directory_one_folder_per_tensorflow_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.delenv("GRADTOOLS_XLA_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    directory = compilation_cache.cache_directory()
+    assert directory.parent == tmp_path / "xdg" / "gradtools" / "xla"
+    assert directory.name.startswith(f"tf-{version('tensorflow')}-cpu-")
+    monkeypatch.setenv("GRADTOOLS_XLA_CACHE", str(tmp_path / "mine"))
+    assert compilation_cache.cache_directory().parent == tmp_path / "mine"
+    monkeypatch.setenv("GRADTOOLS_XLA_CACHE", "off")
+    assert compilation_cache.cache_directory() is None
+
+
+def test_numbers_are_identical_compiled_loaded_or_uncached(tmp_path):
+    args = ["run", "vanishing/shallow", "--set", "training.epochs=2", "--quiet"]
+    cache = tmp_path / "cache"
+    cold = run_cli([*args, "--out", "cold"], cwd=tmp_path, env=_env(cache))
+    entries = list(cache.rglob("*.pb"))
+    warm = run_cli([*args, "--out", "warm"], cwd=tmp_path, env=_env(cache))
+    off = run_cli([*args, "--out", "off"], cwd=tmp_path, env=_env("off"))
+    for result in (cold, warm, off):
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == "", "no log noise from loading a cached program"
+    assert entries, "the first run compiled its program into the cache"
+    assert sorted(cache.rglob("*.pb")) == sorted(entries), "the second run loaded it, compiled nothing new"
+    tables = [next((tmp_path / out).rglob("metrics.csv")).read_bytes() for out in ("cold", "warm", "off")]
+    assert tables[0] == tables[1] == tables[2]
+
+
+def _env(cache):
+    """This suite's environment with another cache (TF_XLA_FLAGS would name the suite's)."""
+    import os
+
+    env = {name: value for name, value in os.environ.items() if name != "TF_XLA_FLAGS"}
+    return {**env, "GRADTOOLS_XLA_CACHE": str(cache)}
