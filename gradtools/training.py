@@ -10,9 +10,11 @@ same program share its compilation (see :mod:`gradtools.compilation_cache`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -87,13 +89,15 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
     if not model.built:
         model(data.x[:1])
     _require_one_device(model.trainable_weights)
-    step = TrainStep(model, resolve_loss(loss), with_loss_scaling(keras.optimizers.get(optimizer)),
-                     clip_value=clip_value, clip_global_norm=clip_global_norm,
-                     keep_gradients=any(getattr(logger, "wants_gradients", False) for logger in loggers))
-    run_epoch = epoch_function(step, data, shuffle, stop_on_nonfinite, jit_compile)
+    optimizer = with_loss_scaling(keras.optimizers.get(optimizer))
+    options = dict(clip_value=clip_value, clip_global_norm=clip_global_norm, shuffle=shuffle,
+                   stop_on_nonfinite=stop_on_nonfinite, jit_compile=jit_compile,
+                   keep_gradients=any(getattr(logger, "wants_gradients", False) for logger in loggers))
+    program = compiled_program(model, resolve_loss(loss), optimizer, data, **options)
     shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
-    recorder = Recorder(step, data.n_batches, model, loggers, log_every, stop_on_nonfinite, figures)
-    return recorder.train(run_epoch, epochs, shuffle_seed, jit_compile)
+    recorder = Recorder(program.step, data.n_batches, model, loggers, log_every, stop_on_nonfinite, figures,
+                        optimizer=optimizer)
+    return recorder.train(program.bind(data), epochs, shuffle_seed, jit_compile)
 
 
 @dataclass(frozen=True)
@@ -140,15 +144,16 @@ def _as_tensor(values):
 
 def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonfinite: bool,
                    jit_compile: bool):
-    """``run_epoch(epoch, shuffle_seed)``: one compiled call runs every step of an epoch and
-    returns the rows of statistics, the finite flags, the number of steps done, the last
-    step's kernel gradients and each traced layer's mean ‖∂L/∂h_t‖ (NaN where none was finite)."""
+    """``run_epoch(epoch, shuffle_seed, x, y)``: one compiled call runs every step of an epoch
+    and returns the rows of statistics, the finite flags, the number of steps done, the last
+    step's kernel gradients and each traced layer's mean ‖∂L/∂h_t‖ (NaN where none was finite).
+    The examples are arguments, not constants: other data of the same shapes reuses it."""
     n_values = len(step.columns) - 3  # step, epoch and batch are filled in on the Python side
     n_full, remainder = divmod(data.n_examples, data.batch_size)
 
     @tf.function(jit_compile=jit_compile)
-    def run_epoch(epoch, shuffle_seed):
-        x_epoch, y_epoch = _ordered(data, shuffle, epoch, shuffle_seed)
+    def run_epoch(epoch, shuffle_seed, x, y):
+        x_epoch, y_epoch = _ordered(x, y, shuffle, epoch, shuffle_seed)
         x_full, y_full, x_last, y_last = data.full_batches(x_epoch, y_epoch)
         tally = _EpochTally.empty(step, data.n_batches, n_values)
         stopped = tf.constant(False)
@@ -166,13 +171,95 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
     return run_epoch
 
 
-def _ordered(data: EpochData, shuffle: bool, epoch, shuffle_seed):
+def _ordered(x, y, shuffle: bool, epoch, shuffle_seed):
     """The epoch's examples: a full permutation seeded by (shuffle_seed, epoch), or in order."""
     if not shuffle:
-        return data.x, data.y
-    noise = tf.random.stateless_uniform([data.n_examples], seed=tf.stack([shuffle_seed, epoch]))
+        return x, y
+    noise = tf.random.stateless_uniform(tf.shape(x)[:1], seed=tf.stack([shuffle_seed, epoch]))
     order = tf.argsort(noise)
-    return tf.gather(data.x, order), tf.gather(data.y, order)
+    return tf.gather(x, order), tf.gather(y, order)
+
+
+@dataclass
+class Program:
+    """A compiled epoch and the step it runs (on the model and optimizer it was traced with)."""
+
+    step: TrainStep
+    run_epoch: object
+
+    def bind(self, data: EpochData):
+        """``run_epoch(epoch, seed)`` on ``data``."""
+        return lambda epoch, seed: self.run_epoch(epoch, seed, data.x, data.y)
+
+
+#: Compiled epochs of this process, by program, least recently used first.
+_PROGRAMS: OrderedDict[str, Program] = OrderedDict()
+#: How many compiled programs a process keeps.
+MAX_PROGRAMS = 8
+
+
+def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> Program:
+    """The compiled epoch for this model, loss, optimizer, data shapes and options: one this
+    process already compiled for a model of the same structure (it then starts from
+    ``model``'s and ``optimizer``'s values), or a new one. TensorFlow names every trace
+    anew, so neither its in-memory nor its persistent cache would find the earlier
+    compilation: reusing the trace is what compiles a program once per process."""
+    key = _program_key(model, loss_fn, optimizer, data, options)
+    cached = _PROGRAMS.get(key) if key is not None else None
+    if cached is not None and _same_shapes(cached.step.model.variables, model.variables):
+        _PROGRAMS.move_to_end(key)
+        if not optimizer.built:
+            optimizer.build(model.trainable_weights)
+        copy_values(model.variables, cached.step.model.variables)
+        copy_values(optimizer.variables, cached.step.optimizer.variables)
+        return cached
+    step = TrainStep(model, loss_fn, optimizer, clip_value=options["clip_value"],
+                     clip_global_norm=options["clip_global_norm"], keep_gradients=options["keep_gradients"])
+    program = Program(step, epoch_function(step, data, options["shuffle"], options["stop_on_nonfinite"],
+                                           options["jit_compile"]))
+    if key is not None:
+        _PROGRAMS[key] = program
+        while len(_PROGRAMS) > MAX_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+    return program
+
+
+def copy_values(sources, targets) -> None:
+    for source, target in zip(sources, targets):
+        if source is not target:
+            target.assign(source)
+
+
+def _same_shapes(first, second) -> bool:
+    return len(first) == len(second) and all(tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
+                                             for a, b in zip(first, second))
+
+
+def _program_key(model, loss_fn, optimizer, data: EpochData, options) -> str | None:
+    """What the compiled epoch depends on, as text; None when it cannot be told (a subclassed
+    model without a config): such a model is traced anew every time. Initializers, seeds,
+    the learning rate and the names of weightless layers are not part of the program."""
+    try:
+        # names only matter where they name weights (the logged layer paths)
+        parts = [_without(model.get_config(), ("_initializer", "seed", "name")),
+                 [v.path for v in model.trainable_weights], type(optimizer).__name__,
+                 _without(optimizer.get_config(), ("learning_rate", "name")), type(loss_fn).__name__,
+                 _without(loss_fn.get_config(), ()), getattr(getattr(loss_fn, "fn", None), "__name__", ""),
+                 [list(data.x.shape), data.x.dtype.name, list(data.y.shape), data.y.dtype.name, data.batch_size],
+                 options, keras.config.dtype_policy().name]
+        return json.dumps(parts, sort_keys=True, default=str)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
+
+
+def _without(config, suffixes: tuple[str, ...]):
+    """A nested config without the keys ending in any of ``suffixes``."""
+    if isinstance(config, dict):
+        return {k: _without(v, suffixes) for k, v in config.items()
+                if not (suffixes and str(k).endswith(suffixes))}
+    if isinstance(config, (list, tuple)):
+        return [_without(v, suffixes) for v in config]
+    return config
 
 
 class _EpochTally(NamedTuple):
@@ -216,8 +303,9 @@ class Recorder:
     keeps the status, and tells the loggers."""
 
     def __init__(self, step: TrainStep, n_batches: int, model, loggers, log_every: int,
-                 stop_on_nonfinite: bool, figures):
+                 stop_on_nonfinite: bool, figures, optimizer=None):
         self.step, self.n_batches, self.model = step, n_batches, model
+        self.optimizer = optimizer if optimizer is not None else step.optimizer
         self.loggers, self.log_every, self.stop_on_nonfinite = list(loggers), log_every, stop_on_nonfinite
         self.figures = run_figures if figures is True else figures or None
         self.traced_numbers = [list(step.layout.paths).index(layer.inner_cell.kernel.path) + 1
@@ -245,6 +333,7 @@ class Recorder:
                 radii = through_time.spectral_radii(self.step.traced)
                 with _quiet_first_trace(epoch == 0):
                     results = run_epoch(tf.constant(epoch, tf.int64), seed)
+                self._hand_back()
                 if self.record_epoch(epoch, epochs, radii, *results):
                     break
         except KeyboardInterrupt:
@@ -261,6 +350,12 @@ class Recorder:
         result = self.history()
         end_run(self.loggers, result, self.figures)
         return result
+
+    def _hand_back(self) -> None:
+        """When the compiled program was traced with another model of the same structure,
+        the caller's model and optimizer get its values after each epoch."""
+        copy_values(self.step.model.variables, self.model.variables)
+        copy_values(self.step.optimizer.variables, self.optimizer.variables)
 
     def record_epoch(self, epoch, epochs, radii, values, finite_flags, done, last_gradients,
                      state_means) -> bool:

@@ -146,3 +146,33 @@ def test_a_model_without_kernels_is_refused_clearly():
     with pytest.raises(ValueError, match="kernel"):
         gradtools.fit(model, x, y[:, None].repeat(4, axis=1), loss="mse", optimizer="sgd",
                       epochs=1)
+
+
+def dropout_mlp(seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu", name="hidden"),
+                             keras.layers.Dropout(0.3, name="dropout"),
+                             keras.layers.BatchNormalization(name="norm"),
+                             keras.layers.Dense(1, name="head")], name="reused")
+
+
+def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the_same_numbers():
+    from gradtools import training
+
+    x, y = regression_data()
+    options = dict(loss="mse", epochs=2, batch_size=16)
+    training._PROGRAMS.clear()
+    first = dropout_mlp(0)
+    gradtools.fit(first, x, y, optimizer=keras.optimizers.Adam(0.01), seed=0, **options)
+    assert len(training._PROGRAMS) == 1
+    second = dropout_mlp(1)
+    reused = gradtools.fit(second, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, **options)
+    assert len(training._PROGRAMS) == 1, "the same program: traced and compiled once"
+    assert next(iter(training._PROGRAMS.values())).step.model is first
+
+    training._PROGRAMS.clear()  # the same run, traced afresh
+    fresh_model = dropout_mlp(1)
+    fresh = gradtools.fit(fresh_model, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, **options)
+    pd.testing.assert_frame_equal(reused.metrics, fresh.metrics, check_exact=True)
+    for a, b in zip(second.variables, fresh_model.variables):  # the caller's model is trained
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
