@@ -117,40 +117,66 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 def program_key(config) -> str:
     """What a run compiles, as text: its config without the values that enter the compiled
     epoch as inputs (the seed, the initializers' parameters). Runs with one key share one
-    compiled program (:mod:`gradtools.compilation_cache`)."""
+    compiled program (see ``gradtools.training.compiled_program``)."""
     tables = config.to_dict()
     tables["training"].pop("seed", None)
+    tables["experiment"] = {}
     for name in ("kernel_initializer", "output_kernel_initializer", "recurrent_initializer"):
         if isinstance(tables["model"].get(name), dict):
             tables["model"][name] = tables["model"][name].get("class_name")
     return json.dumps(tables, sort_keys=True, default=str)
 
 
-def program_order(keys: list[str]) -> list[int]:
-    """Indices in the order to run them: the first run of each program, then the others, so
-    every program is compiled once and the rest load it."""
-    firsts = {key: index for index, key in reversed(list(enumerate(keys)))}
-    leading = sorted(firsts.values())
-    return leading + [i for i in range(len(keys)) if i not in set(leading)]
+def program_groups(keys: list[str], workers: int = 1) -> list[list[int]]:
+    """The indices of the runs of each program, programs in order of first appearance: a
+    group runs in one process, which traces and compiles its program once. With fewer
+    programs than ``workers``, the largest groups are split so that every worker has one."""
+    by_key: dict[str, list[int]] = {}
+    for index, key in enumerate(keys):
+        by_key.setdefault(key, []).append(index)
+    groups = list(by_key.values())
+    while len(groups) < workers and max(map(len, groups), default=0) > 1:
+        largest = max(groups, key=len)
+        position = groups.index(largest)
+        half = (len(largest) + 1) // 2
+        groups[position:position + 1] = [largest[:half], largest[half:]]
+    return groups
+
+
+def run_grouped(function, items: list, keys: list[str], workers: int, on_result) -> None:
+    """``function(group of items)`` → a result per item, each program's items in one call, in
+    this process (``workers`` = 1) or spread over ``workers`` processes; ``on_result(index,
+    result)`` as each group finishes."""
+    groups = program_groups(keys, workers)
+
+    def deliver(group_index: int, results) -> None:
+        for index, result in zip(groups[group_index], results):
+            on_result(index, result)
+
+    if workers <= 1 or len(groups) <= 1:
+        for group_index, group in enumerate(groups):
+            deliver(group_index, function([items[i] for i in group]))
+        return
+    map_in_workers(function, [[items[i] for i in group] for group in groups], workers, deliver)
 
 
 def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list,
              figures: bool = True) -> list[Run]:
     """Run every job, in this process (``workers`` = 1, with ``loggers``) or in ``workers``
-    spawned processes (quiet), each program's first run first; returns the runs in the order of
-    ``jobs``, each read back from its run directory, so the numbers are the same either way.
-    ``figures=False``: no per-run figures (seed replicas, claims)."""
+    spawned processes (quiet), the runs of one program together; returns the runs in the
+    order of ``jobs``, each read back from its run directory, so the numbers are the same
+    either way. ``figures=False``: no per-run figures (seed replicas, claims)."""
     configs = [load_config(reference, overrides) for reference, overrides in jobs]
-    order = program_order([program_key(config) for config in configs])
     run_dirs: list = [None] * len(jobs)
 
     def keep(index: int, run_dir) -> None:
-        run_dirs[order[index]] = run_dir
+        run_dirs[index] = run_dir
 
-    if workers <= 1 or len(jobs) <= 1:
-        for position, index in enumerate(order):
-            keep(position, run_experiment(configs[index], out, loggers=loggers(), figures=figures).run_dir)
-    else:
-        arguments = [(*jobs[index], str(out), figures) for index in order]
-        map_in_workers(worker.run_job, arguments, workers, keep)
+    def here(group):
+        return [run_experiment(load_config(reference, list(overrides)), out, loggers=loggers(),
+                               figures=figures).run_dir for reference, overrides, _, _ in group]
+
+    items = [(*job, str(out), figures) for job in jobs]
+    run_grouped(worker.run_jobs if workers > 1 else here, items,
+                [program_key(config) for config in configs], workers, keep)
     return [Run(config, Path(run_dir), History.from_run_dir(run_dir)) for config, run_dir in zip(configs, run_dirs)]

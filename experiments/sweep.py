@@ -375,10 +375,7 @@ def _start(directory: SweepDirectory, sweep: Sweep, executor: str, workers: int,
 
 
 def _jobs(directory: SweepDirectory, sweep: Sweep, todo: list[Point], progress: Progress):
-    """(point, config) to run, each program's first point first (the others then load its
-    compilation); a point whose values are not a valid config fails on its own."""
-    from experiments.parallel import program_key, program_order
-
+    """(point, config) to run; a point whose values are not a valid config fails on its own."""
     jobs = []
     for point in todo:
         try:
@@ -386,23 +383,20 @@ def _jobs(directory: SweepDirectory, sweep: Sweep, todo: list[Point], progress: 
         except ConfigError as error:
             directory.record(point, {"status": "failed", "error": str(error)})
             progress.point_done("failed")
-    return [jobs[i] for i in program_order([program_key(config) for _, config in jobs])]
+    return jobs
 
 
 Finished = Callable[[Point, dict[str, Any]], None]
 
 
 def _run_locally(jobs, finished: Finished, workers: int, ray_address) -> None:
+    """The points of each program together, in this process or spread over ``workers``."""
     from experiments import worker
+    from experiments.parallel import program_key, run_grouped
 
-    if workers <= 1:
-        for point, config in jobs:
-            finished(point, worker.run_sweep_point(config))
-        return
-    from experiments.parallel import map_in_workers
-
-    map_in_workers(worker.run_sweep_point, [config for _, config in jobs], workers,
-                   lambda index, result: finished(jobs[index][0], result))
+    run_grouped(worker.run_sweep_points, [config for _, config in jobs],
+                [program_key(config) for _, config in jobs], workers,
+                lambda index, result: finished(jobs[index][0], result))
 
 
 def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | None) -> None:
@@ -431,17 +425,19 @@ def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | Non
         else:
             ray.init(num_cpus=workers, **options)
     try:
-        from experiments.parallel import POLL_SECONDS, deferred_interrupts
+        from experiments.parallel import POLL_SECONDS, deferred_interrupts, program_groups, program_key
 
-        remote = ray.remote(num_cpus=1)(worker.run_sweep_point)
-        pending = {remote.remote(config): point for point, config in jobs}
+        remote = ray.remote(num_cpus=1)(worker.run_sweep_points)
+        groups = program_groups([program_key(config) for _, config in jobs], workers)
+        pending = {remote.remote([jobs[i][1] for i in group]): group for group in groups}
         try:
             with deferred_interrupts() as interrupts:
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
                     interrupts.check()
                     for ref in done:
-                        finished(pending.pop(ref), ray.get(ref))
+                        for index, result in zip(pending.pop(ref), ray.get(ref)):
+                            finished(jobs[index][0], result)
         except KeyboardInterrupt:
             for ref in pending:  # queued and running tasks: their points run again next time
                 ray.cancel(ref, force=True)

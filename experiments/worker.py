@@ -53,17 +53,43 @@ def _quiet_tensorflow() -> None:
     import_tensorflow_quietly()
 
 
-def run_job(job: tuple[str, list[str], str, bool]) -> str:
-    """Run one (config reference, overrides, out, figures) job; return its run directory."""
+def run_jobs(jobs: list[tuple[str, list[str], str, bool]]) -> list[str]:
+    """Run (config reference, overrides, out, figures) jobs one after the other (the runs of
+    one program: it is traced and compiled once); return their run directories."""
     from experiments.config import load_config
     from experiments.runner import run_experiment
 
-    reference, overrides, out, figures = job
-    with _job():
-        return str(run_experiment(load_config(reference, list(overrides)), out, figures=figures).run_dir)
+    run_dirs = []
+    for reference, overrides, out, figures in jobs:
+        with _job():
+            run_dirs.append(str(run_experiment(load_config(reference, list(overrides)), out,
+                                               figures=figures).run_dir))
+    return run_dirs
 
 
-def run_sweep_point(config) -> dict:
+def run_sweep_points(configs) -> list[dict]:
+    """:func:`run_sweep_point` for each config, one after the other (the points of one
+    program: it is traced and compiled once)."""
+    results = [run_sweep_point(config, clear=False) for config in configs]
+    _clear()
+    return results
+
+
+def _clear() -> None:
+    """Drop the finished points' models and compiled functions, or a worker that runs many
+    points grows by tens of MB per point."""
+    import gc
+
+    import keras
+
+    from gradtools import training
+
+    training._PROGRAMS.clear()
+    keras.backend.clear_session()
+    gc.collect()
+
+
+def run_sweep_point(config, clear: bool = True) -> dict:
     """Run one sweep point in a temporary directory; return its sweep.csv row and its run
     directory's files (name -> bytes), for the caller to write wherever the sweep lives.
     An error is returned as a failed row, never raised: one bad point must not stop a sweep."""
@@ -88,12 +114,6 @@ def run_sweep_point(config) -> dict:
                  for p in sorted(run_dir.rglob("*")) if p.is_file()} if run_dir.exists() else {}
     if failure is not None:
         files["traceback.txt"] = failure.encode()
-    # A worker runs many points: drop each point's models and compiled functions, or the
-    # process grows by tens of MB per point.
-    import gc
-
-    import keras
-
-    keras.backend.clear_session()
-    gc.collect()
+    if clear:
+        _clear()
     return {"row": row, "files": files}
