@@ -90,6 +90,20 @@ def epoch_loss(run: Run, which: str) -> float:
     return float(losses.iloc[-1] if which == "last" else losses.iloc[0])
 
 
+#: The article's other sources, by what they are (users have none of the files).
+SOURCES = {
+    "000": "the Machine Learning Mastery introduction to exploding gradients",
+    "001": "the blog post on causes and remedies",
+    "002": "the lecture notes on vanishing and exploding gradients",
+    "004": "the gradient-clipping explainer",
+}
+
+
+def _said_by(sources: str, claim: str) -> str:
+    """"<Sources>: <claim>" with the sources named by what they are."""
+    named = " and ".join(SOURCES.get(s.strip(), s.strip()) for s in sources.split(","))
+    return f"{named[0].upper()}{named[1:]}: {claim}"
+
 # --- the claims --------------------------------------------------------------------------------
 
 @dataclass
@@ -280,12 +294,12 @@ CLAIMS = [
     Claim(10, "Batch normalization and scaling the input data also help.",
           "the batchnorm variant and the sigmoid baseline with standardized inputs both reach a "
           "lower last-epoch loss than the baseline", _claim_10),
-    Claim(11, "Sources (000, 004): LSTM keeps the gradient alive through time where a SimpleRNN "
-          "loses it, and learns the long-range task where the SimpleRNN does not (adding problem, T = 50).",
+    Claim(11, _said_by("000, 004", "LSTM keeps the gradient alive through time where a SimpleRNN "
+          "loses it, and learns the long-range task where the SimpleRNN does not (adding problem, T = 50)."),
           "median over epochs of ‖∂L/∂h_1‖/‖∂L/∂h_T‖ of the LSTM ≥ 100× the SimpleRNN's "
           "(spectral radius 0.9); last-epoch loss < 0.05 for the LSTM and > 0.1 for the SimpleRNN",
           _claim_11, _note_11),
-    Claim(12, "Sources (000, 004): gradient clipping prevents an exploding RNN's divergence.",
+    Claim(12, _said_by("000, 004", "gradient clipping prevents an exploding RNN's divergence."),
           "the linear SimpleRNN at spectral radius 1.1 diverges; with clipnorm = 1.0 and with the "
           "global norm clipped to 1.0 it completes", _claim_12),
 ]
@@ -306,13 +320,13 @@ EXPLODING_REMEDIES = [
     (22, "clipnorm = 1.0", "000", "clipnorm"),
     (23, "clipvalue = 0.5", "000", "clipvalue"),
 ]
-CLAIMS += [Claim(n, f"Sources say {remedy} helps against vanishing gradients ({sources}).",
+CLAIMS += [Claim(n, _said_by(sources, f"{remedy} helps against vanishing gradients."),
                  _VANISHING_CRITERION, _vanishing_remedy(name))
            for n, remedy, sources, name in VANISHING_REMEDIES]
-CLAIMS.append(Claim(18, "Sources say residual (skip) connections make a deep sigmoid net trainable (001).",
+CLAIMS.append(Claim(18, _said_by("001", "residual (skip) connections make a deep sigmoid net trainable."),
                     _VANISHING_CRITERION + ", and a lower last-epoch loss",
                     _vanishing_remedy("residual", also_trainable=True)))
-CLAIMS += [Claim(n, f"Sources say {remedy} helps against exploding gradients ({sources}).",
+CLAIMS += [Claim(n, _said_by(sources, f"{remedy} helps against exploding gradients."),
                  _EXPLODING_CRITERION, _exploding_remedy(name))
            for n, remedy, sources, name in EXPLODING_REMEDIES]
 
