@@ -237,6 +237,20 @@ data.n_samples = 200
 training.seed = [1, 2, 3, 4]
 """
 
+#: Six programs (depths), each point long enough that a Ctrl-C lands while points are running.
+LONG_SWEEP = """
+[sweep]
+name = "long"
+base = "vanishing/sigmoid_baseline"
+
+[set]
+training.epochs = 30
+data.n_samples = 1000
+
+[grid]
+model.depth = [1, 2, 3, 4, 5, 6]
+"""
+
 
 def test_a_damaged_sweep_table_is_rebuilt_and_a_second_sweep_is_refused(tmp_path, capsys):
     from experiments.cli import main
@@ -266,9 +280,9 @@ def test_a_damaged_sweep_table_is_rebuilt_and_a_second_sweep_is_refused(tmp_path
 # --- Ctrl-C on commands that run many runs ------------------------------------------------------
 
 def test_ctrl_c_on_a_sweep_stops_within_seconds_keeps_finished_points_and_resumes(tmp_path):
-    (tmp_path / "tiny.toml").write_text(SWEEP)
-    process = start_cli(["sweep", "tiny.toml", "--workers", "2", "--out", "out", "--quiet"], tmp_path)
-    table = tmp_path / "out" / "sweeps" / "tiny" / "sweep.csv"
+    (tmp_path / "long.toml").write_text(LONG_SWEEP)
+    process = start_cli(["sweep", "long.toml", "--workers", "2", "--out", "out", "--quiet"], tmp_path)
+    table = tmp_path / "out" / "sweeps" / "long" / "sweep.csv"
     wait_for(lambda: table.is_file(), process, timeout=180, every=0.05)
     interrupted_at = time.time()
     process.send_signal(signal.SIGINT)
@@ -276,13 +290,13 @@ def test_ctrl_c_on_a_sweep_stops_within_seconds_keeps_finished_points_and_resume
     assert process.returncode == 130, stderr
     assert time.time() - interrupted_at < 15, "queued points are cancelled, not run"
     done = pd.read_csv(table)
-    assert len(done) < 4 and (done["status"] == "completed").all()
+    assert len(done) < 6 and (done["status"] == "completed").all()
     assert "Traceback" not in stderr
-    assert not list((tmp_path / "out" / "sweeps" / "tiny" / "points").glob("*.partial"))
+    assert not list((tmp_path / "out" / "sweeps" / "long" / "points").glob("*.partial"))
 
-    resumed = run_cli(["sweep", "tiny.toml", "--workers", "2", "--out", "out", "--quiet"], cwd=tmp_path)
+    resumed = run_cli(["sweep", "long.toml", "--workers", "2", "--out", "out", "--quiet"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{4 - len(done)} points run, {len(done)} already done" in resumed.stdout
+    assert f"{6 - len(done)} points run, {len(done)} already done" in resumed.stdout
 
 
 def test_ctrl_c_on_seed_runs_keeps_finished_runs_and_marks_none_failed(tmp_path):
