@@ -26,6 +26,23 @@ def run_cli(args, cwd, timeout=300, env=None, module="experiments", **kwargs):
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def start_cli(args, cwd, module="experiments", preexec_fn=None, **kwargs):
+    """``python -m experiments ...`` started in the background, as a terminal's foreground
+    process: Ctrl-C (SIGINT) reaches it even when the suite itself was started by a shell in
+    the background, whose children inherit SIGINT ignored."""
+    import signal
+    import subprocess
+
+    def prepare():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if preexec_fn is not None:
+            preexec_fn()
+
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, preexec_fn=prepare,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
 def exploding_relu_setup(seed=0, n=64, features=4):
     """Large ReLU weights (uniform in [4, 5]) regressing targets of scale ~400: diverges under
     SGD(0.01) within a few steps, like the article's exploding baseline."""

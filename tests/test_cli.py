@@ -60,17 +60,10 @@ def test_diverged_run_exits_0_with_its_result_recorded(tmp_path):
 
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_ends_the_run_as_interrupted(tmp_path, signum, exit_code):
-    import os
-    import subprocess
-    import sys
+    from conftest import start_cli
 
-    from conftest import REPO_ROOT
-
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "experiments", "run", "vanishing/sigmoid_baseline",
-         "--set", "training.epochs=100000", "--out", "runs", "--quiet"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_cli(["run", "vanishing/sigmoid_baseline", "--set", "training.epochs=100000",
+                         "--out", "runs", "--quiet"], cwd=tmp_path)
     deadline = time.time() + 120
     metrics = None
     while time.time() < deadline and process.poll() is None:

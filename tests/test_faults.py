@@ -6,24 +6,15 @@ is lost or left half-written."""
 
 import fcntl
 import json
-import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, run_cli
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-
-
-def start_cli(args, cwd, module="experiments", **kwargs):
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+from conftest import run_cli, start_cli
 
 
 def wait_for(condition, process, timeout=120, every=0.01):
