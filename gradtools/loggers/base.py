@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradtools.history import EARLY_END_STATUSES
@@ -14,6 +16,27 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from gradtools.history import History
+
+
+def flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """``{"training": {"epochs": 5}}`` → ``{"training.epochs": 5}``: a run table's columns.
+    None values are left out; lists and tuples become JSON text (``[10, 10, 5]``), other
+    values than bool, int, float and str their ``str``."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in params.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(flat_params(value, dotted))
+        elif isinstance(value, (list, tuple)):
+            flat[dotted] = json.dumps(list(value), default=str)
+        elif value is not None:
+            flat[dotted] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+class LoggerUnavailable(RuntimeError):
+    """A logger could not reach its backend when the run was set up: raised before training,
+    so nothing is lost. The message says what failed and what to check."""
 
 
 class RunLogger:
@@ -54,6 +77,9 @@ class RunLogger:
 
     def log_figure(self, name: str, figure: "Figure") -> None:
         """A matplotlib figure under ``name`` (e.g. ``mean_gradient``)."""
+
+    def log_file(self, path: "str | Path") -> None:
+        """A file that belongs to the run (the experiment suite sends its ``config.toml``)."""
 
     def finish(self, history: "History") -> None:
         """The run is over: ``history.status`` says how it ended."""

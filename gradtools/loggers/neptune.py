@@ -8,7 +8,6 @@ The hosted Neptune app shut down in March 2026: use ``offline`` mode (data in
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import warnings
@@ -17,12 +16,17 @@ from typing import Any
 
 import pandas as pd
 
-from gradtools.loggers.base import RunLogger
+from gradtools.extras import require
+from gradtools.loggers.base import LoggerUnavailable
+from gradtools.loggers.remote import RemoteRunLogger
+from gradtools.outcome import run_outcome
+
+neptune = require("neptune", extra="neptune", feature="NeptuneLogger")
 
 MODES = ("offline", "async", "sync", "debug", "read-only")
 
 
-class NeptuneUnavailable(RuntimeError):
+class NeptuneUnavailable(LoggerUnavailable):
     """Neptune could not be started: raised before training, so nothing is lost."""
 
 
@@ -57,7 +61,7 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-class NeptuneLogger(RunLogger):
+class NeptuneLogger(RemoteRunLogger):
     """Logs one run to Neptune with the real client.
 
     ``mode`` defaults to :func:`default_mode`; the project and API token come from Neptune's
@@ -68,16 +72,15 @@ class NeptuneLogger(RunLogger):
     lost.
     """
 
+    service = "Neptune"
+
     def __init__(self, *, name: str, description: str = "", tags: Sequence[str] = (),
                  mode: str | None = None, project: str | None = None):
-        import neptune
-
         self.name = name
         self.mode = mode or default_mode()
         if self.mode not in MODES:
             raise ValueError(f"Neptune mode {self.mode!r} is not one of {', '.join(MODES)}")
-        self._first_nonfinite_step: int | None = None
-        self._broken: str | None = None
+        super().__init__()
         try:
             self.run = neptune.init_run(
                 project=project, mode=self.mode, name=name, description=description,
@@ -93,43 +96,17 @@ class NeptuneLogger(RunLogger):
                 "later with `neptune sync`)"
             ) from None
 
-    def _guard(self, what: str, action) -> None:
-        if self._broken:
-            return
-        try:
-            action()
-        except Exception as error:  # noqa: BLE001 - a logging backend must not stop training
-            self._broken = f"{type(error).__name__}: {error}"
-            warnings.warn(f"Neptune failed while logging {what} ({self._broken}); the local run "
-                          "directory is complete, Neptune misses everything from here on",
-                          RuntimeWarning, stacklevel=3)
-
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._guard("parameters", lambda: self.run.__setitem__("parameters", _plain(params)))
 
     def log_rows(self, rows: pd.DataFrame) -> None:
-        steps = rows["step"].astype(int)
-        for column in rows.columns:
-            if column in ("step", "epoch", "batch"):
-                continue
-            values = rows[column].astype(float)
-            finite = values.map(math.isfinite)
-            if not finite.all():
-                self._note_nonfinite(int(steps[~finite].iloc[0]), column)
-            if finite.any():
-                self._guard(
-                    f"metrics/{column}",
-                    lambda c=column, v=values[finite], s=steps[finite]: self.run[f"metrics/{c}"].extend(
-                        v.tolist(), steps=s.tolist()),
-                )
+        for column, steps, values in self.finite_series(rows):
+            self._guard(f"metrics/{column}", lambda c=column, v=values, s=steps: self.run[f"metrics/{c}"].extend(
+                v, steps=s))
 
     def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Series ``epoch_metrics/<name>`` with the epoch (0-based) as the step."""
-        finite = {name: float(value) for name, value in metrics.items() if math.isfinite(value)}
-        if len(finite) < len(metrics):
-            skipped = next(name for name in metrics if name not in finite)
-            warnings.warn(f"epoch {epoch}: non-finite {skipped} (and any others) not sent to "
-                          "Neptune; state_gradients.csv keeps them", RuntimeWarning, stacklevel=2)
+        finite = self.finite_epoch_metrics(epoch, metrics)
 
         def append():
             for name, value in finite.items():
@@ -137,25 +114,26 @@ class NeptuneLogger(RunLogger):
 
         self._guard("epoch_metrics", append)
 
-    def _note_nonfinite(self, step: int, column: str) -> None:
-        if self._first_nonfinite_step is not None:
-            return
-        self._first_nonfinite_step = step
+    def on_first_nonfinite(self, step: int) -> None:
         self._guard("diagnostics", lambda: self.run.__setitem__("diagnostics/first_nonfinite_step", step))
-        warnings.warn(f"non-finite values from step {step} on ({column} first) are not sent to "
-                      "Neptune, which cannot store them; metrics.csv keeps them", RuntimeWarning,
-                      stacklevel=3)
 
     def log_figure(self, name: str, figure) -> None:
         from neptune.types import File
 
         self._guard(f"figures/{name}", lambda: self.run[f"figures/{name}"].upload(File.as_image(figure)))
 
+    def log_file(self, path) -> None:
+        """Uploaded under ``files/<file name without its suffix>``."""
+        from pathlib import Path
+
+        self._guard("files", lambda: self.run[f"files/{Path(path).stem}"].upload(str(path)))
+
     def finish(self, history) -> None:
-        self._guard("diagnostics", lambda: self.run.__setitem__("diagnostics/status", history.status))
-        if history.first_nonfinite_step is not None and self._first_nonfinite_step is None:
-            self._guard("diagnostics", lambda: self.run.__setitem__(
-                "diagnostics/first_nonfinite_step", history.first_nonfinite_step))
+        """``diagnostics/``: the status, the first non-finite step and the verdict."""
+        outcome = run_outcome(history)
+        entries = {key: outcome[key] for key in ("status", "first_nonfinite_step", "verdict")
+                   if outcome[key] is not None}
+        self._guard("diagnostics", lambda: self.run.__setitem__("diagnostics", entries))
         try:
             self.run.stop()
         except Exception as error:  # noqa: BLE001
