@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,distributed]'
+	$(PY) -m pip install --quiet -e '.[dev,experiments,neptune,mlflow,tensorboard,distributed]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -42,8 +42,9 @@ sweep: $(STAMP)  ## run configs/sweeps/$(SWEEP).toml: runs/sweeps/<name>/sweep.c
 compare: $(STAMP)  ## the article's two comparisons from the newest runs (after make figures)
 	$(PY) -m experiments compare $(ARGS)
 
-dashboard: $(STAMP)  ## TensorBoard on http://127.0.0.1:6006 for runs made with --logger tensorboard
-	$(PY) -m tensorboard.main --logdir runs --host 127.0.0.1 $(ARGS)
+UI ?= tensorboard
+dashboard: $(STAMP)  ## UI=mlflow: MLflow on http://127.0.0.1:5000; UI=tensorboard (default): http://127.0.0.1:6006
+	$(PY) -m experiments dashboard --ui $(UI) $(ARGS)
 
 # the linter, then two pytest workers, a test file each at a time (files share module-scoped runs)
 test: $(STAMP)

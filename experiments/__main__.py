@@ -1,6 +1,13 @@
 import sys
 
+from gradtools.extras import MissingExtra, require
 from gradtools.tf_startup import import_tensorflow_quietly
+
+try:
+    require("sklearn", extra="experiments", feature="The experiment suite (its datasets)")
+except MissingExtra as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
 
 import_tensorflow_quietly()
 

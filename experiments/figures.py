@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from experiments.config import ExperimentConfig
-from experiments.runner import Run, run_experiment
+from experiments.runner import NO_BACKENDS, Backends, Run, run_experiment
 from gradtools.plots import plot_comparison
 
 COMPARED_STAT = "layer_1/grad_abs_mean"
@@ -23,16 +23,14 @@ def group_comparison(runs: list[Run], group: str):
 
 
 def write_article_figures(configs: list[ExperimentConfig], runs_out: Path, figures_out: Path,
-                          loggers: Callable[[], list] = list, backends=(),
-                          neptune_mode=None) -> list[Path]:
+                          loggers: Callable[[], list] = list, backends: Backends = NO_BACKENDS) -> list[Path]:
     """Run each config, copy its mean-gradient figure to ``<group>_<name>.png`` and draw one
     comparison figure per group. Returns the figure paths."""
     figures_out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     by_group: dict[str, list[Run]] = {}
     for config in configs:
-        run = run_experiment(config, runs_out, loggers=loggers(), backends=backends,
-                             neptune_mode=neptune_mode)
+        run = run_experiment(config, runs_out, loggers=loggers(), backends=backends)
         by_group.setdefault(config.group, []).append(run)
         target = figures_out / f"{config.group}_{config.name}.png"
         shutil.copyfile(run.run_dir / "figures" / "mean_gradient.png", target)

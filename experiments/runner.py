@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,25 @@ def new_run_dir(out: Path, config: ExperimentConfig) -> Path:
 SUGGESTION_STEPS = 20
 
 #: Logger backends besides the run directory, by their --logger name.
-BACKENDS = ("neptune", "tensorboard")
+BACKENDS = ("neptune", "mlflow", "tensorboard")
+
+
+@dataclass(frozen=True)
+class Backends:
+    """Where runs are logged besides their run directories (``--logger`` and its options)."""
+
+    names: tuple[str, ...] = ()
+    neptune_mode: str | None = None
+    mlflow_every_row: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.names) - set(BACKENDS)
+        if unknown:
+            raise ValueError(f"unknown logger {sorted(unknown)[0]!r}; choose from {', '.join(BACKENDS)}")
+
+
+#: Logging to the run directory only.
+NO_BACKENDS = Backends()
 
 
 def article_figures(title: str):
@@ -58,8 +76,8 @@ def article_figures(title: str):
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
-                   loggers: list[RunLogger] = (), backends: Sequence[str] = (),
-                   neptune_mode: str | None = None, run_dir: str | Path | None = None,
+                   loggers: list[RunLogger] = (), backends: Backends = NO_BACKENDS,
+                   run_dir: str | Path | None = None,
                    figures: bool = True) -> Run:
     """Train ``config`` and write its run directory, logging also to ``backends``.
     Everything that can fail before training (data, model, reaching Neptune) happens before
@@ -71,16 +89,18 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
     x, y = make_dataset(config.data)
     model = build_model(config.model, input_shape=x.shape[1:])
     config, suggestion = _with_suggested_clip(config, model, x, y)
-    loggers = [*loggers, *_remote_loggers(config, backends, neptune_mode)]
+    loggers = [*loggers, *_remote_loggers(config, backends, Path(out))]
     run_dir = new_run_dir(Path(out), config) if run_dir is None else Path(run_dir)
     local = LocalRunLogger(run_dir, name=config.run_name, seed=config.seed)
     loggers = [local, *loggers]
-    if "tensorboard" in backends:
+    if "tensorboard" in backends.names:
         from gradtools.loggers.tensorboard import TensorBoardLogger
 
-        loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
+        loggers.append(TensorBoardLogger(run_dir / "tensorboard", name=f"{config.run_name}/{run_dir.name}"))
     for logger in loggers:
         logger.log_params(config.to_dict())
+    for logger in loggers[1:]:
+        logger.log_file(run_dir / "config.toml")
     history = gradtools.fit(model, x, y, optimizer=keras.optimizers.get(config.optimizer.keras_config()),
                             loggers=loggers, figures=article_figures(config.run_name) if figures else False,
                             **_fit_arguments(config))
@@ -116,14 +136,32 @@ def _with_suggested_clip(config: ExperimentConfig, model, x, y):
     return config.replace("training", clip_global_norm=suggestion.threshold), suggestion
 
 
-def _remote_loggers(config: ExperimentConfig, backends: Sequence[str], neptune_mode) -> list[RunLogger]:
-    """The loggers that must reach a service, started before the run directory exists."""
-    unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        raise ValueError(f"unknown logger {sorted(unknown)[0]!r}; choose from {', '.join(BACKENDS)}")
-    if "neptune" not in backends:
-        return []
-    from gradtools.loggers.neptune import NeptuneLogger
+def mlflow_store(out: Path) -> tuple[str, str | None]:
+    """The tracking URI and where new experiments keep their artifacts: MLflow's own
+    ``MLFLOW_TRACKING_URI`` (and its server's choice), else ``<out>/mlflow.db`` (and
+    ``<out>/mlflow-artifacts``)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], None
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{out / 'mlflow.db'}", (out / "mlflow-artifacts").as_uri()
 
-    return [NeptuneLogger(name=config.run_name, description=config.experiment.description,
-                          tags=list(config.experiment.tags), mode=neptune_mode)]
+
+def _remote_loggers(config: ExperimentConfig, backends: Backends, out: Path) -> list[RunLogger]:
+    """The loggers that must reach a service, started before the run directory exists."""
+    remote: list[RunLogger] = []
+    if "neptune" in backends.names:
+        from gradtools.loggers.neptune import NeptuneLogger
+
+        remote.append(NeptuneLogger(name=config.run_name, description=config.experiment.description,
+                                    tags=list(config.experiment.tags), mode=backends.neptune_mode))
+    if "mlflow" in backends.names:
+        from gradtools.loggers.mlflow import MLflowLogger
+
+        tracking_uri, artifact_location = mlflow_store(out)
+        remote.append(MLflowLogger(name=f"{config.name}-seed{config.seed}", experiment=config.group,
+                                   tracking_uri=tracking_uri, artifact_location=artifact_location,
+                                   tags=list(config.experiment.tags),
+                                   description=config.experiment.description,
+                                   rows_per_epoch=None if backends.mlflow_every_row else 1))
+    return remote

@@ -44,7 +44,7 @@ def run_seeds(reference: str, seeds: list[int], out: str | Path = "runs", overri
     ``<out>/<group>/<name>/seeds-<time>.csv`` and ``.png`` (the seeds' band) next to the run
     directories. Each run draws its own figures only with ``run_figures``."""
     configs = [load_config(reference, [*overrides, f"training.seed={seed}"]) for seed in seeds]
-    if run_options.get("backends"):
+    if run_options.get("backends") and run_options["backends"].names:
         runs = [run_experiment(config, out, loggers=loggers(), figures=run_figures, **run_options)
                 for config in configs]
     else:

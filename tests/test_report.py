@@ -1,24 +1,16 @@
 """Seeds, claims and the report, from one small set of real runs (1 seed, 5 epochs); the page
 is opened in real headless Chromium through its DevTools protocol."""
 
-import base64
 import json
 import re
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.request
 
 import pandas as pd
 import pytest
+from browser import CHROMIUM, visit
 from conftest import assert_drawn_png
 
 from experiments.claims import EXPERIMENTS
 from experiments.cli import main
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
 @pytest.fixture(scope="module")
@@ -83,68 +75,14 @@ def test_seeds_write_one_run_each_a_summary_and_a_band_figure(tmp_path, capsys):
     assert main(["run", "vanishing/shallow", "--seeds", "0", "--out", str(tmp_path)]) == 2
 
 
-def _free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary installed (.ci/run installs Debian's chromium)")
 def test_the_page_loads_in_headless_chromium_with_every_image_and_no_console_error(report_dir):
-    import websocket  # websocket-client, installed with neptune
-
-    page = report_dir / "index.html"
-    port = _free_port()
-    profile = tempfile.mkdtemp()
-    browser = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-         f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "--remote-allow-origins=*",
-         "--window-size=1280,2000", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        targets, deadline = None, time.time() + 60
-        while time.time() < deadline and not targets:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as answer:
-                    targets = [t for t in json.loads(answer.read()) if t["type"] == "page"]
-            except OSError:
-                time.sleep(0.3)
-        assert targets, "Chromium's DevTools endpoint did not come up"
-        socket_ = websocket.create_connection(targets[0]["webSocketDebuggerUrl"], timeout=60)
-        ids = iter(range(1, 10_000))
-        events = []
-
-        def call(method, **params):
-            message_id = next(ids)
-            socket_.send(json.dumps({"id": message_id, "method": method, "params": params}))
-            while True:
-                message = json.loads(socket_.recv())
-                if message.get("id") == message_id:
-                    return message.get("result", {})
-                events.append(message)
-
-        for domain in ("Page", "Runtime", "Log"):
-            call(f"{domain}.enable")
-        call("Page.navigate", url=page.resolve().as_uri())
-        while not any(e.get("method") == "Page.loadEventFired" for e in events):
-            events.append(json.loads(socket_.recv()))
-        widths = call("Runtime.evaluate", returnByValue=True,
-                      expression="Array.from(document.images).map(i => i.complete ? i.naturalWidth : -1)")
-        widths = widths["result"]["value"]
-        title = call("Runtime.evaluate", expression="document.title", returnByValue=True)["result"]["value"]
-        shot = call("Page.captureScreenshot", format="png")
-        socket_.close()
-    finally:
-        browser.terminate()
-        browser.wait(timeout=30)
-        shutil.rmtree(profile, ignore_errors=True)
-
-    errors = [e for e in events if e.get("method") == "Runtime.exceptionThrown"
-              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
-    assert errors == []
-    assert "measured" in title
+    page = visit((report_dir / "index.html").resolve().as_uri(), {
+        "widths": "Array.from(document.images).map(i => i.complete ? i.naturalWidth : -1)",
+        "title": "document.title"})
+    assert page.errors == []
+    assert "measured" in page.values["title"]
+    widths = page.values["widths"]
     recurrent = sum(reference.startswith("rnn/") for reference, _ in EXPERIMENTS.values())
     # two figures per experiment, a third (gradient through time) per recurrent one; no phase
     # diagram (its sweep was not run: the page says how to add it)
@@ -152,7 +90,7 @@ def test_the_page_loads_in_headless_chromium_with_every_image_and_no_console_err
     assert "make phase-diagram" in (report_dir / "index.html").read_text()
     assert all(w > 0 for w in widths), widths
     screenshot = report_dir / "screenshot.png"
-    screenshot.write_bytes(base64.b64decode(shot["data"]))
+    screenshot.write_bytes(page.screenshot)
     assert_drawn_png(screenshot)
 
 

@@ -61,8 +61,17 @@ def test_kernel_and_gradient_histograms_once_per_epoch(logged_run):
     assert "config" in tags and "status" in tags
 
 
-def test_the_tensorboard_server_lists_the_run(logged_run):
-    log_dir, _, _ = logged_run
+def hparams_session_groups(port):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups", headers={"Content-Type": "application/json"},
+        data=json.dumps({"experimentName": "", "startIndex": 0, "sliceSize": 100, "colParams": [],
+                         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"]}).encode())
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())["sessionGroups"]
+
+
+def test_the_tensorboard_server_lists_the_run_and_its_hparams_row(logged_run):
+    log_dir, history, _ = logged_run
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -84,6 +93,17 @@ def test_the_tensorboard_server_lists_the_run(logged_run):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/scalars/tags", timeout=10) as answer:
             scalar_tags = json.loads(answer.read())
         assert "layer_1/grad_abs_mean" in scalar_tags["run_a"]
+        groups = hparams_session_groups(port)
     finally:
         server.terminate()
         server.wait(timeout=30)
+    [group] = groups
+    assert group["name"] == str(log_dir)
+    assert group["hparams"]["training.epochs"] == 3
+    assert group["hparams"]["status"] == "completed"
+    assert group["hparams"]["verdict"] == gradtools.diagnose(history).verdict
+    values = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+    assert set(values) == {"outcome/final_loss", "outcome/weakest_depth_ratio", "outcome/first_to_last_ratio"}
+    assert values["outcome/final_loss"] == pytest.approx(history.metrics["loss"].iloc[-1], rel=1e-6)
+    layer_1, layer_2 = (history.metrics[f"layer_{k}/grad_abs_mean"].median() for k in (1, 2))
+    assert values["outcome/first_to_last_ratio"] == pytest.approx(layer_1 / layer_2, rel=1e-5)

@@ -3,7 +3,10 @@
 Every statistic is a scalar tagged with its ``metrics.csv`` column name; once per epoch each
 layer's kernel gradients (of the epoch's last step) and kernel weights are histograms,
 ``layer_k/kernel_gradient`` and ``layer_k/kernel``: the view in which a distribution
-collapsing to zero (vanishing) or spreading out (exploding) shows.
+collapsing to zero (vanishing) or spreading out (exploding) shows. At the end the run enters
+the HParams tab's table: its configuration (dotted keys), ``status`` and ``verdict`` as
+hyperparameters, and ``outcome/final_loss``, ``outcome/weakest_depth_ratio`` and
+``outcome/first_to_last_ratio`` as its metrics (see :mod:`gradtools.outcome`).
 """
 
 from __future__ import annotations
@@ -18,30 +21,34 @@ import pandas as pd
 import tensorflow as tf
 import tomli_w
 
-from gradtools.loggers.base import RunLogger
+from gradtools.extras import require
+from gradtools.loggers.base import RunLogger, flat_params
+from gradtools.outcome import OUTCOME_NUMBERS, run_outcome
+
+require("tensorboard", extra="tensorboard", feature="TensorBoardLogger")
+from tensorboard.plugins.hparams import api as hparams_api  # noqa: E402 - after the extra is known
+from tensorboard.plugins.scalar import metadata as scalar_metadata  # noqa: E402
 
 _NOT_SCALARS = ("step", "epoch", "batch")
 
 
 class TensorBoardLogger(RunLogger):
-    """Writes event files to ``log_dir`` (the suite uses ``<run dir>/tensorboard``)."""
+    """Writes event files to ``log_dir`` (the suite uses ``<run dir>/tensorboard``); ``name``
+    names the run in the HParams table (default: ``log_dir``)."""
 
     wants_gradients = True
 
-    def __init__(self, log_dir: str | Path):
-        try:
-            from tensorboard.plugins.scalar import metadata as scalar_metadata
-        except ImportError:
-            raise ImportError("TensorBoardLogger needs the tensorboard package, which TensorFlow "
-                              "2.21 no longer installs: pip install 'gradtools[dashboard]'") from None
+    def __init__(self, log_dir: str | Path, name: str | None = None):
         self._scalar_metadata = scalar_metadata.create_summary_metadata(display_name=None,
                                                                         description=None)
         self.log_dir = Path(log_dir)
+        self.name = name or str(self.log_dir)
         self.writer = tf.summary.create_file_writer(str(self.log_dir))
         self._write_scalars = None
         self._write_epoch_scalars = None
         self._kernel_paths: list[str] = []
         self._last_step = 0
+        self._params: dict[str, bool | int | float | str] = {}
 
     def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str],
               layer_blocks: list[str] | None = None) -> None:
@@ -50,6 +57,7 @@ class TensorBoardLogger(RunLogger):
     def log_params(self, params: Mapping[str, Any]) -> None:
         from gradtools.loggers.local import _toml_ready
 
+        self._params = flat_params(params)
         text = "```\n" + tomli_w.dumps(_toml_ready(params)) + "\n```"
         with self.writer.as_default():
             tf.summary.text("config", text, step=0)
@@ -108,7 +116,16 @@ class TensorBoardLogger(RunLogger):
             tf.summary.image(f"figures/{name}", image, step=self._last_step)
 
     def finish(self, history) -> None:
+        outcome = run_outcome(history)
+        labels = {key: str(outcome[key]) for key in ("status", "verdict")}
+        numbers = {f"outcome/{key}": outcome[key] for key in OUTCOME_NUMBERS if outcome[key] is not None}
         with self.writer.as_default():
             tf.summary.text("status", history.status, step=self._last_step)
+            for tag, value in numbers.items():
+                tf.summary.scalar(tag, value, step=self._last_step)
+            hparams_api.hparams_config(
+                hparams=[hparams_api.HParam(name) for name in [*self._params, *labels]],
+                metrics=[hparams_api.Metric(f"outcome/{key}") for key in OUTCOME_NUMBERS])
+            hparams_api.hparams({**self._params, **labels}, trial_id=self.name)
         self.writer.flush()
         self.writer.close()

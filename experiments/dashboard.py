@@ -1,0 +1,32 @@
+"""``python -m experiments dashboard``: serve the runs of ``--out`` in MLflow's UI or in
+TensorBoard, on the loopback interface only."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from experiments.config import ConfigError
+
+#: UI name -> default port.
+UIS = {"mlflow": 5000, "tensorboard": 6006}
+
+
+def server_command(ui: str, out: Path, port: int | None = None) -> list[str]:
+    """The command that serves ``out``: an ``mlflow server`` over ``<out>/mlflow.db`` (what
+    ``--logger mlflow`` writes unless ``MLFLOW_TRACKING_URI`` is set) with its artifacts, or
+    TensorBoard over the ``tensorboard`` folders of the run directories."""
+    if ui not in UIS:
+        raise ConfigError("--ui", "--ui", ui, f"must be one of {', '.join(UIS)}")
+    port = UIS[ui] if port is None else port
+    out = out.resolve()
+    if ui == "tensorboard":
+        return [sys.executable, "-m", "tensorboard.main", "--logdir", str(out), "--host", "127.0.0.1",
+                "--port", str(port)]
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    if mlflow is None:
+        raise ConfigError("--ui", "--ui", ui, "needs MLflow: pip install 'gradtools[mlflow]'")
+    return [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{out / 'mlflow.db'}",
+            "--artifacts-destination", str(out / "mlflow-artifacts")]

@@ -1,0 +1,195 @@
+"""MLflow: a run table with parameters, tags and verdicts side by side, and every series.
+
+One MLflow run per training run, in the MLflow experiment you name (the experiment suite uses
+one per config group):
+
+- metrics: every ``metrics.csv`` column under the same name (``loss``,
+  ``layer_1/grad_abs_mean``…) with the step as MLflow's step, sent in one batch after each
+  epoch: by default the epoch's last logged row (``rows_per_epoch=1``), which is what a chart
+  over a run's epochs needs; ``rows_per_epoch=None`` sends every row, so the series equal
+  ``metrics.csv``, at MLflow's speed (about 3,000 values a second into SQLite here: a
+  100-epoch run of the article's net has 280,000); the per-epoch numbers
+  (``layer_k/state_grad_norm/t<t>``) with the epoch as the step;
+- params: the configuration given to ``log_params``, flattened to dotted keys
+  (``training.epochs``);
+- tags: ``status``, ``first_nonfinite_step``, ``verdict`` (see :mod:`gradtools.outcome`) and the
+  tags given (each as ``<tag> = "true"``); the description as MLflow's note;
+- artifacts: the figures under ``figures/``, and any files passed to :meth:`log_file`.
+
+The store is the ``tracking_uri`` given, else MLflow's own ``MLFLOW_TRACKING_URI``, else
+MLflow's default. A server that cannot be reached raises :class:`MLflowUnavailable` when the
+logger is made (before training); a failure later warns once and training goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gradtools.extras import require
+from gradtools.history import EARLY_END_STATUSES
+from gradtools.loggers.base import LoggerUnavailable, flat_params
+from gradtools.loggers.remote import RemoteRunLogger
+from gradtools.outcome import run_outcome
+
+mlflow = require("mlflow", extra="mlflow", feature="MLflowLogger")
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402 - after the extra is known to be there
+
+#: Seconds to wait for an ``http(s)://`` tracking server to answer its health check.
+REACH_TIMEOUT = 10.0
+
+#: Seconds ``finish`` waits for the sender thread to hand MLflow what is left.
+FINISH_TIMEOUT = 120.0
+
+#: MLflow's longest parameter value; longer ones are cut (the full config is an artifact).
+MAX_PARAM_LENGTH = 6000
+
+
+class MLflowUnavailable(LoggerUnavailable):
+    """The MLflow store or server could not be used when the run was set up."""
+
+
+def check_reachable(tracking_uri: str, timeout: float = REACH_TIMEOUT) -> None:
+    """For a server URI, its ``/health`` endpoint must answer; a local store needs nothing."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise MLflowUnavailable(f"the MLflow server at {tracking_uri} cannot be reached ({reason}); "
+                                "start it (mlflow server) or set MLFLOW_TRACKING_URI to one that runs") from None
+
+
+def _experiment_id(client, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, creating it (another process may create it at the same moment)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+class MLflowLogger(RemoteRunLogger):
+    """Logs one run to MLflow (a SQLite file, a folder or a tracking server).
+
+    ``experiment`` is the MLflow experiment (created if absent, its artifacts stored at
+    ``artifact_location``, by default where the store or server puts them), ``name`` the
+    run's name. ``run_id`` is the MLflow run's id once the logger is made.
+    """
+
+    service = "MLflow"
+
+    def __init__(self, *, name: str, experiment: str, tracking_uri: str | None = None,
+                 tags: Sequence[str] = (), description: str = "", rows_per_epoch: int | None = 1,
+                 artifact_location: str | None = None):
+        super().__init__()
+        if rows_per_epoch is not None and rows_per_epoch < 1:
+            raise ValueError(f"rows_per_epoch must be None (every row) or an integer >= 1, not {rows_per_epoch!r}")
+        self.rows_per_epoch = rows_per_epoch
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+        check_reachable(self.tracking_uri)
+        run_tags = {tag: "true" for tag in tags}
+        if description:
+            run_tags["mlflow.note.content"] = description
+        try:
+            self.client = mlflow.MlflowClient(self.tracking_uri)
+            experiment_id = _experiment_id(self.client, experiment, artifact_location)
+            self.run_id = self.client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+        except Exception as error:  # the store raises many types; all mean "not started"
+            raise MLflowUnavailable(f"MLflow could not start a run in {self.tracking_uri}: "
+                                    f"{type(error).__name__}: {str(error)[:300]}") from None
+        self._figures_dir = Path(tempfile.mkdtemp(prefix="gradtools-mlflow-"))
+        self._queue: queue.Queue = queue.Queue()
+        self._sender = threading.Thread(target=self._send, name="gradtools-mlflow", daemon=True)
+        self._sender.start()
+
+    def _send(self) -> None:
+        """The sender thread: MLflow stores about 3,000 values a second, so it writes while
+        the next epochs train; the first failure warns and the rest is dropped."""
+        while (item := self._queue.get()) is not None:
+            self._guard(*item)
+
+    def _later(self, what: str, action) -> None:
+        self._queue.put((what, action))
+
+    def _batch(self, what: str, *, metrics=(), params=(), tags=()) -> None:
+        self._later(what, lambda: self.client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._batch("parameters", params=[Param(key, str(value)[:MAX_PARAM_LENGTH])
+                                          for key, value in flat_params(params).items()])
+
+    def log_rows(self, rows: pd.DataFrame) -> None:
+        now = int(time.time() * 1000)
+        self._batch("metrics", metrics=[Metric(column, value, now, step)
+                                        for column, steps, values in self.finite_series(self._sampled(rows))
+                                        for step, value in zip(steps, values)])
+
+    def _sampled(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Each epoch's ``rows_per_epoch`` rows, evenly spaced and ending with its last."""
+        if self.rows_per_epoch is None:
+            return rows
+        kept = []
+        for _, epoch in rows.groupby("epoch", sort=True):
+            count = min(self.rows_per_epoch, len(epoch))
+            positions = np.unique(np.round(np.linspace(len(epoch) - 1, 0, count)).astype(int))
+            kept.append(epoch.iloc[positions])
+        return pd.concat(kept)
+
+    def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        finite = self.finite_epoch_metrics(epoch, metrics)
+        self._batch("epoch metrics", metrics=[Metric(name, value, now, epoch) for name, value in finite.items()])
+
+    def on_first_nonfinite(self, step: int) -> None:
+        self._batch("tags", tags=[RunTag("first_nonfinite_step", str(step))])
+
+    def log_progress(self, *, epochs_completed: int, status: str) -> None:
+        self._batch("tags", tags=[RunTag("status", status), RunTag("epochs_completed", str(epochs_completed))])
+
+    def log_figure(self, name: str, figure) -> None:
+        path = self._figures_dir / f"{name}.png"
+        figure.savefig(path, dpi=100, format="png")  # here: a figure is not to be drawn by two threads
+        self._later(f"figures/{name}", lambda: self.client.log_artifact(self.run_id, str(path), "figures"))
+
+    def log_file(self, path: str | Path) -> None:
+        """An artifact at the top of the run's artifacts."""
+        self._later(f"artifact {Path(path).name}", lambda: self.client.log_artifact(self.run_id, str(path)))
+
+    def finish(self, history) -> None:
+        """Tags ``status``, ``first_nonfinite_step`` and ``verdict``; the MLflow run ends
+        FINISHED, or FAILED when the training ended early (interrupted, failed)."""
+        outcome = run_outcome(history)
+        self._batch("tags", tags=[RunTag(key, str(outcome[key]))
+                                  for key in ("status", "first_nonfinite_step", "verdict")
+                                  if outcome[key] is not None])
+        state = "FAILED" if history.status in EARLY_END_STATUSES else "FINISHED"
+        self._later("the run's end", lambda: self.client.set_terminated(self.run_id, status=state))
+        self._queue.put(None)
+        self._sender.join(FINISH_TIMEOUT)
+        if self._sender.is_alive():
+            warnings.warn(f"MLflow had not taken everything {FINISH_TIMEOUT:.0f} s after the run ended; "
+                          "what it took is kept, the run directory is complete", RuntimeWarning, stacklevel=2)
+        else:
+            shutil.rmtree(self._figures_dir, ignore_errors=True)

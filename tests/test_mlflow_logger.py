@@ -1,0 +1,238 @@
+"""MLflowLogger with real parts: a real ``mlflow server`` on a loopback port (started the way
+``make dashboard UI=mlflow`` starts it) read back through MLflow's REST API, its UI page in
+headless Chromium, a local SQLite store, an unreachable server and a failure mid-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from browser import CHROMIUM, free_port, visit
+from conftest import REPO_ROOT, assert_drawn_png, run_cli
+
+import gradtools
+from gradtools.loggers import LocalRunLogger, RunLogger
+from gradtools.loggers.mlflow import MLflowLogger, MLflowUnavailable
+
+
+@dataclass
+class Server:
+    url: str
+    root: Path
+
+    def get(self, route, **query):
+        with urllib.request.urlopen(f"{self.url}{route}?{urllib.parse.urlencode(query)}", timeout=30) as answer:
+            return answer.read()
+
+    def api(self, endpoint, body=None, **query):
+        if body is None:
+            return json.loads(self.get(f"/api/2.0/mlflow/{endpoint}", **query))
+        request = urllib.request.Request(f"{self.url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.loads(answer.read())
+
+    def run(self, experiment, run_name):
+        experiment_id = self.api("experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+        runs = self.api("runs/search", {"experiment_ids": [experiment_id],
+                                        "filter": f"attributes.run_name = '{run_name}'"})["runs"]
+        assert len(runs) == 1, runs
+        return runs[0]
+
+    def history(self, run_id, key):
+        points = self.api("metrics/get-history", run_id=run_id, metric_key=key, max_results=100_000)["metrics"]
+        points = sorted(points, key=lambda p: p["step"])
+        return [int(p["step"]) for p in points], [float(p["value"]) for p in points]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments", "dashboard", "--ui", "mlflow", "--out", str(root / "runs"),
+         "--port", str(port)], cwd=root, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.DEVNULL, stderr=(root / "server.log").open("w"), start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                assert process.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
+                time.sleep(0.5)
+        yield Server(url, root)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def logged_run(server, config, *options):
+    """``python -m experiments run`` logging to the server; the run directory."""
+    result = run_cli(["run", config, "--logger", "mlflow", "--out", "runs", "--quiet", *options],
+                     cwd=server.root, env={**os.environ, "MLFLOW_TRACKING_URI": server.url})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return server.root / next(line for line in result.stdout.splitlines() if line.startswith("run: "))[5:]
+
+
+def dotted(table, prefix=""):
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", json.dumps(value) if isinstance(value, list) else str(value)
+
+
+def by_key(entries):
+    return {entry["key"]: entry["value"] for entry in entries}
+
+
+def test_a_run_reads_back_with_params_tags_every_row_and_artifacts(server):
+    run_dir = logged_run(server, "vanishing/sigmoid_baseline", "--set", "training.epochs=3", "--mlflow-every-row")
+    run = server.run("vanishing", "sigmoid_baseline-seed42")
+    assert run["info"]["status"] == "FINISHED"
+    config = tomllib.loads((run_dir / "config.toml").read_text())
+    assert by_key(run["data"]["params"]) == dict(dotted(config))
+
+    info = json.loads((run_dir / "run.json").read_text())
+    tags = by_key(run["data"]["tags"])
+    assert tags["status"] == info["status"] == "completed"
+    assert tags["verdict"] == info["diagnosis"]["verdict"]
+    assert tags["mlflow.note.content"] == config["experiment"]["description"]
+    assert all(tags[tag] == "true" for tag in config["experiment"]["tags"])
+    assert "first_nonfinite_step" not in tags
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    measured = [c for c in metrics.columns if c not in ("step", "epoch", "batch")]
+    assert {m["key"] for m in run["data"]["metrics"]} == set(measured)
+    for column in measured:
+        steps, values = server.history(run["info"]["run_id"], column)
+        assert steps == metrics["step"].tolist(), column
+        # the statistics are float32; metrics.csv writes each as its shortest float32 text
+        np.testing.assert_array_equal(np.float32(values), np.float32(metrics[column]), column)
+
+    listed = {f["path"] for f in server.api("artifacts/list", run_id=run["info"]["run_id"])["files"]}
+    assert {"config.toml", "figures"} <= listed
+    figures = {f["path"] for f in server.api("artifacts/list", run_id=run["info"]["run_id"], path="figures")["files"]}
+    assert figures == {f"figures/{p.name}" for p in (run_dir / "figures").glob("*.png")}
+    assert server.get("/get-artifact", path="config.toml", run_uuid=run["info"]["run_id"]) == \
+        (run_dir / "config.toml").read_bytes()
+    figure = server.root / "mean_gradient.png"
+    figure.write_bytes(server.get("/get-artifact", path="figures/mean_gradient.png", run_uuid=run["info"]["run_id"]))
+    assert_drawn_png(figure, (7, 5))
+
+
+def test_by_default_each_epoch_sends_its_last_row(server):
+    run_dir = logged_run(server, "vanishing/sigmoid_baseline", "--set", "training.epochs=3", "--seed", "7")
+    run = server.run("vanishing", "sigmoid_baseline-seed7")
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    epoch_ends = metrics.groupby("epoch").tail(1)
+    for column in ("loss", "layer_1/grad_abs_mean", "layer_4/update_ratio"):
+        steps, values = server.history(run["info"]["run_id"], column)
+        assert steps == epoch_ends["step"].tolist() and len(steps) == 3
+        np.testing.assert_array_equal(np.float32(values), np.float32(epoch_ends[column]))
+
+
+def test_a_diverging_run_is_recorded_as_such_without_its_non_finite_values(server):
+    run_dir = logged_run(server, "exploding/relu_baseline", "--mlflow-every-row")
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "diverged"
+    run = server.run("exploding", "relu_baseline-seed42")
+    tags = by_key(run["data"]["tags"])
+    assert tags["status"] == "diverged" and tags["verdict"] == "exploding"
+    assert tags["first_nonfinite_step"] == str(info["first_nonfinite_step"])
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    finite = metrics[np.isfinite(metrics["loss"])]
+    assert len(finite) == len(metrics) - 1
+    steps, values = server.history(run["info"]["run_id"], "loss")
+    assert steps == finite["step"].tolist()
+    np.testing.assert_array_equal(np.float32(values), np.float32(finite["loss"]))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary installed (.ci/run installs Debian's chromium)")
+def test_the_mlflow_ui_lists_the_run_in_headless_chromium_without_console_errors(server):
+    logged_run(server, "vanishing/sigmoid_baseline", "--set", "training.epochs=2", "--seed", "3")
+    experiment_id = server.api("experiments/get-by-name", experiment_name="vanishing")["experiment"]["experiment_id"]
+    page = visit(f"{server.url}/#/experiments/{experiment_id}/runs",
+                 {"text": "document.body.innerText"},
+                 ready="document.body.innerText.includes('sigmoid_baseline-seed3')")
+    # The one error MLflow's own UI logs on every page: its probe for the optional
+    # authentication app (GET users/current, 404 when the server runs without it).
+    errors = [e for e in page.errors if not e.get("params", {}).get("entry", {}).get("url", "").endswith(
+        "/ajax-api/2.0/mlflow/users/current")]
+    assert errors == [], errors[:3]
+    assert "sigmoid_baseline-seed3" in page.values["text"]
+    shot = server.root / "mlflow_ui.png"
+    shot.write_bytes(page.screenshot)
+    assert_drawn_png(shot)
+
+
+def test_an_unreachable_server_fails_before_training_with_exit_2(tmp_path):
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_cli(["run", "vanishing/shallow", "--logger", "mlflow", "--out", "runs"], cwd=tmp_path,
+                     env={**os.environ, "MLFLOW_TRACKING_URI": address})
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: the MLflow server at " + address + " cannot be reached"), error
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists(), "no run directory when the run never started"
+
+
+def test_a_local_store_and_a_failure_mid_run_that_warns_once(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLflowLogger(name="toy-seed0", experiment="toy", tracking_uri=uri,
+                          artifact_location=(tmp_path / "artifacts").as_uri())
+
+    class DeleteTheRunAfterFirstEpoch(RunLogger):
+        """Deletes the MLflow run under the logger's feet: MLflow refuses every later write."""
+
+        def log_rows(self, rows):
+            pass
+
+        def log_epoch_end(self, epoch, model, kernel_gradients=None):
+            if epoch == 0:
+                logger.client.delete_run(logger.run_id)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 2)).astype(np.float32)
+    y = x.sum(axis=1).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    local = LocalRunLogger(tmp_path / "run", name="toy")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = gradtools.fit(model, x, y, loss="mse", optimizer="sgd", epochs=3, batch_size=8,
+                                loggers=[logger, DeleteTheRunAfterFirstEpoch(), local])
+    assert history.status == "completed" and history.epochs_completed == 3
+    failures = [w for w in caught if "MLflow failed while logging" in str(w.message)]
+    assert len(failures) == 1, [str(w.message) for w in caught]
+    assert "local run directory is complete" in str(failures[0].message)
+    assert len(gradtools.History.from_run_dir(tmp_path / "run").metrics) == 12
+
+
+def test_a_bad_store_fails_when_the_logger_is_made(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(MLflowUnavailable, match="MLflow could not start a run in"):
+        MLflowLogger(name="x", experiment="x", tracking_uri=f"sqlite:///{tmp_path / 'file' / 'db'}")
+
+
+def test_the_dashboard_refuses_an_unknown_ui_with_exit_2(capsys):
+    from experiments.cli import main
+
+    assert main(["dashboard", "--ui", "grafana"]) == 2
+    assert "mlflow, tensorboard" in capsys.readouterr().err
