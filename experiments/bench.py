@@ -10,6 +10,10 @@ measured in one process on the same data.
 Then the wall time of ``make figures``, and sweep throughput (points per minute) for the
 local executor with 1 and 2 workers and for Ray on this machine.
 
+With ``--from-nothing``, the long commands' wall times from nothing (an empty XLA cache, no
+runs), each against its target: a 100-epoch run against plain ``model.fit`` (cold and warm
+cache, compilation included), the phase diagram, the claims over 3 seeds and the report.
+
 Each time is the median over epochs after the first (the first includes tracing).
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -188,6 +193,68 @@ def time_sweeps() -> None:
               f"({seconds:.1f} s)", flush=True)
 
 
+def _command_seconds(arguments: list[str], cache: Path, scratch: Path) -> float:
+    """Wall time of ``python -m experiments <arguments>`` with its XLA cache in ``cache``."""
+    repo = Path(__file__).resolve().parent.parent
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "experiments", *arguments], check=True, cwd=scratch,
+                   stdout=subprocess.DEVNULL,
+                   env={**os.environ, "PYTHONPATH": str(repo), "GRADTOOLS_XLA_CACHE": str(cache)})
+    return time.perf_counter() - started
+
+
+def _fit_seconds(run_dir_parent: Path) -> float:
+    """The training wall time (``wall_seconds``, compilation included) of the newest run."""
+    import json
+
+    newest = max(run_dir_parent.glob("*/run.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(newest.read_text())["wall_seconds"]
+
+
+def _target(name: str, measured: float, target: float, unit: str = "s") -> None:
+    verdict = "met" if measured <= target else "NOT met"
+    print(f"  {name:58s} {measured:8.2f} {unit:2s} (target <= {target:g} {unit}: {verdict})", flush=True)
+
+
+def time_from_nothing() -> None:
+    """The long commands from an empty cache and no runs, against the targets."""
+    import tempfile
+
+    print("From nothing (empty XLA cache, no runs; wall time of each command):", flush=True)
+    plain = _model_fit_seconds(100)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        cache, runs = scratch / "xla", scratch / "runs"
+        arguments = ["run", EXPERIMENT, "--quiet", "--out", str(runs)]
+        _command_seconds(arguments, cache, scratch)
+        cold = _fit_seconds(runs / EXPERIMENT)
+        _command_seconds(arguments, cache, scratch)
+        warm = _fit_seconds(runs / EXPERIMENT)
+        print(f"  plain model.fit, 100 epochs (compilation included): {plain:.2f} s", flush=True)
+        _target("run-experiment fit / model.fit, cold cache", cold / plain, 0.25, "x")
+        _target("run-experiment fit / model.fit, warm cache", warm / plain, 0.1, "x")
+        for name, arguments, target in (
+                ("python -m experiments phase-diagram", ["phase-diagram", "--quiet"], 120),
+                ("python -m experiments claims --seeds 3", ["claims", "--seeds", "3", "--quiet"], 120)):
+            for folder in (cache, runs):
+                shutil.rmtree(folder, ignore_errors=True)
+            _target(name, _command_seconds([*arguments, "--out", str(runs)], cache, scratch), target)
+        for folder in (cache, runs):
+            shutil.rmtree(folder, ignore_errors=True)
+        report = (_command_seconds(["phase-diagram", "--quiet", "--out", str(runs)], cache, scratch)
+                  + _command_seconds(["report", "--quiet", "--out", str(runs)], cache, scratch))
+        _target("make report (phase-diagram, then report)", report, 300)
+
+
+def _model_fit_seconds(epochs: int) -> float:
+    """Plain ``model.fit`` on the same data, first call included (its compilation)."""
+    x, y, model, optimizer = _setup()
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
+    started = time.perf_counter()
+    model.fit(x, y, batch_size=32, epochs=epochs, shuffle=True, verbose=0)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--article-epochs", type=int, default=4, help="epochs for (a) (default 4)")
     parser.add_argument("--skip-figures", action="store_true", help="do not time make figures")
     parser.add_argument("--skip-sweeps", action="store_true", help="do not time the sweep executors")
+    parser.add_argument("--from-nothing", action="store_true",
+                        help="also time the long commands from an empty cache against their targets "
+                        "(about 10 minutes)")
     args = parser.parse_args(argv)
 
     print(f"Per-epoch wall time on {EXPERIMENT} (3000 examples, batch 32: 94 steps per epoch), "
@@ -215,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{time_make_figures():.1f} s", flush=True)
     if not args.skip_sweeps:
         time_sweeps()
+    if args.from_nothing:
+        time_from_nothing()
     return 0
 
 
