@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,20 @@ def flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, bool |
         elif value is not None:
             flat[dotted] = value if isinstance(value, (bool, int, float, str)) else str(value)
     return flat
+
+
+#: Resolution of every logged figure.
+FIGURE_DPI = 100
+_rendered: "weakref.WeakKeyDictionary[Figure, bytes]" = weakref.WeakKeyDictionary()
+
+
+def figure_png(figure: "Figure") -> bytes:
+    """The figure as PNG bytes, rendered once however many loggers take it."""
+    if figure not in _rendered:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, dpi=FIGURE_DPI, format="png")
+        _rendered[figure] = buffer.getvalue()
+    return _rendered[figure]
 
 
 class LoggerUnavailable(RuntimeError):

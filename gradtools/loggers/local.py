@@ -28,7 +28,7 @@ import pandas as pd
 import tomli_w
 
 from gradtools.history import FINAL_STATUSES, RUNNING, STATE_GRADIENTS_FILE
-from gradtools.loggers.base import RunLogger
+from gradtools.loggers.base import RunLogger, figure_png
 
 
 def library_versions() -> dict[str, str]:
@@ -145,7 +145,7 @@ class LocalRunLogger(RunLogger):
 
     def log_figure(self, name: str, figure) -> None:
         _write_atomically(self.run_dir / "figures" / f"{name}.png",
-                          lambda path: figure.savefig(path, dpi=100, format="png"))
+                          lambda path: path.write_bytes(figure_png(figure)))
 
     def finish(self, history) -> None:
         """The final entries of run.json. The status itself was written by the last

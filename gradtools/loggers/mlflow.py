@@ -41,7 +41,7 @@ import pandas as pd
 
 from gradtools.extras import require
 from gradtools.history import EARLY_END_STATUSES
-from gradtools.loggers.base import LoggerUnavailable, flat_params
+from gradtools.loggers.base import LoggerUnavailable, figure_png, flat_params
 from gradtools.loggers.remote import RemoteRunLogger
 from gradtools.outcome import run_outcome
 
@@ -53,6 +53,11 @@ REACH_TIMEOUT = 10.0
 
 #: Seconds ``finish`` waits for the sender thread to hand MLflow what is left.
 FINISH_TIMEOUT = 120.0
+
+#: Metrics and tags are gathered and handed to the sender at most this often (each hand-off
+#: is one commit of MLflow's store), or when a batch is full.
+FLUSH_SECONDS = 2.0
+BATCH_SIZE = 1000
 
 #: MLflow's longest parameter value; longer ones are cut (the full config is an artifact).
 MAX_PARAM_LENGTH = 6000
@@ -119,6 +124,9 @@ class MLflowLogger(RemoteRunLogger):
         except Exception as error:  # the store raises many types; all mean "not started"
             raise MLflowUnavailable(f"MLflow could not start a run in {self.tracking_uri}: "
                                     f"{type(error).__name__}: {str(error)[:300]}") from None
+        self._metrics: list[Metric] = []
+        self._tags: dict[str, str] = {}
+        self._flushed_at = time.monotonic()
         self._figures_dir = Path(tempfile.mkdtemp(prefix="gradtools-mlflow-"))
         self._queue: queue.Queue = queue.Queue()
         self._sender = threading.Thread(target=self._send, name="gradtools-mlflow", daemon=True)
@@ -136,15 +144,28 @@ class MLflowLogger(RemoteRunLogger):
     def _batch(self, what: str, *, metrics=(), params=(), tags=()) -> None:
         self._later(what, lambda: self.client.log_batch(self.run_id, metrics=metrics, params=params, tags=tags))
 
+    def _gather(self, metrics=(), **tags: str) -> None:
+        """Keep ``metrics`` and the newest value of each tag; hand them over when due."""
+        self._metrics.extend(metrics)
+        self._tags.update(tags)
+        if len(self._metrics) >= BATCH_SIZE or time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
+            self._flush()
+
+    def _flush(self) -> None:
+        metrics, tags = self._metrics, [RunTag(key, value) for key, value in self._tags.items()]
+        self._metrics, self._tags, self._flushed_at = [], {}, time.monotonic()
+        if metrics or tags:
+            self._batch("metrics and tags", metrics=metrics, tags=tags)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._batch("parameters", params=[Param(key, str(value)[:MAX_PARAM_LENGTH])
                                           for key, value in flat_params(params).items()])
 
     def log_rows(self, rows: pd.DataFrame) -> None:
         now = int(time.time() * 1000)
-        self._batch("metrics", metrics=[Metric(column, value, now, step)
-                                        for column, steps, values in self.finite_series(self._sampled(rows))
-                                        for step, value in zip(steps, values)])
+        self._gather([Metric(column, value, now, step)
+                      for column, steps, values in self.finite_series(self._sampled(rows))
+                      for step, value in zip(steps, values)])
 
     def _sampled(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Each epoch's ``rows_per_epoch`` rows, evenly spaced and ending with its last."""
@@ -160,17 +181,17 @@ class MLflowLogger(RemoteRunLogger):
     def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
         finite = self.finite_epoch_metrics(epoch, metrics)
-        self._batch("epoch metrics", metrics=[Metric(name, value, now, epoch) for name, value in finite.items()])
+        self._gather([Metric(name, value, now, epoch) for name, value in finite.items()])
 
     def on_first_nonfinite(self, step: int) -> None:
-        self._batch("tags", tags=[RunTag("first_nonfinite_step", str(step))])
+        self._gather(first_nonfinite_step=str(step))
 
     def log_progress(self, *, epochs_completed: int, status: str) -> None:
-        self._batch("tags", tags=[RunTag("status", status), RunTag("epochs_completed", str(epochs_completed))])
+        self._gather(status=status, epochs_completed=str(epochs_completed))
 
     def log_figure(self, name: str, figure) -> None:
         path = self._figures_dir / f"{name}.png"
-        figure.savefig(path, dpi=100, format="png")  # here: a figure is not to be drawn by two threads
+        path.write_bytes(figure_png(figure))
         self._later(f"figures/{name}", lambda: self.client.log_artifact(self.run_id, str(path), "figures"))
 
     def log_file(self, path: str | Path) -> None:
@@ -181,9 +202,9 @@ class MLflowLogger(RemoteRunLogger):
         """Tags ``status``, ``first_nonfinite_step`` and ``verdict``; the MLflow run ends
         FINISHED, or FAILED when the training ended early (interrupted, failed)."""
         outcome = run_outcome(history)
-        self._batch("tags", tags=[RunTag(key, str(outcome[key]))
-                                  for key in ("status", "first_nonfinite_step", "verdict")
-                                  if outcome[key] is not None])
+        self._gather(**{key: str(outcome[key]) for key in ("status", "first_nonfinite_step", "verdict")
+                        if outcome[key] is not None})
+        self._flush()
         state = "FAILED" if history.status in EARLY_END_STATUSES else "FINISHED"
         self._later("the run's end", lambda: self.client.set_terminated(self.run_id, status=state))
         self._queue.put(None)

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from gradtools.extras import require
-from gradtools.loggers.base import LoggerUnavailable
+from gradtools.loggers.base import LoggerUnavailable, figure_png
 from gradtools.loggers.remote import RemoteRunLogger
 from gradtools.outcome import run_outcome
 
@@ -120,7 +120,8 @@ class NeptuneLogger(RemoteRunLogger):
     def log_figure(self, name: str, figure) -> None:
         from neptune.types import File
 
-        self._guard(f"figures/{name}", lambda: self.run[f"figures/{name}"].upload(File.as_image(figure)))
+        self._guard(f"figures/{name}", lambda: self.run[f"figures/{name}"].upload(
+            File.from_content(figure_png(figure), extension="png")))
 
     def log_file(self, path) -> None:
         """Uploaded under ``files/<file name without its suffix>``."""

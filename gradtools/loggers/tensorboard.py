@@ -11,7 +11,6 @@ hyperparameters, and ``outcome/final_loss``, ``outcome/weakest_depth_ratio`` and
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import tensorflow as tf
 import tomli_w
 
 from gradtools.extras import require
-from gradtools.loggers.base import RunLogger, flat_params
+from gradtools.loggers.base import RunLogger, figure_png, flat_params
 from gradtools.outcome import OUTCOME_NUMBERS, run_outcome
 
 require("tensorboard", extra="tensorboard", feature="TensorBoardLogger")
@@ -109,9 +108,7 @@ class TensorBoardLogger(RunLogger):
                                              step=self._last_step)
 
     def log_figure(self, name: str, figure) -> None:
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=80)
-        image = tf.image.decode_png(buffer.getvalue(), channels=4)[tf.newaxis]
+        image = tf.image.decode_png(figure_png(figure), channels=4)[tf.newaxis]
         with self.writer.as_default():
             tf.summary.image(f"figures/{name}", image, step=self._last_step)
 
