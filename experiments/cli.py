@@ -442,6 +442,9 @@ def command_dashboard(args) -> int:
     command = server_command(args.ui, Path(args.out), args.port)
     url = f"http://127.0.0.1:{args.port or UIS[args.ui]}"
     print(f"serving {Path(args.out).resolve()} in {args.ui} at {url} (Ctrl-C stops it)", flush=True)
+    if args.ui == "mlflow" and not (Path(args.out) / "mlflow.db").exists():
+        print(f"note: {Path(args.out) / 'mlflow.db'} does not exist yet, so the run table starts empty: "
+              "log runs with --logger mlflow", flush=True)
     try:
         return subprocess.run(command).returncode
     except KeyboardInterrupt:
