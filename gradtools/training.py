@@ -315,6 +315,9 @@ class Recorder:
         self.state_rows: list[dict[str, float]] = []
         self.status, self.first_nonfinite_step, self.epochs_completed = COMPLETED, None, 0
         self.started = time.perf_counter()
+        # loggers that look at the model after each epoch need its values then; else at the end
+        self.model_each_epoch = any(type(logger).log_epoch_end is not RunLogger.log_epoch_end
+                                    for logger in self.loggers)
 
     def history(self) -> History:
         metrics = pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame(columns=self.step.columns)
@@ -333,15 +336,19 @@ class Recorder:
                 radii = through_time.spectral_radii(self.step.traced)
                 with _quiet_first_trace(epoch == 0):
                     results = run_epoch(tf.constant(epoch, tf.int64), seed)
-                self._hand_back()
+                if self.model_each_epoch:
+                    self._hand_back()
                 if self.record_epoch(epoch, epochs, radii, *results):
                     break
+            self._hand_back()
         except KeyboardInterrupt:
             self.status = INTERRUPTED
+            self._hand_back()
             end_run_after_error(self.loggers, self.history(), self.figures)
             raise
         except Exception as error:
             self.status = FAILED
+            self._hand_back()
             if jit_compile and not self.frames:
                 error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
                                "an op of this model, call it with jit_compile=False")
@@ -353,7 +360,8 @@ class Recorder:
 
     def _hand_back(self) -> None:
         """When the compiled program was traced with another model of the same structure,
-        the caller's model and optimizer get its values after each epoch."""
+        the caller's model and optimizer get its values: after each epoch when a logger looks
+        at the model then, and when training ends however it ends."""
         copy_values(self.step.model.variables, self.model.variables)
         copy_values(self.step.optimizer.variables, self.optimizer.variables)
 

@@ -156,6 +156,17 @@ def dropout_mlp(seed):
                              keras.layers.Dense(1, name="head")], name="reused")
 
 
+class HeadEachEpoch(gradtools.loggers.RunLogger):
+    def __init__(self):
+        self.kernels = []
+
+    def log_rows(self, rows):
+        pass
+
+    def log_epoch_end(self, epoch, model, kernel_gradients=None):
+        self.kernels.append(model.get_layer("head").kernel.numpy().copy())
+
+
 def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the_same_numbers():
     from gradtools import training
 
@@ -165,14 +176,20 @@ def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the
     first = dropout_mlp(0)
     gradtools.fit(first, x, y, optimizer=keras.optimizers.Adam(0.01), seed=0, **options)
     assert len(training._PROGRAMS) == 1
-    second = dropout_mlp(1)
-    reused = gradtools.fit(second, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, **options)
+    second, seen_reused = dropout_mlp(1), HeadEachEpoch()
+    reused = gradtools.fit(second, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, loggers=[seen_reused],
+                           **options)
     assert len(training._PROGRAMS) == 1, "the same program: traced and compiled once"
     assert next(iter(training._PROGRAMS.values())).step.model is first
 
     training._PROGRAMS.clear()  # the same run, traced afresh
-    fresh_model = dropout_mlp(1)
-    fresh = gradtools.fit(fresh_model, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, **options)
+    fresh_model, seen_fresh = dropout_mlp(1), HeadEachEpoch()
+    fresh = gradtools.fit(fresh_model, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, loggers=[seen_fresh],
+                          **options)
     pd.testing.assert_frame_equal(reused.metrics, fresh.metrics, check_exact=True)
+    # a logger that looks at the model after each epoch sees the caller's model trained so far
+    assert len(seen_reused.kernels) == 2
+    for a, b in zip(seen_reused.kernels, seen_fresh.kernels):
+        np.testing.assert_array_equal(a, b)
     for a, b in zip(second.variables, fresh_model.variables):  # the caller's model is trained
         np.testing.assert_array_equal(a.numpy(), b.numpy())
