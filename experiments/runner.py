@@ -99,8 +99,8 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
         loggers.append(TensorBoardLogger(run_dir / "tensorboard", name=f"{config.run_name}/{run_dir.name}"))
     for logger in loggers:
         logger.log_params(config.to_dict())
-    for logger in loggers[1:]:
-        logger.log_file(run_dir / "config.toml")
+        if logger is not local:  # the run directory's own config.toml, for the others
+            logger.log_file(run_dir / "config.toml")
     history = gradtools.fit(model, x, y, optimizer=keras.optimizers.get(config.optimizer.keras_config()),
                             loggers=loggers, figures=article_figures(config.run_name) if figures else False,
                             **_fit_arguments(config))
