@@ -150,6 +150,9 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
     The examples are arguments, not constants: other data of the same shapes reuses it."""
     n_values = len(step.columns) - 3  # step, epoch and batch are filled in on the Python side
     n_full, remainder = divmod(data.n_examples, data.batch_size)
+    # Only the epoch's loop needs AutoGraph; the step is traced as written, as model.fit
+    # traces its own (converting Keras's layers op by op would double the tracing time).
+    run_step = tf.autograph.experimental.do_not_convert(step)
 
     @tf.function(jit_compile=jit_compile)
     def run_epoch(epoch, shuffle_seed, x, y):
@@ -158,14 +161,14 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
         tally = _EpochTally.empty(step, data.n_batches, n_values)
         stopped = tf.constant(False)
         for b in tf.range(n_full):
-            tally = tally.add(b, step(x_full[b], y_full[b]))
+            tally = tally.add(b, run_step(x_full[b], y_full[b]))
             if stop_on_nonfinite:
                 stopped = tf.logical_not(tally.last_finite)
                 if stopped:
                     break
         if remainder:
             if tf.logical_not(stopped):
-                tally = tally.add(tf.constant(n_full), step(x_last, y_last))
+                tally = tally.add(tf.constant(n_full), run_step(x_last, y_last))
         return tally.results()
 
     return run_epoch
