@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from conftest import assert_drawn_png, run_cli
 
+from experiments.cli import main
 from gradtools.columns import metric_columns
 
 RUN_JSON_KEYS = {"experiment", "seed", "status", "first_nonfinite_step", "epochs_completed",
@@ -20,10 +21,9 @@ def run_dir_from(stdout: str, cwd):
     return cwd / lines[0][len("run: "):]
 
 
-def test_run_writes_the_whole_contract_and_is_deterministic(tmp_path):
+def test_run_writes_the_whole_contract_and_is_deterministic(tmp_path, capsys, monkeypatch):
     args = ["run", "vanishing/sigmoid_baseline", "--set", "training.epochs=2", "--quiet"]
     first = run_cli(args + ["--out", "a"], cwd=tmp_path)
-    second = run_cli(args + ["--out", "b"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     run_dir = run_dir_from(first.stdout, tmp_path)
     assert run_dir.parent == tmp_path / "a" / "vanishing" / "sigmoid_baseline"
@@ -43,18 +43,24 @@ def test_run_writes_the_whole_contract_and_is_deterministic(tmp_path):
     summary = first.stdout
     assert "completed" in summary and "layer_1" in summary and "mean_gradient.png" in summary
 
-    again = run_dir_from(second.stdout, tmp_path)
+    # the same command again, in this process: another process, the same bytes
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(args + ["--out", "b"]) == 0
+    again = run_dir_from(capsys.readouterr().out, tmp_path)
+    assert again.parent == tmp_path / "b" / "vanishing" / "sigmoid_baseline"
     assert (again / "metrics.csv").read_bytes() == (run_dir / "metrics.csv").read_bytes()
 
 
-def test_diverged_run_exits_0_with_its_result_recorded(tmp_path):
-    result = run_cli(["run", "exploding/relu_baseline", "--out", "runs", "--quiet"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    run_dir = run_dir_from(result.stdout, tmp_path)
+def test_diverged_run_exits_0_with_its_result_recorded(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "exploding/relu_baseline", "--out", "runs", "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    run_dir = run_dir_from(stdout, tmp_path)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "diverged"
     assert info["first_nonfinite_step"] == pd.read_csv(run_dir / "metrics.csv")["step"].iloc[-1]
-    assert "non-finite at step" in result.stdout
+    assert "non-finite at step" in stdout
     assert_drawn_png(run_dir / "figures" / "mean_gradient.png", (7, 5))
 
 
@@ -82,8 +88,8 @@ def test_ctrl_c_or_sigterm_ends_the_run_as_interrupted(tmp_path, signum, exit_co
     assert "interrupted" in stderr
 
 
-def test_list_shows_every_config_with_its_description(tmp_path):
-    result = run_cli(["list"], cwd=tmp_path)
-    assert result.returncode == 0
-    assert "vanishing/sigmoid_baseline" in result.stdout and "exploding/relu_baseline" in result.stdout
-    assert "Adam(learning_rate=0.008)" in result.stdout
+def test_list_shows_every_config_with_its_description(capsys):
+    assert main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "vanishing/sigmoid_baseline" in listed and "exploding/relu_baseline" in listed
+    assert "Adam(learning_rate=0.008)" in listed

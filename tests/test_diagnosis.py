@@ -1,5 +1,6 @@
-"""gradtools.diagnose on runs built to be vanishing, exploding (with and without NaN) and healthy,
-and on the article's nets (the gallery of real architectures is in test_gallery.py)."""
+"""gradtools.diagnose on runs built to be vanishing, exploding (with and without NaN) and healthy
+(the article's nets are judged in test_report.py, on the report's runs; the gallery of real
+architectures is in test_gallery.py)."""
 
 import json
 import os
@@ -8,7 +9,6 @@ import sys
 
 import keras
 import numpy as np
-import pytest
 from conftest import REPO_ROOT, exploding_relu_setup
 from sklearn.datasets import make_moons
 
@@ -113,35 +113,3 @@ def test_run_json_and_the_command_line_carry_the_diagnosis(tmp_path):
     plain = subprocess.run([sys.executable, "-m", "gradtools", "diagnose", str(tmp_path)],
                            env=env, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 2 and "not a run directory" in plain.stderr
-
-
-def test_the_suite_writes_the_diagnosis_into_run_json(tmp_path):
-    from experiments.config import load_config
-    from experiments.runner import run_experiment
-
-    run = run_experiment(load_config("vanishing_remedies/deep_sigmoid", ["training.epochs=2"]), tmp_path)
-    info = json.loads((run.run_dir / "run.json").read_text())
-    assert info["diagnosis"]["verdict"] == "vanishing"
-    assert info["layer_blocks"] == [f"hidden_{k}" for k in range(1, 9)] + ["output"]
-    first = info["diagnosis"]["layers"][0]
-    assert first["path"] == "hidden_1/kernel" and first["block"] == "hidden_1"
-    assert first["numbers"]["depth_ratio_first_epoch"] < VANISHING_RATIO
-    assert diagnose(run.run_dir).verdict == "vanishing", "the same verdict read back from disk"
-
-
-@pytest.mark.parametrize("name, epochs, expected", [
-    ("vanishing/relu", 5, "healthy"),
-    ("vanishing/adam", 5, "healthy"),
-    ("exploding/relu_baseline", 5, "exploding"),
-    ("exploding/glorot_tanh", 5, "healthy"),
-    ("exploding/grad_clipping", 5, "healthy"),
-])
-def test_the_articles_nets_keep_defensible_verdicts(tmp_path, name, epochs, expected):
-    """ReLU and Adam fix the sigmoid net, the exploding baseline explodes, its fixes are
-    healthy (docs/diagnosis.md: why the 4-layer sigmoid baseline is not called vanishing)."""
-    from experiments.config import load_config
-    from experiments.runner import run_experiment
-
-    run = run_experiment(load_config(name, [f"training.epochs={epochs}"]), tmp_path)
-    diagnosis = diagnose(run.history)
-    assert diagnosis.verdict == expected, diagnosis.explanation

@@ -23,6 +23,7 @@ from browser import CHROMIUM, free_port, visit
 from conftest import REPO_ROOT, assert_drawn_png, run_cli
 
 import gradtools
+from experiments.cli import main
 from gradtools.loggers import LocalRunLogger, RunLogger
 from gradtools.loggers.mlflow import MLflowLogger, MLflowUnavailable
 
@@ -82,12 +83,22 @@ def server(tmp_path_factory):
         process.wait(timeout=60)
 
 
-def logged_run(server, config, *options):
-    """``python -m experiments run`` logging to the server; the run directory."""
-    result = run_cli(["run", config, "--logger", "mlflow", "--out", "runs", "--quiet", *options],
-                     cwd=server.root, env={**os.environ, "MLFLOW_TRACKING_URI": server.url})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return server.root / next(line for line in result.stdout.splitlines() if line.startswith("run: "))[5:]
+def logged_run(server, config, *options, capsys=None):
+    """``python -m experiments run`` logging to the server; the run directory. With
+    ``capsys``, the command's ``main`` runs in this process (no second TensorFlow start)."""
+    arguments = ["run", config, "--logger", "mlflow", "--out", "runs", "--quiet", *options]
+    if capsys is None:
+        result = run_cli(arguments, cwd=server.root, env={**os.environ, "MLFLOW_TRACKING_URI": server.url})
+        assert result.returncode == 0, result.stderr[-3000:]
+        stdout = result.stdout
+    else:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", server.url)
+            patch.chdir(server.root)
+            capsys.readouterr()
+            assert main(arguments) == 0
+            stdout = capsys.readouterr().out
+    return server.root / next(line for line in stdout.splitlines() if line.startswith("run: "))[5:]
 
 
 def dotted(table, prefix=""):
@@ -137,8 +148,9 @@ def test_a_run_reads_back_with_params_tags_every_row_and_artifacts(server):
     assert_drawn_png(figure, (7, 5))
 
 
-def test_by_default_each_epoch_sends_its_last_row(server):
-    run_dir = logged_run(server, "vanishing/sigmoid_baseline", "--set", "training.epochs=3", "--seed", "7")
+def test_by_default_each_epoch_sends_its_last_row(server, capsys):
+    run_dir = logged_run(server, "vanishing/sigmoid_baseline", "--set", "training.epochs=3", "--seed", "7",
+                         capsys=capsys)
     run = server.run("vanishing", "sigmoid_baseline-seed7")
     metrics = pd.read_csv(run_dir / "metrics.csv")
     epoch_ends = metrics.groupby("epoch").tail(1)
@@ -148,8 +160,10 @@ def test_by_default_each_epoch_sends_its_last_row(server):
         np.testing.assert_array_equal(np.float32(values), np.float32(epoch_ends[column]))
 
 
-def test_a_diverging_run_is_recorded_as_such_without_its_non_finite_values(server):
-    run_dir = logged_run(server, "exploding/relu_baseline", "--mlflow-every-row")
+def test_a_diverging_run_is_recorded_as_such_without_its_non_finite_values(server, capsys):
+    with pytest.warns(RuntimeWarning, match=r"non-finite values from step \d+ on \(loss first\) are not sent") as said:
+        run_dir = logged_run(server, "exploding/relu_baseline", "--mlflow-every-row", capsys=capsys)
+    assert len(said) == 1, [str(w.message) for w in said]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "diverged"
     run = server.run("exploding", "relu_baseline-seed42")
@@ -165,8 +179,8 @@ def test_a_diverging_run_is_recorded_as_such_without_its_non_finite_values(serve
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary installed (.ci/run installs Debian's chromium)")
-def test_the_mlflow_ui_lists_the_run_in_headless_chromium_without_console_errors(server):
-    logged_run(server, "vanishing/sigmoid_baseline", "--set", "training.epochs=2", "--seed", "3")
+def test_the_mlflow_ui_lists_the_run_in_headless_chromium_without_console_errors(server, capsys):
+    logged_run(server, "vanishing/sigmoid_baseline", "--set", "training.epochs=2", "--seed", "3", capsys=capsys)
     experiment_id = server.api("experiments/get-by-name", experiment_name="vanishing")["experiment"]["experiment_id"]
     page = visit(f"{server.url}/#/experiments/{experiment_id}/runs",
                  {"text": "document.body.innerText"},
@@ -182,14 +196,15 @@ def test_the_mlflow_ui_lists_the_run_in_headless_chromium_without_console_errors
     assert_drawn_png(shot)
 
 
-def test_an_unreachable_server_fails_before_training_with_exit_2(tmp_path):
+def test_an_unreachable_server_fails_before_training_with_exit_2(tmp_path, monkeypatch, capsys):
     address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    result = run_cli(["run", "vanishing/shallow", "--logger", "mlflow", "--out", "runs"], cwd=tmp_path,
-                     env={**os.environ, "MLFLOW_TRACKING_URI": address})
-    assert result.returncode == 2, result.stderr[-2000:]
-    error = result.stderr.strip().splitlines()[-1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", address)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "vanishing/shallow", "--logger", "mlflow", "--out", "runs"]) == 2
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]
     assert error.startswith("error: the MLflow server at " + address + " cannot be reached"), error
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in stderr
     assert not (tmp_path / "runs").exists(), "no run directory when the run never started"
 
 
