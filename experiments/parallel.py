@@ -82,7 +82,8 @@ def map_in_workers(function: Callable[[Any], Any], arguments: list[Any], workers
     this process as each finishes. Interruptible as the module says."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: TF is not fork-safe
     with deferred_interrupts() as interrupts:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker.start)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker.start,
+                                   initargs=(worker.threads_per_worker(workers),))
         try:
             pending = {pool.submit(function, argument): i for i, argument in enumerate(arguments)}
             while pending:

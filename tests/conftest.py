@@ -7,6 +7,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The suite compiles many programs more than once (in workers, subprocesses, repeated runs):
 # one persistent XLA cache for it, inside the checkout, before TensorFlow starts.
 os.environ.setdefault("GRADTOOLS_XLA_CACHE", str(REPO_ROOT / ".pytest_cache" / "xla"))
+# pytest-xdist's workers share the cores: each gets its share of TensorFlow's threads (and so
+# do the commands it starts), as the experiments' own worker processes do.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                            // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 sys.path.insert(0, str(REPO_ROOT))
 from gradtools.compilation_cache import enable  # noqa: E402
 
