@@ -147,28 +147,28 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
     """``run_epoch(epoch, shuffle_seed, x, y)``: one compiled call runs every step of an epoch
     and returns the rows of statistics, the finite flags, the number of steps done, the last
     step's kernel gradients and each traced layer's mean ‖∂L/∂h_t‖ (NaN where none was finite).
-    The examples are arguments, not constants: other data of the same shapes reuses it."""
+    The examples are arguments, not constants: other data of the same shapes reuses it.
+
+    The loop is written with ``tf.while_loop`` and ``tf.cond``, not AutoGraph: converting
+    Python source took 0.45 s of every trace (of about 1 s), in every process."""
     n_values = len(step.columns) - 3  # step, epoch and batch are filled in on the Python side
     n_full, remainder = divmod(data.n_examples, data.batch_size)
-    # Only the epoch's loop needs AutoGraph; the step is traced as written, as model.fit
-    # traces its own (converting Keras's layers op by op would double the tracing time).
-    run_step = tf.autograph.experimental.do_not_convert(step)
 
-    @tf.function(jit_compile=jit_compile)
+    @tf.function(jit_compile=jit_compile, autograph=False)
     def run_epoch(epoch, shuffle_seed, x, y):
         x_epoch, y_epoch = _ordered(x, y, shuffle, epoch, shuffle_seed)
         x_full, y_full, x_last, y_last = data.full_batches(x_epoch, y_epoch)
-        tally = _EpochTally.empty(step, data.n_batches, n_values)
-        stopped = tf.constant(False)
-        for b in tf.range(n_full):
-            tally = tally.add(b, run_step(x_full[b], y_full[b]))
-            if stop_on_nonfinite:
-                stopped = tf.logical_not(tally.last_finite)
-                if stopped:
-                    break
+
+        def going(b, tally):  # stops after a non-finite step when asked to
+            return tf.logical_and(b < n_full, tally.last_finite) if stop_on_nonfinite else b < n_full
+
+        def full_batch(b, tally):
+            return b + 1, tally.add(b, step(x_full[b], y_full[b]))
+
+        _, tally = tf.while_loop(going, full_batch, (tf.constant(0), _EpochTally.empty(step, data.n_batches, n_values)))
         if remainder:
-            if tf.logical_not(stopped):
-                tally = tally.add(tf.constant(n_full), run_step(x_last, y_last))
+            last_runs = tally.last_finite if stop_on_nonfinite else tf.constant(True)
+            tally = tf.cond(last_runs, lambda: tally.add(tf.constant(n_full), step(x_last, y_last)), lambda: tally)
         return tally.results()
 
     return run_epoch
