@@ -12,7 +12,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, exploding_relu_setup, run_cli
+from conftest import REPO_ROOT, exploding_relu_setup
 
 import gradtools
 from gradtools.columns import metric_columns
@@ -83,13 +83,17 @@ def test_series_tags_params_and_a_diverging_run_read_back(offline):
     assert {"figures/mean_gradient", "figures/first_vs_last", "figures/loss"} <= uploads
 
 
-def test_cli_with_neptune_and_a_token_writes_the_token_nowhere(tmp_path):
+def test_cli_with_neptune_and_a_token_writes_the_token_nowhere(tmp_path, monkeypatch):
+    from experiments.cli import main
+
     secret = base64.b64encode(json.dumps({"api_address": "http://127.0.0.1:9", "api_url":
                                           "http://127.0.0.1:9", "api_key": "SECRET-KEY-42"}).encode()).decode()
-    env = {**os.environ, "NEPTUNE_API_TOKEN": secret, "NEPTUNE_DATA_DIRECTORY": str(tmp_path / "nep")}
-    result = run_cli(["run", "vanishing/shallow", "--set", "training.epochs=2", "--logger", "neptune",
-                      "--neptune-mode", "offline", "--out", "runs", "--quiet"], cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setenv("NEPTUNE_API_TOKEN", secret)
+    monkeypatch.setenv("NEPTUNE_DATA_DIRECTORY", str(tmp_path / "nep"))
+    monkeypatch.chdir(tmp_path)  # the command's main, in this process
+    assert main(["run", "vanishing/shallow", "--set", "training.epochs=2", "--logger", "neptune",
+                 "--neptune-mode", "offline", "--out", "runs", "--quiet"]) == 0
+    assert stored_operations(tmp_path / "nep"), "the run went to Neptune's offline store"
     written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert any(p.name == "run.json" for p in written)
     for path in written:
