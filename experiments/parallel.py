@@ -98,8 +98,12 @@ def map_in_workers(function: Callable[[Any], Any], arguments: list[Any], workers
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
-    """Cancel what is queued, ask the workers to stop, end the ones that do not."""
+    """Cancel what is queued, ask the workers to stop, end the ones that do not, and wait for
+    the pool's manager thread to wind up. Left running, it closes its wake-up pipe while the
+    interpreter's exit hook writes to it: on Python 3.11 an OSError traceback at exit (the
+    race fixed upstream by CPython gh-125451; seen once, in the test suite under load)."""
     processes = list((pool._processes or {}).values())  # noqa: SLF001 - no public handle on them
+    manager = pool._executor_manager_thread  # noqa: SLF001 - shutdown(wait=False) drops it
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
@@ -113,6 +117,8 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         if process.is_alive():
             process.kill()
             process.join(1.0)
+    if manager is not None:
+        manager.join(STOP_GRACE_SECONDS)
 
 
 def program_key(config) -> str:

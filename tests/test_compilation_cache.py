@@ -1,7 +1,8 @@
 """The persistent compilation cache: where it lives, how it is turned off, and that a run's
 numbers are byte-identical whether its program was compiled, loaded from the cache, or the
-cache was off."""
+cache was off, and whatever the number of TensorFlow's threads."""
 
+import os
 from importlib.metadata import version
 
 from conftest import run_cli
@@ -27,7 +28,8 @@ def test_numbers_are_identical_compiled_loaded_or_uncached(tmp_path):
     cold = run_cli([*args, "--out", "cold"], cwd=tmp_path, env=_env(cache))
     entries = list(cache.rglob("*.pb"))
     warm = run_cli([*args, "--out", "warm"], cwd=tmp_path, env=_env(cache))
-    off = run_cli([*args, "--out", "off"], cwd=tmp_path, env=_env("off"))
+    # uncached, and with one thread per core (the others: this suite's share, as workers get)
+    off = run_cli([*args, "--out", "off"], cwd=tmp_path, env=_env("off", threads=os.cpu_count() or 1))
     for result in (cold, warm, off):
         assert result.returncode == 0, result.stderr
         assert result.stderr == "", "no log noise from loading a cached program"
@@ -37,9 +39,9 @@ def test_numbers_are_identical_compiled_loaded_or_uncached(tmp_path):
     assert tables[0] == tables[1] == tables[2]
 
 
-def _env(cache):
-    """This suite's environment with another cache (TF_XLA_FLAGS would name the suite's)."""
-    import os
-
+def _env(cache, threads=None):
+    """This suite's environment with another cache (TF_XLA_FLAGS would name the suite's) and,
+    when given, another number of TensorFlow's threads."""
     env = {name: value for name, value in os.environ.items() if name != "TF_XLA_FLAGS"}
-    return {**env, "GRADTOOLS_XLA_CACHE": str(cache)}
+    return {**env, "GRADTOOLS_XLA_CACHE": str(cache),
+            **({"TF_NUM_INTRAOP_THREADS": str(threads)} if threads else {})}
