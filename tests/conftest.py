@@ -7,15 +7,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The suite compiles many programs more than once (in workers, subprocesses, repeated runs):
 # one persistent XLA cache for it, inside the checkout, before TensorFlow starts.
 os.environ.setdefault("GRADTOOLS_XLA_CACHE", str(REPO_ROOT / ".pytest_cache" / "xla"))
-# pytest-xdist's workers share the cores: each gets its share of TensorFlow's threads (and so
-# do the commands it starts), as the experiments' own worker processes do.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1)
-                                                            // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 sys.path.insert(0, str(REPO_ROOT))
+from experiments.worker import limit_threads, threads_per_worker  # noqa: E402 (imports no TensorFlow)
 from gradtools.compilation_cache import enable  # noqa: E402
 
 enable()
+# pytest-xdist's workers share the cores: each gets its share of TensorFlow's threads (and so
+# do the commands it starts), as the experiments' own worker processes do.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    limit_threads(threads_per_worker(int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
