@@ -99,11 +99,18 @@ def map_in_workers(function: Callable[[Any], Any], arguments: list[Any], workers
 
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Cancel what is queued, ask the workers to stop, end the ones that do not, and wait for
-    the pool's manager thread to wind up. Left running, it closes its wake-up pipe while the
-    interpreter's exit hook writes to it: on Python 3.11 an OSError traceback at exit (the
-    race fixed upstream by CPython gh-125451; seen once, in the test suite under load)."""
-    processes = list((pool._processes or {}).values())  # noqa: SLF001 - no public handle on them
-    manager = pool._executor_manager_thread  # noqa: SLF001 - shutdown(wait=False) drops it
+    the pool's manager thread to wind up (the pool's internals are private: shutdown(wait=False)
+    drops its handles on them). Two ways the manager thread outlives a stop, both seen in the
+    test suite under load:
+
+    - a worker ended while sending a result (a point's files) leaves half a message in the
+      result pipe, and the manager waits for the rest forever: this process holds the pipe's
+      other end too. Closed once the workers are gone, the read ends (EOF), the pool counts
+      as broken and the thread ends (tested in tests/test_faults.py);
+    - left running at exit, it closes its wake-up pipe while the interpreter's exit hook
+      writes to it: an OSError traceback on Python 3.11 (CPython gh-125451)."""
+    processes = list((pool._processes or {}).values())  # noqa: SLF001
+    manager, results = pool._executor_manager_thread, pool._result_queue  # noqa: SLF001
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         if process.is_alive():
@@ -117,6 +124,8 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         if process.is_alive():
             process.kill()
             process.join(1.0)
+    if results is not None:
+        results._writer.close()  # noqa: SLF001 - the workers are gone: nobody else writes
     if manager is not None:
         manager.join(STOP_GRACE_SECONDS)
 

@@ -310,3 +310,26 @@ def test_ctrl_c_on_seed_runs_keeps_finished_runs_and_marks_none_failed(tmp_path)
     assert "completed" in statuses and "failed" not in statuses and len(statuses) < 6, statuses
     assert set(statuses) <= {"completed", "interrupted", "running"}, statuses
     assert "Traceback" not in stderr, stderr
+
+
+def test_a_stopped_pool_ends_even_with_half_a_result_in_its_pipe():
+    """A worker ended while sending a point's files leaves half a message in the result pipe;
+    the pool's manager thread must not wait for the rest forever (a Ctrl-C'd sweep once hung
+    at exit that way). The half message is written here by hand, as a dying worker leaves it."""
+    import multiprocessing
+    import os
+    import struct
+    from concurrent.futures import ProcessPoolExecutor
+
+    from experiments.parallel import STOP_GRACE_SECONDS, _stop
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    assert pool.submit(os.getpid).result(timeout=60) > 0  # the worker and the manager run
+    manager = pool._executor_manager_thread
+    os.write(pool._result_queue._writer.fileno(), struct.pack("!i", 1 << 20) + b"half a result")
+    time.sleep(0.5)
+    assert manager.is_alive(), "the manager waits for the rest of the message"
+    started = time.monotonic()
+    _stop(pool)
+    assert not manager.is_alive()
+    assert time.monotonic() - started < STOP_GRACE_SECONDS + 2
