@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+from keras.src.backend.common.masking import get_keras_mask, set_keras_mask  # no public API sets one
 
 from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_value
@@ -44,6 +45,42 @@ def resolve_loss(loss, dtype: str | None = None) -> keras.losses.Loss:
     if dtype is not None:
         resolved = resolved.__class__.from_config({**resolved.get_config(), "dtype": dtype})
     return resolved
+
+
+def counting_only(predictions, real_rows):
+    """``predictions`` whose Keras mask also leaves out the rows where ``real_rows`` is False:
+    a Keras loss then reduces over the real rows alone (its mean divides by their count), as
+    on a batch of those rows. The model's own mask, if any, is kept."""
+    own = get_keras_mask(predictions)
+    rank = len(own.shape) if own is not None else len(predictions.shape) - 1  # the loss values'
+    rows = tf.reshape(real_rows, [-1] + [1] * (rank - 1))
+    masked = tf.identity(predictions)
+    set_keras_mask(masked, rows if own is None else tf.logical_and(tf.cast(own, tf.bool), rows))
+    return masked
+
+
+#: Layers whose training-mode output for one example depends on the other examples of the
+#: batch (batch statistics), or on a function of the user's (which might).
+_ROW_MIXING = (keras.layers.BatchNormalization, keras.layers.Lambda)
+
+
+def padding_is_exact(model: keras.Model, loss_fn) -> bool:
+    """Whether a batch filled up with extra rows, masked out of the loss by
+    :func:`counting_only`, trains exactly as the smaller batch alone would. That holds when
+    each example's output depends on that example alone (the model and its layers are
+    Keras's or gradtools's own, without batch normalization: a class of the user's might mix
+    the rows), the model has one output with a batch and a feature axis, and the loss is a
+    reducing Keras loss, which honours masks."""
+    layers = model._flatten_layers(include_self=True, recursive=True)
+    outputs = getattr(model, "outputs", None) or []
+    return (all(_ours_or_keras(type(layer)) and not isinstance(layer, _ROW_MIXING) for layer in layers)
+            and len(outputs) == 1 and len(outputs[0].shape) >= 2
+            and _ours_or_keras(loss_fn.fn if isinstance(loss_fn, _LossFromFunction) else type(loss_fn))
+            and getattr(loss_fn, "reduction", None) not in (None, "none"))
+
+
+def _ours_or_keras(thing) -> bool:
+    return getattr(thing, "__module__", "").startswith(("keras.", "gradtools."))
 
 
 def with_loss_scaling(optimizer):
@@ -80,9 +117,12 @@ class TrainStep:
                                       clipped=self.clips, loss_scaled=self.loss_scaled)
         optimizer.build(self.variables)
 
-    def __call__(self, x_batch, y_batch):
+    def __call__(self, x_batch, y_batch, real_rows=None):
+        """One step; ``real_rows`` (bool, [batch]) leaves the other rows out of the loss."""
         with tf.GradientTape() as tape:
             predictions = self.model(x_batch, training=True)
+            if real_rows is not None:
+                predictions = counting_only(predictions, real_rows)
             loss = self.loss_fn(y_batch, predictions)
             if self.model.losses:
                 loss = loss + tf.add_n(self.model.losses)

@@ -29,7 +29,7 @@ from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING,
 from gradtools.layers import layer_blocks
 from gradtools.loggers.base import RunLogger, end_run, end_run_after_error
 from gradtools.plots import run_figures
-from gradtools.steps import TrainStep, resolve_loss, with_loss_scaling
+from gradtools.steps import TrainStep, padding_is_exact, resolve_loss, with_loss_scaling
 from gradtools.validation import require_integer
 
 #: Seeds are 32-bit: NumPy's and TensorFlow's generators take no more.
@@ -52,7 +52,9 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
             does). Its own clipping options apply to the update; the statistics describe the
             gradients before clipping, divided by the loss scale.
         epochs, batch_size: as in ``model.fit``; the last batch of an epoch may be smaller,
-            and a batch size larger than the data trains on one batch of all of it.
+            and a batch size larger than the data trains on one batch of all of it. (A smaller
+            last batch is computed at full size, its extra rows masked out of the loss, when
+            :func:`gradtools.steps.padding_is_exact` says that trains exactly as it would.)
         shuffle: reshuffle the examples every epoch (a full permutation, seeded by ``seed``).
         seed: when given, seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``)
             and turns on op determinism, so the same seed gives identical numbers.
@@ -130,9 +132,22 @@ class EpochData:
         needs static shapes), and the smaller last batch (empty when there is none)."""
         n_full = self.n_examples // self.batch_size
         cut = n_full * self.batch_size
-        x_full = tf.reshape(x_epoch[:cut], [n_full, self.batch_size, *self.x.shape[1:]])
-        y_full = tf.reshape(y_epoch[:cut], [n_full, self.batch_size, *self.y.shape[1:]])
-        return x_full, y_full, x_epoch[cut:], y_epoch[cut:]
+        return (*self._batched(x_epoch[:cut], y_epoch[:cut], n_full), x_epoch[cut:], y_epoch[cut:])
+
+    def padded_batches(self, x_epoch, y_epoch):
+        """Every batch of the epoch at full size, [n_batches, batch_size, …]: the last one is
+        filled up with the epoch's first examples (see :meth:`real_rows`)."""
+        fill = self.n_batches * self.batch_size - self.n_examples
+        return self._batched(tf.concat([x_epoch, x_epoch[:fill]], 0), tf.concat([y_epoch, y_epoch[:fill]], 0),
+                             self.n_batches)
+
+    def real_rows(self, b):
+        """Which rows of padded batch ``b`` are the epoch's own (all but the filling)."""
+        return tf.range(self.batch_size) < self.n_examples - b * self.batch_size
+
+    def _batched(self, x, y, count: int):
+        return (tf.reshape(x, [count, self.batch_size, *self.x.shape[1:]]),
+                tf.reshape(y, [count, self.batch_size, *self.y.shape[1:]]))
 
 
 def _as_tensor(values):
@@ -149,24 +164,36 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
     step's kernel gradients and each traced layer's mean ‖∂L/∂h_t‖ (NaN where none was finite).
     The examples are arguments, not constants: other data of the same shapes reuses it.
 
+    A smaller last batch is, where :func:`gradtools.steps.padding_is_exact` allows, filled up
+    to full size and its extra rows masked out of the loss, so the program holds one copy of
+    the step; otherwise it runs as a second copy. On the article's sigmoid net (3000 examples
+    in batches of 32) the second copy took the first epoch in a process with a warm cache from
+    0.5 s to 0.9 s, and with a cold one from 1.2 s to 1.9 s.
+
     The loop is written with ``tf.while_loop`` and ``tf.cond``, not AutoGraph: converting
     Python source took 0.45 s of every trace (of about 1 s), in every process."""
     n_values = len(step.columns) - 3  # step, epoch and batch are filled in on the Python side
     n_full, remainder = divmod(data.n_examples, data.batch_size)
+    padded = remainder > 0 and padding_is_exact(step.model, step.loss_fn)
+    n_looped = data.n_batches if padded else n_full
 
     @tf.function(jit_compile=jit_compile, autograph=False)
     def run_epoch(epoch, shuffle_seed, x, y):
         x_epoch, y_epoch = _ordered(x, y, shuffle, epoch, shuffle_seed)
-        x_full, y_full, x_last, y_last = data.full_batches(x_epoch, y_epoch)
+        if padded:
+            x_looped, y_looped = data.padded_batches(x_epoch, y_epoch)
+        else:
+            x_looped, y_looped, x_last, y_last = data.full_batches(x_epoch, y_epoch)
 
         def going(b, tally):  # stops after a non-finite step when asked to
-            return tf.logical_and(b < n_full, tally.last_finite) if stop_on_nonfinite else b < n_full
+            return tf.logical_and(b < n_looped, tally.last_finite) if stop_on_nonfinite else b < n_looped
 
-        def full_batch(b, tally):
-            return b + 1, tally.add(b, step(x_full[b], y_full[b]))
+        def one_batch(b, tally):
+            real_rows = data.real_rows(b) if padded else None
+            return b + 1, tally.add(b, step(x_looped[b], y_looped[b], real_rows))
 
-        _, tally = tf.while_loop(going, full_batch, (tf.constant(0), _EpochTally.empty(step, data.n_batches, n_values)))
-        if remainder:
+        _, tally = tf.while_loop(going, one_batch, (tf.constant(0), _EpochTally.empty(step, data.n_batches, n_values)))
+        if remainder and not padded:
             last_runs = tally.last_finite if stop_on_nonfinite else tf.constant(True)
             tally = tf.cond(last_runs, lambda: tally.add(tf.constant(n_full), step(x_last, y_last)), lambda: tally)
         return tally.results()

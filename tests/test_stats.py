@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import gradtools
 from gradtools.columns import metric_columns
+from gradtools.steps import padding_is_exact, resolve_loss
 
 LEARNING_RATE = 0.1
 
@@ -115,3 +116,60 @@ def test_regularization_losses_are_part_of_the_differentiated_loss():
                       epochs=1, batch_size=8, shuffle=False)
     penalty = float((kernel.astype(np.float64) ** 2).sum())
     assert b.metrics["loss"][0] == pytest.approx(a.metrics["loss"][0] + penalty, rel=1e-5)
+
+
+def masked_sequence_model():
+    """Per-time-step softmax over a sequence whose zeros are masked: the loss averages over
+    the unmasked steps, so a batch's mean depends on which rows it holds."""
+    return keras.Sequential([
+        keras.Input((6,), dtype="int32"),
+        keras.layers.Embedding(10, 4, mask_zero=True),
+        keras.layers.Dense(8, activation="tanh"),
+        keras.layers.Dense(3, activation="softmax"),
+    ])
+
+
+def test_a_smaller_last_batch_trains_at_full_size_exactly_as_the_smaller_batch_alone():
+    """20 sequences in batches of 8: the last batch of 4 is filled up to 8 and its extra rows
+    masked out of the loss; its loss and gradients are those of the 4 rows alone, whose
+    masked time steps differ from the filling's."""
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(1, 7, size=20)
+    x = np.where(np.arange(6) < lengths[:, None], rng.integers(1, 10, size=(20, 6)), 0).astype(np.int32)
+    y = rng.integers(0, 3, size=(20, 6)).astype(np.int32)
+    keras.utils.set_random_seed(5)
+    model = masked_sequence_model()
+    reference = masked_sequence_model()
+    reference.set_weights(model.get_weights())
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    assert padding_is_exact(model, loss)
+
+    history = gradtools.fit(model, x, y, loss=loss, optimizer=keras.optimizers.SGD(0.0), epochs=1,
+                            batch_size=8, shuffle=False)
+    for row, start in zip(history.metrics.to_dict("records"), (0, 8, 16)):
+        with tf.GradientTape() as tape:
+            batch_loss = loss(y[start:start + 8], reference(x[start:start + 8], training=True))
+        gradients = [tf.convert_to_tensor(g) for g in tape.gradient(batch_loss, reference.trainable_weights)]
+        assert row["loss"] == pytest.approx(float(batch_loss), rel=1e-6)
+        assert row["grad_global_norm"] == pytest.approx(float(tf.linalg.global_norm(gradients)), rel=1e-5)
+
+
+def test_padding_is_used_only_where_each_example_is_computed_alone():
+    dense = [keras.Input((3,)), keras.layers.Dense(2)]
+    assert padding_is_exact(keras.Sequential(dense), resolve_loss("mse"))
+    assert not padding_is_exact(keras.Sequential([*dense, keras.layers.BatchNormalization()]), resolve_loss("mse"))
+    assert not padding_is_exact(keras.Sequential([*dense, keras.layers.Lambda(lambda t: t - tf.reduce_mean(t, 0))]),
+                                resolve_loss("mse"))
+
+    class Centered(keras.layers.Layer):  # a layer of the user's: it might mix the rows, and does
+        def call(self, t):
+            return t - tf.reduce_mean(t, 0)
+
+    assert not padding_is_exact(keras.Sequential([*dense, Centered()]), resolve_loss("mse"))
+    assert not padding_is_exact(keras.Sequential(dense), resolve_loss(lambda t, p: tf.reduce_mean((t - p) ** 2)))
+    assert not padding_is_exact(keras.Sequential(dense), keras.losses.MeanSquaredError(reduction=None))
+    inputs = keras.Input((3,))
+    two_outputs = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(1)(inputs)])
+    assert not padding_is_exact(two_outputs, resolve_loss("mse"))
+    one_value_per_example = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1), keras.layers.Reshape(())])
+    assert not padding_is_exact(one_value_per_example, resolve_loss("mse"))  # its MSE is one number
