@@ -12,6 +12,11 @@ killed run is an honest record of what it finished, and the final status is on d
 any figure is drawn: an interruption while they are drawn cannot undo it. An append or a file
 that fails to write (a full disk) is rolled back: no half row, no empty figure, no
 ``.partial`` file is left behind.
+
+An epoch's rows and its run.json are written in a background thread while the next epoch
+trains (writing the CSV took about as long as training a small net's epoch); at most one
+epoch is in flight, its rows always land before its run.json, a final status waits until it
+is on disk, and an epoch whose write failed is not counted as completed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +121,52 @@ class LocalRunLogger(RunLogger):
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._started)),
             "versions": library_versions(),
         }
+        self._appends: list[tuple[Path, pd.DataFrame]] = []  # this epoch's, written with its progress
+        self._writer: ThreadPoolExecutor | None = None
+        self._writing: Future | None = None
+        self._epochs_on_disk, self._write_failed = 0, False
         self._write_info()
 
+    def _info_text(self) -> str:
+        return json.dumps(self._info, indent=2) + "\n"
+
     def _write_info(self) -> None:
-        text = json.dumps(self._info, indent=2) + "\n"
+        self._flush()
+        text = self._info_text()
         _write_atomically(self.run_dir / "run.json", lambda path: path.write_text(text))
+
+    def _write_epoch(self, appends, info_text: str, epochs_completed: int) -> None:
+        """An epoch's appends, then its run.json (in the writer thread)."""
+        try:
+            for path, rows in appends:
+                _append_or_roll_back(path, rows)
+            _write_atomically(self.run_dir / "run.json", lambda path: path.write_text(info_text))
+        except BaseException:
+            self._write_failed = True
+            raise
+        self._epochs_on_disk = epochs_completed
+
+    def _wait(self) -> None:
+        """Wait for the epoch being written; raise its error, once. After a failed write the
+        rows logged since are dropped: written, they would follow a gap."""
+        writing, self._writing = self._writing, None
+        try:
+            if writing is not None:
+                writing.result()
+        finally:
+            if self._write_failed:
+                self._appends = []
+
+    def _flush(self) -> None:
+        """Everything logged so far on disk, before a write outside the epochs."""
+        self._wait()
+        appends, self._appends = self._appends, []
+        for path, rows in appends:
+            _append_or_roll_back(path, rows)
+
+    def _counted(self, epochs_completed: int) -> int:
+        """Epochs completed, not counting one whose write failed."""
+        return min(epochs_completed, self._epochs_on_disk) if self._write_failed else epochs_completed
 
     def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str],
               layer_blocks: list[str] | None = None) -> None:
@@ -132,16 +179,24 @@ class LocalRunLogger(RunLogger):
         _write_atomically(self.run_dir / "config.toml", lambda path: path.write_text(text))
 
     def log_rows(self, rows: pd.DataFrame) -> None:
-        _append_or_roll_back(self.metrics_path, rows)
+        self._appends.append((self.metrics_path, rows))
 
     def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        _append_or_roll_back(self.run_dir / STATE_GRADIENTS_FILE,
-                             pd.DataFrame([{"epoch": epoch, **metrics}]))
+        self._appends.append((self.run_dir / STATE_GRADIENTS_FILE, pd.DataFrame([{"epoch": epoch, **metrics}])))
 
     def log_progress(self, *, epochs_completed: int, status: str) -> None:
-        self._info.update(epochs_completed=epochs_completed, status=status,
+        """Start writing the epoch (its rows, then run.json) once the previous one is written;
+        a final status is on disk when this returns."""
+        self._wait()
+        self._info.update(epochs_completed=self._counted(epochs_completed), status=status,
                           wall_seconds=round(time.time() - self._started, 3))
-        self._write_info()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="gradtools-run-dir")
+        appends, self._appends = self._appends, []
+        self._writing = self._writer.submit(self._write_epoch, appends, self._info_text(),
+                                            self._info["epochs_completed"])
+        if status in FINAL_STATUSES:
+            self._wait()
 
     def log_figure(self, name: str, figure) -> None:
         _write_atomically(self.run_dir / "figures" / f"{name}.png",
@@ -150,9 +205,13 @@ class LocalRunLogger(RunLogger):
     def finish(self, history) -> None:
         """The final entries of run.json. The status itself was written by the last
         :meth:`log_progress` (a ``completed`` or ``diverged`` status is not undone here)."""
+        self._flush()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         if self._info["status"] not in FINAL_STATUSES:
             self._info.update(status=history.status, first_nonfinite_step=history.first_nonfinite_step)
-        self._info.update(epochs_completed=history.epochs_completed,
+        self._info.update(epochs_completed=self._counted(history.epochs_completed),
                           first_nonfinite_step=history.first_nonfinite_step,
                           wall_seconds=round(time.time() - self._started, 3),
                           layer_paths=history.layer_paths, layer_blocks=history.layer_blocks)
