@@ -9,6 +9,9 @@ except MissingExtra as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 
+from experiments.worker import command_threads, limit_threads  # noqa: E402 (imports no TensorFlow)
+
+limit_threads(command_threads(sys.argv[1:]))
 import_tensorflow_quietly()
 
 from experiments.cli import main  # noqa: E402

@@ -12,7 +12,8 @@ local executor with 1 and 2 workers and for Ray on this machine.
 
 With ``--from-nothing``, the long commands' wall times from nothing (an empty XLA cache, no
 runs), each against its target: a 100-epoch run against plain ``model.fit`` (cold and warm
-cache, compilation included), the phase diagram, the claims over 3 seeds and the report.
+cache, compilation included; the median of three runs each), the phase diagram, the claims
+over 3 seeds and the report.
 
 Each time is the median over epochs after the first (the first includes tracing).
 """
@@ -216,6 +217,14 @@ def _training_seconds(arguments: list[str], cache: Path, scratch: Path) -> float
     return float(re.search(r"full epochs in ([0-9.]+) s", output).group(1))
 
 
+#: Runs of make run-experiment per measurement (its 1-2 s vary by a tenth from run to run).
+REPEATS = 3
+
+
+def _listed(seconds: list[float]) -> str:
+    return ", ".join(f"{s:.2f}" for s in seconds)
+
+
 def _target(name: str, measured: float, target: float, unit: str = "s") -> None:
     verdict = "met" if measured <= target else "NOT met"
     print(f"  {name:58s} {measured:8.2f} {unit:2s} (target <= {target:g} {unit}: {verdict})", flush=True)
@@ -231,10 +240,15 @@ def time_from_nothing() -> None:
         scratch = Path(scratch)
         cache, runs = scratch / "xla", scratch / "runs"
         arguments = ["run", EXPERIMENT, "--quiet", "--out", str(runs)]
-        cold = _training_seconds(arguments, cache, scratch)
-        warm = _training_seconds(arguments, cache, scratch)
+        colds = []
+        for _ in range(REPEATS):
+            shutil.rmtree(cache, ignore_errors=True)
+            colds.append(_training_seconds(arguments, cache, scratch))
+        warms = [_training_seconds(arguments, cache, scratch) for _ in range(REPEATS)]
+        cold, warm = statistics.median(colds), statistics.median(warms)
         print(f"  plain model.fit, 100 epochs (compilation included): {plain:.2f} s; make run-experiment's "
-              f"training: {cold:.2f} s cold, {warm:.2f} s warm", flush=True)
+              f"training, median of {REPEATS} runs: {cold:.2f} s cold ({_listed(colds)}), "
+              f"{warm:.2f} s warm ({_listed(warms)})", flush=True)
         _target("run-experiment training / model.fit, cold cache", cold / plain, 0.25, "x")
         _target("run-experiment training / model.fit, warm cache", warm / plain, 0.1, "x")
         for name, arguments, target in (

@@ -203,7 +203,7 @@ def describe_run(run) -> str:
 
     history = run.history
     lines = [f"{run.config.run_name} (seed {run.config.seed}): {history.status} after "
-             f"{history.epochs_completed} full epochs in {history.wall_seconds:.1f} s"]
+             f"{history.epochs_completed} full epochs in {history.wall_seconds:.2f} s"]
     if history.metrics.empty:
         return "\n".join(lines + [f"run: {run.run_dir}"])
     summary = summarize(history.metrics)
