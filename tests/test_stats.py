@@ -118,28 +118,29 @@ def test_regularization_losses_are_part_of_the_differentiated_loss():
     assert b.metrics["loss"][0] == pytest.approx(a.metrics["loss"][0] + penalty, rel=1e-5)
 
 
-def masked_sequence_model():
-    """Per-time-step softmax over a sequence whose zeros are masked: the loss averages over
-    the unmasked steps, so a batch's mean depends on which rows it holds."""
+def sequence_model(mask_zero: bool):
+    """Per-time-step softmax over a sequence; with ``mask_zero`` the zeros are masked and the
+    loss averages over the unmasked steps, so a batch's mean depends on which rows it holds."""
     return keras.Sequential([
         keras.Input((6,), dtype="int32"),
-        keras.layers.Embedding(10, 4, mask_zero=True),
+        keras.layers.Embedding(10, 4, mask_zero=mask_zero),
         keras.layers.Dense(8, activation="tanh"),
         keras.layers.Dense(3, activation="softmax"),
     ])
 
 
-def test_a_smaller_last_batch_trains_at_full_size_exactly_as_the_smaller_batch_alone():
+@pytest.mark.parametrize("mask_zero", [True, False])
+def test_a_smaller_last_batch_trains_at_full_size_exactly_as_the_smaller_batch_alone(mask_zero):
     """20 sequences in batches of 8: the last batch of 4 is filled up to 8 and its extra rows
-    masked out of the loss; its loss and gradients are those of the 4 rows alone, whose
-    masked time steps differ from the filling's."""
+    masked out of the loss; its loss and gradients are those of the 4 rows alone (whose
+    masked time steps, with ``mask_zero``, differ from the filling's)."""
     rng = np.random.default_rng(2)
     lengths = rng.integers(1, 7, size=20)
     x = np.where(np.arange(6) < lengths[:, None], rng.integers(1, 10, size=(20, 6)), 0).astype(np.int32)
     y = rng.integers(0, 3, size=(20, 6)).astype(np.int32)
     keras.utils.set_random_seed(5)
-    model = masked_sequence_model()
-    reference = masked_sequence_model()
+    model = sequence_model(mask_zero)
+    reference = sequence_model(mask_zero)
     reference.set_weights(model.get_weights())
     loss = keras.losses.SparseCategoricalCrossentropy()
     assert padding_is_exact(model, loss)
