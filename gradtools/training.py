@@ -10,10 +10,12 @@ same program share its compilation (see :mod:`gradtools.compilation_cache`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +65,9 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
         stop_on_nonfinite: stop after the first step whose loss or gradients are not finite.
         loggers: :class:`gradtools.loggers.RunLogger` instances that receive every row.
         jit_compile: compile each epoch with XLA (the default, several times faster on small
-            models); pass False for a model with ops XLA cannot compile.
+            models); pass False for a model with ops XLA cannot compile. With a ``seed``, a
+            model XLA cannot compile deterministically (the gradient of max pooling) trains
+            without XLA after one RuntimeWarning.
         clip_value, clip_global_norm: clip the gradients before the update
             (:func:`gradtools.clipping.clip_by_value`, then
             :func:`gradtools.clipping.clip_by_global_norm`); the statistics still describe
@@ -95,11 +99,14 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
     options = dict(clip_value=clip_value, clip_global_norm=clip_global_norm, shuffle=shuffle,
                    stop_on_nonfinite=stop_on_nonfinite, jit_compile=jit_compile,
                    keep_gradients=any(getattr(logger, "wants_gradients", False) for logger in loggers))
-    program = compiled_program(model, resolve_loss(loss), optimizer, data, **options)
+    loss_fn = resolve_loss(loss)
+    program = compiled_program(model, loss_fn, optimizer, data, **options)
     shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
     recorder = Recorder(program.step, data.n_batches, model, loggers, log_every, stop_on_nonfinite, figures,
                         optimizer=optimizer)
-    return recorder.train(program.bind(data), epochs, shuffle_seed, jit_compile)
+    without_xla = (functools.partial(compiled_program, model, loss_fn, optimizer, data,
+                                     **{**options, "jit_compile": False}) if jit_compile else None)
+    return recorder.train(program.bind(data), epochs, shuffle_seed, jit_compile, without_xla, data)
 
 
 @dataclass(frozen=True)
@@ -356,7 +363,10 @@ class Recorder:
                        layer_paths=list(self.step.layout.paths), layer_blocks=self.blocks,
                        state_gradients=pd.DataFrame(self.state_rows) if self.step.traced else None)
 
-    def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool) -> History:
+    def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, without_xla=None,
+              data: EpochData | None = None) -> History:
+        """Run the epochs. ``without_xla()`` gives the same program uncompiled, for a model
+        XLA cannot compile deterministically when op determinism is on (``seed``)."""
         for logger in self.loggers:
             logger.start(epochs=epochs, steps_per_epoch=self.n_batches,
                          layer_paths=list(self.step.layout.paths), layer_blocks=self.blocks)
@@ -365,7 +375,13 @@ class Recorder:
             for epoch in range(epochs):
                 radii = through_time.spectral_radii(self.step.traced)
                 with _quiet_first_trace(epoch == 0):
-                    results = run_epoch(tf.constant(epoch, tf.int64), seed)
+                    try:
+                        results = run_epoch(tf.constant(epoch, tf.int64), seed)
+                    except tf.errors.UnimplementedError as error:
+                        if epoch > 0 or without_xla is None or "deterministic" not in str(error):
+                            raise
+                        run_epoch = self._without_xla(without_xla(), data, error)
+                        results = run_epoch(tf.constant(epoch, tf.int64), seed)
                 if self.model_each_epoch:
                     self._hand_back()
                 if self.record_epoch(epoch, epochs, radii, *results):
@@ -387,6 +403,17 @@ class Recorder:
         result = self.history()
         end_run(self.loggers, result, self.figures)
         return result
+
+    def _without_xla(self, program: "Program", data: EpochData, error) -> object:
+        """Switch to ``program`` (the epoch without XLA), saying why. Nothing has trained yet:
+        XLA refuses such a program before running it."""
+        reason = str(error).strip().splitlines()[0]
+        warnings.warn(f"gradtools.fit: XLA cannot compile this model deterministically, which a seed "
+                      f"asks for ({reason}); training without XLA, which is slower (pass "
+                      f"jit_compile=False to skip the attempt, or no seed to keep XLA)",
+                      RuntimeWarning, stacklevel=4)
+        self.step = program.step
+        return program.bind(data)
 
     def _hand_back(self) -> None:
         """When the compiled program was traced with another model of the same structure,

@@ -193,3 +193,30 @@ def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the
         np.testing.assert_array_equal(a, b)
     for a, b in zip(second.variables, fresh_model.variables):  # the caller's model is trained
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def small_convnet():
+    """keras-io's MNIST convnet in miniature: its max pooling has no deterministic XLA gradient."""
+    return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                             keras.layers.MaxPooling2D(), keras.layers.Flatten(),
+                             keras.layers.Dense(3, activation="softmax")])
+
+
+def test_a_seeded_convnet_that_xla_cannot_compile_deterministically_trains_without_xla():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 8, 8, 1)).astype(np.float32), rng.integers(0, 3, 40)
+    arguments = dict(loss="sparse_categorical_crossentropy", optimizer="adam", epochs=2, batch_size=16,
+                     seed=0, figures=False)
+    keras.utils.set_random_seed(0)
+    model = small_convnet()
+    initial = model.get_weights()
+    with pytest.warns(RuntimeWarning, match="MaxPool.*training without XLA") as warned:
+        fell_back = gradtools.fit(model, x, y, **arguments)
+    assert len(warned) == 1 and fell_back.status == "completed" and fell_back.epochs_completed == 2
+    assert not np.allclose(model.get_weights()[0], initial[0]), "the caller's model was trained"
+    reference = small_convnet()
+    reference.set_weights(initial)
+    plain = gradtools.fit(reference, x, y, jit_compile=False, **arguments)
+    pd.testing.assert_frame_equal(fell_back.metrics, plain.metrics)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
