@@ -104,9 +104,14 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
     shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
     recorder = Recorder(program.step, data.n_batches, model, loggers, log_every, stop_on_nonfinite, figures,
                         optimizer=optimizer)
-    without_xla = (functools.partial(compiled_program, model, loss_fn, optimizer, data,
-                                     **{**options, "jit_compile": False}) if jit_compile else None)
-    return recorder.train(program.bind(data), epochs, shuffle_seed, jit_compile, without_xla, data)
+    without_xla = functools.partial(_uncompiled, model, loss_fn, optimizer, data, options) if jit_compile else None
+    return recorder.train(program.bind(data), epochs, shuffle_seed, jit_compile, without_xla)
+
+
+def _uncompiled(model, loss_fn, optimizer, data: "EpochData", options: dict):
+    """The step and the bound epoch of the same program without XLA."""
+    program = compiled_program(model, loss_fn, optimizer, data, **{**options, "jit_compile": False})
+    return program.step, program.bind(data)
 
 
 @dataclass(frozen=True)
@@ -363,10 +368,8 @@ class Recorder:
                        layer_paths=list(self.step.layout.paths), layer_blocks=self.blocks,
                        state_gradients=pd.DataFrame(self.state_rows) if self.step.traced else None)
 
-    def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, without_xla=None,
-              data: EpochData | None = None) -> History:
-        """Run the epochs. ``without_xla()`` gives the same program uncompiled, for a model
-        XLA cannot compile deterministically when op determinism is on (``seed``)."""
+    def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, without_xla=None) -> History:
+        """Run the epochs; ``without_xla()``: the step and epoch to fall back on (:meth:`_epoch`)."""
         for logger in self.loggers:
             logger.start(epochs=epochs, steps_per_epoch=self.n_batches,
                          layer_paths=list(self.step.layout.paths), layer_blocks=self.blocks)
@@ -375,13 +378,7 @@ class Recorder:
             for epoch in range(epochs):
                 radii = through_time.spectral_radii(self.step.traced)
                 with _quiet_first_trace(epoch == 0):
-                    try:
-                        results = run_epoch(tf.constant(epoch, tf.int64), seed)
-                    except tf.errors.UnimplementedError as error:
-                        if epoch > 0 or without_xla is None or "deterministic" not in str(error):
-                            raise
-                        run_epoch = self._without_xla(without_xla(), data, error)
-                        results = run_epoch(tf.constant(epoch, tf.int64), seed)
+                    results, run_epoch = self._epoch(run_epoch, epoch, seed, without_xla)
                 if self.model_each_epoch:
                     self._hand_back()
                 if self.record_epoch(epoch, epochs, radii, *results):
@@ -404,16 +401,23 @@ class Recorder:
         end_run(self.loggers, result, self.figures)
         return result
 
-    def _without_xla(self, program: "Program", data: EpochData, error) -> object:
-        """Switch to ``program`` (the epoch without XLA), saying why. Nothing has trained yet:
-        XLA refuses such a program before running it."""
-        reason = str(error).strip().splitlines()[0]
+    def _epoch(self, run_epoch, epoch: int, seed, without_xla):
+        """One epoch's results, and the epoch function to go on with. When XLA refuses to
+        compile the first epoch deterministically (a ``seed`` turned op determinism on: max
+        pooling's gradient), that epoch runs without XLA after one warning; nothing has
+        trained then, as XLA refuses before running."""
+        try:
+            return run_epoch(tf.constant(epoch, tf.int64), seed), run_epoch
+        except tf.errors.UnimplementedError as error:
+            if epoch > 0 or without_xla is None or "deterministic" not in str(error):
+                raise
+            reason = str(error).strip().splitlines()[0]
         warnings.warn(f"gradtools.fit: XLA cannot compile this model deterministically, which a seed "
                       f"asks for ({reason}); training without XLA, which is slower (pass "
                       f"jit_compile=False to skip the attempt, or no seed to keep XLA)",
                       RuntimeWarning, stacklevel=4)
-        self.step = program.step
-        return program.bind(data)
+        self.step, run_epoch = without_xla()
+        return run_epoch(tf.constant(epoch, tf.int64), seed), run_epoch
 
     def _hand_back(self) -> None:
         """When the compiled program was traced with another model of the same structure,
