@@ -15,8 +15,8 @@ that fails to write (a full disk) is rolled back: no half row, no empty figure, 
 
 An epoch's rows and its run.json are written in a background thread while the next epoch
 trains (writing the CSV took about as long as training a small net's epoch); at most one
-epoch is in flight, its rows always land before its run.json, a final status waits until it
-is on disk, and an epoch whose write failed is not counted as completed.
+epoch is in flight, its rows always land before its run.json, any status but ``running``
+waits until it is on disk, and an epoch whose write failed is not counted as completed.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class LocalRunLogger(RunLogger):
 
     def log_progress(self, *, epochs_completed: int, status: str) -> None:
         """Start writing the epoch (its rows, then run.json) once the previous one is written;
-        a final status is on disk when this returns."""
+        any status but ``running`` is on disk when this returns."""
         self._wait()
         self._info.update(epochs_completed=self._counted(epochs_completed), status=status,
                           wall_seconds=round(time.time() - self._started, 3))
@@ -195,7 +195,7 @@ class LocalRunLogger(RunLogger):
         appends, self._appends = self._appends, []
         self._writing = self._writer.submit(self._write_epoch, appends, self._info_text(),
                                             self._info["epochs_completed"])
-        if status in FINAL_STATUSES:
+        if status != RUNNING:
             self._wait()
 
     def log_figure(self, name: str, figure) -> None:
