@@ -103,7 +103,7 @@ def test_run_json_and_the_command_line_carry_the_diagnosis(tmp_path):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)])
     gradtools.fit(model, x, y, loss="mse", optimizer="sgd", epochs=1, seed=0,
-                  loggers=[LocalRunLogger(tmp_path / "run", name="toy")])
+                  loggers=[LocalRunLogger(tmp_path / "run", name="toy")], figures=False)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-m", "gradtools", "diagnose", str(tmp_path / "run"), "--json"],
                             env=env, capture_output=True, text=True, timeout=120)
