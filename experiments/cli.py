@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
         description="Reproduce the experiments of 'Vanishing and Exploding Gradients in Neural "
-        "Network Models' and log per-layer gradient statistics for every step.",
+        "Network Models' and log per-layer gradient statistics for every step. Each process "
+        "trains with one TensorFlow thread, as the suite's nets are too small to gain from more "
+        "(gallery: every core); TF_NUM_INTRAOP_THREADS overrides it.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
