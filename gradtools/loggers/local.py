@@ -87,6 +87,12 @@ def _append_or_roll_back(path: Path, rows: pd.DataFrame) -> None:
         raise
 
 
+def _append_all(appends) -> None:
+    """``(path, rows)`` appends, in order."""
+    for path, rows in appends:
+        _append_or_roll_back(path, rows)
+
+
 def _toml_ready(value: Any) -> Any:
     """Drop None (TOML has no null) and stringify what TOML cannot hold."""
     if isinstance(value, Mapping):
@@ -132,15 +138,16 @@ class LocalRunLogger(RunLogger):
 
     def _write_info(self) -> None:
         self._flush()
-        text = self._info_text()
+        self._replace_run_json(self._info_text())
+
+    def _replace_run_json(self, text: str) -> None:
         _write_atomically(self.run_dir / "run.json", lambda path: path.write_text(text))
 
     def _write_epoch(self, appends, info_text: str, epochs_completed: int) -> None:
         """An epoch's appends, then its run.json (in the writer thread)."""
         try:
-            for path, rows in appends:
-                _append_or_roll_back(path, rows)
-            _write_atomically(self.run_dir / "run.json", lambda path: path.write_text(info_text))
+            _append_all(appends)
+            self._replace_run_json(info_text)
         except BaseException:
             self._write_failed = True
             raise
@@ -161,8 +168,7 @@ class LocalRunLogger(RunLogger):
         """Everything logged so far on disk, before a write outside the epochs."""
         self._wait()
         appends, self._appends = self._appends, []
-        for path, rows in appends:
-            _append_or_roll_back(path, rows)
+        _append_all(appends)
 
     def _counted(self, epochs_completed: int) -> int:
         """Epochs completed, not counting one whose write failed."""
