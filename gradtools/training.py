@@ -464,11 +464,10 @@ class Recorder:
 
 
 def _epoch_frame(columns, epoch, n_batches, batch_index, values) -> pd.DataFrame:
-    frame = pd.DataFrame(values, columns=columns[3:])
-    frame.insert(0, "batch", batch_index.astype(np.int64))
-    frame.insert(0, "epoch", np.int64(epoch))
-    frame.insert(0, "step", epoch * n_batches + batch_index.astype(np.int64) + 1)
-    return frame
+    batch = batch_index.astype(np.int64)
+    table = {"step": epoch * n_batches + batch + 1, "epoch": np.full(batch.size, epoch, np.int64), "batch": batch}
+    table.update(zip(columns[3:], values.T))
+    return pd.DataFrame(table)
 
 
 def _require_one_device(variables) -> None:
