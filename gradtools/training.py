@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from gradtools import through_time
 from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING, History
-from gradtools.layers import layer_blocks
+from gradtools.layers import layer_blocks, layer_layout
 from gradtools.loggers.base import RunLogger, end_run, end_run_after_error
 from gradtools.plots import run_figures
 from gradtools.steps import TrainStep, padding_is_exact, resolve_loss, with_loss_scaling
@@ -280,12 +280,12 @@ def _same_shapes(first, second) -> bool:
 def _program_key(model, loss_fn, optimizer, data: EpochData, options) -> str | None:
     """What the compiled epoch depends on, as text; None when it cannot be told (a subclassed
     model without a config): such a model is traced anew every time. Initializers, seeds,
-    the learning rate and the names of weightless layers are not part of the program."""
+    the learning rate and the names of layers and weights are not part of the program (the
+    logged layer paths are the caller's model's)."""
     try:
-        # names only matter where they name weights (the logged layer paths)
-        parts = [_without(model.get_config(), ("_initializer", "seed", "name")),
-                 [v.path for v in model.trainable_weights], type(optimizer).__name__,
-                 _without(optimizer.get_config(), ("learning_rate", "name")), type(loss_fn).__name__,
+        parts = [_without(model.get_config(), ("_initializer", "seed")),
+                 [v.shape for v in model.trainable_weights], type(optimizer).__name__,
+                 _without(optimizer.get_config(), ("learning_rate",)), type(loss_fn).__name__,
                  _without(loss_fn.get_config(), ()), getattr(getattr(loss_fn, "fn", None), "__name__", ""),
                  [list(data.x.shape), data.x.dtype.name, list(data.y.shape), data.y.dtype.name, data.batch_size],
                  options, keras.config.dtype_policy().name]
@@ -295,10 +295,11 @@ def _program_key(model, loss_fn, optimizer, data: EpochData, options) -> str | N
 
 
 def _without(config, suffixes: tuple[str, ...]):
-    """A nested config without the keys ending in any of ``suffixes``."""
+    """A nested config without its ``name`` keys and the keys ending in any of ``suffixes``
+    (``class_name`` and ``registered_name`` stay: they say what a layer is)."""
     if isinstance(config, dict):
         return {k: _without(v, suffixes) for k, v in config.items()
-                if not (suffixes and str(k).endswith(suffixes))}
+                if not (k == "name" or (suffixes and str(k).endswith(suffixes)))}
     if isinstance(config, (list, tuple)):
         return [_without(v, suffixes) for v in config]
     return config
@@ -352,7 +353,9 @@ class Recorder:
         self.figures = run_figures if figures is True else figures or None
         self.traced_numbers = [list(step.layout.paths).index(layer.inner_cell.kernel.path) + 1
                                for layer in step.traced]
-        self.blocks = layer_blocks(model, step.layout.paths)
+        # the caller's names: a program reused from a model of the same structure has its own
+        self.paths = list(layer_layout(model.trainable_weights).paths)
+        self.blocks = layer_blocks(model, self.paths)
         self.frames: list[pd.DataFrame] = []
         self.state_rows: list[dict[str, float]] = []
         self.status, self.first_nonfinite_step, self.epochs_completed = COMPLETED, None, 0
@@ -365,14 +368,14 @@ class Recorder:
         metrics = pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame(columns=self.step.columns)
         return History(metrics=metrics, status=self.status, first_nonfinite_step=self.first_nonfinite_step,
                        epochs_completed=self.epochs_completed, wall_seconds=time.perf_counter() - self.started,
-                       layer_paths=list(self.step.layout.paths), layer_blocks=self.blocks,
+                       layer_paths=self.paths, layer_blocks=self.blocks,
                        state_gradients=pd.DataFrame(self.state_rows) if self.step.traced else None)
 
     def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, without_xla=None) -> History:
         """Run the epochs; ``without_xla()``: the step and epoch to fall back on (:meth:`_epoch`)."""
         for logger in self.loggers:
             logger.start(epochs=epochs, steps_per_epoch=self.n_batches,
-                         layer_paths=list(self.step.layout.paths), layer_blocks=self.blocks)
+                         layer_paths=self.paths, layer_blocks=self.blocks)
         seed = tf.constant(shuffle_seed, tf.int64)
         try:
             for epoch in range(epochs):

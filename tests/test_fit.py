@@ -148,12 +148,16 @@ def test_a_model_without_kernels_is_refused_clearly():
                       epochs=1)
 
 
-def dropout_mlp(seed):
+def dropout_mlp(seed, prefix="", head=keras.layers.Dense):
     keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu", name="hidden"),
-                             keras.layers.Dropout(0.3, name="dropout"),
-                             keras.layers.BatchNormalization(name="norm"),
-                             keras.layers.Dense(1, name="head")], name="reused")
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu", name=f"{prefix}hidden"),
+                             keras.layers.Dropout(0.3, name=f"{prefix}dropout"),
+                             keras.layers.BatchNormalization(name=f"{prefix}norm"),
+                             head(1, name=f"{prefix}head")], name=f"{prefix}reused")
+
+
+class OtherDense(keras.layers.Dense):
+    """A Dense by another class: the same config, another program."""
 
 
 class HeadEachEpoch(gradtools.loggers.RunLogger):
@@ -181,6 +185,13 @@ def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the
                            **options)
     assert len(training._PROGRAMS) == 1, "the same program: traced and compiled once"
     assert next(iter(training._PROGRAMS.values())).step.model is first
+    # other layer names, the same program; the history names the caller's layers
+    renamed = gradtools.fit(dropout_mlp(2, prefix="other_"), x, y, optimizer="adam", **options)
+    assert len(training._PROGRAMS) == 1
+    assert renamed.layer_paths == ["other_reused/other_hidden/kernel", "other_reused/other_head/kernel"]
+    assert renamed.layer_blocks == ["other_hidden", "other_head"]
+    gradtools.fit(dropout_mlp(2, head=OtherDense), x, y, optimizer="adam", **options)
+    assert len(training._PROGRAMS) == 2, "another layer class is another program"
 
     training._PROGRAMS.clear()  # the same run, traced afresh
     fresh_model, seen_fresh = dropout_mlp(1), HeadEachEpoch()
