@@ -134,7 +134,8 @@ def test_a_run_reads_back_with_params_tags_every_row_and_artifacts(server):
     for column in measured:
         steps, values = server.history(run["info"]["run_id"], column)
         assert steps == metrics["step"].tolist(), column
-        # the statistics are float32; metrics.csv writes each as its shortest float32 text
+        # the statistics are float32; metrics.csv writes each to 9 significant digits, which
+        # read back as the same float32
         np.testing.assert_array_equal(np.float32(values), np.float32(metrics[column]), column)
 
     listed = {f["path"] for f in server.api("artifacts/list", run_id=run["info"]["run_id"])["files"]}
