@@ -280,12 +280,13 @@ def _same_shapes(first, second) -> bool:
 def _program_key(model, loss_fn, optimizer, data: EpochData, options) -> str | None:
     """What the compiled epoch depends on, as text; None when it cannot be told (a subclassed
     model without a config): such a model is traced anew every time. Initializers, seeds,
-    the learning rate and the names of layers and weights are not part of the program (the
-    logged layer paths are the caller's model's)."""
+    a learning rate that is a number (a variable) and the names of layers and weights are
+    not part of the program (the logged layer paths are the caller's model's); a learning
+    rate schedule is."""
     try:
         parts = [_without(model.get_config(), ("_initializer", "seed")),
                  [v.shape for v in model.trainable_weights], type(optimizer).__name__,
-                 _without(optimizer.get_config(), ("learning_rate",)), type(loss_fn).__name__,
+                 _without(optimizer.get_config(), (), numbers=("learning_rate",)), type(loss_fn).__name__,
                  _without(loss_fn.get_config(), ()), getattr(getattr(loss_fn, "fn", None), "__name__", ""),
                  [list(data.x.shape), data.x.dtype.name, list(data.y.shape), data.y.dtype.name, data.batch_size],
                  options, keras.config.dtype_policy().name]
@@ -294,14 +295,16 @@ def _program_key(model, loss_fn, optimizer, data: EpochData, options) -> str | N
         return None
 
 
-def _without(config, suffixes: tuple[str, ...]):
-    """A nested config without its ``name`` keys and the keys ending in any of ``suffixes``
-    (``class_name`` and ``registered_name`` stay: they say what a layer is)."""
+def _without(config, suffixes: tuple[str, ...], numbers: tuple[str, ...] = ()):
+    """A nested config without its ``name`` keys, the keys ending in any of ``suffixes`` and
+    the keys in ``numbers`` that hold a number (``class_name`` and ``registered_name`` stay:
+    they say what a layer is)."""
     if isinstance(config, dict):
-        return {k: _without(v, suffixes) for k, v in config.items()
-                if not (k == "name" or (suffixes and str(k).endswith(suffixes)))}
+        return {k: _without(v, suffixes, numbers) for k, v in config.items()
+                if not (k == "name" or (suffixes and str(k).endswith(suffixes))
+                        or (k in numbers and isinstance(v, (int, float))))}
     if isinstance(config, (list, tuple)):
-        return [_without(v, suffixes) for v in config]
+        return [_without(v, suffixes, numbers) for v in config]
     return config
 
 

@@ -206,6 +206,28 @@ def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_a_learning_rate_schedule_is_part_of_the_program():
+    """A schedule is traced into the compiled epoch (a number is a variable): a model with
+    another schedule must not reuse the program, or it trains with the first one's rates."""
+    from gradtools import training
+
+    x, y = regression_data()
+
+    def trained(decay_rate):
+        schedule = keras.optimizers.schedules.ExponentialDecay(0.05, decay_steps=1, decay_rate=decay_rate)
+        model = dropout_mlp(0)
+        gradtools.fit(model, x, y, loss="mse", optimizer=keras.optimizers.SGD(schedule), epochs=2,
+                      batch_size=16, seed=0, figures=False)
+        return model.get_layer("head").kernel.numpy()
+
+    training._PROGRAMS.clear()
+    trained(0.5)
+    after_another_schedule = trained(0.9)
+    assert len(training._PROGRAMS) == 2
+    training._PROGRAMS.clear()
+    np.testing.assert_array_equal(after_another_schedule, trained(0.9))
+
+
 def small_convnet():
     """keras-io's MNIST convnet in miniature: its max pooling has no deterministic XLA gradient."""
     return keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
