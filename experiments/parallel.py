@@ -13,6 +13,7 @@ ends any that are left, and raises KeyboardInterrupt. Finished runs are kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -76,25 +77,54 @@ def deferred_interrupts() -> Iterator[_Interrupts]:
 POLL_SECONDS = 0.2
 
 
-def map_in_workers(function: Callable[[Any], Any], arguments: list[Any], workers: int,
-                   on_result: Callable[[int, Any], None]) -> None:
+def map_in_workers(function: Callable[..., Any], arguments: list[Any], workers: int,
+                   on_result: Callable[[int, Any], None],
+                   on_item: Callable[[int, int, Any], None] | None = None) -> None:
     """``function(arguments[i])`` in ``workers`` spawned processes; ``on_result(i, result)`` in
-    this process as each finishes. Interruptible as the module says."""
+    this process as each finishes. With ``on_item``, the call is ``function(arguments[i],
+    report)``, and each ``report(position, result)`` it makes reaches ``on_item(i, position,
+    result)`` here within a poll: the items a call finished are kept when a stop ends it.
+    Interruptible as the module says."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: TF is not fork-safe
+    items = context.SimpleQueue() if on_item is not None else None
     with deferred_interrupts() as interrupts:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker.start,
-                                   initargs=(worker.threads_per_worker(workers),))
+                                   initargs=(worker.threads_per_worker(workers), items))
         try:
-            pending = {pool.submit(function, argument): i for i, argument in enumerate(arguments)}
+            pending = {pool.submit(function, argument, *_reporter(i, items)): i
+                       for i, argument in enumerate(arguments)}
             while pending:
                 done, _ = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                _take_items(items, on_item)  # before the results: a call's items came first
                 interrupts.check()
                 for future in done:
                     on_result(pending.pop(future), future.result())
         except BaseException:
+            _take_items(items, on_item)
             _stop(pool)
+            _take_items(items, on_item, workers_gone=True)
             raise
         pool.shutdown()
+
+
+def _reporter(call: int, items) -> tuple:
+    """The ``report`` argument of call ``call`` in a worker, if items are reported."""
+    return () if items is None else (functools.partial(worker.send_item, call),)
+
+
+def _take_items(items, on_item, workers_gone: bool = False) -> None:
+    """Hand every item reported so far to ``on_item``. Once the workers are gone, this
+    process closes its own end for writing, so that an item a stopped worker left half
+    written reads as the end of the queue (it is dropped: its work runs again next time)."""
+    if items is None:
+        return
+    if workers_gone:
+        items._writer.close()  # noqa: SLF001 - the workers are gone: nobody else writes
+    try:
+        while not items.empty():
+            on_item(*items.get())
+    except (EOFError, OSError):
+        pass
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -132,10 +162,15 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 def program_key(config) -> str:
     """What a run compiles, as text: its config without the values that enter the compiled
-    epoch as inputs (the seed, the initializers' parameters). Runs with one key share one
-    compiled program (see ``gradtools.training.compiled_program``)."""
+    epoch as inputs (the seed, the initializers' parameters, a learning rate that is a
+    number) or never reach it (the number of epochs, how often rows are logged). Runs with
+    one key share one compiled program (see ``gradtools.training.compiled_program``)."""
     tables = config.to_dict()
-    tables["training"].pop("seed", None)
+    for name in ("seed", "epochs", "log_every"):
+        tables["training"].pop(name, None)
+    optimizer = tables["optimizer"].get("config", {})
+    if isinstance(optimizer.get("learning_rate"), (int, float)):
+        optimizer.pop("learning_rate")
     tables["experiment"] = {}
     for name in ("kernel_initializer", "output_kernel_initializer", "recurrent_initializer"):
         if isinstance(tables["model"].get(name), dict):
@@ -160,20 +195,21 @@ def program_groups(keys: list[str], workers: int = 1) -> list[list[int]]:
 
 
 def run_grouped(function, items: list, keys: list[str], workers: int, on_result) -> None:
-    """``function(group of items)`` → a result per item, each program's items in one call, in
-    this process (``workers`` = 1) or spread over ``workers`` processes; ``on_result(index,
-    result)`` as each group finishes."""
+    """``function(group of items, report)``, each program's items in one call, in this process
+    (``workers`` = 1) or spread over ``workers`` processes; the call gives each item's result
+    to ``report(position, result)`` as it is done, and ``on_result(index, result)`` gets it
+    then, so a Ctrl-C keeps every item finished before it, also within a group."""
     groups = program_groups(keys, workers)
 
-    def deliver(group_index: int, results) -> None:
-        for index, result in zip(groups[group_index], results):
-            on_result(index, result)
+    def deliver(group_index: int, position: int, result) -> None:
+        on_result(groups[group_index][position], result)
 
     if workers <= 1 or len(groups) <= 1:
         for group_index, group in enumerate(groups):
-            deliver(group_index, function([items[i] for i in group]))
+            function([items[i] for i in group], functools.partial(deliver, group_index))
         return
-    map_in_workers(function, [[items[i] for i in group] for group in groups], workers, deliver)
+    map_in_workers(function, [[items[i] for i in group] for group in groups], workers,
+                   on_result=lambda group_index, results: None, on_item=deliver)
 
 
 def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list,
@@ -188,9 +224,10 @@ def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list,
     def keep(index: int, run_dir) -> None:
         run_dirs[index] = run_dir
 
-    def here(group):
-        return [run_experiment(load_config(reference, list(overrides)), out, loggers=loggers(),
-                               figures=figures).run_dir for reference, overrides, _, _ in group]
+    def here(group, report):
+        for position, (reference, overrides, _, _) in enumerate(group):
+            report(position, run_experiment(load_config(reference, list(overrides)), out, loggers=loggers(),
+                                            figures=figures).run_dir)
 
     items = [(*job, str(out), figures) for job in jobs]
     run_grouped(worker.run_jobs if workers > 1 else here, items,

@@ -430,7 +430,7 @@ def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | Non
         remote = ray.remote(num_cpus=1)(worker.run_sweep_points)
         groups = program_groups([program_key(config) for _, config in jobs], workers)
         threads = worker.threads_per_worker(workers) if not ray_address else None
-        pending = {remote.remote([jobs[i][1] for i in group], threads): group for group in groups}
+        pending = {remote.remote([jobs[i][1] for i in group], threads=threads): group for group in groups}
         try:
             with deferred_interrupts() as interrupts:
                 while pending:

@@ -12,6 +12,8 @@ import sys
 _pool_worker = False
 #: True while this worker runs a job: a stop request then interrupts the run, else ends the worker.
 _in_job = False
+#: In a pool worker: the queue each finished item goes to (see :func:`send_item`).
+_finished_items = None
 EXIT_STOPPED = 143
 
 
@@ -21,12 +23,13 @@ def _stop_requested(signum, frame):
     raise KeyboardInterrupt
 
 
-def start(threads: int | None = None) -> None:
+def start(threads: int | None = None, finished_items=None) -> None:
     """A worker ignores the terminal's Ctrl-C (its parent decides) and takes SIGTERM, the
     parent's request to stop, as a KeyboardInterrupt: the run in progress closes as
-    ``interrupted`` and the worker ends quietly. ``threads``: see :func:`limit_threads`."""
-    global _pool_worker
-    _pool_worker = True
+    ``interrupted`` and the worker ends quietly. ``threads``: see :func:`limit_threads`;
+    ``finished_items``: the parent's queue for :func:`send_item`."""
+    global _pool_worker, _finished_items
+    _pool_worker, _finished_items = True, finished_items
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_requested)
     limit_threads(threads)
@@ -72,32 +75,46 @@ def _job():
         _in_job = False
 
 
+def send_item(call: int, position: int, result) -> None:
+    """Hand the parent the result of item ``position`` of call ``call`` as soon as it is
+    done, so that a stop keeps it (the call's own result only comes when all its items are)."""
+    _finished_items.put((call, position, result))
+
+
 def _quiet_tensorflow() -> None:
     from gradtools.tf_startup import import_tensorflow_quietly
 
     import_tensorflow_quietly()
 
 
-def run_jobs(jobs: list[tuple[str, list[str], str, bool]]) -> list[str]:
+def run_jobs(jobs: list[tuple[str, list[str], str, bool]], report=None) -> list[str]:
     """Run (config reference, overrides, out, figures) jobs one after the other (the runs of
-    one program: it is traced and compiled once); return their run directories."""
+    one program: it is traced and compiled once); return their run directories, each also
+    given to ``report(position, run_dir)`` as it is done."""
     from experiments.config import load_config
     from experiments.runner import run_experiment
 
     run_dirs = []
-    for reference, overrides, out, figures in jobs:
+    for position, (reference, overrides, out, figures) in enumerate(jobs):
         with _job():
             run_dirs.append(str(run_experiment(load_config(reference, list(overrides)), out,
                                                figures=figures).run_dir))
+        if report is not None:
+            report(position, run_dirs[-1])
     return run_dirs
 
 
-def run_sweep_points(configs, threads: int | None = None) -> list[dict]:
+def run_sweep_points(configs, report=None, threads: int | None = None) -> list[dict]:
     """:func:`run_sweep_point` for each config, one after the other (the points of one
-    program: it is traced and compiled once); ``threads``: see :func:`limit_threads` (a Ray
-    task runs without :func:`start`)."""
+    program: it is traced and compiled once), each result also given to ``report(position,
+    result)`` as it is done; ``threads``: see :func:`limit_threads` (a Ray task runs without
+    :func:`start`)."""
     limit_threads(threads)
-    results = [run_sweep_point(config, clear=False) for config in configs]
+    results = []
+    for position, config in enumerate(configs):
+        results.append(run_sweep_point(config, clear=False))
+        if report is not None:
+            report(position, results[-1])
     _clear()
     return results
 

@@ -235,12 +235,12 @@ name = "long"
 base = "vanishing/sigmoid_baseline"
 
 [set]
-training.epochs = 30
+training.epochs = 250
 data.n_samples = 1000
 
 [grid]
-model.depth = [1, 2, 3, 4, 5, 6]
-"""
+optimizer.config.learning_rate = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+"""  # one program: each of the two workers runs three points in one call
 
 
 def test_a_damaged_sweep_table_is_rebuilt_and_a_second_sweep_is_refused(tmp_path, capsys):
@@ -281,7 +281,8 @@ def test_ctrl_c_on_a_sweep_stops_within_seconds_keeps_finished_points_and_resume
     assert process.returncode == 130, stderr
     assert time.time() - interrupted_at < 15, "queued points are cancelled, not run"
     done = pd.read_csv(table)
-    assert len(done) < 6 and (done["status"] == "completed").all()
+    # each worker's call has three points: a point is kept when it finishes, not its call
+    assert 1 <= len(done) <= 2 and (done["status"] == "completed").all(), done
     assert "Traceback" not in stderr
     assert not list((tmp_path / "out" / "sweeps" / "long" / "points").glob("*.partial"))
 
@@ -293,6 +294,23 @@ def test_ctrl_c_on_a_sweep_stops_within_seconds_keeps_finished_points_and_resume
     assert main(["sweep", "long.toml", "--workers", "1", "--out", "out", "--quiet"]) == 0
     assert f"{6 - len(done)} points run, {len(done)} already done" in capsys.readouterr().out
     assert (pd.read_csv(table)["status"] == "completed").sum() == 6
+
+
+def test_ctrl_c_keeps_the_items_a_group_finished_in_the_commands_own_process():
+    """One worker: a program's points run in one call here too, and each is handed on as
+    it finishes (the two-worker case is the sweep above)."""
+    from experiments.parallel import run_grouped
+
+    received = {}
+
+    def two_then_ctrl_c(group, report):
+        report(0, group[0] * 10)
+        report(1, group[1] * 10)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_grouped(two_then_ctrl_c, [1, 2, 3], ["one program"] * 3, 1, received.__setitem__)
+    assert received == {0: 10, 1: 20}
 
 
 def test_ctrl_c_on_seed_runs_keeps_finished_runs_and_marks_none_failed(tmp_path):
