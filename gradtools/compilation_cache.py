@@ -1,5 +1,12 @@
-"""A persistent XLA compilation cache: a compiled epoch is kept on disk and reused by every
-later run of the same program, in any process.
+"""A persistent XLA compilation cache: a compiled epoch is kept on disk and reused when a
+later process compiles the same program after the same traces.
+
+TensorFlow keys an entry by the program and by the names it gave the traced functions, which
+count up through a process. A command run again (``make run-experiment``, a sweep, ``claims``,
+a worker given the same runs) traces in the same order and loads its entries; a process that
+traced other functions first compiles anew (measured: three small jit-compiled functions traced
+before a one-epoch run of the article's net made it miss: 1.39 s instead of 0.60 s). Within one
+process, :func:`gradtools.training.compiled_program` reuses the compiled program itself.
 
 TensorFlow reads ``TF_XLA_FLAGS`` once, when XLA starts, so :func:`enable` must run before the
 first compilation (the command-line entry points call it before importing TensorFlow). The
