@@ -1,12 +1,13 @@
-"""A persistent XLA compilation cache: a compiled epoch is kept on disk and reused when a
-later process compiles the same program after the same traces.
+"""A persistent XLA compilation cache: a compiled epoch is kept on disk and reused by any later
+process that compiles the same program.
 
-TensorFlow keys an entry by the program and by the names it gave the traced functions, which
-count up through a process. A command run again (``make run-experiment``, a sweep, ``claims``,
-a worker given the same runs) traces in the same order and loads its entries; a process that
-traced other functions first compiles anew (measured: three small jit-compiled functions traced
-before a one-epoch run of the article's net made it miss: 1.39 s instead of 0.60 s). Within one
-process, :func:`gradtools.training.compiled_program` reuses the compiled program itself.
+TensorFlow keys an entry by the program and by the names it gave the traced functions, and it
+numbers those from one counter of the whole process: the same program traced after other
+functions got other names and missed the entry (measured: three small jit-compiled functions
+traced first made a one-epoch run of the article's net miss, 1.39 s instead of 0.60 s).
+:func:`named_after` numbers a program's functions from its key instead, while it is traced.
+Within one process, :func:`gradtools.training.compiled_program` reuses the compiled program
+itself.
 
 TensorFlow reads ``TF_XLA_FLAGS`` once, when XLA starts, so :func:`enable` must run before the
 first compilation (the command-line entry points call it before importing TensorFlow). The
@@ -23,7 +24,9 @@ entry; their numbers are the same whether the entry was compiled or loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import os
 import platform
 from pathlib import Path
@@ -83,3 +86,35 @@ def enable() -> Path | None:
         return None  # an unwritable cache only costs the compilation
     os.environ["TF_XLA_FLAGS"] = f"{flags} {_FLAG}={directory}".strip()
     return directory
+
+
+#: How many times this process traced each program (one traced again after the process
+#: dropped it must not reuse the names of the first trace).
+_traces: dict[str, int] = {}
+#: A trace's numbers: one of 2**42 blocks of 2**20 above 2**40, far above the process's own
+#: counter (which counts from 1), below 2**63 (TensorFlow also uses them as tensor ids, in C).
+_FIRST_NUMBER, _BLOCKS, _BLOCK = 2**40, 2**42, 2**20
+
+
+@contextlib.contextmanager
+def named_after(program_key: str | None):
+    """While the block traces a program, number its functions (``__inference_run_epoch_<n>``,
+    ``while_body_<n>``, …) from ``program_key`` rather than from TensorFlow's counter of the
+    process (``ops.uid``), so every process gives the program the same names and finds its
+    cache entry. A second trace of a key in one process gets other numbers; None (a model
+    without a key) changes nothing. The numbers do not change what is computed."""
+    from tensorflow.python.framework import ops
+
+    if program_key is None or not callable(getattr(ops, "uid", None)):
+        yield
+        return
+    occurrence = _traces.get(program_key, 0)
+    _traces[program_key] = occurrence + 1
+    digest = hashlib.sha256(f"{program_key}#{occurrence}".encode()).hexdigest()
+    numbers = itertools.count(_FIRST_NUMBER + int(digest, 16) % _BLOCKS * _BLOCK)
+    process_counter = ops.uid
+    ops.uid = lambda: next(numbers)
+    try:
+        yield
+    finally:
+        ops.uid = process_counter

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from gradtools import through_time
+from gradtools import compilation_cache, through_time
 from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING, History
 from gradtools.layers import layer_blocks, layer_layout
 from gradtools.loggers.base import RunLogger, end_run, end_run_after_error
@@ -228,10 +228,16 @@ class Program:
 
     step: TrainStep
     run_epoch: object
+    #: The program's key until its first call, which traces it (see ``named_after``).
+    untraced_key: str | None = None
 
     def bind(self, data: EpochData):
         """``run_epoch(epoch, seed)`` on ``data``."""
-        return lambda epoch, seed: self.run_epoch(epoch, seed, data.x, data.y)
+        def run(epoch, seed):
+            key, self.untraced_key = self.untraced_key, None
+            with compilation_cache.named_after(key):
+                return self.run_epoch(epoch, seed, data.x, data.y)
+        return run
 
 
 #: Compiled epochs of this process, by program, least recently used first.
@@ -244,8 +250,9 @@ def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> P
     """The compiled epoch for this model, loss, optimizer, data shapes and options: one this
     process already compiled for a model of the same structure (it then starts from
     ``model``'s and ``optimizer``'s values), or a new one. TensorFlow names every trace
-    anew, so neither its in-memory nor its persistent cache would find the earlier
-    compilation: reusing the trace is what compiles a program once per process."""
+    anew, so its in-memory cache would not find the earlier compilation: reusing the trace
+    is what compiles a program once per process (and a new one is named after its key, which
+    finds it in the persistent cache: :func:`gradtools.compilation_cache.named_after`)."""
     key = _program_key(model, loss_fn, optimizer, data, options)
     cached = _PROGRAMS.get(key) if key is not None else None
     if cached is not None and _same_shapes(cached.step.model.variables, model.variables):
@@ -258,7 +265,7 @@ def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> P
     step = TrainStep(model, loss_fn, optimizer, clip_value=options["clip_value"],
                      clip_global_norm=options["clip_global_norm"], keep_gradients=options["keep_gradients"])
     program = Program(step, epoch_function(step, data, options["shuffle"], options["stop_on_nonfinite"],
-                                           options["jit_compile"]))
+                                           options["jit_compile"]), untraced_key=key)
     if key is not None:
         _PROGRAMS[key] = program
         while len(_PROGRAMS) > MAX_PROGRAMS:

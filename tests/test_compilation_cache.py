@@ -1,11 +1,14 @@
-"""The persistent compilation cache: where it lives, how it is turned off, and that a run's
-numbers are byte-identical whether its program was compiled, loaded from the cache, or the
-cache was off, and whatever the number of TensorFlow's threads."""
+"""The persistent compilation cache: where it lives, how it is turned off, that a process
+finds a program another process compiled (also after tracing other functions first), and
+that a run's numbers are byte-identical whether its program was compiled, loaded from the
+cache, or the cache was off, and whatever the number of TensorFlow's threads."""
 
 import os
+import subprocess
+import sys
 from importlib.metadata import version
 
-from conftest import run_cli
+from conftest import REPO_ROOT, run_cli
 
 from gradtools import compilation_cache
 
@@ -27,7 +30,10 @@ def test_numbers_are_identical_compiled_loaded_or_uncached(tmp_path):
     cache = tmp_path / "cache"
     cold = run_cli([*args, "--out", "cold"], cwd=tmp_path, env=_env(cache))
     entries = list(cache.rglob("*.pb"))
-    warm = run_cli([*args, "--out", "warm"], cwd=tmp_path, env=_env(cache))
+    # TensorFlow numbers traced functions per process: this one traced three others first
+    warm = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "traced_first.py"), *args, "--out", "warm"],
+                          cwd=tmp_path, env={**_env(cache), "PYTHONPATH": str(REPO_ROOT)},
+                          capture_output=True, text=True, timeout=300)
     # uncached, and with one thread per core (the others: this suite's share, as workers get)
     off = run_cli([*args, "--out", "off"], cwd=tmp_path, env=_env("off", threads=os.cpu_count() or 1))
     for result in (cold, warm, off):
