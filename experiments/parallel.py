@@ -17,7 +17,9 @@ import functools
 import json
 import multiprocessing
 import os
+import queue
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -86,25 +88,28 @@ def map_in_workers(function: Callable[..., Any], arguments: list[Any], workers: 
     result)`` here within a poll: the items a call finished are kept when a stop ends it.
     Interruptible as the module says."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: TF is not fork-safe
-    items = context.SimpleQueue() if on_item is not None else None
+    items = _Items(context) if on_item is not None else None
     with deferred_interrupts() as interrupts:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=worker.start,
-                                   initargs=(worker.threads_per_worker(workers), items))
+                                   initargs=(worker.threads_per_worker(workers), items and items.queue))
         try:
             pending = {pool.submit(function, argument, *_reporter(i, items)): i
                        for i, argument in enumerate(arguments)}
             while pending:
                 done, _ = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-                _take_items(items, on_item)  # before the results: a call's items came first
+                if items is not None:
+                    items.take(on_item)
                 interrupts.check()
                 for future in done:
                     on_result(pending.pop(future), future.result())
         except BaseException:
-            _take_items(items, on_item)
             _stop(pool)
-            _take_items(items, on_item, workers_gone=True)
+            if items is not None:
+                items.close(on_item)
             raise
         pool.shutdown()
+        if items is not None:
+            items.close(on_item)
 
 
 def _reporter(call: int, items) -> tuple:
@@ -112,19 +117,39 @@ def _reporter(call: int, items) -> tuple:
     return () if items is None else (functools.partial(worker.send_item, call),)
 
 
-def _take_items(items, on_item, workers_gone: bool = False) -> None:
-    """Hand every item reported so far to ``on_item``. Once the workers are gone, this
-    process closes its own end for writing, so that an item a stopped worker left half
-    written reads as the end of the queue (it is dropped: its work runs again next time)."""
-    if items is None:
-        return
-    if workers_gone:
-        items._writer.close()  # noqa: SLF001 - the workers are gone: nobody else writes
-    try:
-        while not items.empty():
-            on_item(*items.get())
-    except (EOFError, OSError):
-        pass
+class _Items:
+    """The queue the workers report finished items to, read by a thread of this process: a
+    worker that dies while writing one leaves half an item in the pipe, and reading it would
+    block the command's loop (and its Ctrl-C) until the pipe closes."""
+
+    def __init__(self, context):
+        self.queue = context.SimpleQueue()
+        self.ready: queue.SimpleQueue = queue.SimpleQueue()
+        self.reader = threading.Thread(target=self._read, name="gradtools-items", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                self.ready.put(self.queue.get())
+        except (EOFError, OSError):  # every writer closed; a half-written item reads as the end
+            pass
+
+    def take(self, on_item) -> None:
+        """Hand every item read so far to ``on_item``."""
+        while True:
+            try:
+                item = self.ready.get_nowait()
+            except queue.Empty:
+                return
+            on_item(*item)
+
+    def close(self, on_item) -> None:
+        """Once the workers are gone: close this process's end for writing, read what is left
+        and hand it on (an item a stopped worker left half written is dropped: it runs again)."""
+        self.queue._writer.close()  # noqa: SLF001 - the workers are gone: nobody else writes
+        self.reader.join(STOP_GRACE_SECONDS)
+        self.take(on_item)
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:

@@ -234,6 +234,8 @@ class Program:
     def bind(self, data: EpochData):
         """``run_epoch(epoch, seed)`` on ``data``."""
         def run(epoch, seed):
+            if self.untraced_key is None:
+                return self.run_epoch(epoch, seed, data.x, data.y)
             key, self.untraced_key = self.untraced_key, None
             with compilation_cache.named_after(key):
                 return self.run_epoch(epoch, seed, data.x, data.y)

@@ -330,6 +330,28 @@ def test_ctrl_c_on_seed_runs_keeps_finished_runs_and_marks_none_failed(tmp_path)
     assert "Traceback" not in stderr, stderr
 
 
+def test_half_a_reported_item_blocks_neither_the_loop_nor_the_stop():
+    """A worker that dies while reporting a finished point leaves half an item in the items
+    pipe: the items before it are handed on at once, the loop is not held waiting for the
+    rest, and once the workers are gone the half item reads as the end (written by hand)."""
+    import multiprocessing
+    import os
+    import struct
+
+    from experiments.parallel import STOP_GRACE_SECONDS, _Items
+
+    items, received = _Items(multiprocessing.get_context("spawn")), []
+    items.queue.put((0, 0, "a finished point"))
+    os.write(items.queue._writer.fileno(), struct.pack("!i", 1 << 20) + b"half an item")
+    time.sleep(0.5)
+    started = time.monotonic()
+    items.take(lambda *item: received.append(item))
+    assert received == [(0, 0, "a finished point")] and time.monotonic() - started < 0.1
+    items.close(lambda *item: received.append(item))
+    assert not items.reader.is_alive() and len(received) == 1
+    assert time.monotonic() - started < STOP_GRACE_SECONDS
+
+
 def test_a_stopped_pool_ends_even_with_half_a_result_in_its_pipe():
     """A worker ended while sending a point's files leaves half a message in the result pipe;
     the pool's manager thread must not wait for the rest forever (a Ctrl-C'd sweep once hung
