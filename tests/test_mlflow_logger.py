@@ -32,6 +32,7 @@ from gradtools.loggers.mlflow import MLflowLogger, MLflowUnavailable
 class Server:
     url: str
     root: Path
+    session: int  # the process session the dashboard command and its server run in
 
     def get(self, route, **query):
         with urllib.request.urlopen(f"{self.url}{route}?{urllib.parse.urlencode(query)}", timeout=30) as answer:
@@ -77,7 +78,7 @@ def server(tmp_path_factory):
             except OSError:
                 assert process.poll() is None and time.time() < deadline, (root / "server.log").read_text()[-3000:]
                 time.sleep(0.5)
-        yield Server(url, root)
+        yield Server(url, root, process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=60)
@@ -111,6 +112,26 @@ def dotted(table, prefix=""):
 
 def by_key(entries):
     return {entry["key"]: entry["value"] for entry in entries}
+
+
+def session_commands(session):
+    """The command lines of the processes in ``session``."""
+    commands = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)"
+            if int(fields[3]) == session:  # state, ppid, pgrp, session
+                commands.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+    return commands
+
+
+def test_the_dashboard_serves_without_mlflows_job_runner(server):
+    """MLflow's GenAI job runner (seven more processes) is off: a run table needs none."""
+    commands = session_commands(server.session)
+    assert any("mlflow" in command and "server" in command for command in commands), commands
+    assert not any("huey" in command for command in commands), commands
 
 
 def test_a_run_reads_back_with_params_tags_every_row_and_artifacts(server):
