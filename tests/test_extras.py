@@ -47,14 +47,23 @@ print(history.status, len(history.metrics), len(monitor.metrics), gradtools.diag
     assert (tmp_path / "run" / "figures" / "mean_gradient.png").exists()
 
 
-@pytest.mark.parametrize("module, package, extra", [("gradtools.loggers.mlflow", "mlflow", "mlflow"),
-                                                    ("gradtools.loggers.neptune", "neptune", "neptune"),
-                                                    ("gradtools.loggers.tensorboard", "tensorboard", "tensorboard")])
-def test_a_backend_without_its_extra_names_the_extra(module, package, extra):
-    result = python(without(package) + f"try:\n    import {module}\n"
-                    "except ImportError as error:\n    print(type(error).__name__, error)")
-    assert result.stdout.startswith("MissingExtra"), result.stdout + result.stderr[-2000:]
-    assert f"pip install 'gradtools[{extra}]'" in result.stdout
+#: Each logger backend's module, the package it needs and the extra that brings it.
+BACKENDS = [("gradtools.loggers.mlflow", "mlflow", "mlflow"),
+            ("gradtools.loggers.neptune", "neptune", "neptune"),
+            ("gradtools.loggers.tensorboard", "tensorboard", "tensorboard")]
+
+
+def test_a_backend_without_its_extra_names_the_extra():
+    # one process (one TensorFlow start) with the three packages absent, each backend imported alone
+    code = without(*(package for _, package, _ in BACKENDS)) + "".join(
+        f"try:\n    import {module}\nexcept ImportError as error:\n    print(type(error).__name__, error)\n"
+        "else:\n    print('imported')\n" for module, _, _ in BACKENDS)
+    result = python(code)
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(BACKENDS), result.stdout + result.stderr[-2000:]
+    for line, (module, _, extra) in zip(lines, BACKENDS):
+        assert line.startswith("MissingExtra"), (module, line)
+        assert f"pip install 'gradtools[{extra}]'" in line, (module, line)
 
 
 @pytest.mark.parametrize("package, arguments, extra", [
