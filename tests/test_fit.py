@@ -253,3 +253,29 @@ def test_a_seeded_convnet_that_xla_cannot_compile_deterministically_trains_witho
     pd.testing.assert_frame_equal(fell_back.metrics, plain.metrics)
     for a, b in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_process_keeps_many_small_programs_and_drops_the_oldest_beyond_the_limits(monkeypatch):
+    """What :func:`gradtools.training.compiled_program` keeps for reuse: up to MAX_PROGRAMS
+    small programs (a report's nets), and beyond the newest one only while their variables
+    total at most MAX_KEPT_BYTES (checked on untraced programs: keeping compiles nothing)."""
+    from collections import OrderedDict
+
+    from gradtools import training
+    from gradtools.steps import TrainStep, resolve_loss
+
+    def program(units):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(units)])
+        return training.Program(TrainStep(model, resolve_loss("mse"), keras.optimizers.SGD()), run_epoch=None)
+
+    monkeypatch.setattr(training, "_PROGRAMS", OrderedDict())
+    for k in range(training.MAX_PROGRAMS + 4):
+        training._keep(f"small-{k}", program(2))
+    assert list(training._PROGRAMS) == [f"small-{k}" for k in range(4, training.MAX_PROGRAMS + 4)]
+    assert training.MAX_PROGRAMS >= 28  # a report's nets (and the old limit was 8)
+
+    monkeypatch.setattr(training, "MAX_KEPT_BYTES", 10_000)
+    training._keep("big", program(1000))  # 5000 float32 weights: 20 kB alone
+    assert list(training._PROGRAMS) == ["big"], "the newest is kept even when it alone is over"
+    training._keep("small-again", program(2))
+    assert list(training._PROGRAMS) == ["small-again"]
