@@ -46,7 +46,8 @@ UI ?= tensorboard
 dashboard: $(STAMP)  ## UI=mlflow: MLflow on http://127.0.0.1:5000; UI=tensorboard (default): http://127.0.0.1:6006
 	$(PY) -m experiments dashboard --ui $(UI) $(ARGS)
 
-# the linter, then two pytest workers, a test file each at a time (files share module-scoped runs)
+# the linter, then two pytest workers, a test file each at a time (files share module-scoped
+# runs; the files that train the claims' nets go to one worker: tests/conftest.py)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)

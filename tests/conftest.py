@@ -79,6 +79,28 @@ def assert_drawn_png(path, size_inches=None, dpi=100):
     return pixels
 
 
+#: Test files that train the same nets on the same data (the claims' experiments): one worker
+#: runs them one after the other, and the later ones reuse the compiled programs.
+SAME_NETS = {"test_article", "test_recurrent_and_remedies", "test_report"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadfile``, each test file goes whole to one worker (module-scoped runs
+    are made once), and so do the files of ``SAME_NETS`` together. (pytest-xdist's own
+    ``loadgroup`` cannot do it with pytest 9: it renames tests through an attribute pytest 9
+    no longer reads, and then spreads them one by one.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SameNetsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return "same nets" if Path(path).stem in SAME_NETS else path
+
+    return SameNetsTogether(config, log)
+
+
 @pytest.fixture
 def repo_root():
     return REPO_ROOT
