@@ -1,4 +1,5 @@
-"""The article's effects, measured by running its experiments with fewer epochs.
+"""The article's effects, measured by running its experiments with fewer epochs (without
+figures: these tests read numbers; test_plots and test_cli test the figures).
 
 Measured at 20 epochs, seeds 42/0/1 (see the README): sigmoid baseline layer-1/last-layer
 grad_abs_mean ratio 0.11-0.15; ReLU 0.70-1.06; Adam 0.38-0.52.
@@ -13,10 +14,14 @@ from gradtools.summary import summarize
 EPOCHS = 20
 
 
+def run(reference, out, *overrides):
+    return run_experiment(load_config(reference, list(overrides)), out, figures=False)
+
+
 def ratio(name, tmp_path, epochs=EPOCHS):
-    run = run_experiment(load_config(name, [f"training.epochs={epochs}"]), tmp_path)
-    assert run.history.status == "completed"
-    return summarize(run.history.metrics).first_to_last_ratio
+    result = run(name, tmp_path, f"training.epochs={epochs}")
+    assert result.history.status == "completed"
+    return summarize(result.history.metrics).first_to_last_ratio
 
 
 @pytest.fixture(scope="module")
@@ -35,28 +40,27 @@ def test_relu_and_adam_raise_that_fraction_several_fold(vanishing_ratios, fix):
 
 
 def test_exploding_baseline_diverges_within_the_first_epoch(tmp_path):
-    run = run_experiment(load_config("exploding/relu_baseline", ["training.epochs=3"]), tmp_path)
-    assert run.history.status == "diverged"
-    assert run.history.first_nonfinite_step <= 47  # 1500 examples / 32 = 47 steps per epoch
-    assert run.history.epochs_completed == 0
+    result = run("exploding/relu_baseline", tmp_path, "training.epochs=3")
+    assert result.history.status == "diverged"
+    assert result.history.first_nonfinite_step <= 47  # 1500 examples / 32 = 47 steps per epoch
+    assert result.history.epochs_completed == 0
 
 
 @pytest.mark.parametrize("fix", ["grad_clipping", "glorot_tanh", "l2_regularization"])
 def test_the_three_exploding_fixes_complete_with_finite_loss(tmp_path, fix):
-    run = run_experiment(load_config(f"exploding/{fix}", [f"training.epochs={EPOCHS}"]), tmp_path)
-    assert run.history.status == "completed"
-    assert run.history.first_nonfinite_step is None
-    losses = run.history.metrics["loss"]
+    result = run(f"exploding/{fix}", tmp_path, f"training.epochs={EPOCHS}")
+    assert result.history.status == "completed"
+    assert result.history.first_nonfinite_step is None
+    losses = result.history.metrics["loss"]
     assert losses.notna().all() and losses.iloc[-47:].mean() < losses.iloc[:47].mean()
 
 
 def test_the_sources_suggested_threshold_delays_but_does_not_prevent_divergence(tmp_path):
-    baseline = run_experiment(load_config("exploding/relu_baseline", ["training.epochs=5"]), tmp_path)
-    suggested = run_experiment(load_config("exploding/suggested_clipnorm", ["training.epochs=5"]), tmp_path)
+    baseline = run("exploding/relu_baseline", tmp_path, "training.epochs=5")
+    suggested = run("exploding/suggested_clipnorm", tmp_path, "training.epochs=5")
     threshold = suggested.config.training.clip_global_norm
     assert isinstance(threshold, float) and threshold > 1e6  # the probe itself explodes
     assert suggested.history.status == "diverged"
     assert suggested.history.first_nonfinite_step > 10 * baseline.history.first_nonfinite_step
-    fixed = run_experiment(load_config("exploding/suggested_clipnorm",
-                                       ["training.epochs=5", "training.clip_global_norm=100.0"]), tmp_path)
+    fixed = run("exploding/suggested_clipnorm", tmp_path, "training.epochs=5", "training.clip_global_norm=100.0")
     assert fixed.history.status == "completed"
