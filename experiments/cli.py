@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
-    from experiments.parallel import default_workers
+    from experiments.worker import default_workers
 
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="local: worker processes on this machine (default); ray: Ray tasks "
@@ -171,7 +171,7 @@ def _add_seed_group_options(parser: argparse.ArgumentParser, report_help: str) -
 
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
-    from experiments.parallel import default_workers
+    from experiments.worker import default_workers
 
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="worker processes for the runs (default %(default)s: the cores, up to 2; "

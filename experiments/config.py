@@ -16,11 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import keras
-
 from experiments.datasets import GENERATORS, SEQUENCE_GENERATORS, check_data_params
-from gradtools.training import MAX_SEED
-from gradtools.validation import is_integer, is_number
+from gradtools.validation import MAX_SEED, is_integer, is_number
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 BATCH_NORM_PLACES = ("none", "input", "before_activation")
@@ -116,10 +113,14 @@ def _public_names(module) -> str:
     return ", ".join(names)
 
 
-def _keras_object(kind: str, getter: Callable[[Any], Any], module, optional: bool = False):
-    """Accepts what ``getter`` (a Keras registry's ``get``) resolves: a name or
-    ``{class_name = "...", config = {...}}``."""
+def _keras_object(kind: str, registry: str, optional: bool = False):
+    """Accepts what ``keras.<registry>.get`` resolves: a name or ``{class_name = "...",
+    config = {...}}``. Keras (and with it TensorFlow) is imported at the first check, so the
+    commands that read no config (``--help``, ``dashboard``) start without it."""
     def check(value):
+        import keras
+
+        module = getattr(keras, registry)
         if optional and value == NONE:
             return None
         if not isinstance(value, (str, dict)):
@@ -127,7 +128,7 @@ def _keras_object(kind: str, getter: Callable[[Any], Any], module, optional: boo
         if isinstance(value, dict) and set(value) - {"class_name", "config"}:
             raise ValueError(f"a table for a Keras {kind} has only the keys class_name and config")
         try:
-            resolved = getter(copy.deepcopy(value))
+            resolved = module.get(copy.deepcopy(value))
         except (ValueError, TypeError) as error:
             raise ValueError(
                 f"not a Keras {kind} ({error}); known names: {_public_names(module)}"
@@ -138,8 +139,8 @@ def _keras_object(kind: str, getter: Callable[[Any], Any], module, optional: boo
     return check
 
 
-_initializer = _keras_object("initializer", keras.initializers.get, keras.initializers)
-_activation = _keras_object("activation", keras.activations.get, keras.activations)
+_initializer = _keras_object("initializer", "initializers")
+_activation = _keras_object("activation", "activations")
 
 
 def _hidden_activation(value):
@@ -149,8 +150,8 @@ def _hidden_activation(value):
         return _activation(value)
     except ValueError as error:
         raise ValueError(f"{error}; or {PRELU!r} (a learnable keras.layers.PReLU)") from None
-_regularizer = _keras_object("regularizer", keras.regularizers.get, keras.regularizers, optional=True)
-_loss = _keras_object("loss", keras.losses.get, keras.losses)
+_regularizer = _keras_object("regularizer", "regularizers", optional=True)
+_loss = _keras_object("loss", "losses")
 
 
 def _optional_count(value):
@@ -523,6 +524,8 @@ def _data_params(params: dict[str, Any], generator: str, source: str,
 
 
 def _check_optimizer(section: OptimizerSection, source: str) -> None:
+    import keras
+
     for name, value in section.config.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(source, f"optimizer.config.{name}", value, "must be a finite number")

@@ -38,11 +38,6 @@ Job = tuple[str, list[str]]
 STOP_GRACE_SECONDS = 5.0
 
 
-def default_workers() -> int:
-    """Both cores of the reference machine (measured to pay: see the README), at most."""
-    return max(1, min(2, os.cpu_count() or 1))
-
-
 class _Interrupts:
     """Ctrl-C and SIGTERM noted as they come and raised by :meth:`check` where the loop
     can stop cleanly (raised at once, a KeyboardInterrupt can land inside a library's

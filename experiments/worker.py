@@ -36,6 +36,11 @@ def start(threads: int | None = None, finished_items=None) -> None:
     _quiet_tensorflow()
 
 
+def default_workers() -> int:
+    """Both cores of the reference machine (measured to pay: see the README), at most."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def threads_per_worker(workers: int) -> int:
     """The cores each of ``workers`` processes has to itself."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))

@@ -32,10 +32,7 @@ from gradtools.layers import layer_blocks, layer_layout
 from gradtools.loggers.base import RunLogger, end_run, end_run_after_error
 from gradtools.plots import run_figures
 from gradtools.steps import TrainStep, padding_is_exact, resolve_loss, with_loss_scaling
-from gradtools.validation import require_integer
-
-#: Seeds are 32-bit: NumPy's and TensorFlow's generators take no more.
-MAX_SEED = 2**32 - 1
+from gradtools.validation import MAX_SEED, require_integer
 
 
 def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: int = 32,

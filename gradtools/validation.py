@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 import numbers
 
+#: Seeds are 32-bit: NumPy's and TensorFlow's generators take no more.
+MAX_SEED = 2**32 - 1
+
 
 def is_integer(value, minimum: int | None = None, maximum: int | None = None) -> bool:
     """An integer (not a bool) within the bounds given."""

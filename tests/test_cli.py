@@ -1,12 +1,15 @@
 """The run directory contract, end to end through `python -m experiments`."""
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pandas as pd
 import pytest
-from conftest import assert_drawn_png, run_cli
+from conftest import REPO_ROOT, assert_drawn_png, run_cli
 
 from experiments.cli import main
 from gradtools.columns import metric_columns
@@ -93,3 +96,18 @@ def test_list_shows_every_config_with_its_description(capsys):
     listed = capsys.readouterr().out
     assert "vanishing/sigmoid_baseline" in listed and "exploding/relu_baseline" in listed
     assert "Adam(learning_rate=0.008)" in listed
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["run", "--help"], ["dashboard", "--ui", "nope"]])
+def test_help_and_the_dashboard_start_no_tensorflow(tmp_path, arguments):
+    """They read no config, so they skip TensorFlow's start (about 4 s): the command's own
+    entry point, run in a fresh interpreter, reports what it imported."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = ['experiments', *{arguments!r}]\n"
+             "try:\n    runpy.run_module('experiments', run_name='__main__')\n"
+             "except SystemExit as end:\n    print('exit', end.code, 'tensorflow' in sys.modules, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    expected = "exit 2 False" if arguments[0] == "dashboard" else "exit 0 False"
+    assert result.stderr.splitlines()[-1] == expected, result.stderr[-2000:]
+    assert "usage: python -m experiments" in result.stdout or "must be one of mlflow" in result.stderr
