@@ -84,6 +84,7 @@ def assert_drawn_png(path, size_inches=None, dpi=100):
 SAME_NETS = {"test_article", "test_recurrent_and_remedies", "test_report"}
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without xdist, never called
 def pytest_xdist_make_scheduler(config, log):
     """Under ``--dist loadfile``, each test file goes whole to one worker (module-scoped runs
     are made once), and so do the files of ``SAME_NETS`` together. (pytest-xdist's own
