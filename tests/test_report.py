@@ -101,7 +101,8 @@ def test_a_claim_over_several_seeds_counts_them_and_reports_medians():
 
 
 def test_seeds_write_one_run_each_a_summary_and_a_band_figure(tmp_path, capsys):
-    assert main(["run", "vanishing/shallow", "--seeds", "2", "--set", "training.epochs=2",
+    # in this process (two worker processes are the next test's)
+    assert main(["run", "vanishing/shallow", "--seeds", "2", "--workers", "1", "--set", "training.epochs=2",
                  "--out", str(tmp_path), "--quiet"]) == 0
     summaries = list((tmp_path / "vanishing" / "shallow").glob("seeds-*.csv"))
     assert len(summaries) == 1
