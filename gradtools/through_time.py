@@ -45,6 +45,12 @@ class _TracedCell(keras.layers.Layer):
         self.output_size = getattr(cell, "output_size", None) or _first(cell.state_size)
         self.feature_dim: int | None = None
 
+    def get_config(self):
+        """The wrapped cell's config (without it, Keras cannot describe a model that holds a
+        TracedRNN: no saving, and ``gradtools.fit`` cannot tell two such models share a
+        program, so it traced and compiled every run of one anew)."""
+        return {**super().get_config(), "cell": keras.layers.serialize(self.cell)}
+
     def build(self, input_shape):
         self.feature_dim = int(input_shape[-1])
         if not self.cell.built:
@@ -66,6 +72,7 @@ def _first(size):
     return size[0] if isinstance(size, (list, tuple)) else size
 
 
+@keras.saving.register_keras_serializable(package="gradtools")
 class TracedRNN(keras.layers.RNN):
     """A Keras ``RNN`` over ``cell`` whose hidden-state gradients ``gradtools.fit`` records.
 

@@ -6,6 +6,7 @@ import json
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 import tensorflow as tf
 
@@ -16,6 +17,7 @@ from gradtools.loggers import LocalRunLogger
 from gradtools.loggers.neptune import NeptuneLogger
 from gradtools.loggers.tensorboard import TensorBoardLogger
 from gradtools.recurrence import geometric_prediction, spectral_radius, state_column
+from gradtools.steps import resolve_loss
 from gradtools.through_time import TracedRNN
 
 T, FEATURES, UNITS, N = 12, 3, 6, 16
@@ -118,6 +120,44 @@ def test_truncated_bptt_stops_the_gradient_k_steps_back():
     assert evidence["bptt_steps"] == k + 1 and evidence["time_steps"] == T
     assert evidence["state_grad_ratio"] == pytest.approx(norms[T - k - 1] / norms[T - 1], rel=1e-6)
     assert np.isnan(spectral_radius(np.ones((UNITS, 4 * UNITS))))  # LSTM: no spectral radius
+
+
+def test_models_holding_a_traced_rnn_share_one_program_and_save(tmp_path):
+    """Keras can describe such a model: two of the same structure train in one compiled
+    program (with the second's own weights: the numbers of a fresh trace), another truncation
+    is another program, and the model saves and loads back."""
+    from gradtools import training
+
+    x, y = data()
+    training._PROGRAMS.clear()
+    keras.utils.set_random_seed(5)
+    one_step(tiny_rnn(keras.layers.SimpleRNNCell(UNITS)), x, y)
+    keras.utils.set_random_seed(6)
+    second = tiny_rnn(keras.layers.SimpleRNNCell(UNITS))
+    initial = [v.numpy() for v in second.variables]
+    reused = one_step(second, x, y)
+    assert len(training._PROGRAMS) == 1, "the same program: traced and compiled once"
+
+    training._PROGRAMS.clear()
+    fresh_model = tiny_rnn(keras.layers.SimpleRNNCell(UNITS))
+    for variable, value in zip(fresh_model.variables, initial):
+        variable.assign(value)
+    fresh = one_step(fresh_model, x, y)
+    pd.testing.assert_frame_equal(reused.metrics, fresh.metrics, check_exact=True)
+    pd.testing.assert_frame_equal(reused.state_gradients, fresh.state_gradients, check_exact=True)
+
+    data_of, loss = training.EpochData.of(x, y, N), resolve_loss("mse")
+    keys = {training._program_key(tiny_rnn(keras.layers.SimpleRNNCell(UNITS), truncate_bptt=k), loss,
+                                  keras.optimizers.SGD(0.0), data_of, {}) for k in (None, 3, 4)}
+    assert None not in keys and len(keys) == 3
+
+    path = tmp_path / "traced.keras"
+    truncated = tiny_rnn(keras.layers.LSTMCell(UNITS), truncate_bptt=3)
+    truncated.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.layers[0], TracedRNN) and loaded.layers[0].truncate_bptt == 3
+    assert isinstance(loaded.layers[0].inner_cell, keras.layers.LSTMCell)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), truncated.predict(x, verbose=0))
 
 
 def test_bad_truncation_is_refused():
