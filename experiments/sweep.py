@@ -399,6 +399,38 @@ def _run_locally(jobs, finished: Finished, workers: int, ray_address) -> None:
                 lambda index, result: finished(jobs[index][0], result))
 
 
+def _receive(ray, stream, streams: dict, jobs, finished: Finished) -> None:
+    """The next point of a ready Ray generator to ``finished``; the generator leaves
+    ``streams`` when it is done."""
+    try:
+        ref = next(stream)
+    except StopIteration:
+        del streams[stream]
+        return
+    index = next(streams[stream])
+    finished(jobs[index][0], ray.get(ref))
+
+
+def start_ray(workers: int, ray_address: str | None = None) -> None:
+    """``ray.init()`` as a sweep does it: with ``workers`` CPUs on this machine, or joining the
+    cluster at ``ray_address`` (this checkout's two packages are shipped to its workers)."""
+    import logging
+
+    import ray
+
+    # Ray would otherwise report usage statistics to its servers: nothing here needs a network.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                   configure_logging=False)
+    if ray_address:
+        root = Path(__file__).resolve().parent.parent
+        ray.init(address=ray_address, runtime_env={"py_modules": [str(root / "gradtools"),
+                                                                  str(root / "experiments")]},
+                 **options)
+    else:
+        ray.init(num_cpus=workers, **options)
+
+
 def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | None) -> None:
     try:
         import ray
@@ -406,42 +438,30 @@ def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | Non
         raise ConfigError("--executor", "--executor", "ray",
                           "needs Ray: pip install 'gradtools[distributed]' (in a checkout: "
                           "pip install -e '.[distributed]')") from None
-    import logging
-
     from experiments import worker
 
     started_here = not ray.is_initialized()
     if started_here:
-        # Ray would otherwise report usage statistics to its servers: nothing here needs a network.
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                       configure_logging=False)
-        if ray_address:
-            # The workers of a cluster get this checkout's two packages shipped to them.
-            root = Path(__file__).resolve().parent.parent
-            ray.init(address=ray_address, runtime_env={"py_modules": [str(root / "gradtools"),
-                                                                      str(root / "experiments")]},
-                     **options)
-        else:
-            ray.init(num_cpus=workers, **options)
+        start_ray(workers, ray_address)
     try:
         from experiments.parallel import POLL_SECONDS, deferred_interrupts, program_groups, program_key
 
-        remote = ray.remote(num_cpus=1)(worker.run_sweep_points)
-        groups = program_groups([program_key(config) for _, config in jobs], workers)
+        remote = ray.remote(num_cpus=1)(worker.each_sweep_point)
         threads = worker.threads_per_worker(workers) if not ray_address else None
-        pending = {remote.remote([jobs[i][1] for i in group], threads=threads): group for group in groups}
+        streams = {}  # a Ray generator per group: each point arrives as it finishes
+        for group in program_groups([program_key(config) for _, config in jobs], workers):
+            stream = remote.remote([jobs[i][1] for i in group], threads=threads)
+            streams[stream] = iter(group)
         try:
             with deferred_interrupts() as interrupts:
-                while pending:
-                    done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+                while streams:
+                    ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_SECONDS)
                     interrupts.check()
-                    for ref in done:
-                        for index, result in zip(pending.pop(ref), ray.get(ref)):
-                            finished(jobs[index][0], result)
+                    for stream in ready:
+                        _receive(ray, stream, streams, jobs, finished)
         except KeyboardInterrupt:
-            for ref in pending:  # queued and running tasks: their points run again next time
-                ray.cancel(ref, force=True)
+            for stream in streams:  # queued and running tasks: their unfinished points run again next time
+                ray.cancel(stream, force=True)
             raise
     finally:
         if started_here:

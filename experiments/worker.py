@@ -110,18 +110,27 @@ def run_jobs(jobs: list[tuple[str, list[str], str, bool]], report=None) -> list[
 
 
 def run_sweep_points(configs, report=None, threads: int | None = None) -> list[dict]:
-    """:func:`run_sweep_point` for each config, one after the other (the points of one
-    program: it is traced and compiled once), each result also given to ``report(position,
-    result)`` as it is done; ``threads``: see :func:`limit_threads` (a Ray task runs without
-    :func:`start`)."""
-    limit_threads(threads)
+    """:func:`each_sweep_point`'s results as a list, each also given to ``report(position,
+    result)`` as it is done."""
     results = []
-    for position, config in enumerate(configs):
-        results.append(run_sweep_point(config, clear=False))
+    for position, result in enumerate(each_sweep_point(configs, threads)):
+        results.append(result)
         if report is not None:
-            report(position, results[-1])
-    _clear()
+            report(position, result)
     return results
+
+
+def each_sweep_point(configs, threads: int | None = None):
+    """Yields :func:`run_sweep_point` of each config as it is done, one after the other (the
+    points of one program: it is traced and compiled once). As a Ray task, a generator streams
+    each point to the driver when it finishes. ``threads``: see :func:`limit_threads` (a Ray
+    task runs without :func:`start`)."""
+    limit_threads(threads)
+    try:
+        for config in configs:
+            yield run_sweep_point(config, clear=False)
+    finally:
+        _clear()
 
 
 def _clear() -> None:

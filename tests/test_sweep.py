@@ -1,5 +1,5 @@
-"""Sweeps: a tiny grid (8 points, 1 epoch) run by both executors gives the same numbers;
-points are ordinary run directories; a bad grid value fails its points only; a second run
+"""Sweeps: a tiny grid (8 points, 1 epoch) run by both executors gives the same numbers; a
+Ray task hands each point back as it finishes; points are ordinary run directories; a bad grid value fails its points only; a second run
 resumes; the phase diagram is drawn from the table."""
 
 import json
@@ -14,7 +14,7 @@ from conftest import assert_drawn_png
 from experiments.cli import main
 from experiments.phase_diagram import plot_phase_diagram, write_phase_diagram
 from experiments.report import phase_section
-from experiments.sweep import load_sweep, run_sweep
+from experiments.sweep import load_sweep, run_sweep, start_ray
 from gradtools.history import History
 
 TINY = """
@@ -38,6 +38,20 @@ NUMBERS = ["ratio_first_step", "ratio_first_epoch", "ratio_last_epoch", "ratio",
            "last_epoch_loss"]
 
 
+TWO_POINTS = """
+[sweep]
+name = "two"
+base = "vanishing/shallow"
+
+[set]
+training.epochs = 300
+data.n_samples = 512
+
+[grid]
+optimizer.config.learning_rate = [0.01, 0.02]
+"""  # one program: one Ray task runs both points
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweeps")
@@ -45,12 +59,53 @@ def tiny(tmp_path_factory):
     path.write_text(TINY)
     # in this process: worker processes are tested in test_faults.py (Ctrl-C on a two-worker sweep)
     local = run_sweep(load_sweep(path), root / "local", executor="local", workers=1, quiet=True)
-    ray = run_sweep(load_sweep(path), root / "ray", executor="ray", workers=2, quiet=True)
-    return root, path, local, ray
+    import ray
+
+    start_ray(2)  # as a sweep starts it; one Ray session for both sweeps
+    try:
+        ray_result = run_sweep(load_sweep(path), root / "ray", executor="ray", workers=2, quiet=True)
+        arrivals = two_points_under_ray(root)
+    finally:
+        ray.shutdown()
+    return root, path, local, ray_result, arrivals
+
+
+def two_points_under_ray(root):
+    """Runs TWO_POINTS with Ray; returns when each point reached this process (seconds) and
+    each point's own training time (its run.json's ``wall_seconds``)."""
+    import time
+
+    from experiments.sweep import SweepDirectory
+
+    path = root / "two.toml"
+    path.write_text(TWO_POINTS)
+    arrivals = {}
+    record = SweepDirectory.record
+
+    def timed(self, point, row, *files):
+        arrivals[point.id] = time.perf_counter()
+        record(self, point, row, *files)
+
+    SweepDirectory.record = timed
+    try:
+        result = run_sweep(load_sweep(path), root / "two", executor="ray", workers=1, quiet=True)
+    finally:
+        SweepDirectory.record = record
+    trained = {point: json.loads((result.directory / "points" / point / "run.json").read_text())["wall_seconds"]
+               for point in arrivals}
+    return [(arrivals[point], trained[point]) for point in sorted(arrivals, key=arrivals.get)]
+
+
+def test_a_ray_task_hands_each_point_back_as_it_finishes(tiny):
+    """The first point of a task reaches the driver (and disk) while the second still trains:
+    a Ctrl-C then keeps it, as with the local executor."""
+    (first_arrived, _), (second_arrived, second_trained) = tiny[4]
+    assert second_trained > 0.2, "too short to tell"
+    assert second_arrived - first_arrived > 0.8 * second_trained
 
 
 def test_both_executors_give_identical_numbers(tiny):
-    _, _, local, ray = tiny
+    _, _, local, ray, _ = tiny
     assert len(local.table) == len(ray.table) == 8
     assert (local.table["status"] == "completed").all() and local.failed == 0
     keys = ["point", "model.activation", "model.depth", "model.kernel_initializer.config.scale"]
@@ -70,7 +125,7 @@ def test_both_executors_give_identical_numbers(tiny):
 
 
 def test_every_point_is_an_ordinary_run_directory(tiny):
-    _, _, local, ray = tiny
+    _, _, local, ray, _ = tiny
     for result in (local, ray):
         for _, row in result.table.iterrows():
             history = History.from_run_dir(row["run_dir"])
@@ -87,7 +142,7 @@ def test_every_point_is_an_ordinary_run_directory(tiny):
 
 
 def test_a_second_run_resumes_and_a_bad_grid_value_fails_only_its_points(tiny, tmp_path, capsys):
-    root, path, local, _ = tiny
+    root, path, local, _, _ = tiny
     out = tmp_path / "resume"
     shutil.copytree(root / "local", out)
     # a sweep.csv written before grad_norm_first_step existed: it is filled in from the run directories
@@ -127,7 +182,7 @@ def test_bad_sweep_files_exit_2_naming_file_and_key(tmp_path, capsys):
 
 
 def test_phase_diagram_figure_from_the_table(tiny, tmp_path):
-    _, _, local, _ = tiny
+    _, _, local, _, _ = tiny
     target = write_phase_diagram(local.table, tmp_path)
     activations = local.table["model.activation"].nunique()
     assert_drawn_png(target, (5.2 * activations + 5, 13), dpi=90)
