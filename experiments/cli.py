@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="list the configs with their descriptions")
 
     claims = commands.add_parser(
-        "claims", help="check the article's ten claims over several seeds",
-        description="Run what the article's ten claims need over seeds 0..N-1 and print, and write "
+        "claims", help="check the 23 claims (the article's ten, then 13 from its sources) over several seeds",
+        description="Run what the 23 claims (the article's ten, then 13 from its sources) need over "
+        "seeds 0..N-1 and print, and write "
         "as <report>/claims.json and <report>/claims.md, one row per claim: the claim, its "
         "criterion, the measured numbers and in how many seeds it holds.")
     _add_seed_group_options(claims, report_help="where claims.* go (default report)")
