@@ -339,6 +339,8 @@ def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", w
     ``ray``: Ray tasks, on this machine or the cluster at ``ray_address``)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
+    if executor == "ray" and ray_address:
+        check_ray_address(ray_address)  # before anything is written
     started = time.perf_counter()
     directory = SweepDirectory(out, sweep)
     try:
@@ -411,6 +413,28 @@ def _receive(ray, stream, streams: dict, jobs, finished: Finished) -> None:
     finished(jobs[index][0], ray.get(ref))
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A ConfigError unless something answers at the ``host:port`` of ``address`` (a
+    ``ray://`` address too): Ray itself retries an address nothing answers at for minutes.
+    ``auto`` and other addresses without a port are left to Ray."""
+    import socket
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address if "://" in address else f"ray://{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError("--ray-address", "--ray-address", address,
+                          f"no Ray cluster answers there ({error.strerror or error}); start one "
+                          "(ray start --head) or leave the option out to start Ray here") from None
+
+
 def start_ray(workers: int, ray_address: str | None = None) -> None:
     """``ray.init()`` as a sweep does it: with ``workers`` CPUs on this machine, or joining the
     cluster at ``ray_address`` (this checkout's two packages are shipped to its workers)."""
@@ -424,11 +448,19 @@ def start_ray(workers: int, ray_address: str | None = None) -> None:
                    configure_logging=False)
     if ray_address:
         root = Path(__file__).resolve().parent.parent
-        ray.init(address=ray_address, runtime_env={"py_modules": [str(root / "gradtools"),
-                                                                  str(root / "experiments")]},
-                 **options)
+        where = {"address": ray_address,
+                 "runtime_env": {"py_modules": [str(root / "gradtools"), str(root / "experiments")]}}
     else:
-        ray.init(num_cpus=workers, **options)
+        where = {"num_cpus": workers}
+    try:
+        ray.init(**where, **options)
+    except Exception as error:  # noqa: BLE001 — Ray raises RuntimeError, ConnectionError, its own errors
+        ray.shutdown()
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if ray_address:
+            raise ConfigError("--ray-address", "--ray-address", ray_address,
+                              f"Ray could not join that cluster: {first_line}") from None
+        raise ConfigError("--executor", "--executor", "ray", f"Ray could not start here: {first_line}") from None
 
 
 def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | None) -> None:

@@ -1,6 +1,7 @@
 """Sweeps: a tiny grid (8 points, 1 epoch) run by both executors gives the same numbers; a
-Ray task hands each point back as it finishes; points are ordinary run directories; a bad grid value fails its points only; a second run
-resumes; the phase diagram is drawn from the table."""
+Ray task hands each point back as it finishes; a Ray address nothing answers at is a clear
+error; points are ordinary run directories; a bad grid value fails its points only; a second
+run resumes; the phase diagram is drawn from the table."""
 
 import json
 import shutil
@@ -178,6 +179,27 @@ def test_bad_sweep_files_exit_2_naming_file_and_key(tmp_path, capsys):
         assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
         message = capsys.readouterr().err
         assert str(path) in message and key in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_ray_address_nothing_answers_at_is_exit_2_within_seconds_and_writes_nothing(tmp_path, capsys):
+    """Ray itself retried such an address for 14 minutes, then failed with a traceback."""
+    import socket
+    import time
+
+    (tmp_path / "tiny.toml").write_text(TINY)
+    with socket.socket() as probe:  # a port of this machine that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    started = time.perf_counter()
+    for given in (address, f"ray://{address}"):
+        code = main(["sweep", str(tmp_path / "tiny.toml"), "--executor", "ray", "--ray-address", given,
+                     "--out", str(tmp_path / "out"), "--quiet"])
+        message = capsys.readouterr().err
+        assert code == 2, message
+        assert message.count("\n") == 1 and "Traceback" not in message, message
+        assert f"--ray-address = '{given}': no Ray cluster answers there" in message, message
+    assert time.perf_counter() - started < 10
     assert not (tmp_path / "out").exists()
 
 
