@@ -102,7 +102,7 @@ def test_a_ray_task_hands_each_point_back_as_it_finishes(tiny):
     a Ctrl-C then keeps it, as with the local executor."""
     (first_arrived, _), (second_arrived, second_trained) = tiny[4]
     assert second_trained > 0.2, "too short to tell"
-    assert second_arrived - first_arrived > 0.8 * second_trained
+    assert second_arrived - first_arrived > 0.5 * second_trained  # one task returning both: 4.5 ms apart
 
 
 def test_both_executors_give_identical_numbers(tiny):
