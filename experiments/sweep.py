@@ -446,6 +446,9 @@ def start_ray(workers: int, ray_address: str | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                    configure_logging=False)
+    # Errors only, as logging_level asks, also from the line ray.init logs before it applies it:
+    # every local start warned that token authentication (Ray's default) is on.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if ray_address:
         root = Path(__file__).resolve().parent.parent
         where = {"address": ray_address,

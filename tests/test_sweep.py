@@ -3,6 +3,8 @@ Ray task hands each point back as it finishes; a Ray address nothing answers at 
 error; points are ordinary run directories; a bad grid value fails its points only; a second
 run resumes; the phase diagram is drawn from the table."""
 
+import contextlib
+import io
 import json
 import shutil
 import tomllib
@@ -62,7 +64,9 @@ def tiny(tmp_path_factory):
     local = run_sweep(load_sweep(path), root / "local", executor="local", workers=1, quiet=True)
     import ray
 
-    start_ray(2)  # as a sweep starts it; one Ray session for both sweeps
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        start_ray(2)  # as a sweep starts it; one Ray session for both sweeps
+    assert said.getvalue() == "", said.getvalue()
     try:
         ray_result = run_sweep(load_sweep(path), root / "ray", executor="ray", workers=2, quiet=True)
         arrivals = two_points_under_ray(root)
