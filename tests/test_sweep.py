@@ -207,6 +207,18 @@ def test_a_ray_address_nothing_answers_at_is_exit_2_within_seconds_and_writes_no
     assert not (tmp_path / "out").exists()
 
 
+def test_ray_failing_to_start_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    """A real failure of ray.init (its temporary directory cannot be made)."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    monkeypatch.setenv("RAY_TMPDIR", "/proc/gradtools-no-such-dir")
+    code = main(["sweep", str(tmp_path / "tiny.toml"), "--executor", "ray", "--out", str(tmp_path / "out"),
+                 "--quiet"])
+    message = capsys.readouterr().err
+    assert code == 2, message
+    assert message.count("\n") == 1 and "Traceback" not in message, message
+    assert "--executor = 'ray': Ray could not start here: " in message and "gradtools-no-such-dir" in message
+
+
 def test_phase_diagram_figure_from_the_table(tiny, tmp_path):
     _, _, local, _, _ = tiny
     target = write_phase_diagram(local.table, tmp_path)
