@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 from experiments.config import FILE, ConfigError, config_groups, config_names, load_config
+from experiments.worker import WorkerLost
 from gradtools.extras import MissingExtra
 from gradtools.loggers.base import LoggerUnavailable
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_ERROR = 1
+EXIT_FAILED = 1  # a sweep's failed points, a worker lost: what finished is kept
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -379,7 +381,7 @@ def command_sweep(args) -> int:
         failed = result.table[~result.table["status"].isin(("completed", "diverged"))]
         for _, row in failed.head(5).iterrows():
             print(f"failed: {row['point']}: {row['error']}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return 0
 
 
@@ -389,7 +391,7 @@ def command_phase_diagram(args) -> int:
     result = _sweep(args, PHASE_SWEEP)
     target = write_phase_diagram(result.table, Path(args.figures))
     print(f"figure: {target}")
-    return 1 if result.failed else 0
+    return EXIT_FAILED if result.failed else 0
 
 
 def command_gallery(args) -> int:
@@ -484,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingExtra, LoggerUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except WorkerLost as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: could not write {where}{error.strerror or error}; what was written before "

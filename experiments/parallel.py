@@ -8,6 +8,9 @@ Ctrl-C (or SIGTERM) reaches the parent only: workers ignore the terminal's SIGIN
 cancels the queued jobs, asks the running ones to stop (SIGTERM, which a worker turns into
 KeyboardInterrupt: its run is closed as ``interrupted``), waits a few seconds for them, then
 ends any that are left, and raises KeyboardInterrupt. Finished runs are kept.
+
+A worker that ends abruptly (killed, say by the kernel when memory runs out) stops the others
+the same way and raises :class:`experiments.worker.WorkerLost`: finished runs are kept there too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +100,7 @@ def map_in_workers(function: Callable[..., Any], arguments: list[Any], workers: 
                     items.take(on_item)
                 interrupts.check()
                 for future in done:
-                    on_result(pending.pop(future), future.result())
+                    on_result(pending.pop(future), _result(future))
         except BaseException:
             _stop(pool)
             if items is not None:
@@ -105,6 +109,13 @@ def map_in_workers(function: Callable[..., Any], arguments: list[Any], workers: 
         pool.shutdown()
         if items is not None:
             items.close(on_item)
+
+
+def _result(future):
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise worker.WorkerLost() from None
 
 
 def _reporter(call: int, items) -> tuple:

@@ -17,6 +17,14 @@ _finished_items = None
 EXIT_STOPPED = 143
 
 
+class WorkerLost(RuntimeError):
+    """A worker process ended abruptly. ``str()`` is the message to show the user."""
+
+    def __init__(self):
+        super().__init__("a worker process ended abruptly (killed, or out of memory: fewer "
+                         "--workers need less); what finished is kept: run the command again to go on")
+
+
 def _stop_requested(signum, frame):
     if not _in_job:
         os._exit(EXIT_STOPPED)  # between jobs (or still starting): nothing to close

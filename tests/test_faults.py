@@ -296,6 +296,56 @@ def test_ctrl_c_on_a_sweep_stops_within_seconds_keeps_finished_points_and_resume
     assert (pd.read_csv(table)["status"] == "completed").sum() == 6
 
 
+def test_a_worker_killed_mid_sweep_is_one_line_exit_1_and_finished_points_are_kept(tmp_path, capsys,
+                                                                                 monkeypatch):
+    """kill -9 of one worker process (as the kernel's out-of-memory killer does) while the
+    command runs in this process: no traceback, and what finished stays."""
+    import os
+    import threading
+
+    from experiments.cli import main
+
+    (tmp_path / "long.toml").write_text(LONG_SWEEP)
+    table = tmp_path / "out" / "sweeps" / "long" / "sweep.csv"
+    killed = []
+
+    def kill_a_worker_once_a_point_is_done():
+        deadline = time.time() + 180
+        while not table.is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        workers = [pid for pid in children(os.getpid()) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        if workers:
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append(workers[0])
+
+    killer = threading.Thread(target=kill_a_worker_once_a_point_is_done, daemon=True)
+    killer.start()
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", "long.toml", "--workers", "2", "--out", "out", "--quiet"])
+    killer.join(5)
+    stderr = capsys.readouterr().err
+    assert killed, "no worker to kill"
+    assert code == 1, stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert stderr.startswith("error: a worker process ended abruptly"), stderr
+    done = pd.read_csv(table)
+    assert 1 <= len(done) < 6 and (done["status"] == "completed").all(), done
+    assert not list((tmp_path / "out" / "sweeps" / "long" / "points").glob("*.partial"))
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_ctrl_c_keeps_the_items_a_group_finished_in_the_commands_own_process():
     """One worker: a program's points run in one call here too, and each is handed on as
     it finishes (the two-worker case is the sweep above)."""
