@@ -327,14 +327,15 @@ class ExperimentConfig:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """The config as config.toml holds it (None values left out: TOML has no null)."""
+        """The config as config.toml holds it (None values left out: TOML has no null), as
+        new tables: changing them leaves the config as it is."""
         tables = {}
         for name in SECTIONS:
             section = getattr(self, name)
             table = {f.name: getattr(section, f.name) for f in _keys(type(section))}
             if name == "data":
                 table.update(section.params)
-            tables[name] = table
+            tables[name] = copy.deepcopy(table)
         return tables
 
 

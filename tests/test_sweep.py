@@ -69,15 +69,15 @@ def tiny(tmp_path_factory):
     assert said.getvalue() == "", said.getvalue()
     try:
         ray_result = run_sweep(load_sweep(path), root / "ray", executor="ray", workers=2, quiet=True)
-        arrivals = two_points_under_ray(root)
+        two = two_points_under_ray(root)
     finally:
         ray.shutdown()
-    return root, path, local, ray_result, arrivals
+    return root, path, local, ray_result, two
 
 
 def two_points_under_ray(root):
-    """Runs TWO_POINTS with Ray; returns when each point reached this process (seconds) and
-    each point's own training time (its run.json's ``wall_seconds``)."""
+    """Runs TWO_POINTS with Ray; returns its result, and when each point reached this process
+    (seconds) with the point's own training time (its run.json's ``wall_seconds``)."""
     import time
 
     from experiments.sweep import SweepDirectory
@@ -98,15 +98,35 @@ def two_points_under_ray(root):
         SweepDirectory.record = record
     trained = {point: json.loads((result.directory / "points" / point / "run.json").read_text())["wall_seconds"]
                for point in arrivals}
-    return [(arrivals[point], trained[point]) for point in sorted(arrivals, key=arrivals.get)]
+    return result, [(arrivals[point], trained[point]) for point in sorted(arrivals, key=arrivals.get)]
 
 
 def test_a_ray_task_hands_each_point_back_as_it_finishes(tiny):
     """The first point of a task reaches the driver (and disk) while the second still trains:
     a Ctrl-C then keeps it, as with the local executor."""
-    (first_arrived, _), (second_arrived, second_trained) = tiny[4]
+    (first_arrived, _), (second_arrived, second_trained) = tiny[4][1]
     assert second_trained > 0.2, "too short to tell"
     assert second_arrived - first_arrived > 0.5 * second_trained  # one task returning both: 4.5 ms apart
+
+
+def test_each_point_trains_with_its_own_learning_rate(tiny, tmp_path):
+    """Grouping points by program once dropped the learning rate from their configs: every
+    point then trained with the optimizer's default. A point's numbers are those of a plain
+    run with its values."""
+    result = tiny[4][0]
+    rates = {}
+    for _, row in result.table.iterrows():
+        config = tomllib.loads((result.directory / "points" / row["point"] / "config.toml").read_text())
+        rates[row["point"]] = config["optimizer"]["config"]["learning_rate"]
+        assert rates[row["point"]] == row["optimizer.config.learning_rate"]
+    assert sorted(rates.values()) == [0.01, 0.02]
+    assert result.table["last_epoch_loss"].nunique() == 2
+    point = next(p for p, rate in rates.items() if rate == 0.02)
+    settings = ["training.epochs=300", "data.n_samples=512", "optimizer.config.learning_rate=0.02"]
+    assert main(["run", "vanishing/shallow", *(a for s in settings for a in ("--set", s)),
+                 "--out", str(tmp_path), "--quiet"]) == 0
+    (plain,) = tmp_path.glob("vanishing/shallow/*/metrics.csv")
+    assert (result.directory / "points" / point / "metrics.csv").read_bytes() == plain.read_bytes()
 
 
 def test_both_executors_give_identical_numbers(tiny):
