@@ -18,7 +18,7 @@ from gradtools.loggers.base import LoggerUnavailable
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_ERROR = 1
-EXIT_FAILED = 1  # a sweep's failed points, a worker lost: what finished is kept
+EXIT_FAILED = 1  # failed sweep points, a wrong gallery verdict, a lost worker (what finished is kept)
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -416,7 +416,7 @@ def command_gallery(args) -> int:
     (figures / "gallery.md").write_text(table)
     print(table + f"table: {figures / 'gallery.md'}")
     wrong = sum(v != row["expected"] for row in rows for v in row["verdicts"])
-    return 1 if wrong else 0
+    return EXIT_FAILED if wrong else 0
 
 
 #: The options each command writes under: checked before anything runs.
