@@ -13,7 +13,7 @@ from pathlib import Path
 
 from experiments.config import FILE, ConfigError, config_groups, config_names, load_config
 from experiments.worker import WorkerLost
-from gradtools.extras import MissingExtra
+from gradtools.extras import MissingExtra, require
 from gradtools.loggers.base import LoggerUnavailable
 
 EXIT_BAD_INPUT = 2
@@ -470,7 +470,22 @@ COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures
             "config-reference": command_config_reference}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _start_tensorflow(args) -> None:
+    """Start TensorFlow, muted (:mod:`gradtools.tf_startup`), for every command but
+    ``dashboard``: after the command line is parsed (``--help`` and usage errors skip its 4 s
+    start) and each ``--logger`` backend's package is found (a missing extra is said at once)."""
+    if args.command == "dashboard":
+        return
+    for name in getattr(args, "backends", ()):
+        require(name, extra=name, feature=f"--logger {name}")
+    from gradtools.tf_startup import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+
+
+def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
+    """The command line; ``start_tensorflow`` is the entry point's (``python -m experiments``):
+    a caller that imported TensorFlow itself leaves it off."""
     from gradtools.__main__ import one_line_warnings
     from gradtools.history import RunDirectoryError
 
@@ -479,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         check_writable(args)
+        if start_tensorflow:
+            _start_tensorflow(args)
         return COMMANDS[args.command](args)
     except (ConfigError, RunDirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)

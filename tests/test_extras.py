@@ -53,17 +53,18 @@ BACKENDS = [("gradtools.loggers.mlflow", "mlflow", "mlflow"),
             ("gradtools.loggers.tensorboard", "tensorboard", "tensorboard")]
 
 
-def test_a_backend_without_its_extra_names_the_extra():
-    # one process (one TensorFlow start) with the three packages absent, each backend imported alone
+def test_a_backend_without_its_extra_names_the_extra_before_tensorflow_starts():
+    # one process with the three packages absent, each backend imported alone
     code = without(*(package for _, package, _ in BACKENDS)) + "".join(
         f"try:\n    import {module}\nexcept ImportError as error:\n    print(type(error).__name__, error)\n"
-        "else:\n    print('imported')\n" for module, _, _ in BACKENDS)
+        "else:\n    print('imported')\n" for module, _, _ in BACKENDS) + "print('tensorflow' in sys.modules)\n"
     result = python(code)
-    lines = result.stdout.splitlines()
+    *lines, tensorflow_started = result.stdout.splitlines()
     assert len(lines) == len(BACKENDS), result.stdout + result.stderr[-2000:]
     for line, (module, _, extra) in zip(lines, BACKENDS):
         assert line.startswith("MissingExtra"), (module, line)
         assert f"pip install 'gradtools[{extra}]'" in line, (module, line)
+    assert tensorflow_started == "False", "said at once, not after TensorFlow's start"
 
 
 @pytest.mark.parametrize("package, arguments, extra", [
@@ -71,11 +72,14 @@ def test_a_backend_without_its_extra_names_the_extra():
     ("sklearn", ["list"], "experiments"),
 ])
 def test_the_command_line_names_the_missing_extra_and_exits_2(tmp_path, package, arguments, extra):
-    result = subprocess.run([sys.executable, "-c", without(package) + "import runpy\n"
+    result = subprocess.run([sys.executable, "-c", without(package) + "import atexit, runpy\n"
+                             "atexit.register(lambda: print('tensorflow' in sys.modules))\n"
                              f"sys.argv = ['experiments', *{arguments!r}]\n"
                              "runpy.run_module('experiments', run_name='__main__')"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=180,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"pip install 'gradtools[{extra}]'" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stdout == "False\n", "said at once, not after TensorFlow's start"
     assert not (tmp_path / "runs").exists()

@@ -17,14 +17,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 import tomli_w
 
 from gradtools.extras import require
 from gradtools.loggers.base import RunLogger, figure_png, flat_params
 from gradtools.outcome import OUTCOME_NUMBERS, run_outcome
 
+# before TensorFlow starts: a missing extra is said at once, not after TensorFlow's 4 s start
 require("tensorboard", extra="tensorboard", feature="TensorBoardLogger")
+import tensorflow as tf  # noqa: E402
 from tensorboard.plugins.hparams import api as hparams_api  # noqa: E402 - after the extra is known
 from tensorboard.plugins.scalar import metadata as scalar_metadata  # noqa: E402
 
