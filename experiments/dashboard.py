@@ -3,6 +3,7 @@ TensorBoard, on the loopback interface only."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -17,14 +18,17 @@ UIS = {"mlflow": 5000, "tensorboard": 6006}
 def server_command(ui: str, out: Path, port: int | None = None) -> list[str]:
     """The command that serves ``out``: an ``mlflow server`` over ``<out>/mlflow.db`` (what
     ``--logger mlflow`` writes unless ``MLFLOW_TRACKING_URI`` is set) with its artifacts, or
-    TensorBoard over the ``tensorboard`` folders of the run directories."""
+    TensorBoard over the ``tensorboard`` folders of the run directories (without starting
+    TensorFlow: :mod:`experiments.tensorboard_server`)."""
     if ui not in UIS:
         raise ConfigError("--ui", "--ui", ui, f"must be one of {', '.join(UIS)}")
     port = UIS[ui] if port is None else port
     out = out.resolve()
     if ui == "tensorboard":
-        return [sys.executable, "-m", "tensorboard.main", "--logdir", str(out), "--host", "127.0.0.1",
-                "--port", str(port)]
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--ui", "--ui", ui, "needs TensorBoard: pip install 'gradtools[tensorboard]'")
+        return [sys.executable, "-m", "experiments.tensorboard_server", "--logdir", str(out),
+                "--host", "127.0.0.1", "--port", str(port)]
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if mlflow is None:
         raise ConfigError("--ui", "--ui", ui, "needs MLflow: pip install 'gradtools[mlflow]'")

@@ -1,19 +1,22 @@
 """TensorBoardLogger's event files read back with TensorBoard's own reader and server."""
 
 import json
+import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
 import gradtools
+from experiments.dashboard import server_command
 from gradtools.columns import metric_columns
 from gradtools.loggers.tensorboard import TensorBoardLogger
 
@@ -75,8 +78,9 @@ def test_the_tensorboard_server_lists_the_run_and_its_hparams_row(logged_run):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir.parent),
-                               "--host", "127.0.0.1", "--port", str(port)],
+    # as `python -m experiments dashboard` starts it
+    server = subprocess.Popen(server_command("tensorboard", log_dir.parent, port),
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         runs, deadline = None, time.time() + 90
@@ -94,6 +98,8 @@ def test_the_tensorboard_server_lists_the_run_and_its_hparams_row(logged_run):
             scalar_tags = json.loads(answer.read())
         assert "layer_1/grad_abs_mean" in scalar_tags["run_a"]
         groups = hparams_session_groups(port)
+        libraries = Path(f"/proc/{server.pid}/maps").read_text()
+        assert "libtensorflow_framework" not in libraries, "the server started TensorFlow"
     finally:
         server.terminate()
         server.wait(timeout=30)
