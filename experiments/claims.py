@@ -9,6 +9,7 @@ the article's sampling (one value per epoch).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 from experiments.parallel import run_jobs
 from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
 from gradtools.columns import layer_numbers
-from gradtools.diagnosis import diagnose, through_time_evidence
+from gradtools.diagnosis import through_time_evidence
 from gradtools.summary import first_to_last_ratio, sample_per_epoch
 
 #: Runs the claims need: a name -> (config, extra overrides).
@@ -347,19 +348,30 @@ class ClaimResult:
 
 
 def run_claim_experiments(seeds: list[int], epochs: int | None, out: str | Path,
-                          loggers=list, workers: int = 1) -> dict[int, dict[str, Run]]:
+                          loggers=list, workers: int = 1,
+                          on_experiment: Callable[[str, list[Run]], None] | None = None,
+                          ) -> dict[int, dict[str, Run]]:
     """Every run the claims need (in ``workers`` processes, without per-run figures: the
-    report draws the ones it shows): seed -> name -> Run."""
+    report draws the ones it shows): seed -> name -> Run. ``on_experiment(name, runs)`` is
+    called with an experiment's runs, one per seed, as soon as its last seed is done."""
     keys, jobs = [], []
     for seed in seeds:
         for name, (reference, overrides) in EXPERIMENTS.items():
             extra = [*overrides, f"training.seed={seed}"] + ([f"training.epochs={epochs}"] if epochs else [])
             keys.append((seed, name))
             jobs.append((reference, extra))
-    runs: dict[int, dict[str, Run]] = {seed: {} for seed in seeds}
-    for (seed, name), run in zip(keys, run_jobs(jobs, out, workers=workers, loggers=loggers, figures=False)):
-        runs[seed][name] = run
-    return runs
+    done: dict[tuple[int, str], Run] = {}
+    seeds_left = Counter(name for _, name in keys)
+
+    def finished(index: int, run: Run) -> None:
+        seed, name = keys[index]
+        done[seed, name] = run
+        seeds_left[name] -= 1
+        if seeds_left[name] == 0 and on_experiment is not None:
+            on_experiment(name, [done[s, name] for s in seeds])
+
+    run_jobs(jobs, out, workers=workers, loggers=loggers, figures=False, on_run=finished)
+    return {seed: {name: done[seed, name] for name in EXPERIMENTS} for seed in seeds}
 
 
 def evaluate(runs: dict[int, dict[str, Run]]) -> list[ClaimResult]:
@@ -394,9 +406,3 @@ def write_claims(results: list[ClaimResult], directory: str | Path) -> tuple[Pat
         lines.append(f"| {r.number} | {cell(r.claim)} | {cell(r.criterion)} | {cell(measured)} | {r.verdict} |")
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
-
-
-def diagnoses(runs: dict[int, dict[str, Run]]) -> dict[str, list[str]]:
-    """name -> the verdict of each seed."""
-    return {name: [diagnose(by_name[name].history).verdict for by_name in runs.values()]
-            for name in EXPERIMENTS}

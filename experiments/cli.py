@@ -323,7 +323,7 @@ def command_compare(args) -> int:
     return 0
 
 
-def _claim_runs(args):
+def _claim_runs(args, on_experiment=None):
     from experiments.claims import run_claim_experiments
 
     if args.seeds < 1:
@@ -333,7 +333,8 @@ def _claim_runs(args):
     if args.workers < 1:
         raise ConfigError("--workers", "--workers", args.workers, "must be an integer >= 1")
     return run_claim_experiments(list(range(args.seeds)), args.epochs, args.out,
-                                 loggers=lambda: _loggers(args.quiet), workers=args.workers)
+                                 loggers=lambda: _loggers(args.quiet), workers=args.workers,
+                                 on_experiment=on_experiment)
 
 
 def command_claims(args) -> int:
@@ -351,12 +352,17 @@ def command_report(args) -> int:
     import pandas as pd
 
     from experiments.phase_diagram import PHASE_SWEEP
-    from experiments.report import write_report
+    from experiments.report import experiment_section, write_report
 
     started = time.perf_counter()
     phase_csv = Path(args.out) / "sweeps" / PHASE_SWEEP / "sweep.csv"
     phase_table = pd.read_csv(phase_csv) if phase_csv.is_file() else None
-    page = write_report(_claim_runs(args), Path(args.report), phase_table)
+    sections = {}
+
+    def draw(name, runs):  # while the worker processes train the other experiments
+        sections[name] = experiment_section(name, runs)
+
+    page = write_report(_claim_runs(args, on_experiment=draw), Path(args.report), phase_table, sections)
     print(f"report: {page} ({time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -244,16 +244,20 @@ def run_grouped(function, items: list, keys: list[str], workers: int, on_result)
 
 
 def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list,
-             figures: bool = True) -> list[Run]:
+             figures: bool = True, on_run: Callable[[int, Run], None] | None = None) -> list[Run]:
     """Run every job, in this process (``workers`` = 1, with ``loggers``) or in ``workers``
     spawned processes (quiet), the runs of one program together; returns the runs in the
     order of ``jobs``, each read back from its run directory, so the numbers are the same
-    either way. ``figures=False``: no per-run figures (seed replicas, claims)."""
+    either way. ``figures=False``: no per-run figures (seed replicas, claims).
+    ``on_run(index, run)`` is called here as each job's run is read back, while the others
+    still train."""
     configs = [load_config(reference, overrides) for reference, overrides in jobs]
-    run_dirs: list = [None] * len(jobs)
+    runs: list = [None] * len(jobs)
 
     def keep(index: int, run_dir) -> None:
-        run_dirs[index] = run_dir
+        runs[index] = Run(configs[index], Path(run_dir), History.from_run_dir(run_dir))
+        if on_run is not None:
+            on_run(index, runs[index])
 
     def here(group, report):
         for position, (reference, overrides, _, _) in enumerate(group):
@@ -263,4 +267,4 @@ def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list,
     items = [(*job, str(out), figures) for job in jobs]
     run_grouped(worker.run_jobs if workers > 1 else here, items,
                 [program_key(config) for config in configs], workers, keep)
-    return [Run(config, Path(run_dir), History.from_run_dir(run_dir)) for config, run_dir in zip(configs, run_dirs)]
+    return runs

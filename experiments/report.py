@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
 
-from experiments.claims import EXPERIMENTS, diagnoses, evaluate, median_numbers, write_claims
+from experiments.claims import EXPERIMENTS, evaluate, median_numbers, write_claims
 from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
 from gradtools.diagnosis import diagnose
 from gradtools.plots import plot_mean_gradient, plot_seed_band, plot_state_gradients
@@ -40,7 +41,10 @@ def _figure_png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _experiment_section(name: str, runs: list[Run], verdicts: list[str]) -> str:
+def experiment_section(name: str, runs: list[Run]) -> str:
+    """Experiment ``name``'s part of the page, from its runs (one per seed): its figures, the
+    first seed's diagnosis and the verdict of every seed."""
+    verdicts = [diagnose(run.history).verdict for run in runs]
     first = runs[0]
     history = first.history
     article_png = _figure_png(plot_mean_gradient(history.metrics, first.config.run_name, history.first_nonfinite_step,
@@ -81,12 +85,14 @@ initializer scale, at the first step (top) and over the last epoch with each run
 
 
 def write_report(runs: dict[int, dict[str, Run]], directory: Path,
-                 phase_table: pd.DataFrame | None = None) -> Path:
+                 phase_table: pd.DataFrame | None = None, sections: Mapping[str, str] | None = None) -> Path:
     """Write ``<directory>/index.html`` (and claims.json / claims.md) from the claims' runs,
-    with the phase diagram drawn from ``phase_table`` (a depth_init sweep.csv) when given."""
+    with the phase diagram drawn from ``phase_table`` (a depth_init sweep.csv) when given.
+    ``sections``: experiment name -> its :func:`experiment_section`, drawn while the other
+    experiments trained (``make report`` does); the missing ones are drawn here."""
     results = evaluate(runs)
     write_claims(results, directory)
-    verdicts = diagnoses(runs)
+    sections = sections or {}
     by_name = {name: [seed_runs[name] for seed_runs in runs.values()] for name in EXPERIMENTS}
     rows = "".join(
         f"<tr><td>{r.number}</td><td>{html.escape(r.claim)}</td><td>{html.escape(r.criterion)}</td>"
@@ -95,7 +101,7 @@ def write_report(runs: dict[int, dict[str, Run]], directory: Path,
     groups: dict[str, list[str]] = {}
     for name, group_runs in by_name.items():
         groups.setdefault(group_runs[0].config.group, []).append(
-            _experiment_section(name, group_runs, verdicts[name]))
+            sections[name] if name in sections else experiment_section(name, group_runs))
     sections = "".join(f"<h2>{html.escape(GROUP_TITLES.get(group, group))}</h2>{''.join(parts)}"
                        for group, parts in groups.items())
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">

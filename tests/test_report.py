@@ -12,14 +12,34 @@ from conftest import assert_drawn_png
 from experiments.claims import EXPERIMENTS
 from experiments.cli import main
 
+#: (experiment, runs given, run.json files on disk then) for each section the report drew
+DRAWN = []
+
 
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory):
+    from experiments import report
+
     root = tmp_path_factory.mktemp("report")
-    code = main(["report", "--seeds", "1", "--epochs", "5", "--quiet", "--workers", "1",
-                 "--out", str(root / "runs"), "--report", str(root / "report")])
+
+    def noted(name, runs):
+        DRAWN.append((name, len(runs), len(list((root / "runs").glob("*/*/*/run.json")))))
+        return draw(name, runs)
+
+    draw = report.experiment_section
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report, "experiment_section", noted)
+        code = main(["report", "--seeds", "1", "--epochs", "5", "--quiet", "--workers", "1",
+                     "--out", str(root / "runs"), "--report", str(root / "report")])
     assert code == 0
     return root / "report"
+
+
+def test_each_experiments_figures_are_drawn_as_soon_as_its_runs_are_done(report_dir):
+    """Not all after the last run: drawing stays off the command's critical path."""
+    assert sorted(name for name, _, _ in DRAWN) == sorted(EXPERIMENTS)
+    assert all(given == 1 for _, given, _ in DRAWN)
+    assert [on_disk for _, _, on_disk in DRAWN] == list(range(1, len(EXPERIMENTS) + 1))
 
 
 def test_claims_are_written_with_numbers_per_seed_and_a_verdict(report_dir):
