@@ -448,14 +448,14 @@ def check_writable(args) -> None:
 
 
 def command_dashboard(args) -> int:
-    from experiments.dashboard import UIS, server_command, server_environment
+    from experiments.dashboard import UIS, empty_note, server_command, server_environment
 
     command = server_command(args.ui, Path(args.out), args.port)
     url = f"http://127.0.0.1:{args.port or UIS[args.ui]}"
     print(f"serving {Path(args.out).resolve()} in {args.ui} at {url} (Ctrl-C stops it)", flush=True)
-    if args.ui == "mlflow" and not (Path(args.out) / "mlflow.db").exists():
-        print(f"note: {Path(args.out) / 'mlflow.db'} does not exist yet, so the run table starts empty: "
-              "log runs with --logger mlflow", flush=True)
+    note = empty_note(args.ui, Path(args.out))
+    if note is not None:
+        print(note, flush=True)
     try:
         return subprocess.run(command, env=server_environment(args.ui)).returncode
     except KeyboardInterrupt:

@@ -37,6 +37,17 @@ def server_command(ui: str, out: Path, port: int | None = None) -> list[str]:
             "--artifacts-destination", str(out / "mlflow-artifacts")]
 
 
+def empty_note(ui: str, out: Path) -> str | None:
+    """A note for a UI that will start with nothing to show: no runs of ``out`` logged to it."""
+    if ui == "mlflow" and not (out / "mlflow.db").exists():
+        return (f"note: {out / 'mlflow.db'} does not exist yet, so the run table starts empty: "
+                "log runs with --logger mlflow")
+    if ui == "tensorboard" and next(out.rglob("events.out.tfevents.*"), None) is None:
+        return (f"note: no run under {out} has TensorBoard files yet, so TensorBoard starts empty: "
+                "log runs with --logger tensorboard")
+    return None
+
+
 def server_environment(ui: str) -> dict[str, str]:
     """The server's environment: for MLflow, its job runner off unless the user set
     ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``. The runner serves MLflow's GenAI jobs (scorers,

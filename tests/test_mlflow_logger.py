@@ -268,6 +268,14 @@ def test_a_bad_store_fails_when_the_logger_is_made(tmp_path):
         MLflowLogger(name="x", experiment="x", tracking_uri=f"sqlite:///{tmp_path / 'file' / 'db'}")
 
 
+def test_the_dashboard_notes_a_store_that_does_not_exist_yet(tmp_path):
+    from experiments.dashboard import empty_note
+
+    assert empty_note("mlflow", tmp_path).endswith("the run table starts empty: log runs with --logger mlflow")
+    (tmp_path / "mlflow.db").touch()
+    assert empty_note("mlflow", tmp_path) is None
+
+
 def test_the_dashboard_refuses_an_unknown_ui_with_exit_2(capsys):
     from experiments.cli import main
 

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 
 import gradtools
-from experiments.dashboard import server_command
+from experiments.dashboard import empty_note, server_command
 from gradtools.columns import metric_columns
 from gradtools.loggers.tensorboard import TensorBoardLogger
 
@@ -113,3 +113,9 @@ def test_the_tensorboard_server_lists_the_run_and_its_hparams_row(logged_run):
     assert values["outcome/final_loss"] == pytest.approx(history.metrics["loss"].iloc[-1], rel=1e-6)
     layer_1, layer_2 = (history.metrics[f"layer_{k}/grad_abs_mean"].median() for k in (1, 2))
     assert values["outcome/first_to_last_ratio"] == pytest.approx(layer_1 / layer_2, rel=1e-5)
+
+
+def test_the_dashboard_notes_a_folder_without_event_files(logged_run, tmp_path):
+    log_dir, _, _ = logged_run
+    assert empty_note("tensorboard", tmp_path).endswith("starts empty: log runs with --logger tensorboard")
+    assert empty_note("tensorboard", log_dir.parent) is None
