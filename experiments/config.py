@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from experiments.datasets import GENERATORS, SEQUENCE_GENERATORS, check_data_params
+from experiments.datasets import GENERATORS, REAL_TARGET_GENERATORS, SEQUENCE_GENERATORS, check_data_params
 from gradtools.validation import MAX_SEED, is_integer, is_number
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -219,7 +219,8 @@ class DataSection:
     generator: str = key(_choice(*GENERATORS), doc="moons, circles, classification, regression "
                          "(scikit-learn's make_*) or adding (the adding problem)")
     standardize: bool = key(_boolean, False, "scale inputs to zero mean, unit variance")
-    standardize_targets: bool = key(_boolean, False, "regression only: scale targets too")
+    standardize_targets: bool = key(_boolean, False, "scale the targets too (generators with real-valued "
+                                    "targets only: regression, adding)")
     #: The generator's own keyword parameters (n_samples, noise, random_state, …).
     params: Mapping[str, Any] = field(default_factory=dict)
 
@@ -508,6 +509,10 @@ def _check_model(values: dict[str, Any], given: Mapping[str, Any], source: str) 
 
 def _data_params(params: dict[str, Any], generator: str, source: str,
                  standardize_targets: bool = False) -> dict[str, Any]:
+    if standardize_targets and generator not in REAL_TARGET_GENERATORS:
+        raise ConfigError(source, "data.standardize_targets", True,
+                          f"only for generators with real-valued targets ({', '.join(REAL_TARGET_GENERATORS)}): "
+                          f"the {generator!r} generator's targets are class labels")
     try:
         check_data_params(generator, params, standardize_targets)
     except KeyError as error:

@@ -54,6 +54,8 @@ GENERATORS = {
 
 #: Generators whose examples are sequences (batch, time, features).
 SEQUENCE_GENERATORS = ("adding",)
+#: Generators whose targets are real numbers, not class labels (which scaling would destroy).
+REAL_TARGET_GENERATORS = ("regression", "adding")
 
 _NOT_CONFIGURABLE = ("return_X_y", "coef")
 

@@ -98,6 +98,8 @@ BAD = [
      'generator = "adding"\nn_samples = 64\nsequence_length = 3', ["data.sequence_length", "3", "[4, 1000]"]),
     ("bad depth", "hidden_units = [4]", 'hidden_units = [4]\ndepth = 0',
      ["model.depth", "0", "integer >= 1"]),
+    ("class labels standardized", "noise = 0.1", "noise = 0.1\nstandardize_targets = true",
+     ["data.standardize_targets", "True", "real-valued targets", "'moons'"]),
 ]
 
 
