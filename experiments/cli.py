@@ -311,12 +311,19 @@ def newest_run(out: Path, config_name: str) -> Path:
     return finished[-1]
 
 
+def article_variants(group: str) -> list[str]:
+    """The configs of ``group`` that are the article's own models (each carries the article's
+    name for it): what its comparison of that group overlays."""
+    return [name for name in config_names()
+            if name.startswith(group + "/") and load_config(name).experiment.article_name]
+
+
 def command_compare(args) -> int:
     from gradtools.compare import compare_runs
 
     out, figures = Path(args.out), Path(args.figures)
     for group in ("vanishing", "exploding"):
-        run_dirs = [str(newest_run(out, name)) for name in config_names() if name.startswith(group + "/")]
+        run_dirs = [str(newest_run(out, name)) for name in article_variants(group)]
         target = figures / f"compare_{group}.png"
         compare_runs(run_dirs, args.stat, target)
         print(f"figure: {target} ({len(run_dirs)} {group} runs)")

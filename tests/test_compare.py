@@ -60,6 +60,15 @@ def test_command_line_exit_codes(runs_dir, tmp_path):
     assert bad.returncode == 2 and "available:" in bad.stderr
 
 
+def test_the_article_comparisons_overlay_its_six_vanishing_and_four_exploding_models():
+    from experiments.cli import article_variants
+
+    assert article_variants("vanishing") == [f"vanishing/{name}" for name in (
+        "adam", "batchnorm", "glorot_uniform", "relu", "shallow", "sigmoid_baseline")]
+    assert article_variants("exploding") == [f"exploding/{name}" for name in (
+        "glorot_tanh", "grad_clipping", "l2_regularization", "relu_baseline")]
+
+
 def test_the_article_comparison_needs_runs_and_says_how_to_make_them(tmp_path, capsys):
     from experiments.cli import main
 
