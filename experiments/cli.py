@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seed_group_options(claims, report_help="where claims.* go (default report)")
 
     report = commands.add_parser(
-        "report", help="write report/index.html: figures, diagnoses and claims of every experiment",
+        "report", help="write report/index.html: the claims, and the figures and diagnoses of their 28 experiments",
         description="Run the claims' experiments over seeds and write a self-contained static page "
         "<report>/index.html (images embedded; opens offline) with, per experiment, the article's "
         "figure, the multi-seed figure and the diagnosis, the claims table, and the phase "

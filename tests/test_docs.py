@@ -44,3 +44,17 @@ def test_the_readme_is_short_and_shows_the_two_commands(repo_root):
     readme = (repo_root / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
     assert "make run-experiment" in readme and "make test" in readme
+
+
+def test_the_config_files_shown_in_the_docs_load(repo_root, tmp_path):
+    """Each ```toml block that is a whole config (it has an [experiment] table) is one a
+    reader can copy: it loads as the suite would load it."""
+    from experiments.config import load_config
+
+    shown = [block for page in pages(repo_root)
+             for block in re.findall(r"```toml\n(.*?)```", page.read_text(), re.S) if "[experiment]" in block]
+    assert shown, "docs/run-directory.md shows one"
+    for number, block in enumerate(shown):
+        path = tmp_path / f"shown_{number}.toml"
+        path.write_text(block)
+        load_config(str(path))
