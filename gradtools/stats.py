@@ -54,6 +54,11 @@ def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
     gradients at positions ``monitored`` (see :attr:`gradtools.layers.LayerLayout.monitored`)
     with the matching ``weights_before`` / ``weights_after``, then the optional columns: the
     global norm of ``clipped_gradients``, the ``loss_scale`` and the ``skipped`` flag."""
+    unreached = [getattr(after, "path", f"variable {i}")
+                 for i, after in zip(monitored, weights_after) if gradients[i] is None]
+    if unreached:  # zeros would read as dead units and a "vanishing" verdict
+        raise ValueError(f"no gradient reaches {', '.join(unreached)}: the loss does not depend on it "
+                         "(a layer the model never calls?); remove that layer, or set its trainable = False")
     head = tf.stack([tf.cast(loss, tf.float32), global_gradient_norm(gradients)])
     layers = [layer_gradient_stats(gradients[i], before, after)
               for i, before, after in zip(monitored, weights_before, weights_after)]

@@ -9,6 +9,8 @@ clipping, the loss scale under mixed precision, and the row of statistics.
 
 from __future__ import annotations
 
+import re
+
 import keras
 import tensorflow as tf
 from keras.src.backend.common.masking import get_keras_mask, set_keras_mask  # no public API sets one
@@ -24,7 +26,9 @@ class _LossFromFunction(keras.losses.Loss):
     """A Keras loss function (per-sample) as a mean-reduced loss, like ``compile`` makes it."""
 
     def __init__(self, fn, dtype=None):
-        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype)
+        # a name Keras accepts as a scope: a lambda's "<lambda>" is not one
+        name = re.sub(r"\W+", "_", getattr(fn, "__name__", "")).strip("_") or "loss"
+        super().__init__(name=name, dtype=dtype)
         self.fn = fn
 
     def call(self, y_true, y_pred):

@@ -10,7 +10,6 @@ same program share its compilation (see :mod:`gradtools.compilation_cache`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -97,18 +96,22 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
                    stop_on_nonfinite=stop_on_nonfinite, jit_compile=jit_compile,
                    keep_gradients=any(getattr(logger, "wants_gradients", False) for logger in loggers))
     loss_fn = resolve_loss(loss)
-    program = compiled_program(model, loss_fn, optimizer, data, **options)
+    programs = [compiled_program(model, loss_fn, optimizer, data, **options)]
     shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
-    recorder = Recorder(program.step, data.n_batches, model, loggers, log_every, stop_on_nonfinite, figures,
+    recorder = Recorder(programs[0].step, data.n_batches, model, loggers, log_every, stop_on_nonfinite, figures,
                         optimizer=optimizer)
-    without_xla = functools.partial(_uncompiled, model, loss_fn, optimizer, data, options) if jit_compile else None
-    return recorder.train(program.bind(data), epochs, shuffle_seed, jit_compile, without_xla)
 
+    def without_xla():
+        """The step and the bound epoch of the same program without XLA."""
+        programs.append(compiled_program(model, loss_fn, optimizer, data, **{**options, "jit_compile": False}))
+        return programs[-1].step, programs[-1].bind(data)
 
-def _uncompiled(model, loss_fn, optimizer, data: "EpochData", options: dict):
-    """The step and the bound epoch of the same program without XLA."""
-    program = compiled_program(model, loss_fn, optimizer, data, **{**options, "jit_compile": False})
-    return program.step, program.bind(data)
+    try:
+        return recorder.train(programs[0].bind(data), epochs, shuffle_seed, jit_compile,
+                              without_xla if jit_compile else None)
+    finally:  # the caller's model has its trained values: a borrowed program's owners get theirs
+        for program in programs:
+            program.give_back(model, optimizer)
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class EpochData:
 
     @classmethod
     def of(cls, x, y, batch_size: int) -> "EpochData":
+        if _several_arrays(x) or _several_arrays(y):
+            raise ValueError("gradtools.fit takes one array of inputs and one of targets; for a model "
+                             "with several inputs or outputs, use model.fit with gradtools.GradientMonitor")
         x, y = _as_tensor(x), _as_tensor(y)
         if int(y.shape[0]) != int(x.shape[0]):
             raise ValueError(f"x has {int(x.shape[0])} examples but y has {int(y.shape[0])}")
@@ -157,6 +163,12 @@ class EpochData:
     def _batched(self, x, y, count: int):
         return (tf.reshape(x, [count, self.batch_size, *self.x.shape[1:]]),
                 tf.reshape(y, [count, self.batch_size, *self.y.shape[1:]]))
+
+
+def _several_arrays(values) -> bool:
+    """A dict of arrays, or a list of them (a nested list of numbers is one array)."""
+    return isinstance(values, dict) or (isinstance(values, (list, tuple)) and len(values) > 0
+                                         and hasattr(values[0], "shape"))
 
 
 def _as_tensor(values):
@@ -227,6 +239,31 @@ class Program:
     run_epoch: object
     #: The program's key until its first call, which traces it (see ``named_after``).
     untraced_key: str | None = None
+    #: While another model (or optimizer) of the same structure borrows the program: the
+    #: values of the ones it was traced with, which :meth:`give_back` restores.
+    owners_values: list | None = None
+
+    def lend(self, model, optimizer) -> None:
+        """Start the program's variables from ``model``'s and ``optimizer``'s values, keeping
+        the values of the model and optimizer it was traced with (the user may still hold
+        them: training another model must not change them)."""
+        owners = self._owners_variables(model, optimizer)
+        if self.owners_values is None:
+            self.owners_values = [v.numpy() for v in owners]
+        copy_values(model.variables, self.step.model.variables)
+        copy_values(optimizer.variables, self.step.optimizer.variables)
+
+    def give_back(self, model, optimizer) -> None:
+        """Once the borrower has its trained values: the traced model and optimizer get their
+        own values back."""
+        if self.owners_values is not None:
+            copy_values(self.owners_values, self._owners_variables(model, optimizer))
+            self.owners_values = None
+
+    def _owners_variables(self, model, optimizer) -> list:
+        step = self.step
+        return ([*step.model.variables] if step.model is not model else []) + \
+               ([*step.optimizer.variables] if step.optimizer is not optimizer else [])
 
     def bind(self, data: EpochData):
         """``run_epoch(epoch, seed)`` on ``data``."""
@@ -271,12 +308,12 @@ def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> P
     finds it in the persistent cache: :func:`gradtools.compilation_cache.named_after`)."""
     key = _program_key(model, loss_fn, optimizer, data, options)
     cached = _PROGRAMS.get(key) if key is not None else None
-    if cached is not None and _same_shapes(cached.step.model.variables, model.variables):
+    if (cached is not None and _same_shapes(cached.step.model.variables, model.variables)
+            and _same_code(cached.step, model, loss_fn)):
         _PROGRAMS.move_to_end(key)
         if not optimizer.built:
             optimizer.build(model.trainable_weights)
-        copy_values(model.variables, cached.step.model.variables)
-        copy_values(optimizer.variables, cached.step.optimizer.variables)
+        cached.lend(model, optimizer)
         return cached
     step = TrainStep(model, loss_fn, optimizer, clip_value=options["clip_value"],
                      clip_global_norm=options["clip_global_norm"], keep_gradients=options["keep_gradients"])
@@ -291,6 +328,18 @@ def copy_values(sources, targets) -> None:
     for source, target in zip(sources, targets):
         if source is not target:
             target.assign(source)
+
+
+def _same_code(step: TrainStep, model, loss_fn) -> bool:
+    """The program was traced from the same code as ``model`` and ``loss_fn`` run: the same
+    layer classes (a class defined again, as re-running a notebook cell does, is other code
+    under the same config and key) and the same loss class and function (two closures share
+    a name)."""
+    def classes(of):  # every layer, nested ones included (Keras has no public walk)
+        return [type(layer) for layer in of._flatten_layers()]  # noqa: SLF001
+
+    return (classes(step.model) == classes(model) and type(step.loss_fn) is type(loss_fn)
+            and getattr(step.loss_fn, "fn", None) is getattr(loss_fn, "fn", None))
 
 
 def _same_shapes(first, second) -> bool:
@@ -419,7 +468,7 @@ class Recorder:
         except Exception as error:
             self.status = FAILED
             self._hand_back()
-            if jit_compile and not self.frames:
+            if jit_compile and not self.frames and isinstance(error, tf.errors.OpError):
                 error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
                                "an op of this model, call it with jit_compile=False")
             end_run_after_error(self.loggers, self.history(), self.figures)

@@ -177,9 +177,10 @@ def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the
     x, y = regression_data()
     options = dict(loss="mse", epochs=2, batch_size=16)
     training._PROGRAMS.clear()
-    first = dropout_mlp(0)
-    gradtools.fit(first, x, y, optimizer=keras.optimizers.Adam(0.01), seed=0, **options)
+    first, first_optimizer = dropout_mlp(0), keras.optimizers.Adam(0.01)
+    gradtools.fit(first, x, y, optimizer=first_optimizer, seed=0, **options)
     assert len(training._PROGRAMS) == 1
+    first_values = [v.numpy().copy() for v in (*first.variables, *first_optimizer.variables)]
     second, seen_reused = dropout_mlp(1), HeadEachEpoch()
     reused = gradtools.fit(second, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, loggers=[seen_reused],
                            **options)
@@ -192,6 +193,10 @@ def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the
     assert renamed.layer_blocks == ["other_hidden", "other_head"]
     gradtools.fit(dropout_mlp(2, head=OtherDense), x, y, optimizer="adam", **options)
     assert len(training._PROGRAMS) == 2, "another layer class is another program"
+    # the program trains its own variables: the model and optimizer it was traced with, which
+    # the user still holds, keep their values whatever other models it trained since
+    for kept, now in zip(first_values, (*first.variables, *first_optimizer.variables)):
+        np.testing.assert_array_equal(kept, now.numpy(), err_msg=now.path)
 
     training._PROGRAMS.clear()  # the same run, traced afresh
     fresh_model, seen_fresh = dropout_mlp(1), HeadEachEpoch()
@@ -204,6 +209,66 @@ def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the
         np.testing.assert_array_equal(a, b)
     for a, b in zip(second.variables, fresh_model.variables):  # the caller's model is trained
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_program_is_reused_only_for_the_same_code():
+    """A layer class defined again under the same name (a notebook cell run again) and another
+    loss closure of the same name are other code under the same config: traced anew, never
+    run stale. (Without XLA: what is checked is which program runs, not its compilation.)"""
+    x, y = regression_data()
+
+    def scaled(scale):
+        class Scaled(keras.layers.Dense):  # the same name and config each time, other code
+            def call(self, inputs):
+                return super().call(inputs) * scale
+        return Scaled
+
+    def model_of(layer_class):
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((4,)), layer_class(1)])
+
+    def first_loss(model, loss, weight=1.0):
+        """The first step's loss (one batch of all examples), and what it must be."""
+        expected = weight * float(np.mean((model(x).numpy()[:, 0] - y) ** 2))
+        history = gradtools.fit(model, x, y, loss=loss, optimizer="sgd", epochs=1, batch_size=len(x), seed=0,
+                                jit_compile=False)
+        return history.metrics["loss"].iloc[0], expected
+
+    for layer_class in (scaled(1.0), scaled(100.0)):
+        measured, expected = first_loss(model_of(layer_class), "mse")
+        assert measured == pytest.approx(expected, rel=1e-5)
+    same = scaled(1.0)
+    for weight in (1.0, 100.0):  # a lambda (no valid scope name of its own), twice
+        loss = lambda t, p, w=weight: w * keras.losses.mean_squared_error(t, p)  # noqa: E731
+        measured, expected = first_loss(model_of(same), loss, weight)
+        assert measured == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Gradients do not exist for variables:UserWarning")  # Keras's own, true
+def test_a_layer_no_gradient_reaches_and_several_inputs_are_clear_errors():
+    x, y = regression_data()
+
+    class Unused(keras.Model):  # a layer built but never called: the loss does not depend on it
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.used, self.unused = keras.layers.Dense(1), keras.layers.Dense(1, name="never_called")
+
+        def build(self, shape):
+            self.used.build(shape)
+            self.unused.build(shape)
+
+        def call(self, inputs):
+            return self.used(inputs)
+
+    message = "no gradient reaches unused/never_called/kernel: the loss does not depend on it"
+    with pytest.raises(ValueError, match=message):
+        gradtools.fit(Unused(name="unused"), x, y, loss="mse", optimizer="sgd", epochs=1, jit_compile=False)
+    model = Unused(name="unused")
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match=message):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[gradtools.GradientMonitor()])
+    with pytest.raises(ValueError, match="use model.fit with gradtools.GradientMonitor"):
+        gradtools.fit(mlp(), [x, x], y, loss="mse", optimizer="sgd", epochs=1)
 
 
 def test_a_learning_rate_schedule_is_part_of_the_program():
