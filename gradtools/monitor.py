@@ -179,6 +179,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._restore = []
         self._buffer: _StepBuffer | None = None
         self._traced = []
+        self._ended = False  # a model.fit it watched has ended: the next one is a new run
         # The step's loss tensor, from compute_loss to apply: per thread, since a strategy
         # traces each replica's step in a thread of its own.
         self._step = threading.local()
@@ -199,6 +200,8 @@ class GradientMonitor(keras.callbacks.Callback):
     # --- installing the probes --------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        if self._ended:
+            self._new_run()
         model, optimizer = self.model, self.model.optimizer
         self._buffer = None
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -214,6 +217,16 @@ class GradientMonitor(keras.callbacks.Callback):
             self._prepare(list(model.trainable_weights))
         self._install(model, optimizer)
         model.make_train_function(force=True)  # trace again, with the probes
+
+    def _new_run(self) -> None:
+        """Each ``model.fit`` is a run of its own, as Keras's ``History`` is: the layers it
+        trains may have changed (a backbone unfrozen), and its steps count from 1 again.
+        Loggers closed the last run when it ended, so they cannot take a new one."""
+        if self.loggers:
+            raise ValueError("this GradientMonitor's loggers closed its run when the last model.fit "
+                             "ended: give each model.fit a new GradientMonitor, with new loggers")
+        self.status, self.first_nonfinite_step, self.epochs_completed = COMPLETED, None, 0
+        self._frames, self._state_rows, self._ended = [], [], False
 
     def _install(self, model, optimizer) -> None:
         monitor = self
@@ -345,4 +358,5 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) \
                 and self.status != DIVERGED:
             self.status = DIVERGED
+        self._ended = True
         end_run(self.loggers, self.history(), run_figures if self.figures is True else self.figures or None)

@@ -140,3 +140,33 @@ def test_the_probes_are_removed_after_fit():
     assert "apply" not in vars(model.optimizer) and "compute_loss" not in vars(model)
     model.fit(x, y, epochs=1, verbose=0)
     assert len(monitor.metrics) == 1
+
+
+def test_each_model_fit_is_a_run_of_its_own_a_backbone_unfrozen_included(tmp_path):
+    """Freeze, train the head, unfreeze, train all (the usual fine-tuning): the second fit's
+    table has its own steps and layers, not the first fit's rows under other meanings."""
+    import gradtools
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype(np.float32)
+    y = x.sum(axis=1).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    backbone = keras.layers.Dense(8, activation="tanh", name="backbone")
+    model = keras.Sequential([keras.Input((4,)), backbone, keras.layers.Dense(1, name="head")])
+    monitor = GradientMonitor()
+    backbone.trainable = False
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert [path.split("/")[-2] for path in monitor.layer_paths] == ["head"]
+    backbone.trainable = True
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert [path.split("/")[-2] for path in monitor.layer_paths] == ["backbone", "head"]
+    assert monitor.metrics["step"].tolist() == [1, 2, 3, 4]
+    assert np.isfinite(monitor.metrics.drop(columns=["step", "epoch", "batch"]).to_numpy()).all()
+    assert gradtools.diagnose(monitor.history()).verdict == "healthy"
+
+    logged = GradientMonitor(loggers=[LocalRunLogger(tmp_path / "run", name="first")])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logged])
+    with pytest.raises(ValueError, match="give each model.fit a new GradientMonitor"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logged])
