@@ -337,6 +337,9 @@ class ExperimentConfig:
             if name == "data":
                 table.update(section.params)
             tables[name] = copy.deepcopy(table)
+        if self.model.architecture != "rnn":  # a config that gives them is refused: so is one that shows them
+            for key in RNN_KEYS:
+                tables["model"].pop(key)
         return tables
 
 

@@ -46,10 +46,10 @@ def test_run_writes_the_whole_contract_and_is_deterministic(tmp_path, capsys, mo
     summary = first.stdout
     assert "completed" in summary and "layer_1" in summary and "mean_gradient.png" in summary
 
-    # the same command again, in this process: another process, the same bytes
+    # the run again from its own config.toml, in this process: another process, the same bytes
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    assert main(args + ["--out", "b"]) == 0
+    assert main(["run", str(run_dir / "config.toml"), "--quiet", "--out", "b"]) == 0
     again = run_dir_from(capsys.readouterr().out, tmp_path)
     assert again.parent == tmp_path / "b" / "vanishing" / "sigmoid_baseline"
     assert (again / "metrics.csv").read_bytes() == (run_dir / "metrics.csv").read_bytes()
