@@ -500,6 +500,7 @@ def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
     """The command line; ``start_tensorflow`` is the entry point's (``python -m experiments``):
     a caller that imported TensorFlow itself leaves it off."""
     from gradtools.__main__ import one_line_warnings
+    from gradtools.compare import CompareError
     from gradtools.history import RunDirectoryError
 
     args = build_parser().parse_args(argv)
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
         if start_tensorflow:
             _start_tensorflow(args)
         return COMMANDS[args.command](args)
-    except (ConfigError, RunDirectoryError) as error:
+    except (ConfigError, RunDirectoryError, CompareError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (MissingExtra, LoggerUnavailable) as error:

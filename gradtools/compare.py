@@ -20,9 +20,10 @@ def expand_run_dirs(patterns: list[str]) -> list[tuple[Path, bool]]:
     directories, in order, without repeats; each with whether a glob found it."""
     found: dict[Path, bool] = {}
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        # a glob's files are not runs (next to the runs of `--seeds`: its summary table and figure)
+        matches = sorted(m for m in glob.glob(pattern) if Path(m).is_dir()) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise CompareError(f"{pattern}: matches no path")
+            raise CompareError(f"{pattern}: matches no directory")
         for match in matches:
             path = Path(match)
             if not (path / "metrics.csv").is_file() or not (path / "run.json").is_file():

@@ -27,6 +27,7 @@ def runs_dir(tmp_path_factory):
         logger = LocalRunLogger(root / name / f"seed{seed}", name=name, seed=seed)
         gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer="sgd", epochs=2,
                       batch_size=8, seed=seed, loggers=[logger], figures=False)  # compare reads the tables
+    (root / "toy" / "sigmoid" / "seeds-20261128.csv").write_text("seed\n0\n1\n")  # as --seeds writes
     return root
 
 
@@ -42,7 +43,7 @@ def test_a_glob_overlays_every_run_labelled_by_experiment_and_seed(runs_dir, tmp
 def test_bad_path_and_unknown_statistic_say_what_is_available(runs_dir, tmp_path):
     with pytest.raises(CompareError, match="not a run directory"):
         compare_runs([str(tmp_path)])
-    with pytest.raises(CompareError, match="matches no path"):
+    with pytest.raises(CompareError, match="matches no directory"):
         compare_runs([str(tmp_path / "nothing" / "*")])
     with pytest.raises(CompareError, match="available: loss, grad_global_norm, layer_1/grad_mean"):
         compare_runs([str(runs_dir / "toy" / "relu" / "seed0")], "layer_7/grad_norm")
@@ -67,6 +68,19 @@ def test_the_article_comparisons_overlay_its_six_vanishing_and_four_exploding_mo
         "adam", "batchnorm", "glorot_uniform", "relu", "shallow", "sigmoid_baseline")]
     assert article_variants("exploding") == [f"exploding/{name}" for name in (
         "glorot_tanh", "grad_clipping", "l2_regularization", "relu_baseline")]
+
+
+def test_the_article_comparison_of_a_statistic_no_run_has_is_one_line_exit_2(runs_dir, tmp_path, capsys):
+    import shutil
+
+    from experiments.cli import article_variants, main
+
+    for name in article_variants("vanishing") + article_variants("exploding"):  # real run directories
+        shutil.copytree(runs_dir / "toy" / "relu" / "seed0", tmp_path / "runs" / name / "20261128-000000-seed0")
+    assert main(["compare", "--out", str(tmp_path / "runs"), "--figures", str(tmp_path / "f"),
+                 "--stat", "layer_9/grad_norm"]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "has no statistic 'layer_9/grad_norm'; available: loss" in message
 
 
 def test_the_article_comparison_needs_runs_and_says_how_to_make_them(tmp_path, capsys):
