@@ -112,8 +112,9 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, 
 
 
 def load_sweep(reference: str | Path) -> Sweep:
-    """Read and check a sweep file (the points' configs are checked when they run, so one
-    bad value fails its points only). Raises :class:`ConfigError`."""
+    """Read and check a sweep file (the points' configs are checked when it runs: one bad
+    value fails its points only, one that fails every point fails the file). Raises
+    :class:`ConfigError`."""
     path = find_sweep(reference)
     source = str(path)
     raw = read_toml(path)
@@ -125,6 +126,8 @@ def load_sweep(reference: str | Path) -> Sweep:
     for key in ("name", "base"):
         if not isinstance(head.get(key), str) or not head[key].strip():
             raise ConfigError(source, f"sweep.{key}", head.get(key, "(missing)"), "is required: a string")
+    if not all(c.isalnum() or c in "_-" for c in head["name"]):  # it names a folder under --out
+        raise ConfigError(source, "sweep.name", head["name"], "must be a name of letters, digits, '_' or '-'")
     extra = set(head) - {"name", "base", "description"}
     if extra:
         key = sorted(extra)[0]
@@ -147,6 +150,8 @@ def load_sweep(reference: str | Path) -> Sweep:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(source, f"grid.{key}", values, "must be a non-empty list of values")
+        if key in fixed:
+            raise ConfigError(source, f"grid.{key}", values, "is also in [set]: keep it in one of the two")
     return Sweep(source, head["name"], head["base"], head.get("description", ""), fixed, grid)
 
 
@@ -351,10 +356,11 @@ def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", w
     if executor == "ray" and ray_address:
         check_ray_address(ray_address)  # before anything is written
     started = time.perf_counter()
+    configs = _point_configs(sweep)  # before anything is written
     directory = SweepDirectory(out, sweep)
     try:
         todo, progress = _start(directory, sweep, executor, workers, quiet)
-        jobs = _jobs(directory, sweep, todo, progress)
+        jobs = _jobs(directory, configs, todo, progress)
 
         def finished(point: Point, result: dict[str, Any]) -> None:
             directory.record(point, result["row"], result["files"])
@@ -385,15 +391,31 @@ def _start(directory: SweepDirectory, sweep: Sweep, executor: str, workers: int,
     return todo, progress
 
 
-def _jobs(directory: SweepDirectory, sweep: Sweep, todo: list[Point], progress: Progress):
+def _point_configs(sweep: Sweep) -> dict[str, ExperimentConfig | ConfigError]:
+    """Each point's config, or why its values make none. When no point has one, the file
+    itself is wrong (an unknown key, a bad [set] value): its first point's ConfigError."""
+    configs: dict[str, ExperimentConfig | ConfigError] = {}
+    for point in sweep.points():
+        try:
+            configs[point.id] = point_config(sweep, point)
+        except ConfigError as error:
+            configs[point.id] = error
+    errors = [c for c in configs.values() if isinstance(c, ConfigError)]
+    if errors and len(errors) == len(configs):
+        raise errors[0]
+    return configs
+
+
+def _jobs(directory: SweepDirectory, configs: dict, todo: list[Point], progress: Progress):
     """(point, config) to run; a point whose values are not a valid config fails on its own."""
     jobs = []
     for point in todo:
-        try:
-            jobs.append((point, point_config(sweep, point)))
-        except ConfigError as error:
-            directory.record(point, {"status": "failed", "error": str(error)})
+        config = configs[point.id]
+        if isinstance(config, ConfigError):
+            directory.record(point, {"status": "failed", "error": str(config)})
             progress.point_done("failed")
+        else:
+            jobs.append((point, config))
     return jobs
 
 

@@ -196,7 +196,12 @@ def test_a_second_run_resumes_and_a_bad_grid_value_fails_only_its_points(tiny, t
 def test_bad_sweep_files_exit_2_naming_file_and_key(tmp_path, capsys):
     cases = [(TINY.replace('base = "vanishing/sigmoid_baseline"', 'base = "vanishing/nope"'), "sweep.base"),
              (TINY.replace("model.depth = [1, 4]", "model.depth = 4"), "grid.model.depth"),
-             (TINY.replace("[grid]", "[gird]"), "[gird]")]
+             (TINY.replace("[grid]", "[gird]"), "[gird]"),
+             (TINY.replace('name = "tiny"', 'name = "../escaped"'), "sweep.name"),  # a folder under --out
+             (TINY.replace("training.epochs = 1", "training.epochs = 1\nmodel.depth = 2"), "grid.model.depth"),
+             # every point fails: the file is wrong, and nothing is written
+             (TINY.replace("training.epochs = 1", "training.epochs = -1"), "training.epochs"),
+             (TINY.replace("model.depth = [1, 4]", "model.bogus = [1, 4]"), "model.bogus")]
     for index, (text, key) in enumerate(cases):
         path = tmp_path / f"bad{index}.toml"
         path.write_text(text)
