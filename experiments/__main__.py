@@ -1,17 +1,24 @@
+import os
 import sys
 
-from gradtools.extras import MissingExtra, require
-
 try:
-    require("sklearn", extra="experiments", feature="The experiment suite (its datasets)")
-except MissingExtra as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    from gradtools.extras import MissingExtra, require
 
-from experiments.worker import command_threads, limit_threads  # noqa: E402 (imports no TensorFlow)
+    try:
+        require("sklearn", extra="experiments", feature="The experiment suite (its datasets)")
+    except MissingExtra as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
-limit_threads(command_threads(sys.argv[1:]))
+    from experiments.worker import command_threads, limit_threads  # imports no TensorFlow
 
-from experiments.cli import main  # noqa: E402 (imports no TensorFlow: main starts it when needed)
+    limit_threads(command_threads(sys.argv[1:]))
+
+    from experiments.cli import main  # imports no TensorFlow: main starts it when needed
+except KeyboardInterrupt:  # Ctrl-C while Python imports, before main() can say it
+    print("interrupted: nothing was run", file=sys.stderr, flush=True)
+    # at once: a library interrupted mid-import can still make the interpreter's exit die of
+    # the signal (seen 1 time in 8); nothing was run, so nothing is left to close
+    os._exit(130)  # EXIT_INTERRUPTED
 
 sys.exit(main(start_tensorflow=True))

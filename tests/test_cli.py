@@ -91,6 +91,20 @@ def test_ctrl_c_or_sigterm_ends_the_run_as_interrupted(tmp_path, signum, exit_co
     assert "interrupted" in stderr
 
 
+@pytest.mark.parametrize("after", [0.5, 1.5])
+def test_ctrl_c_while_the_command_starts_is_one_line_exit_130(tmp_path, after):
+    """Before a run exists (Python still importing, or TensorFlow starting): nothing to keep,
+    and no traceback."""
+    from conftest import start_cli
+
+    process = start_cli(["run", "vanishing/sigmoid_baseline", "--out", "runs", "--quiet"], cwd=tmp_path)
+    time.sleep(after)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.startswith("interrupted"), stderr
+
+
 def test_list_shows_every_config_with_its_description(capsys):
     assert main(["list"]) == 0
     listed = capsys.readouterr().out
