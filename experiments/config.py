@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -131,12 +133,37 @@ def _keras_object(kind: str, registry: str, optional: bool = False):
             resolved = module.get(copy.deepcopy(value))
         except (ValueError, TypeError) as error:
             raise ValueError(
-                f"not a Keras {kind} ({error}); known names: {_public_names(module)}"
+                f"not a Keras {kind} ({_first_line(error)}); known names: {_public_names(module)}"
             ) from None
         if resolved is None:
             raise ValueError(f"must name a Keras {kind}")
+        if registry == "initializers" and isinstance(value, dict):
+            _once(value, lambda: resolved((2, 2)), "Keras cannot make weights with it")
         return value
     return check
+
+
+#: The Keras objects this process saw work (as JSON): a sweep's points share most of them.
+_WORKED: set[str] = set()
+
+
+def _once(value, use: Callable[[], Any], failure: str) -> None:
+    """``use()`` the object ``value`` describes, once per process for each value: Keras reads
+    most arguments only then (a string minval or beta_1, say). ValueError when it fails."""
+    seen = json.dumps(value, sort_keys=True, default=str)
+    if seen in _WORKED:
+        return
+    try:
+        use()
+    except Exception as error:  # noqa: BLE001 - TensorFlow's errors, TypeError, ValueError
+        raise ValueError(f"{failure} ({_first_line(error)})") from None
+    _WORKED.add(seen)
+
+
+def _first_line(error: Exception) -> str:
+    """An error's first line (Keras's and TensorFlow's messages run to many)."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", "", line)  # TensorFlow's op names
 
 
 _initializer = _keras_object("initializer", "initializers")
@@ -542,12 +569,19 @@ def _check_optimizer(section: OptimizerSection, source: str) -> None:
     if is_number(rate) and rate <= 0:
         raise ConfigError(source, "optimizer.config.learning_rate", rate, "must be a number > 0")
     try:
-        keras.optimizers.get(section.keras_config())
+        optimizer = keras.optimizers.get(section.keras_config())
     except (ValueError, TypeError) as error:
         names = ", ".join(n for n in dir(keras.optimizers) if n[:1].isupper() and n not in
                           ("Optimizer", "LossScaleOptimizer", "MultiOptimizer", "OptimizerMap"))
         raise ConfigError(source, "optimizer", section.keras_config(),
                           f"Keras cannot make an optimizer of it ({error}); classes: {names}") from None
+    def one_update():
+        optimizer.apply([keras.ops.zeros(2)], [keras.Variable(keras.ops.zeros(2))])
+
+    try:
+        _once(section.keras_config(), one_update, "Keras cannot train with it")
+    except ValueError as error:
+        raise ConfigError(source, "optimizer.config", section.config, str(error)) from None
 
 
 def config_reference() -> str:

@@ -98,6 +98,11 @@ BAD = [
      'generator = "adding"\nn_samples = 64\nsequence_length = 3', ["data.sequence_length", "3", "[4, 1000]"]),
     ("bad depth", "hidden_units = [4]", 'hidden_units = [4]\ndepth = 0',
      ["model.depth", "0", "integer >= 1"]),
+    ("optimizer argument of the wrong type", 'class_name = "RMSprop"', 'class_name = "RMSprop"\nconfig = { rho = "x" }',
+     ["optimizer.config", "'x'", "Keras cannot train with it"]),
+    ("initializer argument of the wrong type", "hidden_units = [4]",
+     'hidden_units = [4]\nkernel_initializer = { class_name = "RandomUniform", config = { minval = "abc" } }',
+     ["model.kernel_initializer", "'abc'", "Keras cannot make weights with it", "Cast string to float"]),
     ("class labels standardized", "noise = 0.1", "noise = 0.1\nstandardize_targets = true",
      ["data.standardize_targets", "True", "real-valued targets", "'moons'"]),
 ]
