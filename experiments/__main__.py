@@ -15,10 +15,11 @@ try:
     limit_threads(command_threads(sys.argv[1:]))
 
     from experiments.cli import main  # imports no TensorFlow: main starts it when needed
+
+    code = main(start_tensorflow=True)  # from here on, main says what a Ctrl-C kept
 except KeyboardInterrupt:  # Ctrl-C while Python imports, before main() can say it
     print("interrupted: nothing was run", file=sys.stderr, flush=True)
     # at once: a library interrupted mid-import can still make the interpreter's exit die of
     # the signal (seen 1 time in 8); nothing was run, so nothing is left to close
     os._exit(130)  # EXIT_INTERRUPTED
-
-sys.exit(main(start_tensorflow=True))
+sys.exit(code)

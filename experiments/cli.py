@@ -319,13 +319,16 @@ def article_variants(group: str) -> list[str]:
 
 
 def command_compare(args) -> int:
-    from gradtools.compare import compare_runs
+    from gradtools.compare import CompareError, compare_runs
 
     out, figures = Path(args.out), Path(args.figures)
     for group in ("vanishing", "exploding"):
         run_dirs = [str(newest_run(out, name)) for name in article_variants(group)]
         target = figures / f"compare_{group}.png"
-        compare_runs(run_dirs, args.stat, target)
+        try:
+            compare_runs(run_dirs, args.stat, target)
+        except CompareError as error:  # a statistic the runs do not have, a damaged run
+            raise ConfigError(f"compare {group}", FILE, "", str(error)) from None
         print(f"figure: {target} ({len(run_dirs)} {group} runs)")
     return 0
 
@@ -500,7 +503,6 @@ def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
     """The command line; ``start_tensorflow`` is the entry point's (``python -m experiments``):
     a caller that imported TensorFlow itself leaves it off."""
     from gradtools.__main__ import one_line_warnings
-    from gradtools.compare import CompareError
     from gradtools.history import RunDirectoryError
 
     args = build_parser().parse_args(argv)
@@ -511,7 +513,7 @@ def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
         if start_tensorflow:
             _start_tensorflow(args)
         return COMMANDS[args.command](args)
-    except (ConfigError, RunDirectoryError, CompareError) as error:
+    except (ConfigError, RunDirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (MissingExtra, LoggerUnavailable) as error:
