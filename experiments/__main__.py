@@ -1,12 +1,26 @@
 import os
+import signal
 import sys
 
+#: A Ctrl-C while the suite's modules are imported: a library may turn it into an ImportError
+#: ("initialization failed"), which must not read as a missing package.
+interrupted: list[int] = []
+
+
+def _note_interrupt(signum, frame):
+    interrupted.append(signum)
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGINT, _note_interrupt)
 try:
     from gradtools.extras import MissingExtra, require
 
     try:
         require("sklearn", extra="experiments", feature="The experiment suite (its datasets)")
     except MissingExtra as error:
+        if interrupted:
+            raise KeyboardInterrupt from None
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
@@ -16,6 +30,7 @@ try:
 
     from experiments.cli import main  # imports no TensorFlow: main starts it when needed
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     code = main(start_tensorflow=True)  # from here on, main says what a Ctrl-C kept
 except KeyboardInterrupt:  # Ctrl-C while Python imports, before main() can say it
     print("interrupted: nothing was run", file=sys.stderr, flush=True)
