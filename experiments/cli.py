@@ -246,6 +246,10 @@ def _loggers(quiet: bool):
 
 
 def command_run(args) -> int:
+    if args.seed is not None and any(o.split("=", 1)[0].strip() == "training.seed" for o in args.overrides):
+        raise ConfigError("--seed", "--seed", args.seed, "training.seed is also given with --set: give one of the two")
+    if args.workers < 1:
+        raise ConfigError("--workers", "--workers", args.workers, "must be an integer >= 1")
     if args.seeds is not None:
         return command_run_seeds(args)
     overrides = list(args.overrides) + ([f"training.seed={args.seed}"] if args.seed is not None else [])

@@ -190,6 +190,19 @@ def _optional_count(value):
         raise ValueError('must be an integer >= 1 or "none"') from None
 
 
+#: The deepest net a config may ask for (a typo of 10⁹ layers would hang building it).
+MAX_DEPTH = 1000
+
+
+def _optional_depth(value):
+    if value == NONE:
+        return None
+    try:
+        return _integer(1, MAX_DEPTH)(value)
+    except ValueError:
+        raise ValueError(f'must be an integer from 1 to {MAX_DEPTH} or "none"') from None
+
+
 def _optional_positive(value):
     if value == NONE:
         return None
@@ -261,7 +274,8 @@ class ModelSection:
     architecture: str = key(_choice(*ARCHITECTURES), "mlp",
                             "mlp; residual_mlp (x + f(x) around every hidden layer after the first); "
                             "rnn (recurrent layers of hidden_units, then the output layer)")
-    depth: int | None = key(_optional_count, None, "when set: depth hidden layers of hidden_units[0] units each")
+    depth: int | None = key(_optional_depth, None,
+                            "when set: depth hidden layers (at most 1000) of hidden_units[0] units each")
     output_units: int = key(_integer(1), 1, "units of the output layer")
     output_activation: Any = key(_activation, "linear", "the output layer's Keras activation")
     kernel_initializer: Any = key(_initializer, "glorot_uniform", "the hidden layers' Keras initializer")

@@ -105,6 +105,17 @@ def test_ctrl_c_while_the_command_starts_is_one_line_exit_130(tmp_path, after):
     assert "Traceback" not in stderr and stderr.startswith("interrupted"), stderr
 
 
+@pytest.mark.parametrize("options, words", [
+    (["--seed", "7", "--set", "training.seed=3"], ["--seed = 7", "give one of the two"]),
+    (["--workers", "0"], ["--workers = 0", ">= 1"]),
+])
+def test_conflicting_or_impossible_run_options_are_exit_2(tmp_path, capsys, options, words):
+    assert main(["run", "vanishing/shallow", *options, "--out", str(tmp_path / "runs"), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and all(word in message for word in words), message
+    assert not (tmp_path / "runs").exists()
+
+
 def test_list_shows_every_config_with_its_description(capsys):
     assert main(["list"]) == 0
     listed = capsys.readouterr().out
