@@ -133,7 +133,7 @@ def _keras_object(kind: str, registry: str, optional: bool = False):
             resolved = module.get(copy.deepcopy(value))
         except (ValueError, TypeError) as error:
             raise ValueError(
-                f"not a Keras {kind} ({_first_line(error)}); known names: {_public_names(module)}"
+                f"not a Keras {kind} ({error_first_line(error)}); known names: {_public_names(module)}"
             ) from None
         if resolved is None:
             raise ValueError(f"must name a Keras {kind}")
@@ -156,11 +156,11 @@ def _once(value, use: Callable[[], Any], failure: str) -> None:
     try:
         use()
     except Exception as error:  # noqa: BLE001 - TensorFlow's errors, TypeError, ValueError
-        raise ValueError(f"{failure} ({_first_line(error)})") from None
+        raise ValueError(f"{failure} ({error_first_line(error)})") from None
     _WORKED.add(seen)
 
 
-def _first_line(error: Exception) -> str:
+def error_first_line(error: Exception) -> str:
     """An error's first line (Keras's and TensorFlow's messages run to many)."""
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\].*$", "", line)  # TensorFlow's op names

@@ -44,7 +44,15 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.config import CONFIGS_DIR, FILE, ConfigError, ExperimentConfig, load_config, read_toml
+from experiments.config import (
+    CONFIGS_DIR,
+    FILE,
+    ConfigError,
+    ExperimentConfig,
+    error_first_line,
+    load_config,
+    read_toml,
+)
 
 SWEEPS_DIR = CONFIGS_DIR / "sweeps"
 EXECUTORS = ("local", "ray")
@@ -490,7 +498,7 @@ def start_ray(workers: int, ray_address: str | None = None) -> None:
         ray.init(**where, **options)
     except Exception as error:  # noqa: BLE001 — Ray raises RuntimeError, ConnectionError, its own errors
         ray.shutdown()
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first_line = error_first_line(error)
         if ray_address:
             raise ConfigError("--ray-address", "--ray-address", ray_address,
                               f"Ray could not join that cluster: {first_line}") from None
