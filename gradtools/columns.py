@@ -13,7 +13,7 @@ from __future__ import annotations
 #: Columns that describe a step rather than a layer, in the order they appear.
 STEP_COLUMNS = ("step", "epoch", "batch", "loss", "grad_global_norm")
 
-#: Per-layer statistics, in the order :func:`gradtools.stats.layer_gradient_stats` returns them.
+#: Per-layer statistics, in the order of the columns :func:`gradtools.stats.layer_gradient_stats` returns.
 LAYER_STATS = (
     "grad_mean",
     "grad_abs_mean",
