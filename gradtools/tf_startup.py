@@ -7,19 +7,45 @@ TF_CPP_MIN_LOG_LEVEL says; a user then sees them above every result. Loading a c
 logs, at error level, that the cache entry is not text and which CPU features it was compiled
 for; so while the cache is on, TensorFlow's C++ log shows fatal errors only (its errors reach
 Python as exceptions). ``TF_CPP_MIN_LOG_LEVEL=0`` shows everything.
+
+Such a process also collects Python's cyclic garbage less often (:func:`collect_garbage_less_often`).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 
 from gradtools import compilation_cache
 
 
+#: Python's collector thresholds for such a process (Python's own: 700, 10, 10).
+GC_THRESHOLDS = (10_000, 10, 10)
+
+
+def collect_garbage_less_often() -> None:
+    """Collect cyclic garbage after 10 000 new container objects rather than 700, and never
+    again look through the objects that exist when this is called (``gc.freeze``: modules,
+    classes, functions). Importing TensorFlow and Keras makes about a million such objects,
+    and each full collection went through all of them again: 14% of a short run's CPU was
+    the collector (``perf record``). Measured on ``run vanishing/sigmoid_baseline`` for 5
+    epochs, no compilation cache, four runs each: 7.3–8.0 s of user CPU, 5.3–5.9 s with
+    this; the same peak memory (0.95 GB)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.freeze()
+
+
 def import_tensorflow_quietly() -> None:
     """Turn the compilation cache on, then import TensorFlow and initialize its devices with
     fd 2 muted, unless the user asked for TensorFlow's logs with ``TF_CPP_MIN_LOG_LEVEL=0``.
-    Python errors still surface (they are raised, and printed after stderr is restored)."""
+    Python errors still surface (they are raised, and printed after stderr is restored).
+    The garbage collector runs less often from the start (:func:`collect_garbage_less_often`)."""
+    gc.set_threshold(*GC_THRESHOLDS)  # during the import already
+    _import_tensorflow_quietly()
+    collect_garbage_less_often()
+
+
+def _import_tensorflow_quietly() -> None:
     cached = compilation_cache.enable() is not None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if cached else "2")
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
