@@ -28,9 +28,10 @@ def collect_garbage_less_often() -> None:
     again look through the objects that exist when this is called (``gc.freeze``: modules,
     classes, functions). Importing TensorFlow and Keras makes about a million such objects,
     and each full collection went through all of them again: 14% of a short run's CPU was
-    the collector (``perf record``). Measured on ``run vanishing/sigmoid_baseline`` for 5
-    epochs, no compilation cache, four runs each: 7.3–8.0 s of user CPU, 5.3–5.9 s with
-    this; the same peak memory (0.95 GB)."""
+    the collector (``perf record``). Measured on ``python -m experiments run
+    vanishing/sigmoid_baseline --set training.epochs=5`` with ``GRADTOOLS_XLA_CACHE=off``,
+    eight runs each, alternating: 6.7–7.7 s of user CPU before, 5.4–6.5 s with this, the same
+    peak memory (0.93–0.98 GB)."""
     gc.set_threshold(*GC_THRESHOLDS)
     gc.freeze()
 
