@@ -18,7 +18,6 @@ import os
 
 from gradtools import compilation_cache
 
-
 #: Python's collector thresholds for such a process (Python's own: 700, 10, 10).
 GC_THRESHOLDS = (10_000, 10, 10)
 
