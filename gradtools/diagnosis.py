@@ -20,15 +20,16 @@ weight norm or more, or the loss is at least :data:`ASTRONOMICAL_LOSS`; or the g
 norm grows :data:`EXPLODING_GRAD_GROWTH`× over its first steps; or, through time,
 ‖∂L/∂h_1‖ ≥ 1/:data:`VANISHING_THROUGH_TIME` × ‖∂L/∂h_T‖.
 
-**vanishing** if a layer's gradient is exactly zero at most steps (dead or saturated units);
-or if a block (the top-level layer a kernel belongs to: see :mod:`gradtools.layers`) has a
+**vanishing** if every kernel of a block gets a gradient of exactly zero at most steps (dead
+or saturated units); or if a block (the top-level layer a kernel belongs to: see :mod:`gradtools.layers`) has a
 sensitivity below :data:`VANISHING_RATIO` times the strongest block after it, over the
 first epoch or over the run; or, for a :class:`gradtools.through_time.TracedRNN`, if ‖∂L/∂h_t‖
 falls below :data:`VANISHING_THROUGH_TIME` × ‖∂L/∂h_T‖ within the steps the gradient is allowed
 to reach (the layer's ``truncate_bptt``; a gradient that underflowed to 0 is vanishing).
 Layers are compared by block, not one by one: the query and key projections of an attention
 layer get far less gradient than its value projection at the same depth, which says the gradient
-reached that depth.
+reached that depth. For the same reason a kernel that alone gets exactly zero (the query and
+key projections of an attention over a single context token) is not dead.
 
 **healthy** otherwise.
 """
@@ -59,8 +60,8 @@ EXPLODING_UPDATE_RATIO = 1.0
 #: plain gradient step of learning rate 1e-5, the smallest in common use, would move its
 #: weights by their own size.
 EXPLODING_GRAD_TO_WEIGHT = 1e5
-#: A layer whose gradient is exactly zero at more than this fraction of the steps (its units,
-#: or those after it, are dead or saturated) vanishes.
+#: A block whose every kernel gets a gradient of exactly zero at more than this fraction of the
+#: steps (its units, or those after it, are dead or saturated) vanishes.
 DEAD_FRACTION = 0.5
 #: An epoch whose median loss reaches this explodes.
 ASTRONOMICAL_LOSS = 1e10
@@ -189,6 +190,19 @@ def _zero_fraction(values: pd.Series) -> float | None:
     return float((values == 0).mean()) if len(values) else None
 
 
+def _block_zero_fractions(metrics: pd.DataFrame, ks, blocks) -> dict[str, dict[str, float | None]]:
+    """For each block, the fraction of steps (of the first epoch; of the run) at which every
+    kernel of the block got a gradient of exactly 0."""
+    in_first_epoch = metrics["epoch"] == metrics["epoch"].min()
+    fractions = {}
+    for block in dict.fromkeys(blocks):
+        norms = metrics[[f"layer_{k}/grad_norm" for k, b in zip(ks, blocks) if b == block]]
+        largest = norms.max(axis=1, skipna=False)  # NaN where any is NaN: not zero
+        fractions[block] = {"block_zero_gradient_first_epoch": _zero_fraction(largest[in_first_epoch]),
+                            "block_zero_gradient": _zero_fraction(largest)}
+    return fractions
+
+
 def _layer_numbers(metrics: pd.DataFrame, k: int, sensitivities: pd.DataFrame) -> dict[str, float | None]:
     """Every per-layer number except the depth ratios (which need the other blocks)."""
     epochs = metrics["epoch"]
@@ -237,10 +251,11 @@ def _exploding_reasons(n: dict) -> list[str]:
 
 def _vanishing_reasons(n: dict, strongest_after: dict[str, str | None]) -> list[str]:
     reasons = []
-    for key, when in (("zero_gradient_first_epoch", "in the first epoch"), ("zero_gradient", "over the run")):
+    for key, when in (("block_zero_gradient_first_epoch", "in the first epoch"),
+                      ("block_zero_gradient", "over the run")):
         if (n[key] or 0) > DEAD_FRACTION:
-            reasons.append(f"its gradient is exactly 0 at {n[key]:.0%} of the steps {when} (its "
-                           "units, or those after it, are dead or saturated)")
+            reasons.append(f"its block's gradient (every kernel's) is exactly 0 at {n[key]:.0%} of the "
+                           f"steps {when} (its units, or those after it, are dead or saturated)")
             break
     for key, when in (("depth_ratio_first_epoch", "in the first epoch"), ("depth_ratio", "over the run")):
         if n[key] is not None and n[key] < VANISHING_RATIO:
@@ -266,9 +281,10 @@ def layer_findings(metrics: pd.DataFrame, paths, blocks) -> list[LayerFinding]:
     numbers = [_layer_numbers(metrics, k, sensitivities) for k in ks]
     ratios = {key: _block_ratios(numbers, blocks, source) for key, source in (
         ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
+    zero_fractions = _block_zero_fractions(metrics, ks, blocks)
     findings = []
     for k, path, block, n in zip(ks, paths, blocks, numbers):
-        n = {**n, **{key: ratios[key].get(block) for key in ratios}}
+        n = {**n, **{key: ratios[key].get(block) for key in ratios}, **zero_fractions[block]}
         after = {key: _strongest_after(numbers, blocks, block, source) for key, source in (
             ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
         exploding, vanishing = _exploding_reasons(n), _vanishing_reasons(n, after)

@@ -104,3 +104,36 @@ def test_a_recurrent_net_vanishes_through_time(trained):
     assert list(states["epoch"]) == list(range(BY_NAME["rnn_through_time"].epochs))
     last = states["layer_1/state_grad_norm/t060"]
     assert (last > 0).all(), "the gradient reaches the last state"
+
+
+def test_attention_over_a_single_context_token_is_healthy():
+    """Tokens attend to one summary token of their sequence (cross-attention to a pooled
+    context). Over a single key the softmax is 1 whatever the scores, so the query and key
+    projections get a gradient of exactly 0 at every step, by construction; the value and
+    output projections of the same layer carry the gradient. A per-kernel zero rule called
+    this healthy model vanishing."""
+    import keras
+
+    from experiments.gallery import token_sentiment
+    from gradtools import GradientMonitor
+
+    x, y = token_sentiment(n=512)
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((x.shape[1],), dtype="int32")
+    h = keras.layers.Embedding(64, 32, name="embedding")(tokens)
+    context = keras.layers.Reshape((1, 32))(keras.layers.GlobalAveragePooling1D()(h))
+    attended = keras.layers.MultiHeadAttention(2, key_dim=16, name="cross")(h, context)
+    h = keras.layers.LayerNormalization(name="norm")(h + attended)
+    h = keras.layers.Dense(32, activation="relu", name="dense")(keras.layers.GlobalAveragePooling1D()(h))
+    model = keras.Model(tokens, keras.layers.Dense(2, activation="softmax", name="head")(h))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    monitor = GradientMonitor()
+    losses = model.fit(x, y, epochs=3, batch_size=32, verbose=0, callbacks=[monitor]).history["loss"]
+
+    diagnosis = diagnose(monitor.history())
+    layers = {f.path: f for f in diagnosis.layers}
+    assert layers["cross/query/kernel"].numbers["zero_gradient"] == 1.0, "the hard case: exactly 0"
+    assert layers["cross/key/kernel"].numbers["zero_gradient"] == 1.0
+    assert layers["cross/value/kernel"].numbers["zero_gradient"] == 0.0
+    assert diagnosis.verdict == "healthy", diagnosis.explanation
+    assert losses[-1] < 0.8 * losses[0], losses
