@@ -10,18 +10,46 @@ import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from keras.src.models.functional import Functional  # what clone_model copies (no public name)
 
 from gradtools.steps import resolve_loss
 
 
-def _float64_copy(model: keras.Model) -> keras.Model:
-    def clone_layer(layer):
-        config = layer.get_config()
+def _float64_layer(layer):
+    config = layer.get_config()
+    if "dtype" in config and keras.backend.is_float_dtype(keras.dtype_policies.get(config["dtype"]).variable_dtype):
         config["dtype"] = "float64"
-        return layer.__class__.from_config(config)
+    return layer.__class__.from_config(config)
 
-    copy = keras.models.clone_model(model, clone_function=clone_layer)
-    copy.set_weights([w.astype(np.float64) for w in model.get_weights()])
+
+def _float64_copy(model: keras.Model, x) -> keras.Model:
+    """The model rebuilt in float64 with the same weights. Layers built inside other layers
+    take the default dtype policy, so it is float64 while the copy is made; nested Sequential
+    and functional models are cloned layer by layer. A subclassed model is rebuilt from its
+    ``get_config``. A copy with any float32 weight left is refused: its finite differences
+    would be float32 noise, and a correct model would be flagged."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        if isinstance(model, (keras.Sequential, Functional)):
+            copy = keras.models.clone_model(model, clone_function=_float64_layer, recursive=True)
+        else:
+            copy = model.__class__.from_config(model.get_config())
+            copy(x, training=False)
+        copy.set_weights([w.astype(np.float64) if np.issubdtype(w.dtype, np.floating) else w
+                          for w in model.get_weights()])
+    except Exception as error:  # Keras raises many kinds here, each its own message
+        first_sentence = str(error).split(". ")[0].strip()
+        raise ValueError(f"check_gradients could not copy the model {model.name!r} in float64 "
+                         f"({type(error).__name__}: {first_sentence}); it copies Sequential and functional "
+                         "models, and subclassed models whose get_config() returns their constructor's "
+                         "arguments") from error
+    finally:
+        keras.config.set_dtype_policy(previous)
+    left = [v.path for v in copy.trainable_weights if v.dtype != "float64"]
+    if left:
+        raise ValueError(f"check_gradients could not make {', '.join(left)} float64 (its layer sets "
+                         "its own dtype); float32 finite differences would flag a correct model")
     return copy
 
 
@@ -36,9 +64,9 @@ def check_gradients(model: keras.Model, x, y, loss, *, epsilon: float = 1e-6,
     ``max_relative_error``, ``entries_checked`` and ``ok`` (error below ``tolerance``).
     Use a small batch: each checked entry costs two forward passes.
     """
-    copy = _float64_copy(model)
-    loss_fn = resolve_loss(loss, dtype="float64")
     x64 = tf.constant(np.asarray(x, dtype=np.float64))
+    copy = _float64_copy(model, x64)
+    loss_fn = resolve_loss(loss, dtype="float64")
     y64 = tf.constant(np.asarray(y, dtype=np.float64))
 
     def total_loss():

@@ -108,3 +108,69 @@ def test_gradient_checking_passes_a_correct_model_and_flags_a_wrong_backward_pas
     report = check_gradients(wrong, x, y, "mse")
     assert report["ok"].tolist() == [False, True]
     assert report["max_relative_error"][0] == pytest.approx(1 / 3, rel=1e-3)  # |g/2 − g| / (3g/2)
+
+
+class ResidualBlock(keras.layers.Layer):
+    """A layer made of layers (built in ``__init__`` without a dtype, as most are)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.inner = keras.layers.Dense(units, activation="tanh")
+        self.outer = keras.layers.Dense(units)
+
+    def call(self, inputs):
+        return inputs + self.outer(self.inner(inputs))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+class TwoLayers(keras.Model):
+    """A subclassed model whose get_config returns its constructor's arguments."""
+
+    def __init__(self, units=4, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(units, activation="tanh")
+        self.head = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.head(self.hidden(inputs))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+class NoConfig(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.head = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.head(inputs)
+
+
+def test_gradient_checking_copies_nested_and_subclassed_models_in_float64():
+    """A correct model is never flagged because part of its copy stayed float32: before, a
+    functional model wrapping a Sequential got relative errors of 1.0 in the Sequential's
+    kernels, and a subclassed model a clone_model error."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)), rng.normal(size=8)
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="tanh")], name="inner")
+    inputs = keras.Input((4,))
+    nested = keras.Model(inputs, keras.layers.Dense(1)(ResidualBlock(4, name="block")(inner(inputs))))
+    subclassed = TwoLayers()
+    subclassed(x[:1].astype("float32"))
+    for model, kernels in ((nested, 4), (subclassed, 2)):
+        report = check_gradients(model, x, y, "mse")
+        assert len(report) == kernels and report["ok"].all(), report
+        assert report["max_relative_error"].max() < 1e-6
+        assert all(w.dtype == "float32" for w in model.weights), "the model itself is not changed"
+    assert keras.config.dtype_policy().name == "float32", "the default policy is restored"
+
+    unrebuildable = NoConfig()
+    unrebuildable(x[:1].astype("float32"))
+    with pytest.raises(ValueError, match="could not copy the model .* get_config"):
+        check_gradients(unrebuildable, x, y, "mse")
