@@ -66,9 +66,20 @@ def figure_path(out: str | Path) -> Path:
     return out if out.suffix else out.with_suffix(".png")
 
 
+def _check_figure_folder(out: str | Path) -> None:
+    """The figure's folder is a directory, or can be made: a file in its way is bad input,
+    said before any run is read."""
+    folder = figure_path(out).parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise CompareError(f"{out}: {existing} is a file, not a directory; give a figure file or a directory")
+
+
 def compare_runs(patterns: list[str], stat: str = "layer_1/grad_abs_mean", out: str | Path | None = None):
     """Draw ``stat`` of every run matched by ``patterns``; save to ``out`` (see
     :func:`figure_path`) if given. Returns (figure, the run directories drawn)."""
+    if out is not None:
+        _check_figure_folder(out)
     runs, run_dirs = {}, []
     for run_dir, from_glob in expand_run_dirs(patterns):
         history = _readable(run_dir, from_glob, stat)

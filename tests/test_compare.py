@@ -59,6 +59,11 @@ def test_command_line_exit_codes(runs_dir, tmp_path):
     bad = subprocess.run(command + [str(runs_dir / "toy/relu/seed0"), "--stat", "nope"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "available:" in bad.stderr
+    (tmp_path / "afile").write_text("not a directory")
+    blocked = subprocess.run(command + [str(runs_dir / "toy/*/*"), "--out", str(tmp_path / "afile" / "c.png")],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert blocked.returncode == 2 and blocked.stderr.count("\n") == 1, blocked.stderr
+    assert f"{tmp_path / 'afile'} is a file" in blocked.stderr
 
 
 def test_the_article_comparisons_overlay_its_six_vanishing_and_four_exploding_models():
