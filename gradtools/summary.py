@@ -72,6 +72,6 @@ def summarize(metrics: pd.DataFrame) -> RunSummary:
         last_layer=last,
         first_grad_abs_mean=_finite_median(metrics[f"layer_{first}/grad_abs_mean"]),
         last_grad_abs_mean=_finite_median(metrics[f"layer_{last}/grad_abs_mean"]),
-        max_abs_first_grad_mean=float(np.nanmax(np.abs(metrics[f"layer_{first}/grad_mean"]))),
+        max_abs_first_grad_mean=float(metrics[f"layer_{first}/grad_mean"].abs().max()),  # NaN if all are
         first_to_last_ratio=first_to_last_ratio(metrics),
     )

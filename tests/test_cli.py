@@ -67,6 +67,22 @@ def test_diverged_run_exits_0_with_its_result_recorded(tmp_path, capsys, monkeyp
     assert_drawn_png(run_dir / "figures" / "mean_gradient.png", (7, 5))
 
 
+def test_nan_initial_weights_diverge_at_the_first_step_without_warnings(tmp_path, capsys, monkeypatch):
+    """Every statistic of such a run is NaN; its summary says so without NumPy's
+    "All-NaN slice" warning, which the command line printed before."""
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    nan_weights = 'model.kernel_initializer={class_name="Constant", config={value=nan}}'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["run", "vanishing/shallow", "--set", nan_weights, "--out", "runs", "--quiet"])
+    assert code == 0 and [str(w.message) for w in caught] == []
+    run_dir = run_dir_from(capsys.readouterr().out, tmp_path)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "diverged" and info["first_nonfinite_step"] == 1
+
+
 @pytest.mark.parametrize("signum, exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_ends_the_run_as_interrupted(tmp_path, signum, exit_code):
     from conftest import start_cli
