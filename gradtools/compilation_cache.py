@@ -26,6 +26,7 @@ entry; their numbers are the same whether the entry was compiled or loaded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
@@ -75,9 +76,9 @@ def enable() -> Path | None:
     """Turn the cache on for this process and the processes it starts (through
     ``TF_XLA_FLAGS``), unless it is off or ``TF_XLA_FLAGS`` already names a directory.
     Returns the directory in use, or None."""
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    if _FLAG in flags:
-        return Path(flags.split(_FLAG + "=", 1)[1].split()[0])
+    named = directory_in_use()
+    if named is not None:
+        return named
     directory = cache_directory()
     if directory is None:
         return None
@@ -85,8 +86,29 @@ def enable() -> Path | None:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None  # an unwritable cache only costs the compilation
+    flags = os.environ.get("TF_XLA_FLAGS", "")
     os.environ["TF_XLA_FLAGS"] = f"{flags} {_FLAG}={directory}".strip()
     return directory
+
+
+def directory_in_use() -> Path | None:
+    """The cache directory ``TF_XLA_FLAGS`` names (TensorFlow reads it when XLA starts)."""
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    return Path(flags.split(_FLAG + "=", 1)[1].split()[0]) if _FLAG in flags else None
+
+
+def write_failure(error: Exception) -> OSError | None:
+    """For TensorFlow's error when a compiled program could not be written to the cache (a
+    full disk, a file size limit), the ``OSError`` to report instead, else None. XLA fails the
+    compilation itself then, and again at every retry in the process: the run cannot go on."""
+    directory = directory_in_use()
+    text = str(error)
+    if directory is None or str(directory) not in text:
+        return None
+    code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS)
+                 if os.strerror(c) in text), errno.EIO)
+    return OSError(code, f"{os.strerror(code)}, writing a compiled program to the compilation cache "
+                         f"(free some space, or turn the cache off with {ENVIRONMENT}=off)", str(directory))
 
 
 #: How many times this process traced each program (one traced again after the process

@@ -468,10 +468,14 @@ class Recorder:
         except Exception as error:
             self.status = FAILED
             self._hand_back()
-            if jit_compile and not self.frames and isinstance(error, tf.errors.OpError):
-                error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
-                               "an op of this model, call it with jit_compile=False")
             end_run_after_error(self.loggers, self.history(), self.figures)
+            if isinstance(error, tf.errors.OpError):
+                unwritable_cache = compilation_cache.write_failure(error)
+                if unwritable_cache is not None:
+                    raise unwritable_cache from error
+                if jit_compile and not self.frames:
+                    error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
+                                   "an op of this model, call it with jit_compile=False")
             raise
         result = self.history()
         end_run(self.loggers, result, self.figures)

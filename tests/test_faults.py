@@ -78,15 +78,28 @@ def test_kill_9_leaves_an_honest_record_and_a_cut_last_row_is_dropped(tmp_path):
     assert "did not finish" in result.stdout and "NaN" not in result.stdout.splitlines()[1]
 
 
-def test_a_write_error_mid_run_is_one_line_exit_1_and_rolled_back(tmp_path):
-    """A 400 kB file size limit: metrics.csv cannot grow past it a few epochs in (EFBIG, as a
-    full disk gives ENOSPC)."""
-    def limit_file_size():
+def file_size_limit(size):
+    """A ``preexec_fn``: files of the process cannot grow past ``size`` bytes (EFBIG, as a full
+    disk gives ENOSPC)."""
+    def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
+    return limit
+
+
+def compilation_cache(monkeypatch, directory):
+    """The commands this test starts use this cache directory (``off``: none)."""
+    monkeypatch.delenv("TF_XLA_FLAGS", raising=False)  # it names the suite's own cache
+    monkeypatch.setenv("GRADTOOLS_XLA_CACHE", str(directory))
+
+
+def test_a_write_error_mid_run_is_one_line_exit_1_and_rolled_back(tmp_path, monkeypatch):
+    """A 400 kB file size limit: metrics.csv cannot grow past it a few epochs in. (No
+    compilation cache: a program new to it would hit the limit first, as the next test does.)"""
+    compilation_cache(monkeypatch, "off")
     process = start_cli(["run", "vanishing/sigmoid_baseline", "--out", "runs", "--quiet"], tmp_path,
-                        preexec_fn=limit_file_size)
+                        preexec_fn=file_size_limit(400_000))
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -99,6 +112,22 @@ def test_a_write_error_mid_run_is_one_line_exit_1_and_rolled_back(tmp_path):
         "no half row"
     assert len(pd.read_csv(run_dir / "metrics.csv")) == 94 * info["epochs_completed"]
     assert leftovers(tmp_path) == []
+
+
+def test_a_compilation_cache_that_cannot_be_written_is_one_line_exit_1(tmp_path, monkeypatch):
+    """XLA fails the compilation when its cache entry cannot be written (here over a 100 kB
+    file size limit; a full disk the same), and again at every retry: the run cannot go on.
+    It said so with a TensorFlow traceback."""
+    compilation_cache(monkeypatch, tmp_path / "xla")
+    process = start_cli(["run", "vanishing/sigmoid_baseline", "--out", "runs", "--quiet"], tmp_path,
+                        preexec_fn=file_size_limit(100_000))
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not write {tmp_path / 'xla'}"), lines
+    assert "File too large" in lines[0] and "GRADTOOLS_XLA_CACHE=off" in lines[0]
+    info = json.loads((one_run_dir(tmp_path / "runs") / "run.json").read_text())
+    assert info["status"] == "failed" and info["epochs_completed"] == 0
 
 
 # --- bad input: exit 2 before anything runs -----------------------------------------------------
