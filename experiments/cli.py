@@ -15,6 +15,7 @@ from experiments.config import FILE, ConfigError, config_groups, config_names, l
 from experiments.worker import WorkerLost
 from gradtools.extras import MissingExtra, require
 from gradtools.loggers.base import LoggerUnavailable
+from gradtools.validation import nearest_existing
 
 EXIT_BAD_INPUT = 2
 EXIT_WRITE_ERROR = 1
@@ -450,7 +451,7 @@ def check_writable(args) -> None:
     made in one (nothing is created here): exit 2 now, not a traceback after training."""
     for option in OUTPUT_OPTIONS.get(args.command, ()):
         path, flag = Path(getattr(args, option)), f"--{option}"
-        existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+        existing = nearest_existing(path)
         if not existing.is_dir():
             raise ConfigError(flag, flag, str(path), f"{existing} is a file; give a directory")
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gradtools.history import DamagedRunWarning, History, RunDirectoryError
 from gradtools.plots import plot_comparison
+from gradtools.validation import nearest_existing
 
 
 class CompareError(ValueError):
@@ -69,8 +70,7 @@ def figure_path(out: str | Path) -> Path:
 def _check_figure_folder(out: str | Path) -> None:
     """The figure's folder is a directory, or can be made: a file in its way is bad input,
     said before any run is read."""
-    folder = figure_path(out).parent
-    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    existing = nearest_existing(figure_path(out).parent)
     if not existing.is_dir():
         raise CompareError(f"{out}: {existing} is a file, not a directory; give a figure file or a directory")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from pathlib import Path
 
 #: Seeds are 32-bit: NumPy's and TensorFlow's generators take no more.
 MAX_SEED = 2**32 - 1
@@ -32,3 +33,10 @@ def require_integer(name: str, value, minimum: int = 1, maximum: int | None = No
 def require_positive_number(name: str, value) -> None:
     if not is_number(value, 0, exclusive=True):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """``path`` if it exists, else the nearest folder above it that does (at worst the root):
+    where a folder that is to be made would go, or the file in its way."""
+    path = Path(path)
+    return next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
