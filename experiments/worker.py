@@ -132,9 +132,8 @@ def each_sweep_point(configs, threads: int | None = None):
     """Yields :func:`run_sweep_point` of each config as it is done, one after the other (the
     points of one program: it is traced and compiled once). As a Ray task, a generator streams
     each point to the driver when it finishes. ``threads``: see :func:`limit_threads` (a Ray
-    task runs without :func:`start`, so it starts TensorFlow here as :func:`start` does)."""
+    task runs without :func:`start`)."""
     limit_threads(threads)
-    _quiet_tensorflow()
     try:
         for config in configs:
             yield run_sweep_point(config, clear=False)

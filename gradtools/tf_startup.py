@@ -20,29 +20,39 @@ from gradtools import compilation_cache
 
 #: Python's collector thresholds for such a process (Python's own: 700, 10, 10).
 GC_THRESHOLDS = (10_000, 10, 10)
+_frozen = False
 
 
 def collect_garbage_less_often() -> None:
-    """Collect cyclic garbage after 10 000 new container objects rather than 700, and never
-    again look through the objects that exist when this is called (``gc.freeze``: modules,
-    classes, functions). Importing TensorFlow and Keras makes about a million such objects,
-    and each full collection went through all of them again: 14% of a short run's CPU was
-    the collector (``perf record``). Measured on ``python -m experiments run
+    """Collect cyclic garbage after 10 000 new container objects rather than 700. Importing
+    TensorFlow and Keras makes about a million such objects, and each full collection went
+    through all of them again: 14% of a short run's CPU was the collector (``perf record``).
+    With :func:`freeze_what_exists` after the import, measured on ``python -m experiments run
     vanishing/sigmoid_baseline --set training.epochs=5`` with ``GRADTOOLS_XLA_CACHE=off``,
-    eight runs each, alternating: 6.7–7.7 s of user CPU before, 5.4–6.5 s with this, the same
+    eight runs each, alternating: 6.7–7.7 s of user CPU before, 5.4–6.5 s with both, the same
     peak memory (0.93–0.98 GB)."""
     gc.set_threshold(*GC_THRESHOLDS)
-    gc.freeze()
+
+
+def freeze_what_exists() -> None:
+    """Full collections no longer look through the objects that exist now (``gc.freeze``:
+    the modules, classes and functions of the imports). Once per process: a later freeze
+    would keep for good whatever garbage still waits, a finished sweep point's model."""
+    global _frozen
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
 
 
 def import_tensorflow_quietly() -> None:
     """Turn the compilation cache on, then import TensorFlow and initialize its devices with
     fd 2 muted, unless the user asked for TensorFlow's logs with ``TF_CPP_MIN_LOG_LEVEL=0``.
     Python errors still surface (they are raised, and printed after stderr is restored).
-    The garbage collector runs less often from the start (:func:`collect_garbage_less_often`)."""
-    gc.set_threshold(*GC_THRESHOLDS)  # during the import already
-    _import_tensorflow_quietly()
+    The garbage collector runs less often from the import on, and then skips what it made
+    (:func:`collect_garbage_less_often`, :func:`freeze_what_exists`)."""
     collect_garbage_less_often()
+    _import_tensorflow_quietly()
+    freeze_what_exists()
 
 
 def _import_tensorflow_quietly() -> None:

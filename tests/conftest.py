@@ -1,4 +1,3 @@
-import gc
 import os
 import sys
 from pathlib import Path
@@ -11,12 +10,12 @@ os.environ.setdefault("GRADTOOLS_XLA_CACHE", str(REPO_ROOT / ".pytest_cache" / "
 sys.path.insert(0, str(REPO_ROOT))
 from experiments.worker import limit_threads, threads_per_worker  # noqa: E402 (imports no TensorFlow)
 from gradtools.compilation_cache import enable  # noqa: E402
-from gradtools.tf_startup import GC_THRESHOLDS, collect_garbage_less_often  # noqa: E402
+from gradtools.tf_startup import collect_garbage_less_often, freeze_what_exists  # noqa: E402
 
 enable()
 # As in the suite's own processes (gradtools.tf_startup): the collector runs less often, and
 # once the test modules are imported (TensorFlow, Keras), no longer looks through them.
-gc.set_threshold(*GC_THRESHOLDS)
+collect_garbage_less_often()
 # pytest-xdist's workers share the cores: each gets its share of TensorFlow's threads (and so
 # do the commands it starts), as the experiments' own worker processes do.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
@@ -27,7 +26,7 @@ import pytest  # noqa: E402
 
 
 def pytest_collection_finish(session):
-    collect_garbage_less_often()
+    freeze_what_exists()
 
 
 def run_cli(args, cwd, timeout=300, env=None, module="experiments", **kwargs):

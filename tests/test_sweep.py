@@ -256,3 +256,28 @@ def test_phase_diagram_figure_from_the_table(tiny, tmp_path):
     assert any("4^−depth" in t for t in titles)
     html = phase_section(local.table)  # the report's section embeds the figure
     assert '<img alt="phase diagram" src="data:image/png;base64,' in html and "8 runs" in html
+
+
+def test_a_finished_points_model_is_freed_when_the_next_point_starts():
+    """Each point starts TensorFlow's settings again (``run_sweep_point``): the garbage
+    collector's freeze happens once per process, or it would keep the previous point's model
+    for good (the worker's ``_clear`` could not free it)."""
+    import gc
+    import weakref
+
+    import keras
+
+    from experiments.worker import _clear, _quiet_tensorflow
+
+    def a_point():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(1)])
+        model(np.ones((2, 8), np.float32))
+        return weakref.ref(model)
+
+    _quiet_tensorflow()
+    finished = a_point()
+    frozen = gc.get_freeze_count()
+    _quiet_tensorflow()  # the next point starts
+    _clear()
+    assert finished() is None, "the finished point's model was kept"
+    assert gc.get_freeze_count() <= frozen
