@@ -454,7 +454,7 @@ def _judge(history: History) -> Diagnosis:
         text = "; ".join(([_named(vanishing_layers)] if vanishing_layers else []) + time_vanishing)
         return Diagnosis("vanishing", e, "Vanishing gradients: " + text + "." + _vanishing_tail(e, vanishing_layers),
                          REMEDIES["vanishing"], findings)
-    return Diagnosis("healthy", e, _healthy_text(e, findings), [], findings)
+    return Diagnosis("healthy", e, _healthy_text(e, findings) + _still_kernels_note(findings), [], findings)
 
 
 def _vanishing_tail(e: dict, vanishing_layers: list[LayerFinding]) -> str:
@@ -467,6 +467,20 @@ def _vanishing_tail(e: dict, vanishing_layers: list[LayerFinding]) -> str:
         tail += (f" Over the whole run the ratio recovers ({lowest:.3g}): the early layers "
                  "learned late.")
     return tail
+
+
+def _still_kernels_note(findings: list[LayerFinding]) -> str:
+    """Kernels that get exactly 0 at most steps inside blocks that get a gradient elsewhere:
+    not a verdict (see the module's docstring), but they do not learn."""
+    still = [f.label for f in findings if max(f.numbers["zero_gradient_first_epoch"] or 0,
+                                              f.numbers["zero_gradient"] or 0) > DEAD_FRACTION]
+    if not still:
+        return ""
+    return (f" These kernels get a gradient of exactly 0 at most steps, while their block gets one "
+            f"elsewhere, so they do not learn: {', '.join(still[:NAMED_LAYERS])}"
+            + (f" and {len(still) - NAMED_LAYERS} more" if len(still) > NAMED_LAYERS else "")
+            + " (attention over a single key gives its query and key projections none; dead units "
+            "inside a layer made of layers do the same).")
 
 
 def _healthy_text(e: dict, findings: list[LayerFinding]) -> str:

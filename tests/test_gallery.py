@@ -34,6 +34,7 @@ def test_the_gallery_has_six_healthy_and_four_broken_architectures():
 def test_healthy_models_are_diagnosed_healthy_and_learn(trained, name):
     run, diagnosis = trained(name)
     assert diagnosis.verdict == "healthy", diagnosis.explanation
+    assert "do not learn" not in diagnosis.explanation
     assert run.losses[-1] < 0.8 * run.losses[0], f"{name} did not learn: {run.losses}"
     assert run.monitor.status == "completed"
     assert [f.path for f in diagnosis.layers] == run.monitor.layer_paths
@@ -136,4 +137,5 @@ def test_attention_over_a_single_context_token_is_healthy():
     assert layers["cross/key/kernel"].numbers["zero_gradient"] == 1.0
     assert layers["cross/value/kernel"].numbers["zero_gradient"] == 0.0
     assert diagnosis.verdict == "healthy", diagnosis.explanation
+    assert "do not learn: layer_1 (cross/query/kernel), layer_2 (cross/key/kernel) (" in diagnosis.explanation
     assert losses[-1] < 0.8 * losses[0], losses
