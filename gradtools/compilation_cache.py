@@ -103,12 +103,14 @@ def write_failure(error: Exception) -> OSError | None:
     compilation itself then, and again at every retry in the process: the run cannot go on."""
     directory = directory_in_use()
     text = str(error)
-    if directory is None or str(directory) not in text:
+    if directory is None or f"{directory}{os.sep}xla_compile_cache" not in text:
         return None
     code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS)
                  if os.strerror(c) in text), errno.EIO)
+    turn_off = (f"{ENVIRONMENT}=off" if directory == cache_directory()
+                else f"take {_FLAG} out of TF_XLA_FLAGS")
     return OSError(code, f"{os.strerror(code)}, writing a compiled program to the compilation cache "
-                         f"(free some space, or turn the cache off with {ENVIRONMENT}=off)", str(directory))
+                         f"(free some space, or turn the cache off: {turn_off})", str(directory))
 
 
 #: How many times this process traced each program (one traced again after the process

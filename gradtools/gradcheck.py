@@ -39,7 +39,7 @@ def _float64_copy(model: keras.Model, x) -> keras.Model:
         copy.set_weights([w.astype(np.float64) if np.issubdtype(w.dtype, np.floating) else w
                           for w in model.get_weights()])
     except Exception as error:  # Keras raises many kinds here, each its own message
-        first_sentence = str(error).split(". ")[0].strip()
+        first_sentence = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
         raise ValueError(f"check_gradients could not copy the model {model.name!r} in float64 "
                          f"({type(error).__name__}: {first_sentence}); it copies Sequential and functional "
                          "models, and subclassed models whose get_config() returns their constructor's "

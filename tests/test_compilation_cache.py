@@ -51,3 +51,23 @@ def _env(cache, threads=None):
     env = {name: value for name, value in os.environ.items() if name != "TF_XLA_FLAGS"}
     return {**env, "GRADTOOLS_XLA_CACHE": str(cache),
             **({"TF_NUM_INTRAOP_THREADS": str(threads)} if threads else {})}
+
+
+def test_only_a_failed_write_of_a_cache_entry_is_reported_as_one(monkeypatch, tmp_path):
+    """TensorFlow's error names the entry it could not write (the message seen under a file
+    size limit); another error that happens to mention the cache's folder is left alone."""
+    import errno
+
+    entry = "xla_compile_cache__1578286834590517526__18275711628463352770__XLA_CPU_JIT.pbvm-a93a7f.tmp"
+    monkeypatch.setenv("GRADTOOLS_XLA_CACHE", str(tmp_path))
+    ours = compilation_cache.cache_directory()
+    monkeypatch.setenv("TF_XLA_FLAGS", f"--tf_xla_persistent_cache_directory={ours}")
+    failure = compilation_cache.write_failure(RuntimeError(f"{ours}/{entry}; No space left on device [Op:x]"))
+    assert failure.errno == errno.ENOSPC and failure.filename == str(ours)
+    assert "GRADTOOLS_XLA_CACHE=off" in failure.strerror
+    assert compilation_cache.write_failure(RuntimeError(f"indices[3] = 9 is not in [0, 4) near {ours}")) is None
+
+    monkeypatch.setenv("TF_XLA_FLAGS", "--tf_xla_persistent_cache_directory=.")  # the user's own flag
+    assert compilation_cache.write_failure(RuntimeError("./model.keras: index out of range")) is None
+    theirs = compilation_cache.write_failure(RuntimeError(f"./{entry}; File too large"))
+    assert theirs.errno == errno.EFBIG and "take --tf_xla_persistent_cache_directory out of TF_XLA_FLAGS" in str(theirs)
