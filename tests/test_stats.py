@@ -174,3 +174,29 @@ def test_padding_is_used_only_where_each_example_is_computed_alone():
     assert not padding_is_exact(two_outputs, resolve_loss("mse"))
     one_value_per_example = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1), keras.layers.Reshape(())])
     assert not padding_is_exact(one_value_per_example, resolve_loss("mse"))  # its MSE is one number
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_one_non_finite_entry_anywhere_makes_the_step_non_finite(jit_compile):
+    """``all_finite`` checks each dtype's values together: every position, dtype and kind of
+    non-finite value is found; finite extremes of each dtype (float16's 65504, float64's 1e300)
+    are not mistaken for overflow; an unreached variable (None) is skipped."""
+    from gradtools.stats import all_finite
+
+    check = tf.function(all_finite, jit_compile=jit_compile, autograph=False)
+    rng = np.random.default_rng(0)
+    loss = np.float32(0.5)
+    finite = [rng.normal(size=(3, 4)).astype(np.float32), None, np.array([65504, -1, 2], np.float16),
+              np.array([[1e300, -2.0], [3.0, 4.0]]), rng.normal(size=(2, 3)).astype(np.float32)]
+
+    def with_embedding_gradient(gradients):  # an Embedding's gradient arrives as IndexedSlices
+        values, rows = gradients[-1], tf.constant([0, 3])
+        return [*gradients[:-1], tf.IndexedSlices(tf.constant(values), rows, tf.constant([5, 3]))]
+
+    assert bool(check(loss, with_embedding_gradient(finite)))
+    assert not bool(check(np.float32(np.nan), with_embedding_gradient(finite)))
+    for position in (0, 2, 3, 4):
+        for bad in (np.nan, np.inf, -np.inf):
+            gradients = [None if g is None else g.copy() for g in finite]
+            gradients[position].flat[-1] = bad
+            assert not bool(check(loss, with_embedding_gradient(gradients))), (position, bad)
