@@ -220,19 +220,25 @@ def _layer_numbers(metrics: pd.DataFrame, k: int, sensitivities: pd.DataFrame) -
     }
 
 
-def _block_ratios(numbers: list[dict], blocks: list[str], key: str) -> dict[str, float | None]:
-    """For each block but the last, its strongest ``key`` over the strongest of every later
-    block (blocks in order of first appearance)."""
+def _later_blocks(blocks: list[str], downstream: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each block's later blocks: those downstream of it (``History.block_downstream``), or,
+    where that is unknown, every block listed after it."""
     order = list(dict.fromkeys(blocks))
+    return {block: downstream[block] if block in downstream else order[i + 1:] for i, block in enumerate(order)}
+
+
+def _block_ratios(numbers: list[dict], blocks: list[str], later: dict[str, list[str]],
+                  key: str) -> dict[str, float | None]:
+    """For each block with later blocks, its strongest ``key`` over the strongest of theirs."""
     strongest = {}
-    for block in order:
+    for block in later:
         values = [n[key] for n, b in zip(numbers, blocks) if b == block and n[key] is not None]
         strongest[block] = max(values) if values else None
     ratios = {}
-    for i, block in enumerate(order[:-1]):
-        later = [strongest[b] for b in order[i + 1:] if strongest[b] is not None]
-        ratios[block] = (_number(strongest[block] / max(later))
-                         if strongest[block] is not None and later and max(later) > 0 else None)
+    for block, after in later.items():
+        values = [strongest[b] for b in after if strongest.get(b) is not None]
+        ratios[block] = (_number(strongest[block] / max(values))
+                         if strongest[block] is not None and values and max(values) > 0 else None)
     return ratios
 
 
@@ -265,27 +271,28 @@ def _vanishing_reasons(n: dict, strongest_after: dict[str, str | None]) -> list[
     return reasons
 
 
-def _strongest_after(numbers, blocks, block: str, key: str) -> str | None:
-    order = list(dict.fromkeys(blocks))
-    later = order[order.index(block) + 1:]
+def _strongest_after(numbers, blocks, later: list[str], key: str) -> str | None:
     candidates = [(n[key], b) for n, b in zip(numbers, blocks) if b in later and n[key] is not None]
     return max(candidates)[1] if candidates else None
 
 
-def layer_findings(metrics: pd.DataFrame, paths, blocks) -> list[LayerFinding]:
-    """Every numbered layer judged on its own numbers and its block's depth ratio."""
+def layer_findings(metrics: pd.DataFrame, paths, blocks, downstream=None) -> list[LayerFinding]:
+    """Every numbered layer judged on its own numbers and its block's depth ratio (against the
+    blocks ``downstream`` of it: ``History.block_downstream``; unknown: the blocks listed after it)."""
     ks = layer_numbers(metrics)
     paths = list(paths) if paths and len(paths) == len(ks) else [""] * len(ks)
-    blocks = list(blocks) if blocks and len(blocks) == len(ks) else [f"layer_{k}" for k in ks]
+    known = blocks and len(blocks) == len(ks)
+    blocks = list(blocks) if known else [f"layer_{k}" for k in ks]
+    later = _later_blocks(blocks, (downstream or {}) if known else {})
     sensitivities = sensitivity_table(metrics)
     numbers = [_layer_numbers(metrics, k, sensitivities) for k in ks]
-    ratios = {key: _block_ratios(numbers, blocks, source) for key, source in (
+    ratios = {key: _block_ratios(numbers, blocks, later, source) for key, source in (
         ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
     zero_fractions = _block_zero_fractions(metrics, ks, blocks)
     findings = []
     for k, path, block, n in zip(ks, paths, blocks, numbers):
         n = {**n, **{key: ratios[key].get(block) for key in ratios}, **zero_fractions[block]}
-        after = {key: _strongest_after(numbers, blocks, block, source) for key, source in (
+        after = {key: _strongest_after(numbers, blocks, later[block], source) for key, source in (
             ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
         exploding, vanishing = _exploding_reasons(n), _vanishing_reasons(n, after)
         verdict = "exploding" if exploding else "vanishing" if vanishing else "healthy"
@@ -434,7 +441,8 @@ def diagnose(source) -> Diagnosis:
 def _judge(history: History) -> Diagnosis:
     metrics = history.metrics
     e = run_evidence(metrics)
-    findings = layer_findings(judged_rows(metrics), history.layer_paths, history.layer_blocks)
+    findings = layer_findings(judged_rows(metrics), history.layer_paths, history.layer_blocks,
+                              history.block_downstream)
     e["blocks"] = len({f.block for f in findings})
     e["weakest_block"], e["weakest_depth_ratio"] = _weakest(findings)
     e.update(through_time_evidence(history.state_gradients))

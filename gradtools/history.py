@@ -65,6 +65,9 @@ class History:
     layer_paths: list[str] = field(default_factory=list)
     #: The block of each numbered layer; empty when unknown (each layer is then its own block).
     layer_blocks: list[str] = field(default_factory=list)
+    #: Each block's blocks downstream in the model's graph (:func:`gradtools.layers.block_downstream`);
+    #: empty when unknown (each block is then before every block listed after it).
+    block_downstream: dict[str, list[str]] = field(default_factory=dict)
     #: Per-epoch gradients through time of :class:`gradtools.through_time.TracedRNN` layers:
     #: ``epoch``, ``layer_k/recurrent_spectral_radius`` (at the epoch's start) and
     #: ``layer_k/state_grad_norm/t<t>`` (mean of the finite ‖∂L/∂h_t‖ over the epoch's steps)
@@ -107,5 +110,6 @@ class History:
             wall_seconds=info.get("wall_seconds", 0.0),
             layer_paths=info.get("layer_paths", []),
             layer_blocks=info.get("layer_blocks") or [],
+            block_downstream=info.get("block_downstream") or {},
             state_gradients=read_metrics(state_file) if state_file.is_file() else None,
         )

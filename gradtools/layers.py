@@ -80,6 +80,62 @@ def layer_blocks(model, paths) -> list[str]:
     return [owner.get(path, path) for path in paths]
 
 
+def block_downstream(model, blocks) -> dict[str, list[str]]:
+    """For each of ``blocks`` (see :func:`layer_blocks`), the blocks its output reaches,
+    directly or further on: what "the blocks after it" means to the diagnosis's depth rule. A
+    functional model is followed along its connections (nested models opened), so heads and
+    branches side by side are not after one another; a Sequential or subclassed model, whose
+    connections Keras does not record, in layer order. A block no layer owns: every block
+    listed after it."""
+    import keras
+
+    _, after = _blocks_after(model, keras)
+    order = list(dict.fromkeys(blocks))
+    return {block: [other for other in order if other in after[block]] if block in after
+            else order[order.index(block) + 1:] for block in order}
+
+
+def _blocks_after(container, keras) -> tuple[list[str], dict[str, set[str]]]:
+    """The blocks inside ``container`` in layer order, and for each the blocks after it there."""
+    if not (isinstance(container, keras.Model) and container.layers):
+        names = [container.name] if container.trainable_weights else []
+        return names, {name: set() for name in names}
+    parts = [(layer, *_blocks_after(layer, keras)) for layer in container.layers]
+    reached = _layers_reached(container)
+    blocks: list[str] = []
+    after: dict[str, set[str]] = {}
+    for i, (layer, inner, inner_after) in enumerate(parts):
+        later = reached[id(layer)] if reached is not None else {id(other) for other, _, _ in parts[i + 1:]}
+        outside = {block for other, other_blocks, _ in parts if id(other) in later for block in other_blocks}
+        for block in inner:
+            after.setdefault(block, inner_after[block] | outside)
+        blocks += inner
+    return blocks, after
+
+
+def _layers_reached(model) -> dict[int, set[int]] | None:
+    """For a functional model, each layer's id -> the ids of the layers its output reaches
+    (Keras's record of the graph: ``Function._nodes_by_depth``); None for other models."""
+    from keras.src.models.functional import Functional
+
+    if not isinstance(model, Functional):
+        return None
+    children: dict[int, set[int]] = {}
+    for node in (node for nodes in model._nodes_by_depth.values() for node in nodes):
+        for parent in node.parent_nodes:
+            children.setdefault(id(parent.operation), set()).add(id(node.operation))
+    reached: dict[int, set[int]] = {}
+
+    def reach(operation: int) -> set[int]:
+        if operation not in reached:
+            reached[operation] = set()
+            for child in children.get(operation, ()):
+                reached[operation] |= {child} | reach(child)
+        return reached[operation]
+
+    return {id(layer): reach(id(layer)) for layer in model.layers}
+
+
 def layer_label(k: int, paths) -> str:
     """``layer_3 (encoder/attention/value/kernel)``, or ``layer_3`` when the path is unknown."""
     return f"layer_{k} ({paths[k - 1]})" if paths and k <= len(paths) else f"layer_{k}"

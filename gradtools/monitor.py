@@ -32,7 +32,7 @@ from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.columns import metric_columns
 from gradtools.history import COMPLETED, DIVERGED, RUNNING, History
-from gradtools.layers import layer_blocks, layer_layout
+from gradtools.layers import block_downstream, layer_blocks, layer_layout
 from gradtools.loggers.base import end_run
 from gradtools.plots import run_figures
 from gradtools.stats import all_finite, statistics_row
@@ -173,6 +173,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self.epochs_completed = 0
         self.layer_paths: list[str] = []
         self.layer_blocks: list[str] = []
+        self.block_downstream: dict[str, list[str]] = {}
         self._columns: list[str] = []
         self._frames: list[pd.DataFrame] = []
         self._state_rows: list[dict[str, float]] = []
@@ -194,7 +195,7 @@ class GradientMonitor(keras.callbacks.Callback):
         return History(metrics=self.metrics, status=self.status,
                        first_nonfinite_step=self.first_nonfinite_step,
                        epochs_completed=self.epochs_completed, layer_paths=self.layer_paths,
-                       layer_blocks=self.layer_blocks,
+                       layer_blocks=self.layer_blocks, block_downstream=self.block_downstream,
                        state_gradients=pd.DataFrame(self._state_rows) if self._traced else None)
 
     # --- installing the probes --------------------------------------------------------------
@@ -262,6 +263,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._layout = layer_layout(variables)
         self.layer_paths = list(self._layout.paths)
         self.layer_blocks = layer_blocks(self.model, self.layer_paths)
+        self.block_downstream = block_downstream(self.model, self.layer_blocks)
         self._columns = metric_columns(len(self.layer_paths), self._layout.recurrent_layers,
                                        clipped=self._clipping is not None,
                                        loss_scaled=self._loss_scaled)

@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from gradtools import compilation_cache, through_time
 from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING, History
-from gradtools.layers import layer_blocks, layer_layout
+from gradtools.layers import block_downstream, layer_blocks, layer_layout
 from gradtools.loggers.base import RunLogger, end_run, end_run_after_error
 from gradtools.plots import run_figures
 from gradtools.steps import TrainStep, padding_is_exact, resolve_loss, with_loss_scaling
@@ -429,6 +429,7 @@ class Recorder:
         # the caller's names: a program reused from a model of the same structure has its own
         self.paths = list(layer_layout(model.trainable_weights).paths)
         self.blocks = layer_blocks(model, self.paths)
+        self.downstream = block_downstream(model, self.blocks)
         self.frames: list[pd.DataFrame] = []
         self.state_rows: list[dict[str, float]] = []
         self.status, self.first_nonfinite_step, self.epochs_completed = COMPLETED, None, 0
@@ -441,7 +442,7 @@ class Recorder:
         metrics = pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame(columns=self.step.columns)
         return History(metrics=metrics, status=self.status, first_nonfinite_step=self.first_nonfinite_step,
                        epochs_completed=self.epochs_completed, wall_seconds=time.perf_counter() - self.started,
-                       layer_paths=self.paths, layer_blocks=self.blocks,
+                       layer_paths=self.paths, layer_blocks=self.blocks, block_downstream=self.downstream,
                        state_gradients=pd.DataFrame(self.state_rows) if self.step.traced else None)
 
     def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, without_xla=None) -> History:

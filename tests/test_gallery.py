@@ -139,3 +139,52 @@ def test_attention_over_a_single_context_token_is_healthy():
     assert diagnosis.verdict == "healthy", diagnosis.explanation
     assert "do not learn: layer_1 (cross/query/kernel), layer_2 (cross/key/kernel) (" in diagnosis.explanation
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def two_headed_model(trunk_activation, trunk_initializer, depth, aux_name):
+    """A shared trunk with an auxiliary head (loss weight 0.003) beside the main head; Keras
+    orders a dict's outputs, and so the heads' kernels, by name."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((20,))
+    h = inputs
+    for k in range(1, depth + 1):
+        h = keras.layers.Dense(32, activation=trunk_activation, kernel_initializer=trunk_initializer,
+                               name=f"trunk{k}")(h)
+    outputs = {aux_name: keras.layers.Dense(2, activation="softmax", name=aux_name)(h),
+               "main": keras.layers.Dense(2, activation="softmax", name="main")(h)}
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss={name: "sparse_categorical_crossentropy" for name in outputs},
+                  loss_weights={aux_name: 0.003, "main": 1.0})
+    return model
+
+
+@pytest.mark.parametrize("trunk, expected", [(("relu", "glorot_uniform", 2), "healthy"),
+                                             (("sigmoid", "random_normal", 8), "vanishing")])
+def test_heads_side_by_side_are_not_compared_as_if_one_came_after_the_other(tmp_path, trunk, expected):
+    """An auxiliary head with a small loss weight gets far less gradient than the main head
+    beside it. Compared as if it came after it (the order of the kernels), a healthy model was
+    called vanishing when the auxiliary head's name sorted first. A trunk that does vanish
+    still does, against both heads."""
+    from gradtools import GradientMonitor
+    from gradtools.history import History
+    from gradtools.loggers import LocalRunLogger
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 20)).astype("float32")
+    targets = {"aux": (x[:, 5:10].sum(1) > 0).astype("int32"), "main": (x[:, :5].sum(1) > 0).astype("int32")}
+    model = two_headed_model(*trunk, aux_name="aux")
+    monitor = GradientMonitor(loggers=[LocalRunLogger(tmp_path / "run", name="two heads")], figures=False)
+    model.fit(x, targets, epochs=3, batch_size=32, verbose=0, callbacks=[monitor])
+
+    history = monitor.history()
+    assert history.block_downstream["aux"] == [] and history.block_downstream["main"] == []
+    assert history.block_downstream["trunk1"][-2:] == ["aux", "main"]
+    diagnosis = diagnose(history)
+    assert diagnosis.verdict == expected, diagnosis.explanation
+    heads = {f.block: f.numbers["depth_ratio_first_epoch"] for f in diagnosis.layers}
+    assert heads["aux"] is None and heads["main"] is None  # nothing after either
+    if expected == "healthy":
+        assert heads["trunk1"] > VANISHING_RATIO
+    assert diagnose(History.from_run_dir(tmp_path / "run")).verdict == expected

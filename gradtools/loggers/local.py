@@ -246,7 +246,8 @@ class LocalRunLogger(RunLogger):
         self._info.update(epochs_completed=self._counted(history.epochs_completed),
                           first_nonfinite_step=history.first_nonfinite_step,
                           wall_seconds=round(time.time() - self._started, 3),
-                          layer_paths=history.layer_paths, layer_blocks=history.layer_blocks)
+                          layer_paths=history.layer_paths, layer_blocks=history.layer_blocks,
+                          block_downstream=history.block_downstream)
         if not self.metrics_path.exists():
             _write_atomically(self.metrics_path, lambda path: _write_csv_file(path, history.metrics))
         self._write_info()
