@@ -22,6 +22,7 @@ buffer once per epoch (or when it is about to fill), so nothing but that table l
 from __future__ import annotations
 
 import threading
+import warnings
 
 import keras
 import numpy as np
@@ -39,6 +40,14 @@ from gradtools.stats import all_finite, statistics_row
 from gradtools.validation import require_integer
 
 _DEFAULT_CAPACITY = 4096
+
+#: A train_step that differentiates a loss the monitor cannot see.
+NO_LOSS_SEEN = ("GradientMonitor needs each step's loss, and this model's train_step computes it "
+                "without self.compute_loss(): compute it with loss = self.compute_loss(x=x, y=y, "
+                "y_pred=y_pred) (as keras.io's guide to customizing fit() does), or train with gradtools.fit")
+#: A train_step that never updates the weights with model.optimizer.
+NO_STEP_SEEN = ("GradientMonitor recorded no step: this model's train_step never updates its weights "
+                "with model.optimizer (a model with optimizers of its own, as a GAN's, is not monitored)")
 
 
 def _optimizer_clipping(optimizer):
@@ -213,6 +222,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._capacity = (self.params.get("steps") or _DEFAULT_CAPACITY) + self._steps_per_call
         self._pending_steps = 0
         self._epoch = 0
+        self._applied = False  # set when a step's update by model.optimizer is traced
         self._first_step_of_epoch = 1
         if model.built and model.trainable_weights:
             self._prepare(list(model.trainable_weights))
@@ -279,7 +289,11 @@ class GradientMonitor(keras.callbacks.Callback):
     def _record(self, grads, scale, weights_after, weights_before):
         """In-graph: the step's row into the buffer (when logged), the non-finite flag and
         the gradients through time."""
-        loss, *grads = _summed_over_replicas([self._step.loss, *grads])
+        step_loss, self._step.loss = getattr(self._step, "loss", None), None
+        if step_loss is None:
+            raise ValueError(NO_LOSS_SEEN)
+        self._applied = True
+        loss, *grads = _summed_over_replicas([step_loss, *grads])
         state_norms = [layer.state_gradient_norms.value() for layer in self._traced]
         if scale is not None:
             grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
@@ -329,6 +343,8 @@ class GradientMonitor(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0 and not self._applied:
+            warnings.warn(NO_STEP_SEEN, RuntimeWarning, stacklevel=2)
         self._flush(epoch)
         epoch_values = self._through_time_row(epoch)
         if self.status != DIVERGED:

@@ -170,3 +170,67 @@ def test_each_model_fit_is_a_run_of_its_own_a_backbone_unfrozen_included(tmp_pat
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logged])
     with pytest.raises(ValueError, match="give each model.fit a new GradientMonitor"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logged])
+
+
+class _OwnTrainStep:
+    """keras.io's custom train_step, computing the loss one way or another (``how``)."""
+
+    @staticmethod
+    def model(how):
+        import keras
+        import tensorflow as tf
+
+        class Custom(keras.Model):
+            def __init__(self):
+                super().__init__()
+                self.hidden, self.out = keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)
+                self.own_optimizer = keras.optimizers.SGD(0.01)
+
+            def call(self, x):
+                return self.out(self.hidden(x))
+
+            def train_step(self, data):
+                x, y = data
+                with tf.GradientTape() as tape:
+                    y_pred = self(x, training=True)
+                    loss = (self.compute_loss(x=x, y=y, y_pred=y_pred) if how == "compute_loss"
+                            else keras.losses.mean_squared_error(y, y_pred))
+                grads = tape.gradient(loss, self.trainable_variables)
+                optimizer = self.own_optimizer if how == "own optimizer" else self.optimizer
+                optimizer.apply(grads, self.trainable_variables)
+                return {"loss": tf.reduce_mean(loss)}
+
+        keras.utils.set_random_seed(0)
+        model = Custom()
+        model.compile(optimizer="sgd", loss="mse")
+        return model
+
+
+@pytest.mark.parametrize("how", ["compute_loss", "own loss", "own optimizer"])
+def test_a_custom_train_step_is_monitored_or_told_what_it_lacks(how):
+    """Monitored when it computes the loss with self.compute_loss and updates with
+    model.optimizer; a loss of its own is a ValueError saying how to compute it (it was an
+    AttributeError from inside the monitor); optimizers of its own (a GAN's) a warning that
+    nothing was recorded (it was silence, then 'no logged steps' from diagnose)."""
+    import warnings
+
+    from gradtools import GradientMonitor
+
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    model, monitor = _OwnTrainStep.model(how), GradientMonitor(figures=False)
+    if how == "own loss":
+        with pytest.raises(ValueError, match=r"without self\.compute_loss\(\): compute it with loss = "):
+            model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[monitor])
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[monitor])
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if how == "own optimizer":
+        assert said == ["GradientMonitor recorded no step: this model's train_step never updates its weights "
+                        "with model.optimizer (a model with optimizers of its own, as a GAN's, is not monitored)"]
+        assert monitor.metrics.empty
+    else:
+        assert said == []
+        assert len(monitor.metrics) == 8 and np.isfinite(monitor.metrics["loss"]).all()
