@@ -12,6 +12,7 @@ import pandas as pd
 import tensorflow as tf
 from keras.src.models.functional import Functional  # what clone_model copies (no public name)
 
+from gradtools.layers import is_kernel
 from gradtools.steps import resolve_loss
 
 
@@ -73,7 +74,7 @@ def check_gradients(model: keras.Model, x, y, loss, *, epsilon: float = 1e-6,
         value = loss_fn(y64, copy(x64, training=False))
         return value + tf.add_n(copy.losses) if copy.losses else value
 
-    kernels = [v for v in copy.trainable_weights if v.name == "kernel"]
+    kernels = [v for v in copy.trainable_weights if is_kernel(v)]
     with tf.GradientTape() as tape:
         value = total_loss()
     analytic = tape.gradient(value, kernels)

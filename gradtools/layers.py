@@ -1,10 +1,12 @@
 """Which variables are a model's numbered layers, what they are called, and the blocks that
 say how deep each one sits.
 
-A numbered layer is a trainable variable named ``kernel`` (Dense, Conv, the projections inside
-``MultiHeadAttention``, RNN cells), numbered ``layer_1, layer_2, …`` in ``trainable_weights``
-order and named by its path (``encoder/attention/query/kernel``). A recurrent layer's
-``recurrent_kernel`` is recorded beside its kernel.
+A numbered layer is a trainable weight matrix (:data:`KERNEL_NAMES`): a ``kernel`` (Dense, Conv,
+the projections inside ``MultiHeadAttention``, RNN cells), the ``depthwise_kernel`` and
+``pointwise_kernel`` of a separable convolution, the ``lora_kernel_a`` and ``lora_kernel_b``
+of a layer fine-tuned with LoRA. They are numbered ``layer_1, layer_2, …`` in
+``trainable_weights`` order and named by their path (``encoder/attention/query/kernel``). A
+recurrent layer's ``recurrent_kernel`` is recorded beside its kernel.
 
 A *block* is the top-level layer a kernel belongs to (nested Functional or Sequential models
 are opened): the query, key and value projections of one attention layer, or the forward and
@@ -44,6 +46,15 @@ class LayerLayout:
         return ordered
 
 
+#: The names of the variables that are numbered layers.
+KERNEL_NAMES = frozenset({"kernel", "depthwise_kernel", "pointwise_kernel", "lora_kernel_a", "lora_kernel_b"})
+
+
+def is_kernel(variable) -> bool:
+    """Whether ``variable`` is a numbered layer's weight matrix (:data:`KERNEL_NAMES`)."""
+    return variable.name in KERNEL_NAMES
+
+
 def _parent(path: str) -> str:
     return path.rsplit("/", 1)[0]
 
@@ -51,10 +62,10 @@ def _parent(path: str) -> str:
 def layer_layout(variables) -> LayerLayout:
     """The numbered layers among ``variables`` (a model's trainable weights, in order)."""
     variables = list(variables)
-    kernels = [i for i, v in enumerate(variables) if v.name == "kernel"]
+    kernels = [i for i, v in enumerate(variables) if is_kernel(v)]
     if not kernels:
-        raise ValueError("the model has no trainable variable named 'kernel' (Dense, Conv, RNN and "
-                         "attention layers have one); gradtools numbers layers by their kernels")
+        raise ValueError(f"the model has no trainable weight matrix ({', '.join(sorted(KERNEL_NAMES))}: "
+                         "Dense, Conv, RNN and attention layers have one); gradtools numbers layers by them")
     by_parent = {_parent(v.path): i for i, v in enumerate(variables) if v.name == "recurrent_kernel"}
     recurrent = {k: by_parent[_parent(variables[i].path)]
                  for k, i in enumerate(kernels, start=1) if _parent(variables[i].path) in by_parent}

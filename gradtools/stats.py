@@ -65,7 +65,8 @@ def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
                  for i, after in zip(monitored, weights_after) if gradients[i] is None]
     if unreached:  # zeros would read as dead units and a "vanishing" verdict
         raise ValueError(f"no gradient reaches {', '.join(unreached)}: the loss does not depend on it "
-                         "(a layer the model never calls?); remove that layer, or set its trainable = False")
+                         "(a layer the model never calls, or an output given no loss?); remove that layer, or set its "
+                         "trainable = False while it does not learn")
     head = tf.stack([tf.cast(loss, tf.float32), global_gradient_norm(gradients)])
     layers = [tf.reshape(layer_gradient_stats([gradients[i] for i in monitored], weights_before,
                                               weights_after), [-1])] if monitored else []

@@ -188,3 +188,66 @@ def test_heads_side_by_side_are_not_compared_as_if_one_came_after_the_other(tmp_
     if expected == "healthy":
         assert heads["trunk1"] > VANISHING_RATIO
     assert diagnose(History.from_run_dir(tmp_path / "run")).verdict == expected
+
+
+def _fit_monitored(model, x, y, epochs=3):
+    from gradtools import GradientMonitor
+
+    monitor = GradientMonitor(figures=False)
+    losses = model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=[monitor]).history["loss"]
+    return monitor, diagnose(monitor.history()), losses
+
+
+@pytest.mark.parametrize("activation, expected", [("relu", "healthy"), ("sigmoid", "vanishing")])
+def test_separable_convolutions_are_numbered_layers(activation, expected):
+    """A separable convolution's weights are a depthwise_kernel and a pointwise_kernel, and
+    no 'kernel': ten saturated sigmoid ones (exactly 0 gradient in the first layers) were left
+    out, and the model, one Dense head, was called healthy. A healthy separable convnet (with
+    batch normalization) stays healthy."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 32, 4)).astype("float32")
+    y = (x[:, :, 0].mean(1) > 0).astype("int32")
+    keras.utils.set_random_seed(0)
+    if activation == "relu":
+        body = [layer for _ in range(3) for layer in (keras.layers.SeparableConv1D(16, 3, padding="same"),
+                                                       keras.layers.BatchNormalization(), keras.layers.ReLU())]
+        optimizer = "adam"
+    else:
+        small = keras.initializers.RandomNormal(stddev=0.05)
+        body = [keras.layers.SeparableConv1D(16, 3, padding="same", activation="sigmoid", depthwise_initializer=small,
+                                             pointwise_initializer=small) for _ in range(10)]
+        optimizer = keras.optimizers.SGD(0.01)
+    model = keras.Sequential([keras.Input((32, 4)), *body, keras.layers.GlobalAveragePooling1D(),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    monitor, diagnosis, losses = _fit_monitored(model, x, y)
+    depth = 3 if activation == "relu" else 10
+    assert [path.rsplit("/", 1)[1] for path in monitor.layer_paths] == \
+        ["depthwise_kernel", "pointwise_kernel"] * depth + ["kernel"]
+    assert diagnosis.verdict == expected, diagnosis.explanation
+    if expected == "healthy":
+        assert losses[-1] < losses[0], losses
+
+
+def test_a_model_fine_tuned_with_lora_is_monitored_and_healthy():
+    """Keras's LoRA freezes each kernel and trains two small matrices beside it
+    (lora_kernel_a, lora_kernel_b, the latter starting at zero): the monitor refused the model
+    ('no trainable variable named kernel')."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu", name="hidden"),
+                              keras.layers.Dense(2, activation="softmax", name="head")])
+    for layer in model.layers:
+        layer.enable_lora(rank=4)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    monitor, diagnosis, losses = _fit_monitored(model, x, y)
+    assert [path.split("/", 1)[1] for path in monitor.layer_paths] == \
+        ["hidden/lora_kernel_a", "hidden/lora_kernel_b", "head/lora_kernel_a", "head/lora_kernel_b"]
+    assert diagnosis.verdict == "healthy", diagnosis.explanation
+    assert losses[-1] < losses[0], losses

@@ -20,6 +20,7 @@ import pandas as pd
 import tomli_w
 
 from gradtools.extras import require
+from gradtools.layers import is_kernel
 from gradtools.loggers.base import RunLogger, figure_png, flat_params
 from gradtools.outcome import OUTCOME_NUMBERS, run_outcome
 
@@ -98,7 +99,7 @@ class TensorBoardLogger(RunLogger):
         return write
 
     def log_epoch_end(self, epoch: int, model, kernel_gradients=None) -> None:
-        kernels = [v for v in model.trainable_weights if v.name == "kernel"]
+        kernels = [v for v in model.trainable_weights if is_kernel(v)]
         with self.writer.as_default():
             for k, kernel in enumerate(kernels, start=1):
                 tf.summary.histogram(f"layer_{k}/kernel", kernel.numpy(), step=self._last_step)
