@@ -14,7 +14,8 @@ thresholds and where they come from):
   grew, shown as evidence).
 
 **exploding** if a loss or gradient became NaN/Inf (not counting a step the loss scaler skipped);
-or, in some epoch (medians over the epoch's logged steps), a layer's update ratio is at least
+or, in some epoch (medians over the epoch's logged steps, or over ten of them when epochs log
+fewer: :func:`judging_windows`), a layer's update ratio is at least
 :data:`EXPLODING_UPDATE_RATIO`, or its gradient is :data:`EXPLODING_GRAD_TO_WEIGHT` times its
 weight norm or more, or the loss is at least :data:`ASTRONOMICAL_LOSS`; or the global gradient
 norm grows :data:`EXPLODING_GRAD_GROWTH`× over its first steps; or, through time,
@@ -152,6 +153,17 @@ def _number(value) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
+def judging_windows(metrics: pd.DataFrame) -> pd.Series:
+    """The windows a median is taken over: each epoch's logged steps; or, when epochs log fewer
+    than FIRST_STEPS steps (full-batch training logs one), runs of FIRST_STEPS consecutive
+    logged steps, so that no single step decides (a kernel that starts at zero changes by about
+    its own norm at its second step, and the layers before it get exactly 0 at its first)."""
+    epochs = metrics["epoch"]
+    if len(metrics) == 0 or metrics.groupby("epoch").size().median() >= FIRST_STEPS:
+        return epochs
+    return pd.Series(np.arange(len(metrics)) // FIRST_STEPS, index=metrics.index)
+
+
 def _max_epoch_median(values: pd.Series, epochs: pd.Series) -> float | None:
     """The largest per-epoch median of the finite values (one spike does not decide)."""
     medians = values.replace([np.inf, -np.inf], np.nan).groupby(epochs).median()
@@ -193,7 +205,8 @@ def _zero_fraction(values: pd.Series) -> float | None:
 def _block_zero_fractions(metrics: pd.DataFrame, ks, blocks) -> dict[str, dict[str, float | None]]:
     """For each block, the fraction of steps (of the first epoch; of the run) at which every
     kernel of the block got a gradient of exactly 0."""
-    in_first_epoch = metrics["epoch"] == metrics["epoch"].min()
+    windows = judging_windows(metrics)
+    in_first_epoch = windows == windows.min()
     fractions = {}
     for block in dict.fromkeys(blocks):
         norms = metrics[[f"layer_{k}/grad_norm" for k, b in zip(ks, blocks) if b == block]]
@@ -205,7 +218,7 @@ def _block_zero_fractions(metrics: pd.DataFrame, ks, blocks) -> dict[str, dict[s
 
 def _layer_numbers(metrics: pd.DataFrame, k: int, sensitivities: pd.DataFrame) -> dict[str, float | None]:
     """Every per-layer number except the depth ratios (which need the other blocks)."""
-    epochs = metrics["epoch"]
+    epochs = judging_windows(metrics)
     in_first_epoch = epochs == epochs.min()
     first_epoch = metrics[in_first_epoch]
     grad, weight = metrics[f"layer_{k}/grad_norm"], metrics[f"layer_{k}/weight_norm"]
@@ -372,7 +385,7 @@ def run_evidence(metrics: pd.DataFrame) -> dict:
         "layers": len(layer_numbers(metrics)),
         "first_nonfinite_statistic_step": first_nonfinite_step(metrics),
         "skipped_steps": int((metrics["skipped"] > 0).sum()) if "skipped" in metrics else 0,
-        "loss_epoch_median_max": _max_epoch_median(judged["loss"], judged["epoch"]),
+        "loss_epoch_median_max": _max_epoch_median(judged["loss"], judging_windows(judged)),
         "grad_norm_growth": _grad_growth(judged),
         "loss_improvement": _number(improvement) if improvement is not None else None,
         "median_loss_swing": _number(np.median(swings)) if len(swings) else None,

@@ -9,6 +9,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 from conftest import REPO_ROOT, exploding_relu_setup
 from sklearn.datasets import make_moons
 
@@ -113,3 +114,41 @@ def test_run_json_and_the_command_line_carry_the_diagnosis(tmp_path):
     plain = subprocess.run([sys.executable, "-m", "gradtools", "diagnose", str(tmp_path)],
                            env=env, capture_output=True, text=True, timeout=120)
     assert plain.returncode == 2 and "not a run directory" in plain.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_a_head_that_starts_at_zero_trained_full_batch_is_healthy(optimizer):
+    """Full-batch training logs one step per epoch, so an epoch's median was one step: a
+    kernel starting at zero changes by about its own norm at its second step (1.9× with
+    momentum: 'exploding'), and the layer before it gets exactly 0 at the first ('vanishing').
+    Medians are now over ten logged steps when epochs are shorter."""
+    from gradtools import GradientMonitor
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 10)).astype("float32")
+    y = (x @ rng.normal(size=10) > 0).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(1, activation="sigmoid", kernel_initializer="zeros")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9) if optimizer == "sgd_momentum" else "adam",
+                  loss="binary_crossentropy")
+    monitor = GradientMonitor(figures=False)
+    losses = model.fit(x, y, epochs=40, batch_size=200, verbose=0, callbacks=[monitor]).history["loss"]
+    metrics = monitor.metrics
+    assert metrics["layer_1/grad_norm"].iloc[0] == 0 and metrics["layer_2/update_ratio"].iloc[1] > 0.9
+    diagnosis = diagnose(monitor.history())
+    assert diagnosis.verdict == "healthy", diagnosis.explanation
+    assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_a_too_large_learning_rate_trained_full_batch_still_explodes():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(256, 1)).astype(np.float32)
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, use_bias=False)])
+    history = gradtools.fit(model, x, 3 * x[:, 0], loss="mse", optimizer=keras.optimizers.SGD(2.0), epochs=12,
+                            batch_size=256, shuffle=False, seed=1)
+    assert history.status == "completed" and len(history.metrics) == 12
+    diagnosis = diagnose(history)
+    assert diagnosis.verdict == "exploding", diagnosis.explanation
+    assert diagnosis.layers[0].numbers["update_ratio"] >= 1
