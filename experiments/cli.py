@@ -307,9 +307,10 @@ def command_figures(args) -> int:
 
 def newest_run(out: Path, config_name: str) -> Path:
     """The most recent completed-or-diverged run directory of ``group/name`` under ``out``."""
-    candidates = sorted((out / config_name).glob("*/run.json"))
-    finished = [p.parent for p in candidates
-                if json.loads(p.read_text()).get("status") in ("completed", "diverged")]
+    from gradtools.history import FINAL_STATUSES, run_status
+
+    candidates = sorted(p.parent for p in (out / config_name).glob("*/run.json"))
+    finished = [run_dir for run_dir in candidates if run_status(run_dir) in FINAL_STATUSES]
     if not finished:
         raise ConfigError(str(out / config_name), FILE, "",
                           f"no finished run of {config_name}; create them with `make figures`")
@@ -324,16 +325,18 @@ def article_variants(group: str) -> list[str]:
 
 
 def command_compare(args) -> int:
-    from gradtools.compare import CompareError, compare_runs
+    from gradtools.compare import CompareError, compare_runs, save_comparison
 
     out, figures = Path(args.out), Path(args.figures)
+    drawn = {}  # both figures drawn before either is written: a failure writes nothing
     for group in ("vanishing", "exploding"):
         run_dirs = [str(newest_run(out, name)) for name in article_variants(group)]
-        target = figures / f"compare_{group}.png"
         try:
-            compare_runs(run_dirs, args.stat, target)
+            drawn[group] = compare_runs(run_dirs, args.stat)
         except CompareError as error:  # a statistic the runs do not have, a damaged run
             raise ConfigError(f"compare {group}", FILE, "", str(error)) from None
+    for group, (figure, run_dirs) in drawn.items():
+        target = save_comparison(figure, figures / f"compare_{group}.png")
         print(f"figure: {target} ({len(run_dirs)} {group} runs)")
     return 0
 

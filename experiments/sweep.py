@@ -60,12 +60,6 @@ EXECUTORS = ("local", "ray")
 DONE = ("completed", "diverged")
 
 
-def _run_status(run_dir: Path) -> str | None:
-    """The status run.json gives, or None when it cannot be read."""
-    try:
-        return json.loads((run_dir / "run.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
 RESULT_COLUMNS = ("status", "verdict", "first_nonfinite_step", "ratio_first_step",
                   "ratio_first_epoch", "ratio_last_epoch", "ratio", "grad_norm_first_step",
                   "last_epoch_loss", "epochs_completed", "wall_seconds", "error")
@@ -267,7 +261,9 @@ class SweepDirectory:
         """Its row and its run directory's run.json both say it finished (a damaged or
         unfinished run.json runs the point again)."""
         row = self.rows.get(point.id)
-        return row is not None and row["status"] in DONE and _run_status(self.points_dir / point.id) in DONE
+        from gradtools.history import run_status
+
+        return row is not None and row["status"] in DONE and run_status(self.points_dir / point.id) in DONE
 
     def record(self, point: Point, row: dict[str, Any], files: Mapping[str, bytes] = {}) -> None:
         """Write the point's files (into a temporary directory renamed into place, so a

@@ -7,6 +7,8 @@ import json
 import warnings
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from gradtools.history import DamagedRunWarning, History, RunDirectoryError
 from gradtools.plots import plot_comparison
 from gradtools.validation import nearest_existing
@@ -67,19 +69,24 @@ def figure_path(out: str | Path) -> Path:
     return out if out.suffix else out.with_suffix(".png")
 
 
-def _check_figure_folder(out: str | Path) -> None:
-    """The figure's folder is a directory, or can be made: a file in its way is bad input,
-    said before any run is read."""
-    existing = nearest_existing(figure_path(out).parent)
+def _check_figure_target(out: str | Path) -> None:
+    """The figure's folder is a directory, or can be made, and its suffix a format matplotlib
+    writes: bad input, said before any run is read."""
+    target = figure_path(out)
+    existing = nearest_existing(target.parent)
     if not existing.is_dir():
         raise CompareError(f"{out}: {existing} is a file, not a directory; give a figure file or a directory")
+    formats = Figure().canvas.get_supported_filetypes()
+    if target.suffix[1:].lower() not in formats:
+        raise CompareError(f"{out}: matplotlib writes no {target.suffix!r} figures; give a file ending in "
+                           + ", ".join(f".{name}" for name in sorted(formats)))
 
 
 def compare_runs(patterns: list[str], stat: str = "layer_1/grad_abs_mean", out: str | Path | None = None):
     """Draw ``stat`` of every run matched by ``patterns``; save to ``out`` (see
     :func:`figure_path`) if given. Returns (figure, the run directories drawn)."""
     if out is not None:
-        _check_figure_folder(out)
+        _check_figure_target(out)
     runs, run_dirs = {}, []
     for run_dir, from_glob in expand_run_dirs(patterns):
         history = _readable(run_dir, from_glob, stat)
@@ -94,7 +101,13 @@ def compare_runs(patterns: list[str], stat: str = "layer_1/grad_abs_mean", out: 
         raise CompareError(f"no run with logged steps among {', '.join(patterns)}")
     figure = plot_comparison(runs, stat, f"{stat} of {len(runs)} runs")
     if out is not None:
-        target = figure_path(out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(target, dpi=100)
+        save_comparison(figure, out)
     return figure, run_dirs
+
+
+def save_comparison(figure, out: str | Path) -> Path:
+    """Write a comparison figure to ``out`` (see :func:`figure_path`); returns its path."""
+    target = figure_path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=100)
+    return target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import warnings
@@ -30,8 +31,13 @@ class DamagedRunWarning(UserWarning):
 
 def read_metrics(path: Path) -> pd.DataFrame:
     """A metrics table written by appends; a last row that a killed process or a full disk
-    cut short is left out, with one warning."""
-    text = path.read_text()
+    cut short is left out, with one warning. Any other damage (bytes that are not text, a row
+    of another length before the last, a value that is not a number) is a
+    :class:`RunDirectoryError` naming the file and the line or column."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise RunDirectoryError(f"{path} is damaged: it is not text, as the tables of a run directory are") from None
     lines = text.splitlines(keepends=True)
     if not lines:
         return pd.DataFrame()
@@ -41,7 +47,15 @@ def read_metrics(path: Path) -> pd.DataFrame:
         warnings.warn(f"{path}: its last row was cut short (the run stopped while writing it); "
                       "it is left out", DamagedRunWarning, stacklevel=3)
         rows = rows[:-1]
-    return pd.read_csv(io.StringIO(header + "".join(rows)))
+    for number, row in enumerate(rows, start=2):
+        if row.count(",") != fields:
+            raise RunDirectoryError(f"{path} is damaged: line {number} has {row.count(',') + 1} values, "
+                                    f"the header {fields + 1}")
+    table = pd.read_csv(io.StringIO(header + "".join(rows)))
+    for column in table.columns if len(table) else ():
+        if not pd.api.types.is_numeric_dtype(table[column]):
+            raise RunDirectoryError(f"{path} is damaged: column {column!r} holds values that are not numbers")
+    return table
 
 #: The run directory's per-epoch table of gradients through time (recurrent models only).
 STATE_GRADIENTS_FILE = "state_gradients.csv"
@@ -102,14 +116,36 @@ class History:
             raise RunDirectoryError(f"{info_file} is damaged ({error}): not the JSON a run "
                                     "directory holds") from None
         state_file = run_dir / STATE_GRADIENTS_FILE
+        entry = functools.partial(_entry, info, info_file)
         return cls(
             metrics=read_metrics(metrics_file),
-            status=info["status"],
-            first_nonfinite_step=info.get("first_nonfinite_step"),
-            epochs_completed=info.get("epochs_completed", 0),
-            wall_seconds=info.get("wall_seconds", 0.0),
-            layer_paths=info.get("layer_paths", []),
-            layer_blocks=info.get("layer_blocks") or [],
-            block_downstream=info.get("block_downstream") or {},
+            status=entry("status", str, None),
+            first_nonfinite_step=entry("first_nonfinite_step", int, None),
+            epochs_completed=entry("epochs_completed", int, 0),
+            wall_seconds=entry("wall_seconds", (int, float), 0.0),
+            layer_paths=entry("layer_paths", list, []),
+            layer_blocks=entry("layer_blocks", list, []),
+            block_downstream=entry("block_downstream", dict, {}),
             state_gradients=read_metrics(state_file) if state_file.is_file() else None,
         )
+
+
+def _entry(info: dict, info_file: Path, key: str, kind, default):
+    """``info[key]``, or ``default`` when it is absent or null; a value of another kind is a
+    :class:`RunDirectoryError` naming the file and the key."""
+    value = info.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise RunDirectoryError(f"{info_file} is damaged: {key!r} is {value!r}, not what a run directory holds")
+    return value
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The status in ``run_dir``'s run.json; None when it is missing or damaged."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    status = info.get("status") if isinstance(info, dict) else None
+    return status if isinstance(status, str) else None

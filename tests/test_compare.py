@@ -88,6 +88,29 @@ def test_the_article_comparison_of_a_statistic_no_run_has_is_one_line_exit_2(run
     assert message.count("\n") == 1 and "has no statistic 'layer_9/grad_norm'; available: loss" in message
 
 
+def test_a_figure_format_matplotlib_does_not_write_is_one_line_exit_2(runs_dir, tmp_path, capsys):
+    from gradtools.__main__ import main
+
+    assert main(["compare", str(runs_dir / "toy/*/*"), "--out", str(tmp_path / "c.txt")]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "c.txt: matplotlib writes no '.txt' figures; give a file ending in " in message
+    assert ".png" in message and ".svg" in message and not list(tmp_path.iterdir())
+
+
+def test_the_article_comparison_writes_neither_figure_when_one_cannot_be_drawn(runs_dir, tmp_path, capsys):
+    """The vanishing figure was written before the exploding runs were found missing."""
+    import shutil
+
+    from experiments.cli import article_variants, main
+
+    for name in article_variants("vanishing"):
+        shutil.copytree(runs_dir / "toy" / "relu" / "seed0", tmp_path / "runs" / name / "20261128-000000-seed0")
+    assert main(["compare", "--out", str(tmp_path / "runs"), "--figures", str(tmp_path / "f")]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and "no finished run of exploding/" in message
+    assert not (tmp_path / "f").exists()
+
+
 def test_the_article_comparison_needs_runs_and_says_how_to_make_them(tmp_path, capsys):
     from experiments.cli import main
 

@@ -244,6 +244,51 @@ def test_damaged_run_directories_are_a_clear_error_alone_and_skipped_in_a_glob(t
     assert compared.stderr.count("warning: skipped") == 2
 
 
+
+def _damaged(metrics=None, info=None):
+    """How to damage a copy of a run directory: its metrics.csv's text (lines) or its run.json."""
+    return {"metrics": metrics, "info": info}
+
+
+DAMAGE = {
+    "bytes that are not text": (_damaged(metrics=lambda lines: None), "metrics.csv is damaged: it is not text"),
+    "a row cut short before the last": (_damaged(metrics=lambda lines: [*lines[:3], lines[3][:20], *lines[4:]]),
+                                        "metrics.csv is damaged: line 4 has "),
+    "a value that is not a number": (_damaged(metrics=lambda lines: [lines[0], "abc" + lines[1][1:], *lines[2:]]),
+                                     "metrics.csv is damaged: column 'step' holds values that are not numbers"),
+    "a run.json entry of another kind": (_damaged(info=lambda info: {**info, "layer_paths": 5}),
+                                         "run.json is damaged: 'layer_paths' is 5, not what a run directory holds"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_each_kind_of_damage_is_one_line_naming_the_file(two_runs, tmp_path, capsys, damage):
+    """They were tracebacks (UnicodeDecodeError, TypeError, ValueError), or, for a row cut
+    short before the last, a silent "exploding" verdict (NaN/Inf at that step)."""
+    import json
+
+    from gradtools.__main__ import main
+
+    how, message = DAMAGE[damage]
+    source = sorted((two_runs / "runs" / "vanishing" / "shallow").iterdir())[0]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    info = json.loads((source / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(how["info"](info) if how["info"] else info))
+    lines = (source / "metrics.csv").read_text().splitlines(keepends=True)
+    if how["metrics"] is None:
+        (run_dir / "metrics.csv").write_text("".join(lines))
+    elif how["metrics"](lines) is None:
+        (run_dir / "metrics.csv").write_bytes(b"\x8d\xff\x00step" * 50)
+    else:
+        (run_dir / "metrics.csv").write_text("".join(how["metrics"](lines)))
+    capsys.readouterr()
+    for command in (["diagnose", str(run_dir)], ["compare", str(run_dir), "--out", str(tmp_path / "c.png")]):
+        assert main(command) == 2, command
+        stderr = capsys.readouterr().err
+        assert stderr.count("\n") == 1 and message in stderr and str(run_dir) in stderr, stderr
+    assert not (tmp_path / "c.png").exists()
+
 SWEEP = """
 [sweep]
 name = "tiny"
