@@ -449,6 +449,20 @@ OUTPUT_OPTIONS = {"run": ("out",), "figures": ("out", "figures"), "claims": ("ou
                   "phase-diagram": ("out", "figures"), "gallery": ("figures",)}
 
 
+#: What a write error leaves, by command (the others write run directories).
+KEPT_AFTER_WRITE_ERROR = {"compare": "", "gallery": "",
+                          "sweep": "; finished points are kept, and the sweep resumes where it stopped"}
+
+
+def write_error_message(args, error: OSError) -> str:
+    """One line: the file (or, when the error does not say, the command's output folders),
+    the system's reason and what is kept."""
+    where = error.filename or " or ".join(str(getattr(args, option)) for option in OUTPUT_OPTIONS.get(args.command, ()))
+    kept = KEPT_AFTER_WRITE_ERROR.get(args.command, "; what was written before is kept, and each run.json "
+                                                    "says how far its run got")
+    return f"could not write {where or 'a file'}: {error.strerror or error}{kept}"
+
+
 def check_writable(args) -> None:
     """Every output directory of the command is a directory that takes a file, or can be
     made in one (nothing is created here): exit 2 now, not a traceback after training."""
@@ -531,9 +545,7 @@ def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: could not write {where}{error.strerror or error}; what was written before "
-              "is kept, and run.json says how far the run got", file=sys.stderr)
+        print(f"error: {write_error_message(args, error)}", file=sys.stderr)
         return EXIT_WRITE_ERROR
     except KeyboardInterrupt as interruption:
         print("interrupted: what finished is kept (each run.json says how far its run got; "

@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (| head): nothing to report
         sys.stdout = open(os.devnull, "w")
         return 0
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+    except OSError as error:  # a file it could not read or write; a figure's write names none
+        where = error.filename or (f"could not write {args.out}" if getattr(args, "out", None) else "")
+        print(f"error: {where + ': ' if where else ''}{error.strerror or error}", file=sys.stderr)
         return EXIT_WRITE_ERROR
 
 

@@ -289,6 +289,17 @@ def test_each_kind_of_damage_is_one_line_naming_the_file(two_runs, tmp_path, cap
         assert stderr.count("\n") == 1 and message in stderr and str(run_dir) in stderr, stderr
     assert not (tmp_path / "c.png").exists()
 
+
+def test_a_figure_that_cannot_be_written_is_one_line_naming_it(two_runs, tmp_path):
+    """matplotlib's error on a full disk names no file: the message was 'error: No space left
+    on device' (and, from python -m experiments, spoke of a run.json)."""
+    run_dir = sorted((two_runs / "runs" / "vanishing" / "shallow").iterdir())[0]
+    out = tmp_path / "c.png"
+    result = run_cli(["compare", str(run_dir), "--out", str(out)], tmp_path, module="gradtools",
+                     preexec_fn=file_size_limit(20_000))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"error: could not write {out}: File too large\n", result.stderr
+
 SWEEP = """
 [sweep]
 name = "tiny"
