@@ -235,8 +235,13 @@ def describe_run(run) -> str:
 
 
 def _backends(args):
+    """The logger backends asked for; an option of a backend not asked for is bad input."""
     from experiments.runner import Backends
 
+    if args.neptune_mode is not None and "neptune" not in args.backends:
+        raise ConfigError("--neptune-mode", "--neptune-mode", args.neptune_mode, "needs --logger neptune")
+    if args.mlflow_every_row and "mlflow" not in args.backends:
+        raise ConfigError("--mlflow-every-row", "--mlflow-every-row", "given", "needs --logger mlflow")
     return Backends(tuple(args.backends), args.neptune_mode, args.mlflow_every_row)
 
 
@@ -251,6 +256,8 @@ def command_run(args) -> int:
         raise ConfigError("--seed", "--seed", args.seed, "training.seed is also given with --set: give one of the two")
     if args.workers < 1:
         raise ConfigError("--workers", "--workers", args.workers, "must be an integer >= 1")
+    if args.run_figures and args.seeds is None:
+        raise ConfigError("--run-figures", "--run-figures", "given", "needs --seeds (a single run draws its figures)")
     if args.seeds is not None:
         return command_run_seeds(args)
     overrides = list(args.overrides) + ([f"training.seed={args.seed}"] if args.seed is not None else [])
@@ -463,6 +470,13 @@ def write_error_message(args, error: OSError) -> str:
     return f"could not write {where or 'a file'}: {error.strerror or error}{kept}"
 
 
+def _out_of_memory(error: Exception) -> bool:
+    """NumPy's MemoryError, or TensorFlow's failure to allocate a tensor."""
+    tensorflow = sys.modules.get("tensorflow")
+    return isinstance(error, MemoryError) or (
+        tensorflow is not None and isinstance(error, tensorflow.errors.ResourceExhaustedError))
+
+
 def check_writable(args) -> None:
     """Every output directory of the command is a directory that takes a file, or can be
     made in one (nothing is created here): exit 2 now, not a traceback after training."""
@@ -547,6 +561,13 @@ def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
     except OSError as error:
         print(f"error: {write_error_message(args, error)}", file=sys.stderr)
         return EXIT_WRITE_ERROR
+    except Exception as error:
+        if not _out_of_memory(error):
+            raise
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        print(f"error: out of memory ({first_line[:200]}): use less data (data.n_samples), smaller "
+              "layers or batches; what finished is kept", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt as interruption:
         print("interrupted: what finished is kept (each run.json says how far its run got; "
               "sweeps resume where they stopped)", file=sys.stderr)
