@@ -494,17 +494,29 @@ def check_writable(args) -> None:
 
 
 def command_dashboard(args) -> int:
-    from experiments.dashboard import UIS, empty_note, server_command, server_environment
+    from experiments.dashboard import UIS, check_served, empty_note, end_with_parent, server_command, server_environment
 
     command = server_command(args.ui, Path(args.out), args.port)
-    url = f"http://127.0.0.1:{args.port or UIS[args.ui]}"
-    print(f"serving {Path(args.out).resolve()} in {args.ui} at {url} (Ctrl-C stops it)", flush=True)
+    port = args.port or UIS[args.ui]
+    check_served(Path(args.out), port)
+    print(f"serving {Path(args.out).resolve()} in {args.ui} at http://127.0.0.1:{port} (Ctrl-C stops it)",
+          flush=True)
     note = empty_note(args.ui, Path(args.out))
     if note is not None:
         print(note, flush=True)
+    # its own session: Ctrl-C reaches this process only, which stops the server with SIGTERM
+    # (MLflow's workers printed a traceback each on the terminal's SIGINT); the server ends
+    # with this process however it ends (its terminal closed, kill -9)
+    server = subprocess.Popen(command, env=server_environment(args.ui), start_new_session=True,
+                              preexec_fn=end_with_parent)
     try:
-        return subprocess.run(command, env=server_environment(args.ui)).returncode
+        return server.wait()
     except KeyboardInterrupt:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
         return 0
 
 

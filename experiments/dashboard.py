@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -35,6 +37,32 @@ def server_command(ui: str, out: Path, port: int | None = None) -> list[str]:
     return [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{out / 'mlflow.db'}",
             "--artifacts-destination", str(out / "mlflow-artifacts")]
+
+
+def check_served(out: Path, port: int) -> None:
+    """``--out`` is a directory or does not exist yet (a dashboard started before the runs shows
+    them as they come), and ``--port`` a port number free on the loopback interface: said now,
+    as one line, not by the server (MLflow logged the port in use and exited 0; TensorBoard
+    printed its error twice and exited 255)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", "--out", str(out), "is a file, not a directory of runs")
+    if not 1 <= port <= 65535:
+        raise ConfigError("--port", "--port", port, "must be an integer from 1 to 65535")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise ConfigError("--port", "--port", port, f"cannot be served on 127.0.0.1 ({error.strerror}): "
+                              "give another with --port") from None
+
+
+def end_with_parent() -> None:
+    """In the server's process (a ``preexec_fn``): SIGTERM when the dashboard command's process
+    ends, however it ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def empty_note(ui: str, out: Path) -> str | None:

@@ -159,3 +159,27 @@ def test_help_and_the_dashboard_start_no_tensorflow(tmp_path, arguments):
     expected = "exit 2 False" if arguments[0] == "dashboard" else "exit 0 False"
     assert result.stderr.splitlines()[-1] == expected, result.stderr[-2000:]
     assert "usage: python -m experiments" in result.stdout or "must be one of mlflow" in result.stderr
+
+
+@pytest.mark.parametrize("ui", ["tensorboard", "mlflow"])
+def test_a_dashboard_that_cannot_serve_says_why_before_starting_its_server(tmp_path, capsys, ui):
+    """A port out of range was a traceback or TensorBoard's error printed twice (exit 255); a
+    port in use, MLflow's log and exit 0; an --out that is a file, a traceback from MLflow."""
+    import socket
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "afile").write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [(["--port", "-1"], "--port = -1: must be an integer from 1 to 65535"),
+                 (["--port", "70000"], "--port = 70000: must be an integer from 1 to 65535"),
+                 (["--port", str(port)], f"--port = {port}: cannot be served on 127.0.0.1 (Address already in use)"),
+                 (["--out", str(tmp_path / "afile")], "is a file, not a directory of runs")]
+        for options, words in cases:
+            arguments = ["dashboard", "--ui", ui, "--out", str(tmp_path / "runs"), *options]
+            assert main(arguments) == 2, arguments
+            message = capsys.readouterr().err
+            assert message.count("\n") == 1 and words in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "runs"] and not list((tmp_path / "runs").iterdir())

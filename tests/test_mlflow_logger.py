@@ -32,7 +32,7 @@ from gradtools.loggers.mlflow import MLflowLogger, MLflowUnavailable
 class Server:
     url: str
     root: Path
-    session: int  # the process session the dashboard command and its server run in
+    session: int  # the dashboard command's process, which leads its session (its server leads its own)
 
     def get(self, route, **query):
         with urllib.request.urlopen(f"{self.url}{route}?{urllib.parse.urlencode(query)}", timeout=30) as answer:
@@ -114,22 +114,27 @@ def by_key(entries):
     return {entry["key"]: entry["value"] for entry in entries}
 
 
-def session_commands(session):
-    """The command lines of the processes in ``session``."""
-    commands = []
+def descendant_commands(pid):
+    """The command lines of ``pid``'s processes and theirs, all the way down."""
+    children, commands = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)"
-            if int(fields[3]) == session:  # state, ppid, pgrp, session
-                commands.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid
+            commands[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
         except (OSError, IndexError):
             continue  # the process ended meanwhile
-    return commands
+    found, waiting = [], list(children.get(pid, []))
+    while waiting:
+        child = waiting.pop()
+        found.append(commands.get(child, ""))
+        waiting += children.get(child, [])
+    return found
 
 
 def test_the_dashboard_serves_without_mlflows_job_runner(server):
     """MLflow's GenAI job runner (seven more processes) is off: a run table needs none."""
-    commands = session_commands(server.session)
+    commands = descendant_commands(server.session)  # the dashboard command leads its session
     assert any("mlflow" in command and "server" in command for command in commands), commands
     assert not any("huey" in command for command in commands), commands
 
