@@ -215,25 +215,33 @@ class SweepDirectory:
 
     def _read_table(self) -> list[dict[str, Any]]:
         """sweep.csv's rows; a damaged or empty one is rebuilt from the point directories,
-        which are the truth."""
+        which are the truth, and a finished point a cut table lacks is taken from its directory."""
         if not self.table_path.is_file():
             return []
         try:
             table = pd.read_csv(self.table_path, keep_default_na=False)
             if "point" not in table or "status" not in table:
                 raise ValueError("no point or status column")
-            return table.to_dict("records")
         except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
             warnings.warn(f"{self.table_path} is damaged ({error}); rebuilt from the point "
                           "directories", RuntimeWarning, stacklevel=2)
             return self._rows_from_points()
+        rows = table.to_dict("records")
+        missing = self._rows_from_points(besides={str(row["point"]) for row in rows})
+        if missing:
+            warnings.warn(f"{self.table_path} lacks {len(missing)} finished points; taken from their "
+                          "directories", RuntimeWarning, stacklevel=2)
+        return rows + missing
 
-    def _rows_from_points(self) -> list[dict[str, Any]]:
-        from gradtools.history import History, RunDirectoryError
+    def _rows_from_points(self, besides: set[str] = frozenset()) -> list[dict[str, Any]]:
+        """The rows of the finished points, from their directories (but the points ``besides``)."""
+        from gradtools.history import History, RunDirectoryError, run_status
 
         rows = []
         for point in self.sweep.points():
             run_dir = self.points_dir / point.id
+            if point.id in besides or run_status(run_dir) not in DONE:
+                continue
             try:
                 history = History.from_run_dir(run_dir)
             except RunDirectoryError:
