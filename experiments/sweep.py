@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -498,8 +499,12 @@ def start_ray(workers: int, ray_address: str | None = None) -> None:
                  "runtime_env": {"py_modules": [str(root / "gradtools"), str(root / "experiments")]}}
     else:
         where = {"num_cpus": workers}
+    # ray.init installs its own SIGTERM handling (an exit 15 with no word, or absl's stack dump,
+    # exit 134); the command's own (closed run directories, exit 143, one line) comes back after
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**where, **options)
+        signal.signal(signal.SIGTERM, sigterm)
     except Exception as error:  # noqa: BLE001 — Ray raises RuntimeError, ConnectionError, its own errors
         ray.shutdown()
         first_line = error_first_line(error)

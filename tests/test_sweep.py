@@ -62,11 +62,17 @@ def tiny(tmp_path_factory):
     path.write_text(TINY)
     # in this process: worker processes are tested in test_faults.py (Ctrl-C on a two-worker sweep)
     local = run_sweep(load_sweep(path), root / "local", executor="local", workers=1, quiet=True)
+    import signal
+
     import ray
 
+    sigterm = signal.getsignal(signal.SIGTERM)
     with contextlib.redirect_stderr(io.StringIO()) as said:
         start_ray(2)  # as a sweep starts it; one Ray session for both sweeps
     assert said.getvalue() == "", said.getvalue()
+    # ray.init's own handler ended a sweep on SIGTERM with exit 15 and no word, or absl's stack
+    # dump (134); the command's handler says it was interrupted and exits 143
+    assert signal.getsignal(signal.SIGTERM) is sigterm
     try:
         ray_result = run_sweep(load_sweep(path), root / "ray", executor="ray", workers=2, quiet=True)
         two = two_points_under_ray(root)
