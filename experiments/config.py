@@ -417,8 +417,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``training.epochs=20`` -> (["training", "epochs"], 20). The value is read as TOML;
     a bare word that is not TOML (``relu``) is taken as a string."""
     key, separator, raw = text.partition("=")
-    if not separator or not key.strip():
-        raise ConfigError("--set", text, text, "must be KEY=VALUE with a dotted key, e.g. training.epochs=20")
+    if not separator or not all(part.strip() for part in key.split(".")):
+        raise ConfigError("--set", "--set", text, "must be KEY=VALUE with a dotted key, e.g. training.epochs=20")
     try:
         value = tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:

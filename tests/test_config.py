@@ -64,6 +64,14 @@ def test_overrides_are_toml_values_and_bare_words_are_strings():
     assert config.optimizer.config == {"learning_rate": 0.5}
 
 
+@pytest.mark.parametrize("text", ["training.epochs", "training..epochs=5", ".epochs=3", "=3"])
+def test_an_override_that_is_not_key_equals_value_says_so(text):
+    """'training..epochs=5' was an unknown key 'training. = {'epochs': 5}'."""
+    with pytest.raises(ConfigError) as raised:
+        parse_override(text)
+    assert str(raised.value) == f"--set: --set = {text!r}: must be KEY=VALUE with a dotted key, e.g. training.epochs=20"
+
+
 BAD = [
     # (what is wrong, replace this, with this, words the message must contain)
     ("unknown section", "[training]", "[trainig]\nepochs = 1\n[training]", ["[trainig]", "allowed sections"]),
