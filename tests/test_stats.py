@@ -178,9 +178,9 @@ def test_padding_is_used_only_where_each_example_is_computed_alone():
 
 @pytest.mark.parametrize("jit_compile", [False, True])
 def test_one_non_finite_entry_anywhere_makes_the_step_non_finite(jit_compile):
-    """``all_finite`` checks each dtype's values together: every position, dtype and kind of
-    non-finite value is found; finite extremes of each dtype (float16's 65504, float64's 1e300)
-    are not mistaken for overflow; an unreached variable (None) is skipped."""
+    """``all_finite``: every position, dtype and kind of non-finite value is found; finite
+    extremes of each dtype (float16's 65504, float64's 1e300) are not mistaken for overflow; an
+    unreached variable (None) is skipped."""
     from gradtools.stats import all_finite
 
     check = tf.function(all_finite, jit_compile=jit_compile, autograph=False)
