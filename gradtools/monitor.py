@@ -290,7 +290,9 @@ class GradientMonitor(keras.callbacks.Callback):
         """In-graph: the step's row into the buffer (when logged), the non-finite flag and
         the gradients through time."""
         step_loss, self._step.loss = getattr(self._step, "loss", None), None
-        if step_loss is None:
+        if step_loss is None:  # model.fit stops here without on_train_end: undo what it would
+            self._remove_probes()
+            self.model.train_function = None  # traced with the probes; the next fit traces anew
             raise ValueError(NO_LOSS_SEEN)
         self._applied = True
         loss, *grads = _summed_over_replicas([step_loss, *grads])
@@ -367,11 +369,14 @@ class GradientMonitor(keras.callbacks.Callback):
         self._state_rows.append({"epoch": epoch, **values})
         return values
 
-    def on_train_end(self, logs=None):
+    def _remove_probes(self) -> None:
         for owner, name in self._restore:
             if name in vars(owner):
                 delattr(owner, name)
         self._restore = []
+
+    def on_train_end(self, logs=None):
+        self._remove_probes()
         self.model.make_train_function(force=True)  # later fits run without the probes
         if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) \
                 and self.status != DIVERGED:

@@ -222,6 +222,10 @@ def test_a_custom_train_step_is_monitored_or_told_what_it_lacks(how):
     if how == "own loss":
         with pytest.raises(ValueError, match=r"without self\.compute_loss\(\): compute it with loss = "):
             model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[monitor])
+        error = lambda: float(np.mean((model.predict(x, verbose=0) - y) ** 2))  # noqa: E731
+        before = error()
+        model.fit(x, y, epochs=3, batch_size=16, verbose=0)  # the model trains as it did before the monitor
+        assert error() < before
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
