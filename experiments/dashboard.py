@@ -49,7 +49,8 @@ def check_served(out: Path, port: int) -> None:
     if not 1 <= port <= 65535:
         raise ConfigError("--port", "--port", port, "must be an integer from 1 to 65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a port
+        try:  # a dashboard stopped a moment ago left in TIME_WAIT is free to them
             probe.bind(("127.0.0.1", port))
         except OSError as error:
             raise ConfigError("--port", "--port", port, f"cannot be served on 127.0.0.1 ({error.strerror}): "

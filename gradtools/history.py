@@ -79,14 +79,14 @@ class History:
     layer_paths: list[str] = field(default_factory=list)
     #: The block of each numbered layer; empty when unknown (each layer is then its own block).
     layer_blocks: list[str] = field(default_factory=list)
-    #: Each block's blocks downstream in the model's graph (:func:`gradtools.layers.block_downstream`);
-    #: empty when unknown (each block is then before every block listed after it).
-    block_downstream: dict[str, list[str]] = field(default_factory=dict)
     #: Per-epoch gradients through time of :class:`gradtools.through_time.TracedRNN` layers:
     #: ``epoch``, ``layer_k/recurrent_spectral_radius`` (at the epoch's start) and
     #: ``layer_k/state_grad_norm/t<t>`` (mean of the finite ‖∂L/∂h_t‖ over the epoch's steps)
     #: and ``layer_k/bptt_steps`` (how far back the gradient may flow); else None.
     state_gradients: pd.DataFrame | None = None
+    #: Each block's blocks downstream in the model's graph (:func:`gradtools.layers.block_downstream`);
+    #: empty when unknown (each block is then before every block listed after it).
+    block_downstream: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -125,8 +125,8 @@ class History:
             wall_seconds=entry("wall_seconds", (int, float), 0.0),
             layer_paths=entry("layer_paths", list, []),
             layer_blocks=entry("layer_blocks", list, []),
-            block_downstream=entry("block_downstream", dict, {}),
             state_gradients=read_metrics(state_file) if state_file.is_file() else None,
+            block_downstream=_downstream(entry("block_downstream", dict, {}), info_file),
         )
 
 
@@ -138,6 +138,13 @@ def _entry(info: dict, info_file: Path, key: str, kind, default):
         return default
     if not isinstance(value, kind) or isinstance(value, bool):
         raise RunDirectoryError(f"{info_file} is damaged: {key!r} is {value!r}, not what a run directory holds")
+    return value
+
+
+def _downstream(value: dict, info_file: Path) -> dict[str, list[str]]:
+    if not all(isinstance(blocks, list) and all(isinstance(b, str) for b in blocks) for blocks in value.values()):
+        raise RunDirectoryError(f"{info_file} is damaged: 'block_downstream' is {value!r}, not what a run "
+                                "directory holds")
     return value
 
 

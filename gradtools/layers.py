@@ -135,14 +135,15 @@ def _layers_reached(model) -> dict[int, set[int]] | None:
     for node in (node for nodes in model._nodes_by_depth.values() for node in nodes):
         for parent in node.parent_nodes:
             children.setdefault(id(parent.operation), set()).add(id(node.operation))
-    reached: dict[int, set[int]] = {}
 
-    def reach(operation: int) -> set[int]:
-        if operation not in reached:
-            reached[operation] = set()
-            for child in children.get(operation, ()):
-                reached[operation] |= {child} | reach(child)
-        return reached[operation]
+    def reach(operation: int) -> set[int]:  # a walk, not a recursion: graphs can be 1000 deep
+        found, waiting = set(), list(children.get(operation, ()))
+        while waiting:
+            child = waiting.pop()
+            if child not in found:
+                found.add(child)
+                waiting += children.get(child, ())
+        return found - {operation}  # a layer called on its own output is not after itself
 
     return {id(layer): reach(id(layer)) for layer in model.layers}
 

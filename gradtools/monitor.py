@@ -223,6 +223,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._pending_steps = 0
         self._epoch = 0
         self._applied = False  # set when a step's update by model.optimizer is traced
+        self._first_epoch = True  # this fit's (it may start at initial_epoch > 0)
         self._first_step_of_epoch = 1
         if model.built and model.trainable_weights:
             self._prepare(list(model.trainable_weights))
@@ -345,7 +346,8 @@ class GradientMonitor(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0 and not self._applied:
+        first_epoch, self._first_epoch = self._first_epoch, False
+        if first_epoch and not self._applied:
             warnings.warn(NO_STEP_SEEN, RuntimeWarning, stacklevel=2)
         self._flush(epoch)
         epoch_values = self._through_time_row(epoch)

@@ -258,6 +258,8 @@ DAMAGE = {
                                      "metrics.csv is damaged: column 'step' holds values that are not numbers"),
     "a run.json entry of another kind": (_damaged(info=lambda info: {**info, "layer_paths": 5}),
                                          "run.json is damaged: 'layer_paths' is 5, not what a run directory holds"),
+    "block_downstream of another kind": (_damaged(info=lambda info: {**info, "block_downstream": {"dense": 5}}),
+                                         "run.json is damaged: 'block_downstream' is {'dense': 5}, not what"),
 }
 
 

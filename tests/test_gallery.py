@@ -251,3 +251,22 @@ def test_a_model_fine_tuned_with_lora_is_monitored_and_healthy():
         ["hidden/lora_kernel_a", "hidden/lora_kernel_b", "head/lora_kernel_a", "head/lora_kernel_b"]
     assert diagnosis.verdict == "healthy", diagnosis.explanation
     assert losses[-1] < losses[0], losses
+
+
+def test_what_is_after_a_block_in_graphs_that_reuse_a_layer_or_nest_a_model():
+    """Read from Keras's record of the graph, without training: a layer called on its own
+    output is not after itself; a nested Sequential's layers come one after the other and
+    before what its output feeds; a branch beside it is after neither."""
+    import keras
+
+    from gradtools.layers import block_downstream, layer_blocks, layer_layout
+
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4, name="shared")
+    inner = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="a"), keras.layers.Dense(3, name="b")])
+    head = keras.layers.Dense(1, name="head")(inner(shared(shared(inputs))))
+    side = keras.layers.Dense(1, name="side")(inputs)
+    model = keras.Model(inputs, [head, side])
+    blocks = layer_blocks(model, layer_layout(model.trainable_weights).paths)
+    assert block_downstream(model, blocks) == {"shared": ["a", "b", "head"], "a": ["b", "head"], "b": ["head"],
+                                               "head": [], "side": []}
