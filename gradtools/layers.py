@@ -112,32 +112,56 @@ def _blocks_after(container, keras) -> tuple[list[str], dict[str, set[str]]]:
         names = [container.name] if container.trainable_weights else []
         return names, {name: set() for name in names}
     parts = [(layer, *_blocks_after(layer, keras)) for layer in container.layers]
-    reached = _layers_reached(container)
+    blocks_of = {id(layer): inner for layer, inner, _ in parts}
+    reached = _reached_from_outputs(container)
     blocks: list[str] = []
     after: dict[str, set[str]] = {}
     for i, (layer, inner, inner_after) in enumerate(parts):
-        later = reached[id(layer)] if reached is not None else {id(other) for other, _, _ in parts[i + 1:]}
-        outside = {block for other, other_blocks, _ in parts if id(other) in later for block in other_blocks}
         for block in inner:
+            if reached is None:
+                later = {id(other) for other, _, _ in parts[i + 1:]}
+            else:  # from the outputs of ``layer`` that ``block`` feeds (a nested model's heads)
+                outputs = _outputs_fed(layer, block, keras)
+                later = set().union(*(found for (operation, t), found in reached.items()
+                                      if operation == id(layer) and (outputs is None or t in outputs)))
+            outside = {other_block for other in later for other_block in blocks_of.get(other, ())}
             after.setdefault(block, inner_after[block] | outside)
         blocks += inner
     return blocks, after
 
 
-def _layers_reached(model) -> dict[int, set[int]] | None:
-    """For a functional model, each layer's id -> the ids of the layers its output reaches
-    (Keras's record of the graph: ``Function._nodes_by_depth``); None for other models."""
+def _outputs_fed(layer, block: str, keras) -> set[int] | None:
+    """Which outputs of ``layer`` (a nested functional model with several) ``block`` inside it
+    feeds; None for all of them."""
+    from keras.src.models.functional import Functional
+
+    if not isinstance(layer, Functional) or len(layer.outputs) < 2:
+        return None
+    owner = next(inner for inner in layer.layers if block in _blocks_after(inner, keras)[0])
+    reached = _reached_from_outputs(layer)
+    fed = {id(owner)}.union(*(found for (operation, _), found in reached.items() if operation == id(owner)))
+    return {t for t, output in enumerate(layer.outputs) if id(output._keras_history.operation) in fed}
+
+
+def _reached_from_outputs(model) -> dict[tuple[int, int], set[int]] | None:
+    """For a functional model: (a layer's id, the index of one of its outputs) -> the ids of the
+    layers that output reaches, directly or further on (Keras's record of the graph:
+    ``Function._nodes_by_depth``); None for other models."""
     from keras.src.models.functional import Functional
 
     if not isinstance(model, Functional):
         return None
+    fed: dict[tuple[int, int], set[int]] = {}
     children: dict[int, set[int]] = {}
     for node in (node for nodes in model._nodes_by_depth.values() for node in nodes):
-        for parent in node.parent_nodes:
-            children.setdefault(id(parent.operation), set()).add(id(node.operation))
+        for tensor in node.arguments.keras_tensors:
+            source = tensor._keras_history
+            if source.operation is not None:
+                fed.setdefault((id(source.operation), source.tensor_index), set()).add(id(node.operation))
+                children.setdefault(id(source.operation), set()).add(id(node.operation))
 
-    def reach(operation: int) -> set[int]:  # a walk, not a recursion: graphs can be 1000 deep
-        found, waiting = set(), list(children.get(operation, ()))
+    def reach(operation: int, first: set[int]) -> set[int]:  # a walk: graphs can be 1000 deep
+        found, waiting = set(), list(first)
         while waiting:
             child = waiting.pop()
             if child not in found:
@@ -145,7 +169,7 @@ def _layers_reached(model) -> dict[int, set[int]] | None:
                 waiting += children.get(child, ())
         return found - {operation}  # a layer called on its own output is not after itself
 
-    return {id(layer): reach(id(layer)) for layer in model.layers}
+    return {key: reach(key[0], first) for key, first in fed.items()}
 
 
 def layer_label(k: int, paths) -> str:

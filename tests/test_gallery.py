@@ -256,7 +256,8 @@ def test_a_model_fine_tuned_with_lora_is_monitored_and_healthy():
 def test_what_is_after_a_block_in_graphs_that_reuse_a_layer_or_nest_a_model():
     """Read from Keras's record of the graph, without training: a layer called on its own
     output is not after itself; a nested Sequential's layers come one after the other and
-    before what its output feeds; a branch beside it is after neither."""
+    before what its output feeds; a branch beside it is after neither; each head of a nested
+    functional model with two outputs is before what its own output feeds only."""
     import keras
 
     from gradtools.layers import block_downstream, layer_blocks, layer_layout
@@ -270,3 +271,12 @@ def test_what_is_after_a_block_in_graphs_that_reuse_a_layer_or_nest_a_model():
     blocks = layer_blocks(model, layer_layout(model.trainable_weights).paths)
     assert block_downstream(model, blocks) == {"shared": ["a", "b", "head"], "a": ["b", "head"], "b": ["head"],
                                                "head": [], "side": []}
+
+    inner_inputs = keras.Input((4,))
+    trunk = keras.layers.Dense(4, name="trunk")(inner_inputs)
+    backbone = keras.Model(inner_inputs, [keras.layers.Dense(2, name=name)(trunk) for name in ("ia", "ib")])
+    first, second = backbone(inputs)
+    model = keras.Model(inputs, [keras.layers.Dense(1, name="ha")(first), keras.layers.Dense(1, name="hb")(second)])
+    blocks = layer_blocks(model, layer_layout(model.trainable_weights).paths)
+    assert block_downstream(model, blocks) == {"trunk": ["ia", "ib", "ha", "hb"], "ia": ["ha"], "ib": ["hb"],
+                                               "ha": [], "hb": []}
