@@ -117,34 +117,39 @@ def _blocks_after(container, keras) -> tuple[list[str], dict[str, set[str]]]:
     blocks: list[str] = []
     after: dict[str, set[str]] = {}
     for i, (layer, inner, inner_after) in enumerate(parts):
+        fed = _outputs_fed(layer, keras)
         for block in inner:
             if reached is None:
                 later = {id(other) for other, _, _ in parts[i + 1:]}
             else:  # from the outputs of ``layer`` that ``block`` feeds (a nested model's heads)
-                outputs = _outputs_fed(layer, block, keras)
-                later = set().union(*(found for (operation, t), found in reached.items()
-                                      if operation == id(layer) and (outputs is None or t in outputs)))
+                outputs = reached.get(id(layer), {})
+                feeds = None if fed is None else fed.get(block)
+                later = set().union(*(found for t, found in outputs.items() if feeds is None or t in feeds))
             outside = {other_block for other in later for other_block in blocks_of.get(other, ())}
             after.setdefault(block, inner_after[block] | outside)
         blocks += inner
     return blocks, after
 
 
-def _outputs_fed(layer, block: str, keras) -> set[int] | None:
-    """Which outputs of ``layer`` (a nested functional model with several) ``block`` inside it
-    feeds; None for all of them."""
+def _outputs_fed(layer, keras) -> dict[str, set[int]] | None:
+    """For a nested functional model with several outputs, each block inside it -> the indices of
+    the outputs it feeds; None for another layer (each of its blocks feeds all its outputs)."""
     from keras.src.models.functional import Functional
 
     if not isinstance(layer, Functional) or len(layer.outputs) < 2:
         return None
-    owner = next(inner for inner in layer.layers if block in _blocks_after(inner, keras)[0])
     reached = _reached_from_outputs(layer)
-    fed = {id(owner)}.union(*(found for (operation, _), found in reached.items() if operation == id(owner)))
-    return {t for t, output in enumerate(layer.outputs) if id(output._keras_history.operation) in fed}
+    fed: dict[str, set[int]] = {}
+    for inner in layer.layers:
+        reach = {id(inner)}.union(*reached.get(id(inner), {}).values())
+        outputs = {t for t, output in enumerate(layer.outputs) if id(output._keras_history.operation) in reach}
+        for block in _blocks_after(inner, keras)[0]:
+            fed.setdefault(block, outputs)
+    return fed
 
 
-def _reached_from_outputs(model) -> dict[tuple[int, int], set[int]] | None:
-    """For a functional model: (a layer's id, the index of one of its outputs) -> the ids of the
+def _reached_from_outputs(model) -> dict[int, dict[int, set[int]]] | None:
+    """For a functional model: a layer's id -> the index of one of its outputs -> the ids of the
     layers that output reaches, directly or further on (Keras's record of the graph:
     ``Function._nodes_by_depth``); None for other models."""
     from keras.src.models.functional import Functional
@@ -169,7 +174,10 @@ def _reached_from_outputs(model) -> dict[tuple[int, int], set[int]] | None:
                 waiting += children.get(child, ())
         return found - {operation}  # a layer called on its own output is not after itself
 
-    return {key: reach(key[0], first) for key, first in fed.items()}
+    reached: dict[int, dict[int, set[int]]] = {}
+    for (operation, t), first in fed.items():
+        reached.setdefault(operation, {})[t] = reach(operation, first)
+    return reached
 
 
 def layer_label(k: int, paths) -> str:
