@@ -96,11 +96,15 @@ def block_downstream(model, blocks) -> dict[str, list[str]]:
     directly or further on: what "the blocks after it" means to the diagnosis's depth rule. A
     functional model is followed along its connections (nested models opened), so heads and
     branches side by side are not after one another; a Sequential or subclassed model, whose
-    connections Keras does not record, in layer order. A block no layer owns: every block
+    connections Keras does not record, in layer order (as is every model, should the private
+    record of the graph this reads change in a later Keras). A block no layer owns: every block
     listed after it."""
     import keras
 
-    _, after = _blocks_after(model, keras)
+    try:
+        _, after = _blocks_after(model, keras)
+    except (AttributeError, TypeError, KeyError):  # Keras's private record of the graph changed
+        after = {}
     order = list(dict.fromkeys(blocks))
     return {block: [other for other in order if other in after[block]] if block in after
             else order[order.index(block) + 1:] for block in order}
