@@ -54,11 +54,12 @@ from experiments.config import (
     load_config,
     read_toml,
 )
+from gradtools.history import FINAL_STATUSES, History, RunDirectoryError, run_status
 
 SWEEPS_DIR = CONFIGS_DIR / "sweeps"
 EXECUTORS = ("local", "ray")
 #: How a point can end: as a run (completed, diverged) or not (failed: bad value or error).
-DONE = ("completed", "diverged")
+DONE = FINAL_STATUSES
 
 
 RESULT_COLUMNS = ("status", "verdict", "first_nonfinite_step", "ratio_first_step",
@@ -236,8 +237,6 @@ class SweepDirectory:
 
     def _rows_from_points(self, besides: set[str] = frozenset()) -> list[dict[str, Any]]:
         """The rows of the finished points, from their directories (but the points ``besides``)."""
-        from gradtools.history import History, RunDirectoryError, run_status
-
         rows = []
         for point in self.sweep.points():
             run_dir = self.points_dir / point.id
@@ -246,10 +245,9 @@ class SweepDirectory:
             try:
                 history = History.from_run_dir(run_dir)
             except RunDirectoryError:
-                continue  # never finished: it runs again
-            if history.status in DONE:
-                rows.append({"point": point.id, **{k: _cell(v) for k, v in point.params.items()},
-                             **summarize_point(history), "run_dir": str(run_dir)})
+                continue  # damaged: it runs again
+            rows.append({"point": point.id, **{k: _cell(v) for k, v in point.params.items()},
+                         **summarize_point(history), "run_dir": str(run_dir)})
         return rows
 
     def release(self) -> None:
@@ -261,8 +259,6 @@ class SweepDirectory:
         run_dir = self.points_dir / str(record["point"])
         missing = set(RESULT_COLUMNS) - set(record) - {"error"}
         if missing and record.get("status") in DONE and (run_dir / "run.json").is_file():
-            from gradtools.history import History
-
             record = {**record, **summarize_point(History.from_run_dir(run_dir))}
         return record
 
@@ -270,8 +266,6 @@ class SweepDirectory:
         """Its row and its run directory's run.json both say it finished (a damaged or
         unfinished run.json runs the point again)."""
         row = self.rows.get(point.id)
-        from gradtools.history import run_status
-
         return row is not None and row["status"] in DONE and run_status(self.points_dir / point.id) in DONE
 
     def record(self, point: Point, row: dict[str, Any], files: Mapping[str, bytes] = {}) -> None:
