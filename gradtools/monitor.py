@@ -72,16 +72,21 @@ def _loss_scale(optimizer):
 
 
 def _summed_over_replicas(values):
-    """Inside a multi-replica step: the sum over replicas of each tensor (None kept)."""
+    """Inside a multi-replica step: the sum over replicas of each tensor (None kept), and the
+    tensors themselves, passed on only once that sum is done. The optimizer's own all-reduce of
+    the gradients must take the latter: two all-reduces that do not depend on each other may
+    start in either order on each replica, and a replica that starts the other one first joins
+    a collective of another shape (``Shape mismatch in the collective instance``)."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return values
+        return values, values
     present = [i for i, v in enumerate(values) if v is not None]
     summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in present])
-    result = list(values)
-    for i, value in zip(present, summed):
-        result[i] = value
-    return result
+    result, after = list(values), list(values)
+    with tf.control_dependencies(summed):
+        for i, value in zip(present, summed):
+            result[i], after[i] = value, tf.identity(values[i])
+    return result, after
 
 
 def _is_first_replica() -> bool:
@@ -258,8 +263,9 @@ class GradientMonitor(keras.callbacks.Callback):
             monitored = monitor._layout.monitored
             scale = _loss_scale(optimizer) if monitor._loss_scaled else None
             before = [tf.identity(targets[i]) for i in monitored]
+            (loss, *summed), (_, *grads) = _summed_over_replicas([monitor._take_loss(), *grads])
             result = original_apply(grads, trainable_variables)
-            monitor._record(grads, scale, [targets[i] for i in monitored], before)
+            monitor._record(loss, summed, scale, [targets[i] for i in monitored], before)
             return result
 
         model.compute_loss = compute_loss
@@ -287,16 +293,19 @@ class GradientMonitor(keras.callbacks.Callback):
                          steps_per_epoch=self.params.get("steps") or 0,
                          layer_paths=self.layer_paths, layer_blocks=self.layer_blocks)
 
-    def _record(self, grads, scale, weights_after, weights_before):
-        """In-graph: the step's row into the buffer (when logged), the non-finite flag and
-        the gradients through time."""
+    def _take_loss(self):
+        """The loss compute_loss gave this step (in this replica's thread)."""
         step_loss, self._step.loss = getattr(self._step, "loss", None), None
         if step_loss is None:  # model.fit stops here without on_train_end: undo what it would
             self._remove_probes()
             self.model.train_function = None  # traced with the probes; the next fit traces anew
             raise ValueError(NO_LOSS_SEEN)
+        return step_loss
+
+    def _record(self, loss, grads, scale, weights_after, weights_before):
+        """In-graph, from the step's loss and gradients summed over replicas: the step's row
+        into the buffer (when logged), the non-finite flag and the gradients through time."""
         self._applied = True
-        loss, *grads = _summed_over_replicas([step_loss, *grads])
         state_norms = [layer.state_gradient_norms.value() for layer in self._traced]
         if scale is not None:
             grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]

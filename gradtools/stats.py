@@ -39,7 +39,7 @@ def layer_gradient_stats(gradients, weights_before, weights_after) -> tf.Tensor:
         abs_g = tf.abs(g)
         terms = tf.stack([g, abs_g, g * g, w1, w1 * w1, change * change, w0 * w0])
         sums.append(tf.concat([tf.reduce_sum(terms, axis=1), [tf.reduce_max(abs_g)]], axis=0))
-        sizes.append(float(g.shape.num_elements()))
+        sizes.append(float(before.shape.num_elements()))  # a gradient's own shape may be unknown
     sum_g, sum_abs_g, sum_g2, sum_w1, sum_w1_2, sum_change2, sum_w0_2, max_abs_g = tf.unstack(
         tf.stack(sums), axis=1)
     n = tf.constant(sizes)

@@ -58,9 +58,12 @@ def counting_only(predictions, real_rows):
     own = get_keras_mask(predictions)
     rank = len(own.shape) if own is not None else len(predictions.shape) - 1  # the loss values'
     rows = tf.reshape(real_rows, [-1] + [1] * (rank - 1))
-    masked = tf.identity(predictions)
-    set_keras_mask(masked, rows if own is None else tf.logical_and(tf.cast(own, tf.bool), rows))
-    return masked
+    # On the predictions themselves, not a copy: Keras's cross-entropies find the logits of a
+    # sigmoid or softmax output through the tensor (its ``_keras_logits``, or the op that made
+    # it), and a copy would leave them the clipped probabilities (a gradient of exactly 0 on a
+    # saturated output, where model.fit's is huge).
+    set_keras_mask(predictions, rows if own is None else tf.logical_and(tf.cast(own, tf.bool), rows))
+    return predictions
 
 
 #: Layers whose training-mode output for one example depends on the other examples of the
