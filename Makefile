@@ -7,12 +7,12 @@ EXP ?= vanishing/sigmoid_baseline
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv run-experiment figures gallery compare claims report phase-diagram sweep dashboard test bench clean
+.PHONY: venv run-experiment figures gallery conformance compare claims report phase-diagram sweep dashboard test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,experiments,neptune,mlflow,tensorboard,distributed]'
+	$(PY) -m pip install --quiet -e '.[dev,experiments,neptune,mlflow,tensorboard,distributed,zoo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,6 +25,9 @@ figures: $(STAMP)  ## run every experiment config, write figures/<group>_<name>.
 
 gallery: $(STAMP)  ## diagnose the gallery of real architectures: figures/gallery.md, heatmaps
 	$(PY) -m experiments gallery $(ARGS)
+
+conformance: $(STAMP)  ## the conformance zoo: GradientMonitor and gradtools.fit against a GradientTape, figures/conformance.md
+	$(PY) -m experiments conformance $(ARGS)
 
 claims: $(STAMP)  ## the 23 claims over 3 seeds: report/claims.md, report/claims.json
 	$(PY) -m experiments claims $(ARGS)

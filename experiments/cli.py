@@ -138,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--no-timing", action="store_true",
                          help="skip the overhead measurement (about a minute)")
 
+    conformance = commands.add_parser(
+        "conformance", help="check GradientMonitor and gradtools.fit against an independent GradientTape "
+        "on the conformance zoo (keras-hub, keras.applications, keras-io; every mode)",
+        description="For each model and mode of the zoo, train one epoch with model.fit + GradientMonitor "
+        "and compare the recorded loss, global norm and every layer's gradient statistics at the first, "
+        "second and last step with a GradientTape over model.compute_loss at the same weights; where "
+        "gradtools.fit takes the model, compare it with the tape (at learning rate 0) and with model.fit. "
+        "Prints the table and writes it to <figures>/conformance.md. Exit 1 when a cell is not what it "
+        "should be (a difference, or a crash where a clear refusal or an exact record is due).")
+    conformance.add_argument("--core", action="store_true", help="only the fast core that make test runs")
+    conformance.add_argument("--only", action="append", metavar="TEXT", default=[],
+                             help="only the cases whose model or mode contains TEXT (repeatable)")
+    conformance.add_argument("--figures", default="figures", help="where conformance.md goes (default figures)")
+    conformance.add_argument("--list", action="store_true", help="name the cases (model / mode) and stop")
+
     dashboard = commands.add_parser(
         "dashboard", help="serve the runs in MLflow's UI or TensorBoard, on 127.0.0.1",
         description="Serve the runs under --out: MLflow's run table and charts (runs made with "
@@ -450,14 +465,42 @@ def command_gallery(args) -> int:
     return EXIT_FAILED if wrong else 0
 
 
+def command_conformance(args) -> int:
+    from experiments.conformance import as_expected, markdown_table, run_case
+    from experiments.zoo import CASES
+
+    require("keras_hub", extra="zoo", feature="the conformance zoo")
+    cases = [case for case in CASES if (case.core or not args.core)
+             and (not args.only or any(text in f"{case.model} {case.mode}" for text in args.only))]
+    if not cases:
+        raise ConfigError("--only", FILE, None, f"{' or '.join(map(repr, args.only))} matches no case of the zoo "
+                          "(python -m experiments conformance --list names them)")
+    if args.list:
+        print("\n".join(f"{case.model} / {case.mode}" + (" (core)" if case.core else "") for case in cases))
+        return 0
+    figures = Path(args.figures)
+    results = []
+    for number, case in enumerate(cases, start=1):
+        results.append(run_case(case, core=args.core))
+        print(f"[{number}/{len(cases)}] " + markdown_table(results[-1:]).splitlines()[-1], flush=True)
+    table = markdown_table(results)
+    figures.mkdir(parents=True, exist_ok=True)
+    (figures / "conformance.md").write_text(table)
+    wrong = [f"{r['model']} / {r['mode']}" for r in results if not as_expected(r)]
+    print(table + f"table: {figures / 'conformance.md'}")
+    if wrong:
+        print(f"not as expected: {'; '.join(wrong)}", file=sys.stderr)
+    return EXIT_FAILED if wrong else 0
+
+
 #: The options each command writes under: checked before anything runs.
 OUTPUT_OPTIONS = {"run": ("out",), "figures": ("out", "figures"), "claims": ("out", "report"),
                   "report": ("out", "report"), "compare": ("figures",), "sweep": ("out",),
-                  "phase-diagram": ("out", "figures"), "gallery": ("figures",)}
+                  "phase-diagram": ("out", "figures"), "gallery": ("figures",), "conformance": ("figures",)}
 
 
 #: What a write error leaves, by command (the others write run directories).
-KEPT_AFTER_WRITE_ERROR = {"compare": "", "gallery": "",
+KEPT_AFTER_WRITE_ERROR = {"compare": "", "gallery": "", "conformance": "",
                           "sweep": "; finished points are kept, and the sweep resumes where it stopped"}
 
 
@@ -530,7 +573,7 @@ def command_config_reference(_args) -> int:
 COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures,
             "compare": command_compare, "claims": command_claims, "report": command_report,
             "sweep": command_sweep, "phase-diagram": command_phase_diagram,
-            "gallery": command_gallery, "dashboard": command_dashboard,
+            "gallery": command_gallery, "conformance": command_conformance, "dashboard": command_dashboard,
             "config-reference": command_config_reference}
 
 
@@ -544,7 +587,8 @@ def _start_tensorflow(args) -> None:
         require(name, extra=name, feature=f"--logger {name}")
     from gradtools.tf_startup import import_tensorflow_quietly
 
-    import_tensorflow_quietly()
+    # the zoo's MirroredStrategy cases run over two logical CPU devices
+    import_tensorflow_quietly(cpu_devices=2 if args.command == "conformance" else 1)
 
 
 def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:

@@ -44,32 +44,41 @@ def freeze_what_exists() -> None:
         _frozen = True
 
 
-def import_tensorflow_quietly() -> None:
+def import_tensorflow_quietly(cpu_devices: int = 1) -> None:
     """Turn the compilation cache on, then import TensorFlow and initialize its devices with
     fd 2 muted, unless the user asked for TensorFlow's logs with ``TF_CPP_MIN_LOG_LEVEL=0``.
+    ``cpu_devices`` > 1 splits the CPU into that many logical devices (for a MirroredStrategy
+    on one machine), which can only be done before the devices are initialized.
     Python errors still surface (they are raised, and printed after stderr is restored).
     The garbage collector runs less often from the import on, and then skips what it made
     (:func:`collect_garbage_less_often`, :func:`freeze_what_exists`)."""
     collect_garbage_less_often()
-    _import_tensorflow_quietly()
+    _import_tensorflow_quietly(cpu_devices)
     freeze_what_exists()
 
 
-def _import_tensorflow_quietly() -> None:
+def _import_tensorflow_quietly(cpu_devices: int) -> None:
     cached = compilation_cache.enable() is not None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if cached else "2")
     if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
-        import tensorflow  # noqa: F401
-
+        _split_cpu(cpu_devices)
         return
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import tensorflow as tf
-
-        tf.config.list_logical_devices()
+        _split_cpu(cpu_devices).config.list_logical_devices()
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def _split_cpu(cpu_devices: int):
+    """TensorFlow, imported, with its CPU split into ``cpu_devices`` logical devices."""
+    import tensorflow as tf
+
+    if cpu_devices > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+    return tf

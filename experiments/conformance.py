@@ -1,0 +1,366 @@
+"""The conformance zoo: what gradtools records, checked against references it did not produce.
+
+For every model and mode of :mod:`experiments.zoo`:
+
+- **GradientMonitor**: ``model.fit`` runs one epoch (``shuffle=False``) with the monitor and a
+  callback that keeps the weights before chosen steps; for each such step an independent
+  ``tf.GradientTape`` over ``model.compute_loss`` on the same batch, at those weights, gives
+  the reference loss and gradients (under a loss scaler: of the scaled loss, divided by the
+  scale, as Keras's ``train_step`` does; under a strategy: each replica's, summed, as Keras's
+  optimizer does). The recorded loss, global norm and every layer's gradient mean, mean
+  \\|g\\|, norm and max \\|g\\| must equal the reference's, computed here in NumPy.
+- **gradtools.fit**, wherever it takes the model: one epoch at learning rate 0 (every step at
+  the starting weights), each checked step against the tape at those weights; then one epoch
+  with the model's own optimizer, every step's loss, global norm and layer norms against
+  ``model.fit``'s (with the monitor) from the same starting weights.
+
+A cell is ``exact`` when the largest relative difference is within the case's tolerance
+(float32 rounding: 1e-4; float16 rounding under ``mixed_float16``: 1e-2), ``differs by x``
+otherwise, ``refused: …`` when gradtools says in one line what it cannot do, and ``error: …``
+for anything else (a crash). ``python -m experiments conformance`` prints the table.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import gradtools
+from gradtools.monitor import GradientMonitor
+
+#: The per-layer statistics compared with the reference, and the one each is relative to.
+COMPARED = {"grad_mean": "grad_abs_mean", "grad_abs_mean": "grad_abs_mean", "grad_norm": "grad_norm",
+            "grad_max_abs": "grad_max_abs"}
+FLOAT32_TOLERANCE = 1e-4
+FLOAT16_TOLERANCE = 1e-2
+
+
+@dataclass
+class Subject:
+    """A compiled model, its data and how ``model.fit`` is called on it.
+
+    ``x``, ``y`` and ``sample_weight`` are arrays (or dicts / lists of arrays) sliced into
+    batches in order; ``class_weight`` is passed to ``fit`` and turned into sample weights
+    here, independently of Keras, for the reference. ``fit_loss`` is the loss to hand
+    ``gradtools.fit`` (None: the case does not call it). ``refit`` changes the model after the
+    first check (a backbone unfrozen, then recompiled) for a second one."""
+
+    model: keras.Model
+    x: Any
+    y: Any
+    batch_size: int
+    sample_weight: Any = None
+    class_weight: dict | None = None
+    dataset: bool = False
+    fit_loss: Any = None
+    strategy: Any = None
+    refit: Any = None
+    fit_kwargs: dict = field(default_factory=dict)
+    #: gradtools.fit's jit_compile (XLA takes many minutes to compile a large convnet's epoch)
+    fit_jit_compile: bool = True
+
+    @property
+    def n_rows(self) -> int:
+        return len(keras.tree.flatten(self.x)[0])
+
+    @property
+    def n_steps(self) -> int:
+        return math.ceil(self.n_rows / self.batch_size)
+
+    def batch(self, step: int):
+        """(x, y, sample_weight) of step ``step`` (from 1), as model.fit cuts them."""
+        lo, hi = (step - 1) * self.batch_size, step * self.batch_size
+        cut = keras.tree.map_structure(lambda a: a[lo:hi], (self.x, self.y))
+        weights = None if self.sample_weight is None else self.sample_weight[lo:hi]
+        if self.class_weight is not None:
+            labels = np.asarray(cut[1])
+            labels = labels.argmax(-1) if labels.ndim > 1 and labels.shape[-1] > 1 else labels.reshape(len(labels))
+            weights = np.array([self.class_weight[int(label)] for label in labels], np.float32)
+        return (*cut, weights)
+
+    def fit_arguments(self) -> dict:
+        arguments = dict(batch_size=self.batch_size, **self.fit_kwargs)
+        if self.dataset:
+            parts = (self.x, self.y) if self.sample_weight is None else (self.x, self.y, self.sample_weight)
+            arguments = dict(x=tf.data.Dataset.from_tensor_slices(parts).batch(self.batch_size), **self.fit_kwargs)
+        else:
+            arguments.update(x=self.x, y=self.y, sample_weight=self.sample_weight)
+        if self.class_weight is not None:
+            arguments["class_weight"] = self.class_weight
+        return arguments
+
+
+@dataclass
+class Case:
+    """One model in one mode: how to build it, and what gradtools must do with it."""
+
+    model: str
+    mode: str
+    build: Any  # () -> Subject
+    tolerance: float = FLOAT32_TOLERANCE
+    expect: str = "exact"  # or "refused": a one-line error or warning is the right answer
+    needs: str = ""  # "two devices": runs where two logical CPU devices were made at start
+    core: bool = False  # part of the fast core that `make test` runs
+    core_fit: bool = True  # the core checks gradtools.fit on it too (False: its XLA compilation is slow)
+    mixed_precision: bool = False
+
+
+@dataclass
+class Outcome:
+    """``kind`` is exact, differs, refused or error; ``worst`` the largest relative difference."""
+
+    kind: str
+    worst: float = 0.0
+    detail: str = ""
+    steps: tuple[int, ...] = ()
+
+    def cell(self) -> str:
+        if self.kind == "exact":
+            return f"exact ({self.worst:.0e})"
+        if self.kind == "differs":
+            return f"**differs by {self.worst:.1e}**" + (f" ({self.detail})" if self.detail else "")
+        return f"{self.kind}: {self.detail}"
+
+
+# --- the references --------------------------------------------------------------------------
+
+class Snapshots(keras.callbacks.Callback):
+    """The model's variables (and a loss scaler's scale) before each of ``steps`` (from 1)."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.wanted, self.taken = set(steps), {}
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch + 1 in self.wanted:
+            optimizer = self.model.optimizer
+            scale = None
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                scale = float(optimizer.dynamic_scale.numpy()) if optimizer.built else float(optimizer.initial_scale)
+            self.taken[batch + 1] = ([v.numpy() for v in self.model.variables], scale)
+
+
+def reference(model, batch, values, scale, strategy=None, graph=True, jit_compile=False) -> dict:
+    """The loss and every trainable variable's gradient (by path, float64) that a step on
+    ``batch`` takes at ``values``, from a GradientTape over ``model.compute_loss``; in a
+    ``tf.function`` (with ``jit_compile``) when ``graph``, as ``model.fit`` computes it: TensorFlow
+    fuses a convolution, its batch normalization and activation in graphs, and the rounding of
+    the fused kernels differs from eager execution's (MobileNetV2: by 6e-4 in one layer's max |g|)."""
+    for variable, value in zip(model.variables, values):
+        variable.assign(value)
+    x, y, sample_weight = batch
+
+    def replica_step(x, y, sample_weight):
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            scaled = loss * scale if scale is not None else loss
+        gradients = tape.gradient(scaled, model.trainable_weights)
+        return loss, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in
+                      zip(gradients, model.trainable_weights)]
+
+    if strategy is None:
+        step = tf.function(replica_step, jit_compile=jit_compile) if graph else replica_step
+        loss, gradients = step(x, y, sample_weight)
+        losses, gradients = [loss.numpy()], [[g.numpy()] for g in gradients]
+    else:
+        parts = (x, y) if sample_weight is None else (x, y, sample_weight)
+        data = tf.data.Dataset.from_tensors(parts)
+        distributed = next(iter(strategy.experimental_distribute_dataset(data)))
+        step = (lambda x, y: replica_step(x, y, None)) if sample_weight is None else replica_step
+        loss, gradients = tf.function(lambda batch: strategy.run(step, args=batch))(distributed)
+        losses = [t.numpy() for t in strategy.experimental_local_results(loss)]
+        gradients = [[t.numpy() for t in strategy.experimental_local_results(g)] for g in gradients]
+    unscale = 1.0 if scale is None else scale
+    return {"loss": float(np.sum(np.asarray(losses, np.float64))),
+            "gradients": {v.path: np.sum([np.asarray(p, np.float64) for p in parts], axis=0) / unscale
+                          for v, parts in zip(model.trainable_weights, gradients)}}
+
+
+def expected_row(ref: dict, layer_paths: list[str]) -> dict[str, float]:
+    """The statistics gradtools records, computed in NumPy from a reference."""
+    gradients = ref["gradients"]
+    row = {"loss": ref["loss"],
+           "grad_global_norm": math.sqrt(sum(float(np.sum(g * g)) for g in gradients.values()))}
+    for k, path in enumerate(layer_paths, start=1):
+        g = gradients[path]
+        row.update({f"layer_{k}/grad_mean": float(g.mean()), f"layer_{k}/grad_abs_mean": float(np.abs(g).mean()),
+                    f"layer_{k}/grad_norm": float(np.sqrt(np.sum(g * g))),
+                    f"layer_{k}/grad_max_abs": float(np.abs(g).max())})
+    return row
+
+
+def relative_difference(recorded, expected: dict[str, float]) -> tuple[float, str]:
+    """The largest relative difference over the row's values, and the column where it is.
+    A signed mean is relative to the mean |g| (it may cancel to about 0); non-finite values
+    must be recorded as the same non-finite value."""
+    worst, where = 0.0, ""
+    for column, value in expected.items():
+        got = float(recorded[column])
+        if not math.isfinite(value) or not math.isfinite(got):
+            difference = 0.0 if (got == value or (math.isnan(got) and math.isnan(value))) else math.inf
+        else:
+            base = column.rsplit("/", 1)
+            scale_column = f"{base[0]}/{COMPARED[base[1]]}" if len(base) == 2 else column
+            scale = abs(expected[scale_column])
+            difference = abs(got - value) / scale if scale > 0 else (0.0 if got == value else math.inf)
+        if difference > worst:
+            worst, where = difference, column
+    return worst, where
+
+
+# --- the checks ------------------------------------------------------------------------------
+
+def checked_steps(subject: Subject) -> list[int]:
+    """The first two steps and the last (a smaller batch, where the data makes one)."""
+    steps_per_execution = int(getattr(subject.model, "steps_per_execution", 1) or 1)
+    candidates = sorted({1, 2, subject.n_steps} & set(range(1, subject.n_steps + 1)))
+    return [s for s in candidates if (s - 1) % steps_per_execution == 0]
+
+
+def check_monitor(subject: Subject) -> tuple[float, str, list[int]]:
+    """One epoch of ``model.fit`` with the monitor, each checked step against the tape."""
+    model = subject.model
+    steps = checked_steps(subject)
+    snapshots = Snapshots(steps)
+    monitor = GradientMonitor(figures=False)
+    model.fit(**subject.fit_arguments(), epochs=1, shuffle=False, verbose=0, callbacks=[monitor, snapshots])
+    trained = [v.numpy() for v in model.variables]
+    rows = monitor.metrics.set_index("step")
+    worst, where = 0.0, ""
+    try:
+        for step, (values, scale) in sorted(snapshots.taken.items()):
+            ref = reference(model, subject.batch(step), values, scale, subject.strategy,
+                            graph=not model.run_eagerly, jit_compile=bool(model.jit_compile))
+            difference, column = relative_difference(rows.loc[step], expected_row(ref, monitor.layer_paths))
+            if difference >= worst:
+                worst, where = difference, f"step {step} {column}"
+    finally:
+        for variable, value in zip(model.variables, trained):
+            variable.assign(value)
+    return worst, where, sorted(snapshots.taken)
+
+
+def check_fit(subject: Subject, build) -> tuple[float, str, list[int]]:
+    """``gradtools.fit`` on a fresh copy of the subject: at learning rate 0 each checked step
+    against the tape at the starting weights; then with the model's optimizer, every step's
+    loss and norms against ``model.fit``'s."""
+    start = [v.numpy() for v in subject.model.variables]
+    scale = float(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()).initial_scale) \
+        if keras.config.dtype_policy().name == "mixed_float16" else None
+    history = gradtools.fit(subject.model, subject.x, subject.y, loss=subject.fit_loss,
+                            optimizer=keras.optimizers.SGD(0.0), epochs=1, batch_size=subject.batch_size,
+                            shuffle=False, figures=False, stop_on_nonfinite=False,
+                            jit_compile=subject.fit_jit_compile)
+    rows = history.metrics.set_index("step")
+    worst, where = 0.0, ""
+    steps = sorted({1, 2, subject.n_steps} & set(range(1, subject.n_steps + 1)))
+    for step in steps:
+        ref = reference(subject.model, subject.batch(step), start, scale)
+        difference, column = relative_difference(rows.loc[step], expected_row(ref, history.layer_paths))
+        if difference >= worst:
+            worst, where = difference, f"step {step} {column}"
+    # the trajectory: from the same weights with the same optimizer, every step's loss and
+    # norms as model.fit's (weights are not compared: Adam turns a gradient that is 0 but for
+    # rounding, as an attention key's bias gets, into full steps of either sign)
+    by_fit, by_gradtools = build(), build()
+    monitor = GradientMonitor(figures=False)
+    by_fit.model.fit(**by_fit.fit_arguments(), epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    optimizer = keras.optimizers.deserialize(keras.optimizers.serialize(by_gradtools.model.optimizer))
+    history = gradtools.fit(by_gradtools.model, by_gradtools.x, by_gradtools.y, loss=subject.fit_loss,
+                            optimizer=optimizer, epochs=1, batch_size=subject.batch_size, shuffle=False,
+                            figures=False, stop_on_nonfinite=False, jit_compile=subject.fit_jit_compile)
+    ours, theirs = history.metrics.set_index("step"), monitor.metrics.set_index("step")
+    columns = ["loss", "grad_global_norm"] + [c for c in theirs.columns if c.endswith("/grad_norm")]
+    for step in theirs.index:
+        difference, column = relative_difference(ours.loc[step], {c: float(theirs.loc[step, c]) for c in columns})
+        if difference >= worst:
+            worst, where = difference, f"step {step} {column} against model.fit's"
+    return worst, where, steps
+
+
+def outcome_of(run, case: Case) -> Outcome:
+    """Run one check. A ValueError, NotImplementedError or RuntimeWarning that gradtools itself
+    raises (its one-line refusals) is ``refused``; anything else raised is ``error``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            worst, where, steps = run()
+    except Exception as error:  # a crash is what the zoo is here to find
+        if isinstance(error, (ValueError, NotImplementedError, RuntimeWarning)) and _raised_by_gradtools(error):
+            return Outcome("refused", detail=_first_line(error))
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        return Outcome("error", detail=f"{type(error).__name__}: {_first_line(error)} "
+                                       f"({Path(frame.filename).name}:{frame.lineno})")
+    kind = "exact" if worst <= case.tolerance else "differs"
+    return Outcome(kind, worst, where if kind == "differs" else "", tuple(steps))
+
+
+def _raised_by_gradtools(error) -> bool:
+    """The innermost Python frame of the error's traceback is in the gradtools package."""
+    innermost = traceback.extract_tb(error.__traceback__)[-1].filename
+    return Path(innermost).resolve().is_relative_to(Path(gradtools.__file__).resolve().parent)
+
+
+def _first_line(error) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def run_case(case: Case, core: bool = False) -> dict:
+    """The outcomes of one case: the monitor's, and gradtools.fit's where it takes the model
+    (in the ``core`` run, where the case says so)."""
+    started = time.perf_counter()
+    policy = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy("mixed_float16" if case.mixed_precision else "float32")
+    try:
+        subjects = []
+        monitor = outcome_of(lambda: _monitor_and_refit(_built(case, subjects)), case)
+        fit = None
+        if subjects and subjects[0].fit_loss is not None and (case.core_fit or not core):
+            fit = outcome_of(lambda: check_fit(case.build(), case.build), case)
+    finally:
+        keras.config.set_dtype_policy(policy)
+        keras.backend.clear_session()
+    return {"model": case.model, "mode": case.mode, "expect": case.expect, "monitor": monitor, "fit": fit,
+            "seconds": time.perf_counter() - started}
+
+
+def _built(case: Case, subjects: list) -> Subject:
+    subjects.append(case.build())
+    return subjects[-1]
+
+
+def _monitor_and_refit(subject: Subject):
+    worst, where, steps = check_monitor(subject)
+    if subject.refit is not None:
+        subject.refit(subject.model)
+        again, where_again, _ = check_monitor(subject)
+        if again >= worst:
+            worst, where = again, f"second fit, {where_again}"
+    return worst, where, steps
+
+
+def as_expected(result: dict) -> bool:
+    """The monitor's cell is what the case expects, and gradtools.fit (where it ran) is exact
+    or refused in one line."""
+    fit_ok = result["fit"] is None or result["fit"].kind in ("exact", "refused")
+    return result["monitor"].kind == result["expect"] and fit_ok
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| model | mode | GradientMonitor vs tape | gradtools.fit vs tape and model.fit | steps checked | s |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        fit = "—" if r["fit"] is None else r["fit"].cell()
+        steps = ", ".join(str(s) for s in r["monitor"].steps) if r["monitor"].kind in ("exact", "differs") else ""
+        lines.append(f"| {r['model']} | {r['mode']} | {r['monitor'].cell()} | {fit} | {steps} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
