@@ -22,8 +22,10 @@ Layout of ``<out>/sweeps/<name>/``: ``points/<point>/`` (an ordinary run directo
 ``sweep.csv`` (one row per point: its parameters, status, diagnosis verdict, ratios) and
 ``sweep.json`` (the sweep's definition). Points run in workers that return their run
 directory's files to this process, which writes them: the workers need no shared disk. A
-point whose directory is complete (status completed or diverged) is skipped when the sweep
-runs again; a failed one is run again.
+point whose directory is complete (status completed or diverged) and was made with the
+settings the point has now (its whole config: base, ``[set]`` and grid values, in
+``settings.json``) is skipped when the sweep runs again; a failed one, or one made with other
+settings (the base or ``[set]`` edited), is run again, and its old row leaves sweep.csv at once.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import shutil
 import signal
 import sys
 import time
+import tomllib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import tomli_w
 
 from experiments.config import (
     CONFIGS_DIR,
@@ -55,6 +59,7 @@ from experiments.config import (
     read_toml,
 )
 from gradtools.history import FINAL_STATUSES, History, RunDirectoryError, run_status
+from gradtools.loggers.local import toml_ready
 
 SWEEPS_DIR = CONFIGS_DIR / "sweeps"
 EXECUTORS = ("local", "ray")
@@ -262,16 +267,27 @@ class SweepDirectory:
             record = {**record, **summarize_point(History.from_run_dir(run_dir))}
         return record
 
-    def is_done(self, point: Point) -> bool:
+    def is_done(self, point: Point, config: ExperimentConfig | ConfigError) -> bool:
         """Its row and its run directory's run.json both say it finished (a damaged or
-        unfinished run.json runs the point again)."""
+        unfinished run.json runs the point again), and it was made with ``config``."""
         row = self.rows.get(point.id)
-        return row is not None and row["status"] in DONE and run_status(self.points_dir / point.id) in DONE
+        run_dir = self.points_dir / point.id
+        return (row is not None and row["status"] in DONE and run_status(run_dir) in DONE
+                and isinstance(config, ExperimentConfig) and _made_with(run_dir, config))
 
-    def record(self, point: Point, row: dict[str, Any], files: Mapping[str, bytes] = {}) -> None:
-        """Write the point's files (into a temporary directory renamed into place, so a
-        killed sweep never leaves half a point), then its row."""
+    def forget(self, points: list[Point]) -> None:
+        """Drop the rows of ``points`` (about to run again): sweep.csv never shows a result
+        made with settings the sweep no longer has."""
+        if any(self.rows.pop(point.id, None) is not None for point in points):
+            self.write_table()
+
+    def record(self, point: Point, row: dict[str, Any], files: Mapping[str, bytes] = {},
+               config: ExperimentConfig | None = None) -> None:
+        """Write the point's files and the settings they were made with (into a temporary
+        directory renamed into place, so a killed sweep never leaves half a point), then its row."""
         target = self.points_dir / point.id
+        if files and config is not None:
+            files = {**files, SETTINGS_FILE: settings_text(config).encode()}
         if files:
             partial = self.points_dir / f"{point.id}.partial"
             shutil.rmtree(partial, ignore_errors=True)
@@ -293,6 +309,30 @@ class SweepDirectory:
         partial = self.table_path.with_suffix(".csv.partial")
         table.to_csv(partial, index=False)
         os.replace(partial, self.table_path)
+
+
+#: In each point directory: the point's whole config when it ran.
+SETTINGS_FILE = "settings.json"
+
+
+def settings_text(config: ExperimentConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str, indent=1) + "\n"
+
+
+def _made_with(run_dir: Path, config: ExperimentConfig) -> bool:
+    """The point directory was made with ``config``: its settings.json says so, or (written
+    before there was one) its config.toml holds the same config."""
+    try:
+        return (run_dir / SETTINGS_FILE).read_text() == settings_text(config)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    try:
+        stored = tomllib.loads((run_dir / "config.toml").read_text())
+    except (OSError, ValueError):
+        return False
+    return stored == tomllib.loads(tomli_w.dumps(toml_ready(config.to_dict())))
 
 
 def _claim(path: Path):
@@ -366,11 +406,11 @@ def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", w
     configs = _point_configs(sweep)  # before anything is written
     directory = SweepDirectory(out, sweep)
     try:
-        todo, progress = _start(directory, sweep, executor, workers, quiet)
+        todo, progress = _start(directory, sweep, configs, executor, workers, quiet)
         jobs = _jobs(directory, configs, todo, progress)
 
         def finished(point: Point, result: dict[str, Any]) -> None:
-            directory.record(point, result["row"], result["files"])
+            directory.record(point, result["row"], result["files"], configs[point.id])
             progress.point_done(result["row"]["status"])
 
         if jobs:
@@ -386,10 +426,11 @@ def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", w
                        wall_seconds=time.perf_counter() - started)
 
 
-def _start(directory: SweepDirectory, sweep: Sweep, executor: str, workers: int, quiet: bool):
-    """The points still to run, and the progress line that counts them."""
+def _start(directory: SweepDirectory, sweep: Sweep, configs: dict, executor: str, workers: int, quiet: bool):
+    """The points still to run (their old rows dropped), and the progress line that counts them."""
     points = sweep.points()
-    todo = [p for p in points if not directory.is_done(p)]
+    todo = [p for p in points if not directory.is_done(p, configs[p.id])]
+    directory.forget(todo)
     progress = Progress(sweep.name, len(points), len(points) - len(todo), quiet)
     if not quiet:
         print(f"sweep {sweep.name}: {len(points)} points, {len(points) - len(todo)} already done, "

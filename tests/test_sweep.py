@@ -199,6 +199,33 @@ def test_a_second_run_resumes_and_a_bad_grid_value_fails_only_its_points(tiny, t
     pd.testing.assert_frame_equal(same.sort_index(), local.table.set_index("point")[NUMBERS].sort_index())
 
 
+def test_a_point_made_with_other_settings_runs_again_and_leaves_the_table_at_once(tiny, tmp_path, capsys):
+    """A point's identity is its grid values, but it is reused only when made with the whole
+    config it has now: after [set] training.epochs 1 -> 2, both points train again (their old
+    rows were results of 1 epoch under a sweep.json claiming 2)."""
+    root = tiny[0]
+    out = tmp_path / "edited"
+    shutil.copytree(root / "local", out)
+    two = TINY.replace('["sigmoid", "relu"]', '["sigmoid"]').replace("[1, 4]", "[1]")
+    unchanged, edited = tmp_path / "tiny.toml", tmp_path / "tiny_edited.toml"
+    unchanged.write_text(two)
+    edited.write_text(two.replace("training.epochs = 1", "training.epochs = 2"))
+    points = out / "sweeps/tiny/points"
+    first = load_sweep(unchanged).points()[0].id
+    assert json.loads((points / first / "settings.json").read_text())["training"]["epochs"] == 1
+    (points / first / "settings.json").unlink()  # as a point written before settings.json existed
+    assert main(["sweep", str(unchanged), "--out", str(out), "--workers", "1"]) == 0
+    assert "2 already done, 0 to run" in capsys.readouterr().err, "its config.toml holds the same config"
+    assert main(["sweep", str(edited), "--out", str(out), "--workers", "1"]) == 0
+    assert "0 already done, 2 to run" in capsys.readouterr().err
+    table = pd.read_csv(out / "sweeps/tiny/sweep.csv")
+    ran = table[table["point"].isin(load_sweep(edited).points()[i].id for i in range(2))]
+    assert len(ran) == 2 and (ran["epochs_completed"] == 2).all()
+    for point in ran["point"]:
+        assert json.loads((points / point / "settings.json").read_text())["training"]["epochs"] == 2
+        assert tomllib.loads((points / point / "config.toml").read_text())["training"]["epochs"] == 2
+
+
 def test_bad_sweep_files_exit_2_naming_file_and_key(tmp_path, capsys):
     cases = [(TINY.replace('base = "vanishing/sigmoid_baseline"', 'base = "vanishing/nope"'), "sweep.base"),
              (TINY.replace("model.depth = [1, 4]", "model.depth = 4"), "grid.model.depth"),

@@ -119,12 +119,12 @@ def _append_all(appends) -> None:
         _append_or_roll_back(path, rows)
 
 
-def _toml_ready(value: Any) -> Any:
+def toml_ready(value: Any) -> Any:
     """Drop None (TOML has no null) and stringify what TOML cannot hold."""
     if isinstance(value, Mapping):
-        return {str(k): _toml_ready(v) for k, v in value.items() if v is not None}
+        return {str(k): toml_ready(v) for k, v in value.items() if v is not None}
     if isinstance(value, (list, tuple)):
-        return [_toml_ready(v) for v in value]
+        return [toml_ready(v) for v in value]
     if isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
@@ -207,7 +207,7 @@ class LocalRunLogger(RunLogger):
         self._write_info()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        text = tomli_w.dumps(_toml_ready(params))
+        text = tomli_w.dumps(toml_ready(params))
         _write_atomically(self.run_dir / "config.toml", lambda path: path.write_text(text))
 
     def log_rows(self, rows: pd.DataFrame) -> None:

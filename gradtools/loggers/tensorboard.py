@@ -56,10 +56,10 @@ class TensorBoardLogger(RunLogger):
         self._kernel_paths = layer_paths
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from gradtools.loggers.local import _toml_ready
+        from gradtools.loggers.local import toml_ready
 
         self._params = flat_params(params)
-        text = "```\n" + tomli_w.dumps(_toml_ready(params)) + "\n```"
+        text = "```\n" + tomli_w.dumps(toml_ready(params)) + "\n```"
         with self.writer.as_default():
             tf.summary.text("config", text, step=0)
 
