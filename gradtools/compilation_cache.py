@@ -97,13 +97,87 @@ def directory_in_use() -> Path | None:
     return Path(flags.split(_FLAG + "=", 1)[1].split()[0]) if _FLAG in flags else None
 
 
+#: TensorFlow's words for an entry it could not load: cut short, empty, not a proto, another key.
+_READ_FAILURES = ("Read less bytes than requested", "Serialized cache key does not match",
+                  "Serialized HLO does not match", "No binary found in serialized entry", "Can't parse ")
+
+
+def read_failure(error: Exception) -> bool:
+    """TensorFlow's error is about a cache entry it could not load (XLA fails the program then,
+    rather than compile it anew)."""
+    return directory_in_use() is not None and any(words in str(error) for words in _READ_FAILURES)
+
+
+def set_aside_damaged() -> list[Path]:
+    """Rename every entry of the cache in use that is not a whole entry to ``<name>.damaged``
+    (the next compilation writes a good one); the names set aside."""
+    directory = directory_in_use()
+    damaged = [path for path in sorted(directory.glob("*.pb")) if not _whole_entry(path)] if directory else []
+    for path in damaged:
+        with contextlib.suppress(OSError):
+            os.replace(path, path.with_name(path.name + ".damaged"))
+    return damaged
+
+
+def _whole_entry(path: Path) -> bool:
+    """An ``XlaSerializedCacheEntry`` in protobuf's binary form, read to its end: its key
+    (field 1) holds the signature and cluster fingerprints (fields 1 and 2) that the file is
+    named after, and its executable (field 3) is not empty."""
+    try:
+        data = path.read_bytes()
+        fields = _fields(data)
+        key = _fields(fields[1][0])
+        _, signature, cluster, _ = path.name.split("__", 3)
+        return (key.get(1) == [int(signature)] and key.get(2) == [int(cluster)]
+                and bool(fields.get(3)) and len(fields[3][0]) > 0)
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+
+
+def _fields(data: bytes) -> dict[int, list]:
+    """The fields of a protobuf message (varints as ints, length-delimited as bytes); a
+    ValueError when the bytes are not one whole message."""
+    fields, at = {}, 0
+    while at < len(data):
+        tag, at = _varint(data, at)
+        number, kind = tag >> 3, tag & 7
+        if kind == 0:
+            value, at = _varint(data, at)
+        elif kind == 2:
+            size, at = _varint(data, at)
+            value, at = data[at:at + size], at + size
+            if at > len(data):
+                raise ValueError("cut short")
+        elif kind in (1, 5):
+            at += 8 if kind == 1 else 4
+            value = None
+        else:
+            raise ValueError(f"wire type {kind}")
+        if number == 0 or at > len(data):
+            raise ValueError("not a message")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("cut short")
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+
+
 def write_failure(error: Exception) -> OSError | None:
     """For TensorFlow's error when a compiled program could not be written to the cache (a
     full disk, a file size limit), the ``OSError`` to report instead, else None. XLA fails the
     compilation itself then, and again at every retry in the process: the run cannot go on."""
     directory = directory_in_use()
     text = str(error)
-    if directory is None or f"{directory}{os.sep}xla_compile_cache" not in text:
+    if directory is None or f"{directory}{os.sep}xla_compile_cache" not in text or read_failure(error):
         return None
     code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS)
                  if os.strerror(c) in text), errno.EIO)

@@ -101,14 +101,16 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
     recorder = Recorder(programs[0].step, data.n_batches, model, loggers, log_every, stop_on_nonfinite, figures,
                         optimizer=optimizer)
 
-    def without_xla():
-        """The step and the bound epoch of the same program without XLA."""
-        programs.append(compiled_program(model, loss_fn, optimizer, data, **{**options, "jit_compile": False}))
+    def traced_again(with_xla: bool):
+        """The step and the bound epoch of the same program traced anew (with or without XLA);
+        the program that failed is no longer reused."""
+        _forget(programs[-1])
+        programs.append(compiled_program(model, loss_fn, optimizer, data, **{**options, "jit_compile": with_xla}))
         return programs[-1].step, programs[-1].bind(data)
 
     try:
         return recorder.train(programs[0].bind(data), epochs, shuffle_seed, jit_compile,
-                              without_xla if jit_compile else None)
+                              traced_again)
     finally:  # the caller's model has its trained values: a borrowed program's owners get theirs
         for program in programs:
             program.give_back(model, optimizer)
@@ -299,6 +301,12 @@ def _keep(key: str, program: Program) -> None:
         _PROGRAMS.popitem(last=False)
 
 
+def _forget(program: Program) -> None:
+    """``program`` is not reused by later fits of this process."""
+    for key in [key for key, kept in _PROGRAMS.items() if kept is program]:
+        del _PROGRAMS[key]
+
+
 def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> Program:
     """The compiled epoch for this model, loss, optimizer, data shapes and options: one this
     process already compiled for a model of the same structure (it then starts from
@@ -445,8 +453,9 @@ class Recorder:
                        layer_paths=self.paths, layer_blocks=self.blocks, block_downstream=self.downstream,
                        state_gradients=pd.DataFrame(self.state_rows) if self.step.traced else None)
 
-    def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, without_xla=None) -> History:
-        """Run the epochs; ``without_xla()``: the step and epoch to fall back on (:meth:`_epoch`)."""
+    def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, traced_again=None) -> History:
+        """Run the epochs; ``traced_again(with_xla)``: the step and epoch to fall back on (:meth:`_epoch`)."""
+        self.jit_compile = jit_compile
         for logger in self.loggers:
             logger.start(epochs=epochs, steps_per_epoch=self.n_batches,
                          layer_paths=self.paths, layer_blocks=self.blocks)
@@ -455,7 +464,7 @@ class Recorder:
             for epoch in range(epochs):
                 radii = through_time.spectral_radii(self.step.traced)
                 with _quiet_first_trace(epoch == 0):
-                    results, run_epoch = self._epoch(run_epoch, epoch, seed, without_xla)
+                    results, run_epoch = self._epoch(run_epoch, epoch, seed, traced_again)
                 if self.model_each_epoch:
                     self._hand_back()
                 if self.record_epoch(epoch, epochs, radii, *results):
@@ -482,22 +491,35 @@ class Recorder:
         end_run(self.loggers, result, self.figures)
         return result
 
-    def _epoch(self, run_epoch, epoch: int, seed, without_xla):
-        """One epoch's results, and the epoch function to go on with. When XLA refuses to
-        compile the first epoch deterministically (a ``seed`` turned op determinism on: max
-        pooling's gradient), that epoch runs without XLA after one warning; nothing has
-        trained then, as XLA refuses before running."""
+    def _epoch(self, run_epoch, epoch: int, seed, traced_again):
+        """One epoch's results, and the epoch function to go on with. Nothing has trained when
+        the first call of a program fails in these two ways, and it is traced again:
+
+        - XLA refuses to compile it deterministically (a ``seed`` turned op determinism on:
+          max pooling's gradient): without XLA, after one warning;
+        - a damaged entry of the compilation cache (cut short, empty, overwritten): the entry
+          is set aside as ``*.damaged``, and the program compiled anew, after one warning
+          (XLA does not compile a program again in the process once its load failed)."""
         try:
             return run_epoch(tf.constant(epoch, tf.int64), seed), run_epoch
         except tf.errors.UnimplementedError as error:
-            if epoch > 0 or without_xla is None or "deterministic" not in str(error):
+            if epoch > 0 or traced_again is None or not self.jit_compile or "deterministic" not in str(error):
                 raise
             reason = str(error).strip().splitlines()[0]
-        warnings.warn(f"gradtools.fit: XLA cannot compile this model deterministically, which a seed "
-                      f"asks for ({reason}); training without XLA, which is slower (pass "
-                      f"jit_compile=False to skip the attempt, or no seed to keep XLA)",
-                      RuntimeWarning, stacklevel=4)
-        self.step, run_epoch = without_xla()
+            warnings.warn(f"gradtools.fit: XLA cannot compile this model deterministically, which a seed "
+                          f"asks for ({reason}); training without XLA, which is slower (pass "
+                          f"jit_compile=False to skip the attempt, or no seed to keep XLA)",
+                          RuntimeWarning, stacklevel=4)
+            with_xla = False
+        except tf.errors.OpError as error:
+            damaged = compilation_cache.set_aside_damaged() if compilation_cache.read_failure(error) else []
+            if not damaged or traced_again is None:
+                raise
+            warnings.warn(f"gradtools.fit: damaged entries of the compilation cache set aside "
+                          f"({', '.join(path.name + '.damaged' for path in damaged)} in {damaged[0].parent}); "
+                          "compiling anew", RuntimeWarning, stacklevel=4)
+            with_xla = True
+        self.step, run_epoch = traced_again(with_xla)
         return run_epoch(tf.constant(epoch, tf.int64), seed), run_epoch
 
     def _hand_back(self) -> None:

@@ -71,3 +71,28 @@ def test_only_a_failed_write_of_a_cache_entry_is_reported_as_one(monkeypatch, tm
     assert compilation_cache.write_failure(RuntimeError("./model.keras: index out of range")) is None
     theirs = compilation_cache.write_failure(RuntimeError(f"./{entry}; File too large"))
     assert theirs.errno == errno.EFBIG and "take --tf_xla_persistent_cache_directory out of TF_XLA_FLAGS" in str(theirs)
+
+
+def test_a_damaged_entry_is_set_aside_with_one_warning_and_compiled_anew(tmp_path):
+    """An entry cut short, then one overwritten with other bytes: each run completes with the
+    numbers of the first run and one warning line, the entry moved to *.damaged (they were an
+    OutOfRangeError traceback, and 'could not write … free some space', at every later run)."""
+    import random
+
+    args = ["run", "vanishing/shallow", "--set", "training.epochs=1", "--quiet"]
+    cache = tmp_path / "cache"
+    first = run_cli([*args, "--out", "first"], cwd=tmp_path, env=_env(cache))
+    assert first.returncode == 0, first.stderr
+    (entry,) = cache.rglob("*.pb")
+    damages = {"cut": entry.read_bytes()[:100], "other bytes": random.Random(0).randbytes(5000)}
+    for number, (damage, data) in enumerate(damages.items()):
+        for stale in cache.rglob("*.pb"):
+            stale.unlink()
+        entry.write_bytes(data)
+        again = run_cli([*args, "--out", f"again{number}"], cwd=tmp_path, env=_env(cache))
+        assert again.returncode == 0, (damage, again.stderr)
+        warnings = [line for line in again.stderr.splitlines() if line.strip()]
+        assert len(warnings) == 1 and "damaged entries of the compilation cache set aside" in warnings[0], warnings
+        assert entry.with_name(entry.name + ".damaged").read_bytes() == data
+        tables = [next((tmp_path / out).rglob("metrics.csv")).read_bytes() for out in ("first", f"again{number}")]
+        assert tables[0] == tables[1], damage
