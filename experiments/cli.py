@@ -469,12 +469,13 @@ def command_conformance(args) -> int:
     from experiments.conformance import as_expected, markdown_table, run_case
     from experiments.zoo import CASES
 
-    require("keras_hub", extra="zoo", feature="the conformance zoo")
     cases = [case for case in CASES if (case.core or not args.core)
              and (not args.only or any(text in f"{case.model} {case.mode}" for text in args.only))]
     if not cases:
         raise ConfigError("--only", FILE, None, f"{' or '.join(map(repr, args.only))} matches no case of the zoo "
                           "(python -m experiments conformance --list names them)")
+    if any("keras-hub" in case.model for case in cases) and not args.list:
+        require("keras_hub", extra="zoo", feature="the conformance zoo's keras-hub models")
     if args.list:
         print("\n".join(f"{case.model} / {case.mode}" + (" (core)" if case.core else "") for case in cases))
         return 0

@@ -37,9 +37,6 @@ import tensorflow as tf
 import gradtools
 from gradtools.monitor import GradientMonitor
 
-#: The per-layer statistics compared with the reference, and the one each is relative to.
-COMPARED = {"grad_mean": "grad_abs_mean", "grad_abs_mean": "grad_abs_mean", "grad_norm": "grad_norm",
-            "grad_max_abs": "grad_max_abs"}
 FLOAT32_TOLERANCE = 1e-4
 FLOAT16_TOLERANCE = 1e-2
 
@@ -67,6 +64,8 @@ class Subject:
     fit_kwargs: dict = field(default_factory=dict)
     #: gradtools.fit's jit_compile (XLA takes many minutes to compile a large convnet's epoch)
     fit_jit_compile: bool = True
+    #: the optimizer's learning rate is 0: every step is checked, at the starting weights
+    frozen_weights: bool = False
 
     @property
     def n_rows(self) -> int:
@@ -84,7 +83,8 @@ class Subject:
         if self.class_weight is not None:
             labels = np.asarray(cut[1])
             labels = labels.argmax(-1) if labels.ndim > 1 and labels.shape[-1] > 1 else labels.reshape(len(labels))
-            weights = np.array([self.class_weight[int(label)] for label in labels], np.float32)
+            by_class = np.array([self.class_weight.get(int(round(float(label))), 1.0) for label in labels], np.float32)
+            weights = by_class if weights is None else weights * by_class
         return (*cut, weights)
 
     def fit_arguments(self) -> dict:
@@ -108,6 +108,7 @@ class Case:
     build: Any  # () -> Subject
     tolerance: float = FLOAT32_TOLERANCE
     expect: str = "exact"  # or "refused": a one-line error or warning is the right answer
+    refusal: str = ""  # words the refusal must hold
     needs: str = ""  # "two devices": runs where two logical CPU devices were made at start
     core: bool = False  # part of the fast core that `make test` runs
     core_fit: bool = True  # the core checks gradtools.fit on it too (False: its XLA compilation is slow)
@@ -186,33 +187,52 @@ def reference(model, batch, values, scale, strategy=None, graph=True, jit_compil
                           for v, parts in zip(model.trainable_weights, gradients)}}
 
 
-def expected_row(ref: dict, layer_paths: list[str]) -> dict[str, float]:
-    """The statistics gradtools records, computed in NumPy from a reference."""
+def expected_row(ref: dict, layer_paths: list[str], before: dict | None = None, after: dict | None = None,
+                 scale: float | None = None) -> dict[str, tuple[float, float]]:
+    """The statistics gradtools records, computed in NumPy from a reference: column -> (value,
+    the size its difference is relative to). Each numbered layer's kernel (and the recurrent
+    kernel beside it, in ``recurrent_`` columns); with the variables' values ``before`` and
+    ``after`` the step (by path), the weight statistics and update ratio; with the loss
+    ``scale``, the loss scale column."""
     gradients = ref["gradients"]
-    row = {"loss": ref["loss"],
-           "grad_global_norm": math.sqrt(sum(float(np.sum(g * g)) for g in gradients.values()))}
+    norm = math.sqrt(sum(float(np.sum(g * g)) for g in gradients.values()))
+    row = {"loss": (ref["loss"], abs(ref["loss"])), "grad_global_norm": (norm, norm)}
+    if scale is not None:
+        row["loss_scale"] = (scale, scale)
     for k, path in enumerate(layer_paths, start=1):
-        g = gradients[path]
-        row.update({f"layer_{k}/grad_mean": float(g.mean()), f"layer_{k}/grad_abs_mean": float(np.abs(g).mean()),
-                    f"layer_{k}/grad_norm": float(np.sqrt(np.sum(g * g))),
-                    f"layer_{k}/grad_max_abs": float(np.abs(g).max())})
+        parent = path.rsplit("/", 1)[0]
+        for prefix, variable in (("", path), ("recurrent_", f"{parent}/recurrent_kernel")):
+            if variable in gradients:
+                row.update(_layer_statistics(f"layer_{k}/{prefix}", gradients[variable],
+                                             None if before is None else before[variable],
+                                             None if after is None else after[variable]))
     return row
 
 
-def relative_difference(recorded, expected: dict[str, float]) -> tuple[float, str]:
+def _layer_statistics(prefix: str, g, w0, w1) -> dict[str, tuple[float, float]]:
+    abs_mean, norm, max_abs = float(np.abs(g).mean()), float(np.sqrt(np.sum(g * g))), float(np.abs(g).max())
+    row = {"grad_mean": (float(g.mean()), abs_mean), "grad_abs_mean": (abs_mean, abs_mean),
+           "grad_norm": (norm, norm), "grad_max_abs": (max_abs, max_abs)}
+    if w0 is not None and w1 is not None:
+        w0, w1 = np.asarray(w0, np.float64), np.asarray(w1, np.float64)
+        weight_norm, ratio = float(np.linalg.norm(w1)), float(np.linalg.norm(w1 - w0) / np.linalg.norm(w0))
+        row.update(weight_mean=(float(w1.mean()), float(np.abs(w1).mean())), weight_norm=(weight_norm, weight_norm),
+                   update_ratio=(ratio, ratio))
+    return {prefix + name: value for name, value in row.items()}
+
+
+def relative_difference(recorded, expected: dict[str, tuple[float, float]]) -> tuple[float, str]:
     """The largest relative difference over the row's values, and the column where it is.
-    A signed mean is relative to the mean |g| (it may cancel to about 0); non-finite values
-    must be recorded as the same non-finite value."""
+    Each value's difference is relative to its own size, but a signed mean's to the mean of
+    the absolute values (it may cancel to about 0); a non-finite value must be recorded as the
+    same non-finite value."""
     worst, where = 0.0, ""
-    for column, value in expected.items():
+    for column, (value, scale) in expected.items():
         got = float(recorded[column])
         if not math.isfinite(value) or not math.isfinite(got):
             difference = 0.0 if (got == value or (math.isnan(got) and math.isnan(value))) else math.inf
         else:
-            base = column.rsplit("/", 1)
-            scale_column = f"{base[0]}/{COMPARED[base[1]]}" if len(base) == 2 else column
-            scale = abs(expected[scale_column])
-            difference = abs(got - value) / scale if scale > 0 else (0.0 if got == value else math.inf)
+            difference = abs(got - value) / abs(scale) if scale else (0.0 if got == value else math.inf)
         if difference > worst:
             worst, where = difference, column
     return worst, where
@@ -221,33 +241,51 @@ def relative_difference(recorded, expected: dict[str, float]) -> tuple[float, st
 # --- the checks ------------------------------------------------------------------------------
 
 def checked_steps(subject: Subject) -> list[int]:
-    """The first two steps and the last (a smaller batch, where the data makes one)."""
+    """The first two steps and the last (a smaller batch, where the data makes one); every
+    step when the weights do not change (learning rate 0)."""
+    if subject.frozen_weights:
+        return list(range(1, subject.n_steps + 1))
     steps_per_execution = int(getattr(subject.model, "steps_per_execution", 1) or 1)
     candidates = sorted({1, 2, subject.n_steps} & set(range(1, subject.n_steps + 1)))
     return [s for s in candidates if (s - 1) % steps_per_execution == 0]
 
 
 def check_monitor(subject: Subject) -> tuple[float, str, list[int]]:
-    """One epoch of ``model.fit`` with the monitor, each checked step against the tape."""
+    """One epoch of ``model.fit`` with the monitor, each checked step against the tape (and
+    the weights before the next step, or after the epoch, against the recorded weight
+    statistics)."""
     model = subject.model
     steps = checked_steps(subject)
-    snapshots = Snapshots(steps)
+    snapshots = Snapshots([1] if subject.frozen_weights else steps + [s + 1 for s in steps])
     monitor = GradientMonitor(figures=False)
     model.fit(**subject.fit_arguments(), epochs=1, shuffle=False, verbose=0, callbacks=[monitor, snapshots])
     trained = [v.numpy() for v in model.variables]
+    snapshots.taken.setdefault(subject.n_steps + 1, (trained, None))
+    by_path = {step: dict(zip((v.path for v in model.variables), values))
+               for step, (values, _) in snapshots.taken.items()}
     rows = monitor.metrics.set_index("step")
-    worst, where = 0.0, ""
+    worst, where, checked = 0.0, "", []
     try:
-        for step, (values, scale) in sorted(snapshots.taken.items()):
+        for step in steps:
+            taken = snapshots.taken.get(1 if subject.frozen_weights else step)
+            if taken is None:
+                continue
+            values, scale = taken
             ref = reference(model, subject.batch(step), values, scale, subject.strategy,
                             graph=not model.run_eagerly, jit_compile=bool(model.jit_compile))
-            difference, column = relative_difference(rows.loc[step], expected_row(ref, monitor.layer_paths))
+            after = by_path[1] if subject.frozen_weights else by_path.get(step + 1)
+            expected = expected_row(ref, monitor.layer_paths, by_path[1 if subject.frozen_weights else step],
+                                    after, scale)
+            difference, column = relative_difference(rows.loc[step], expected)
+            checked.append(step)
             if difference >= worst:
                 worst, where = difference, f"step {step} {column}"
     finally:
         for variable, value in zip(model.variables, trained):
             variable.assign(value)
-    return worst, where, sorted(snapshots.taken)
+    if subject.n_steps not in checked:
+        raise AssertionError(f"the last step ({subject.n_steps}) was not checked: {checked}")
+    return worst, where, checked
 
 
 def check_fit(subject: Subject, build) -> tuple[float, str, list[int]]:
@@ -266,7 +304,7 @@ def check_fit(subject: Subject, build) -> tuple[float, str, list[int]]:
     steps = sorted({1, 2, subject.n_steps} & set(range(1, subject.n_steps + 1)))
     for step in steps:
         ref = reference(subject.model, subject.batch(step), start, scale)
-        difference, column = relative_difference(rows.loc[step], expected_row(ref, history.layer_paths))
+        difference, column = relative_difference(rows.loc[step], expected_row(ref, history.layer_paths, scale=scale))
         if difference >= worst:
             worst, where = difference, f"step {step} {column}"
     # the trajectory: from the same weights with the same optimizer, every step's loss and
@@ -282,7 +320,8 @@ def check_fit(subject: Subject, build) -> tuple[float, str, list[int]]:
     ours, theirs = history.metrics.set_index("step"), monitor.metrics.set_index("step")
     columns = ["loss", "grad_global_norm"] + [c for c in theirs.columns if c.endswith("/grad_norm")]
     for step in theirs.index:
-        difference, column = relative_difference(ours.loc[step], {c: float(theirs.loc[step, c]) for c in columns})
+        theirs_row = {c: (float(theirs.loc[step, c]), abs(float(theirs.loc[step, c]))) for c in columns}
+        difference, column = relative_difference(ours.loc[step], theirs_row)
         if difference >= worst:
             worst, where = difference, f"step {step} {column} against model.fit's"
     return worst, where, steps
@@ -330,8 +369,8 @@ def run_case(case: Case, core: bool = False) -> dict:
     finally:
         keras.config.set_dtype_policy(policy)
         keras.backend.clear_session()
-    return {"model": case.model, "mode": case.mode, "expect": case.expect, "monitor": monitor, "fit": fit,
-            "seconds": time.perf_counter() - started}
+    return {"model": case.model, "mode": case.mode, "expect": case.expect, "refusal": case.refusal,
+            "monitor": monitor, "fit": fit, "seconds": time.perf_counter() - started}
 
 
 def _built(case: Case, subjects: list) -> Subject:
@@ -350,10 +389,11 @@ def _monitor_and_refit(subject: Subject):
 
 
 def as_expected(result: dict) -> bool:
-    """The monitor's cell is what the case expects, and gradtools.fit (where it ran) is exact
-    or refused in one line."""
-    fit_ok = result["fit"] is None or result["fit"].kind in ("exact", "refused")
-    return result["monitor"].kind == result["expect"] and fit_ok
+    """The monitor's cell is what the case expects (a refusal with the case's words), and
+    gradtools.fit, where it ran, is exact."""
+    monitor, fit = result["monitor"], result["fit"]
+    refused_right = monitor.kind != "refused" or result["refusal"] in monitor.detail
+    return monitor.kind == result["expect"] and refused_right and (fit is None or fit.kind == "exact")
 
 
 def markdown_table(results: list[dict]) -> str:

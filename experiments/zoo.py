@@ -46,6 +46,7 @@ def images(rows=ROWS, size=32, seed=3):
 
 
 def _compiled(model, loss, optimizer=None, **compile_kwargs):
+    optimizer = compile_kwargs.pop("optimizer", optimizer)
     model.compile(optimizer=optimizer or keras.optimizers.Adam(1e-3), loss=loss, **compile_kwargs)
     return model
 
@@ -108,8 +109,16 @@ class _NoScope:
         return False
 
 
+_STRATEGIES: list = []
+
+
 def mirrored() -> tf.distribute.Strategy:
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    """One MirroredStrategy over two logical CPU devices for the process: a second one reuses
+    the first one's collective instance keys, and plain model.fit then fails with "Shape
+    mismatch in the collective instance" (TensorFlow 2.21, Keras 3.15, measured)."""
+    if not _STRATEGIES:
+        _STRATEGIES.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    return _STRATEGIES[0]
 
 
 # --- keras-io examples ------------------------------------------------------------------------
@@ -156,11 +165,14 @@ def transformer_classifier(from_logits=False, **compile_kwargs) -> keras.Model:
 
 def transformer(mode="plain") -> Subject:
     compile_kwargs = {"plain": {}, "jit_compile off": {"jit_compile": False}, "jit_compile on": {"jit_compile": True},
-                      "run_eagerly": {"run_eagerly": True}, "steps_per_execution 2": {"steps_per_execution": 2}
+                      "run_eagerly": {"run_eagerly": True},
+                      # every step inside an execution is checked: at learning rate 0, all at the start
+                      "steps_per_execution 2, learning rate 0": {"steps_per_execution": 2,
+                                                                 "optimizer": keras.optimizers.Adam(0.0)},
                       }.get(mode, {})
     model, loss = transformer_classifier(from_logits=mode == "from_logits", **compile_kwargs)
     ids, _ = tokens()
-    subject = Subject(model, ids, labels(), BATCH, fit_loss=loss)
+    subject = Subject(model, ids, labels(), BATCH, fit_loss=loss, frozen_weights="learning rate 0" in mode)
     if mode == "sample_weight":
         subject.sample_weight, subject.fit_loss = _rng(4).uniform(0, 2, ROWS).astype(np.float32), None
     elif mode == "class_weight":
@@ -179,6 +191,19 @@ def masked_lstm(one_hot=False) -> Subject:
     loss = "categorical_crossentropy" if one_hot else "sparse_categorical_crossentropy"
     _compiled(model, loss)
     return Subject(model, tokens()[0], np.eye(3, dtype=np.float32)[y] if one_hot else y, BATCH, fit_loss=loss)
+
+
+def masked_gru_tagger() -> Subject:
+    """Embedding(mask_zero=True) into a GRU returning every step, a softmax per step: the
+    loss averages the unmasked steps, and gradtools.fit's filled-up last batch adds its own
+    mask to the model's."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((LENGTH,)), keras.layers.Embedding(VOCAB, 8, mask_zero=True),
+                              keras.layers.GRU(8, return_sequences=True), keras.layers.Dense(4, activation="softmax")])
+    _compiled(model, "sparse_categorical_crossentropy")
+    ids = tokens()[0]
+    return Subject(model, ids, _rng(11).integers(0, 4, ids.shape).astype(np.int32), BATCH,
+                   fit_loss="sparse_categorical_crossentropy")
 
 
 def lstm_seq2seq() -> Subject:
@@ -314,9 +339,10 @@ def application(name: str, frozen: bool = False) -> Subject:
     rows, batch = 20, 8
     x, y = images(rows), labels(rows, classes=10)
     if not frozen:
-        model = _compiled(build(weights=None, input_shape=(32, 32, 3), classes=10), "sparse_categorical_crossentropy")
+        model = _without_dropout(build(weights=None, input_shape=(32, 32, 3), classes=10))
+        model = _compiled(model, "sparse_categorical_crossentropy")
         return Subject(model, x, y, batch, fit_loss="sparse_categorical_crossentropy", fit_jit_compile=False)
-    backbone = build(weights=None, input_shape=(32, 32, 3), include_top=False, pooling="avg")
+    backbone = _without_dropout(build(weights=None, input_shape=(32, 32, 3), include_top=False, pooling="avg"))
     backbone.trainable = False
     model = keras.Sequential([keras.Input((32, 32, 3)), backbone, keras.layers.Dense(10, activation="softmax")])
     _compiled(model, "sparse_categorical_crossentropy")
@@ -326,6 +352,15 @@ def application(name: str, frozen: bool = False) -> Subject:
         _compiled(model, "sparse_categorical_crossentropy", keras.optimizers.Adam(1e-4))
 
     return Subject(model, x, y, batch, refit=unfreeze)
+
+
+def _without_dropout(model):
+    """EfficientNet's dropout and drop-connect at rate 0: a random mask would make two
+    computations of one step differ."""
+    for layer in model._flatten_layers():  # noqa: SLF001 (Keras has no public walk)
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    return model
 
 
 # --- keras-hub -------------------------------------------------------------------------------
@@ -434,17 +469,19 @@ CASES = [
          lambda: application("MobileNetV2", frozen=True)),
     # keras-io examples
     *[Case("transformer (keras-io)", mode, lambda mode=mode: transformer(mode))
-      for mode in ("sample_weight", "class_weight", "tf.data", "steps_per_execution 2", "jit_compile on",
-                   "jit_compile off", "run_eagerly", "from_logits")],
+      for mode in ("sample_weight", "class_weight", "tf.data", "steps_per_execution 2, learning rate 0",
+                   "jit_compile on", "jit_compile off", "run_eagerly", "from_logits")],
     Case("transformer (keras-io)", "mixed_float16", transformer, FLOAT16_TOLERANCE, mixed_precision=True),
     Case("transformer (keras-io)", "MirroredStrategy ×2", lambda: _under_strategy(transformer),
          needs="two devices"),
     Case("LSTM, mask_zero", "masking, integer labels", masked_lstm),
     Case("LSTM, mask_zero", "masking, one-hot labels", lambda: masked_lstm(one_hot=True)),
+    Case("GRU tagger, mask_zero", "masking per time step, partial last batch", masked_gru_tagger),
     Case("LSTM seq2seq (keras-io)", "two inputs, partial last batch", lstm_seq2seq),
     Case("wide and deep", "two inputs, two outputs with loss weights", wide_and_deep),
-    Case("VAE (keras-io)", "own train_step", vae, expect="refused"),
-    Case("GAN (keras-io)", "own train_step and optimizers", gan, expect="refused"),
+    Case("VAE (keras-io)", "own train_step", vae, expect="refused", refusal="without self.compute_loss()"),
+    Case("GAN (keras-io)", "own train_step and optimizers", gan, expect="refused",
+         refusal="never updates its weights with model.optimizer"),
     Case("12 ReLU ×30, softmax", "from_logits=True, integer labels",
          lambda: relu12_scale30("softmax", from_logits=True)),
     Case("12 ReLU ×30, sigmoid", "from_logits=True", lambda: relu12_scale30("sigmoid", from_logits=True)),

@@ -13,9 +13,11 @@ buffer once per epoch (or when it is about to fill), so nothing but that table l
   passes are those of the scaled loss; they are divided by the scale before any statistic, and
   a step the loss scaler skips (its gradients overflowed float16) is recorded with
   ``skipped = 1`` and the ``loss_scale``, not as a divergence.
-- Distribution strategies: each replica's gradients and loss are summed across replicas
-  (Keras scales each replica's loss by 1/replicas), so the statistics are those of the
-  global batch, as on one device.
+- Distribution strategies: each replica's gradients and loss are summed across replicas, as
+  Keras's optimizer sums the gradients it applies (Keras scales each replica's loss by
+  1/replicas). On a batch that splits evenly these are the global batch's, as on one device;
+  on a last batch that splits unevenly (7 rows as 4 + 3) they are what Keras applies: the
+  mean of each replica's mean loss, not the mean over the batch.
 - :class:`gradtools.through_time.TracedRNN` layers get ‖∂L/∂h_t‖ per epoch, as in ``fit``.
 """
 
@@ -72,21 +74,16 @@ def _loss_scale(optimizer):
 
 
 def _summed_over_replicas(values):
-    """Inside a multi-replica step: the sum over replicas of each tensor (None kept), and the
-    tensors themselves, passed on only once that sum is done. The optimizer's own all-reduce of
-    the gradients must take the latter: two all-reduces that do not depend on each other may
-    start in either order on each replica, and a replica that starts the other one first joins
-    a collective of another shape (``Shape mismatch in the collective instance``)."""
+    """Inside a multi-replica step: the sum over replicas of each tensor (None kept)."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
-        return values, values
+        return values
     present = [i for i, v in enumerate(values) if v is not None]
     summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in present])
-    result, after = list(values), list(values)
-    with tf.control_dependencies(summed):
-        for i, value in zip(present, summed):
-            result[i], after[i] = value, tf.identity(values[i])
-    return result, after
+    result = list(values)
+    for i, value in zip(present, summed):
+        result[i] = value
+    return result
 
 
 def _is_first_replica() -> bool:
@@ -263,8 +260,9 @@ class GradientMonitor(keras.callbacks.Callback):
             monitored = monitor._layout.monitored
             scale = _loss_scale(optimizer) if monitor._loss_scaled else None
             before = [tf.identity(targets[i]) for i in monitored]
-            (loss, *summed), (_, *grads) = _summed_over_replicas([monitor._take_loss(), *grads])
+            step_loss = monitor._take_loss()
             result = original_apply(grads, trainable_variables)
+            loss, *summed = _summed_over_replicas([step_loss, *grads])
             monitor._record(loss, summed, scale, [targets[i] for i in monitored], before)
             return result
 

@@ -40,15 +40,24 @@ def test_gradtools_fit_takes_the_logits_of_a_saturated_sigmoid_as_model_fit_does
 
 
 def test_the_comparison_finds_a_wrong_record():
-    """The checker is not blind: a row off by 1e-3 in one layer's norm differs."""
-    subject = zoo.dense_on_sequence()
-    values = [v.numpy() for v in subject.model.variables]
-    ref = reference(subject.model, subject.batch(1), values, None)
-    row = expected_row(ref, [subject.model.trainable_weights[0].path])
-    assert relative_difference(row, row) == (0.0, "")
-    wrong = {**row, "layer_1/grad_norm": row["layer_1/grad_norm"] * 1.001}
-    difference, column = relative_difference(wrong, row)
-    assert column == "layer_1/grad_norm" and difference == pytest.approx(1e-3, rel=1e-3)
+    """The checker is not blind: a row off by 1e-3 in one layer's gradient norm, weight norm or
+    update ratio, or in a recurrent kernel's mean gradient, differs."""
+    subject = zoo.masked_lstm()
+    before = {v.path: v.numpy() for v in subject.model.variables}
+    after = {path: value * 1.01 for path, value in before.items()}
+    ref = reference(subject.model, subject.batch(1), list(before.values()), None)
+    kernels = [v.path for v in subject.model.trainable_weights if v.name == "kernel"]
+    expected = expected_row(ref, kernels, before, after)
+    assert {"layer_1/recurrent_grad_mean", "layer_2/update_ratio"} <= set(expected)
+    assert "layer_2/recurrent_grad_mean" not in expected, "the Dense head has no recurrent kernel"
+    recorded = {column: value for column, (value, _) in expected.items()}
+    assert relative_difference(recorded, expected) == (0.0, "")
+    for column in ("layer_1/grad_norm", "layer_2/weight_norm", "layer_1/recurrent_update_ratio"):
+        difference, where = relative_difference({**recorded, column: recorded[column] * 1.001}, expected)
+        assert where == column and difference == pytest.approx(1e-3, rel=1e-3)
+    column = "layer_1/recurrent_grad_mean"  # a signed mean: relative to the mean |g|
+    shifted = recorded[column] + 1e-3 * expected["layer_1/recurrent_grad_abs_mean"][0]
+    assert relative_difference({**recorded, column: shifted}, expected) == (pytest.approx(1e-3, rel=1e-3), column)
 
 
 def test_a_train_step_that_hides_its_loss_is_refused_in_one_line():
@@ -56,6 +65,7 @@ def test_a_train_step_that_hides_its_loss_is_refused_in_one_line():
     model trains as before once the monitor is gone."""
     result = run_case(next(case for case in zoo.CASES if case.model.startswith("VAE")))
     assert result["monitor"].kind == "refused" and "self.compute_loss" in result["monitor"].detail
+    assert as_expected(result)
 
 
 def test_mirrored_strategy_with_an_uneven_last_batch_through_the_command(tmp_path):
