@@ -538,7 +538,8 @@ def check_writable(args) -> None:
 
 
 def command_dashboard(args) -> int:
-    from experiments.dashboard import UIS, check_served, empty_note, end_with_parent, server_command, server_environment
+    from experiments.dashboard import UIS, check_served, empty_note, server_command, server_environment
+    from experiments.worker import end_with_parent
 
     command = server_command(args.ui, Path(args.out), args.port)
     port = args.port or UIS[args.ui]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -55,15 +54,6 @@ def check_served(out: Path, port: int) -> None:
         except OSError as error:
             raise ConfigError("--port", "--port", port, f"cannot be served on 127.0.0.1 ({error.strerror}): "
                               "give another with --port") from None
-
-
-def end_with_parent() -> None:
-    """In the server's process (a ``preexec_fn``): SIGTERM when the dashboard command's process
-    ends, however it ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def empty_note(ui: str, out: Path) -> str | None:

@@ -40,8 +40,23 @@ def start(threads: int | None = None, finished_items=None) -> None:
     _pool_worker, _finished_items = True, finished_items
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_requested)
+    end_with_parent()
     limit_threads(threads)
     _quiet_tensorflow()
+
+
+def end_with_parent() -> None:
+    """SIGTERM to this process when the process that started it ends, however it ends (kill -9
+    included: a worker would otherwise wait for ever to hand its results to nobody; a server
+    would keep its port). Linux's PR_SET_PDEATHSIG; elsewhere nothing. A parent already gone
+    (this process handed to init) ends it at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def default_workers() -> int:

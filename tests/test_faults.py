@@ -428,6 +428,46 @@ def test_a_worker_killed_mid_sweep_is_one_line_exit_1_and_finished_points_are_ke
     assert not list((tmp_path / "out" / "sweeps" / "long" / "points").glob("*.partial"))
 
 
+def test_kill_9_of_a_sweep_ends_its_workers_too(tmp_path):
+    """The command killed with -9 (its terminal closed, the out-of-memory killer): its two
+    spawned workers and multiprocessing's resource tracker end with it (they were left,
+    reparented to init, waiting for ever to hand results to nobody)."""
+    import os
+
+    (tmp_path / "long.toml").write_text(LONG_SWEEP)
+    process = start_cli(["sweep", "long.toml", "--workers", "2", "--out", "out", "--quiet"], tmp_path)
+
+    def its_processes():
+        found = children(process.pid)
+        workers = [pid for pid in found if b"spawn_main" in _cmdline(pid)]
+        return found if len(workers) == 2 else None
+
+    started = wait_for(its_processes, process, timeout=120, every=0.05)
+    assert any(b"resource_tracker" in _cmdline(pid) for pid in started), [_cmdline(pid) for pid in started]
+    process.kill()
+    process.wait(timeout=10)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in started):
+        time.sleep(0.1)
+    assert not [pid for pid in started if _alive(pid)], [_cmdline(pid) for pid in started if _alive(pid)]
+    assert os.path.isdir(tmp_path / "out"), "it had started"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc)."""
     found = []
