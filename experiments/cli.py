@@ -596,9 +596,10 @@ def _start_tensorflow(args) -> None:
 def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
     """The command line; ``start_tensorflow`` is the entry point's (``python -m experiments``):
     a caller that imported TensorFlow itself leaves it off."""
-    from gradtools.__main__ import one_line_warnings
+    from gradtools.__main__ import one_line_warnings, printable_anywhere, reader_gone
     from gradtools.history import RunDirectoryError
 
+    printable_anywhere()
     args = build_parser().parse_args(argv)
     one_line_warnings()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -616,6 +617,11 @@ def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
     except WorkerLost as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError as error:
+        if error.filename is not None:  # a pipe the command writes to, not its output
+            print(f"error: {write_error_message(args, error)}", file=sys.stderr)
+            return EXIT_WRITE_ERROR
+        return reader_gone()
     except OSError as error:
         print(f"error: {write_error_message(args, error)}", file=sys.stderr)
         return EXIT_WRITE_ERROR

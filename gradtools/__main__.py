@@ -11,6 +11,22 @@ EXIT_BAD_INPUT = 2
 EXIT_WRITE_ERROR = 1
 
 
+def printable_anywhere() -> None:
+    """Standard output and error write what their encoding cannot hold (``×``, ``‖`` under an
+    ASCII or Latin-1 locale) as escapes, rather than fail after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def reader_gone() -> int:
+    """After a BrokenPipeError on standard output (``| head``): nothing more to say, and
+    Python's own flush at exit must not say it either. The exit status is 0: what the
+    command did is done."""
+    sys.stdout = open(os.devnull, "w")
+    return 0
+
+
 def one_line_warnings() -> None:
     """Warnings on the terminal as ``warning: <message>``, once each, without source lines."""
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
@@ -68,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    printable_anywhere()
     args = build_parser().parse_args(argv)
     from gradtools.compare import CompareError
     from gradtools.history import RunDirectoryError
@@ -79,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (| head): nothing to report
-        sys.stdout = open(os.devnull, "w")
-        return 0
+        return reader_gone()
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     except OSError as error:  # a file it could not read or write; a figure's write names none
         where = error.filename or (f"could not write {args.out}" if getattr(args, "out", None) else "")
         print(f"error: {where + ': ' if where else ''}{error.strerror or error}", file=sys.stderr)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from gradtools.columns import STEP_COLUMNS, layer_columns
+
 #: How a run can end. ``diverged`` is a result (a non-finite loss or gradient), not an error.
 #: A run directory still says ``running`` when its process was killed (or is still training).
 COMPLETED, DIVERGED, INTERRUPTED, FAILED, RUNNING = "completed", "diverged", "interrupted", "failed", "running"
@@ -117,8 +119,10 @@ class History:
                                     "directory holds") from None
         state_file = run_dir / STATE_GRADIENTS_FILE
         entry = functools.partial(_entry, info, info_file)
+        metrics = read_metrics(metrics_file)
+        _require_columns(metrics, len(entry("layer_paths", list, [])), metrics_file)
         return cls(
-            metrics=read_metrics(metrics_file),
+            metrics=metrics,
             status=entry("status", str, None),
             first_nonfinite_step=entry("first_nonfinite_step", int, None),
             epochs_completed=entry("epochs_completed", int, 0),
@@ -128,6 +132,16 @@ class History:
             state_gradients=read_metrics(state_file) if state_file.is_file() else None,
             block_downstream=_downstream(entry("block_downstream", dict, {}), info_file),
         )
+
+
+def _require_columns(metrics: pd.DataFrame, n_layers: int, metrics_file: Path) -> None:
+    """The step columns and every statistic of each numbered layer are there: a table without
+    them is not one gradtools wrote (a column deleted, another tool's CSV)."""
+    missing = [c for c in [*STEP_COLUMNS, *layer_columns(n_layers)] if c not in metrics.columns]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise RunDirectoryError(f"{metrics_file} lacks the column{'s' * (len(missing) > 1)} {shown}: "
+                                "not the table a run directory holds")
 
 
 def _entry(info: dict, info_file: Path, key: str, kind, default):

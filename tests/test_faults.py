@@ -558,3 +558,45 @@ def test_a_stopped_pool_ends_even_with_half_a_result_in_its_pipe():
     _stop(pool)
     assert not manager.is_alive()
     assert time.monotonic() - started < STOP_GRACE_SECONDS + 2
+
+
+# --- where the output goes ----------------------------------------------------------------------
+
+def test_an_ascii_terminal_a_reader_that_went_away_and_a_table_missing_a_column(tmp_path):
+    """Under PYTHONIOENCODING=ascii the summary's × and ‖ are escaped (a UnicodeEncodeError
+    traceback after a completed run, exit 1, before); `| true` closes the pipe at once: exit 0,
+    no word (it was 'could not write …: Broken pipe', exit 1); diagnose of a metrics.csv
+    without a column names the file and the columns, exit 2 (a KeyError traceback before)."""
+    import os
+    import subprocess
+
+    from conftest import REPO_ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONIOENCODING": "ascii"}
+    command = [sys.executable, "-m", "experiments", "run", "vanishing/shallow", "--set", "training.epochs=1",
+               "--out", "out"]
+    ascii_run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert ascii_run.returncode == 0, ascii_run.stderr
+    assert "\\xd7" in ascii_run.stdout and "Traceback" not in ascii_run.stderr
+    closed = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    closed.stdout.close()  # as `| true` does
+    stderr = closed.stderr.read().decode()
+    assert closed.wait(timeout=300) == 0, stderr
+    assert "Broken pipe" not in stderr and "Traceback" not in stderr, stderr
+
+    run_dir = next((tmp_path / "out").rglob("run.json")).parent
+    for broken in ("ascii", "closed"):
+        diagnose = [sys.executable, "-m", "gradtools", "diagnose", str(run_dir)]
+        if broken == "ascii":
+            said = subprocess.run(diagnose, env=env, capture_output=True, text=True, timeout=60)
+            assert said.returncode == 0 and "\\u2016" in said.stdout, said.stderr
+        else:
+            reader = subprocess.Popen(diagnose, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            reader.stdout.close()
+            assert reader.wait(timeout=60) == 0 and reader.stderr.read() == b""
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    metrics.drop(columns=["loss", "layer_2/grad_norm"]).to_csv(run_dir / "metrics.csv", index=False)
+    said = run_cli(["diagnose", str(run_dir)], tmp_path, module="gradtools")
+    assert said.returncode == 2
+    assert said.stderr.strip() == (f"error: {run_dir / 'metrics.csv'} lacks the columns loss, layer_2/grad_norm: "
+                                   "not the table a run directory holds")
