@@ -1,5 +1,7 @@
 """gradtools.fit on models that are not the article's: divergence, logging schedule, errors."""
 
+import json
+
 import keras
 import numpy as np
 import pandas as pd
@@ -114,6 +116,21 @@ def test_loggers_receive_every_row_and_the_final_status():
                   loggers=[recorder])
     assert recorder.steps == list(range(1, 9))
     assert recorder.finished == "completed"
+
+
+def test_a_run_directory_takes_one_run(tmp_path):
+    """A LocalRunLogger that wrote a run refuses a second one (gradtools.fit mixed both into
+    one directory: steps 1-8 twice, epochs_completed 1); the first run stays as it was."""
+    from gradtools.loggers import LocalRunLogger
+
+    x, y = regression_data()
+    logger = LocalRunLogger(tmp_path / "run", name="once")
+    gradtools.fit(mlp(), x, y, loss="mse", optimizer="sgd", epochs=1, batch_size=16, loggers=[logger], figures=False)
+    written = (tmp_path / "run" / "metrics.csv").read_bytes()
+    with pytest.raises(ValueError, match="has written a run to .* already: a run directory holds one run"):
+        gradtools.fit(mlp(), x, y, loss="mse", optimizer="sgd", epochs=1, batch_size=16, loggers=[logger])
+    assert (tmp_path / "run" / "metrics.csv").read_bytes() == written
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
 
 
 def test_an_error_inside_training_reaches_loggers_as_failed_and_is_raised():

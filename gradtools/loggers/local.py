@@ -157,6 +157,7 @@ class LocalRunLogger(RunLogger):
         self._writer: ThreadPoolExecutor | None = None
         self._writing: Future | None = None
         self._epochs_on_disk, self._write_failed = 0, False
+        self._started_run = False
         self._write_info()
 
     def _info_text(self) -> str:
@@ -202,6 +203,10 @@ class LocalRunLogger(RunLogger):
 
     def start(self, *, epochs: int, steps_per_epoch: int, layer_paths: list[str],
               layer_blocks: list[str] | None = None) -> None:
+        if self._started_run:  # a second run's rows would follow the first one's
+            raise ValueError(f"this LocalRunLogger has written a run to {self.run_dir} already: a run "
+                             "directory holds one run; give each run a new LocalRunLogger")
+        self._started_run = True
         self._info.update(epochs=epochs, steps_per_epoch=steps_per_epoch, layer_paths=layer_paths,
                           layer_blocks=layer_blocks)
         self._write_info()
