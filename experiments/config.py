@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.datasets import GENERATORS, REAL_TARGET_GENERATORS, SEQUENCE_GENERATORS, check_data_params
-from gradtools.validation import MAX_SEED, is_integer, is_number
+from gradtools.validation import MAX_COUNT, MAX_SEED, is_integer, is_number
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 BATCH_NORM_PLACES = ("none", "input", "before_activation")
@@ -49,13 +49,18 @@ FILE = "(file)"  # the key of an error about the whole file
 NONE = "none"
 
 
+#: The deepest net a config may ask for: Keras walks a model's graph recursively and fails
+#: past about 950 layers, and XLA took over 400 s to compile an epoch of 900 (a typo of 10⁹
+#: layers would hang building it).
+MAX_DEPTH = 200
+
+
 # --- value checks: each returns the (normalized) value or raises ValueError(allowed) ----------
 
-def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+def _integer(minimum: int, maximum: int = MAX_COUNT) -> Callable[[Any], int]:
     def check(value):
         if not is_integer(value, minimum, maximum):
-            raise ValueError(f"must be an integer >= {minimum}" if maximum is None
-                             else f"must be an integer from {minimum} to {maximum}")
+            raise ValueError(f"must be an integer from {minimum} to {maximum}")
         return value
     return check
 
@@ -95,8 +100,9 @@ def _text_list(value):
 
 
 def _units(value):
-    if not isinstance(value, list) or not value or not all(is_integer(v, 1) for v in value):
-        raise ValueError("must be a non-empty list of integers >= 1, e.g. [10, 10, 5]")
+    if (not isinstance(value, list) or not value or len(value) > MAX_DEPTH
+            or not all(is_integer(v, 1, MAX_COUNT) for v in value)):
+        raise ValueError(f"must be a list of 1 to {MAX_DEPTH} integers >= 1, e.g. [10, 10, 5]")
     return tuple(value)
 
 
@@ -137,10 +143,41 @@ def _keras_object(kind: str, registry: str, optional: bool = False):
             ) from None
         if resolved is None:
             raise ValueError(f"must name a Keras {kind}")
+        if isinstance(value, dict):
+            check_keras_arguments(type(resolved), value.get("config") or {})
         if registry == "initializers" and isinstance(value, dict):
             _once(value, lambda: resolved((2, 2)), "Keras cannot make weights with it")
         return value
     return check
+
+
+#: Keras arguments that are sizes, rates or coefficients: a negative one is a typo.
+NON_NEGATIVE = ("momentum", "weight_decay", "epsilon", "rho", "beta_1", "beta_2", "clipnorm", "clipvalue",
+                "global_clipnorm", "stddev", "scale", "l1", "l2", "label_smoothing", "gain")
+
+
+def check_keras_arguments(cls, arguments: Mapping[str, Any]) -> None:
+    """Keras takes its objects' arguments unchecked (``from_logits = "false"`` is true,
+    ``momentum = -0.9`` trains): each argument must be of the kind of the class's default
+    (true or false for a flag, a number for a number), a size or rate not negative, Huber's
+    ``delta`` above 0 and ``minval`` at most ``maxval``. ValueError names the argument."""
+    try:
+        defaults = cls().get_config()
+    except Exception:  # noqa: BLE001 - a class that needs arguments: its own checks apply
+        defaults = {}
+    for name, value in arguments.items():
+        default = defaults.get(name)
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ValueError(f"{name} = {value!r}: must be true or false")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not is_number(value):
+            raise ValueError(f"{name} = {value!r}: must be a finite number")
+        if name in NON_NEGATIVE and is_number(value) and value < 0:
+            raise ValueError(f"{name} = {value!r}: must be a number >= 0")
+    if is_number(arguments.get("delta")) and arguments["delta"] <= 0:
+        raise ValueError(f"delta = {arguments['delta']!r}: must be a number > 0")
+    low, high = arguments.get("minval"), arguments.get("maxval")
+    if is_number(low) and is_number(high) and low > high:
+        raise ValueError(f"minval = {low!r} is above maxval = {high!r}")
 
 
 #: The Keras objects this process saw work (as JSON): a sweep's points share most of them.
@@ -189,9 +226,6 @@ def _optional_count(value):
     except ValueError:
         raise ValueError('must be an integer >= 1 or "none"') from None
 
-
-#: The deepest net a config may ask for (a typo of 10⁹ layers would hang building it).
-MAX_DEPTH = 1000
 
 
 def _optional_depth(value):
@@ -275,7 +309,7 @@ class ModelSection:
                             "mlp; residual_mlp (x + f(x) around every hidden layer after the first); "
                             "rnn (recurrent layers of hidden_units, then the output layer)")
     depth: int | None = key(_optional_depth, None,
-                            "when set: depth hidden layers (at most 1000) of hidden_units[0] units each")
+                            f"when set: depth hidden layers (at most {MAX_DEPTH}) of hidden_units[0] units each")
     output_units: int = key(_integer(1), 1, "units of the output layer")
     output_activation: Any = key(_activation, "linear", "the output layer's Keras activation")
     kernel_initializer: Any = key(_initializer, "glorot_uniform", "the hidden layers' Keras initializer")
@@ -423,15 +457,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"value = {raw}")["value"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise ConfigError("--set", "--set", text[:80] + "…", "nests tables or arrays too deeply to read") from None
     return key.strip().split("."), value
 
 
 def read_toml(path: Path) -> dict[str, Any]:
     """A TOML file's tables; a file that cannot be read or parsed is a :class:`ConfigError`."""
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM, as some editors save
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(str(path), FILE, "", f"is not valid TOML: {error}") from None
+    except RecursionError:
+        raise ConfigError(str(path), FILE, "", "nests tables or arrays too deeply to read") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(str(path), FILE, "", f"cannot be read: {error}") from None
 
@@ -582,6 +620,12 @@ def _check_optimizer(section: OptimizerSection, source: str) -> None:
     rate = section.config.get("learning_rate")
     if is_number(rate) and rate <= 0:
         raise ConfigError(source, "optimizer.config.learning_rate", rate, "must be a number > 0")
+    cls = getattr(keras.optimizers, section.class_name, None)
+    if isinstance(cls, type):  # its arguments, before Keras reads them its own way
+        try:
+            check_keras_arguments(cls, section.config)
+        except ValueError as error:
+            raise ConfigError(source, "optimizer.config", section.config, str(error)) from None
     try:
         optimizer = keras.optimizers.get(section.keras_config())
     except (ValueError, TypeError) as error:
@@ -589,6 +633,7 @@ def _check_optimizer(section: OptimizerSection, source: str) -> None:
                           ("Optimizer", "LossScaleOptimizer", "MultiOptimizer", "OptimizerMap"))
         raise ConfigError(source, "optimizer", section.keras_config(),
                           f"Keras cannot make an optimizer of it ({error}); classes: {names}") from None
+
     def one_update():
         optimizer.apply([keras.ops.zeros(2)], [keras.Variable(keras.ops.zeros(2))])
 

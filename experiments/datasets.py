@@ -58,6 +58,8 @@ SEQUENCE_GENERATORS = ("adding",)
 REAL_TARGET_GENERATORS = ("regression", "adding")
 
 _NOT_CONFIGURABLE = ("return_X_y", "coef")
+#: The most examples a config may ask for: made in memory, and checked by making them.
+MAX_SAMPLES = 10_000_000
 
 
 def generator_parameters(generator: str) -> list[str]:
@@ -74,6 +76,9 @@ def check_data_params(generator: str, params: dict[str, Any], standardize_target
     for key in params:
         if key not in allowed:
             raise KeyError(key, ", ".join(allowed))
+    if "n_samples" in params and not is_integer(params["n_samples"], 1, MAX_SAMPLES):
+        raise ValueError(f"The 'n_samples' parameter must be an integer from 1 to {MAX_SAMPLES}. "
+                         f"Got {params['n_samples']!r}.")  # before making the data (true is not 1)
     try:
         _, y = GENERATORS[generator](**params)  # scikit-learn validates its own parameters
     except (TypeError, ValueError) as error:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 #: Seeds are 32-bit: NumPy's and TensorFlow's generators take no more.
 MAX_SEED = 2**32 - 1
+#: Counts (epochs, batch sizes, log_every): TensorFlow counts steps and sizes in 32 bits.
+MAX_COUNT = 2**31 - 1
 
 
 def is_integer(value, minimum: int | None = None, maximum: int | None = None) -> bool:
@@ -24,10 +26,9 @@ def is_number(value, minimum: float | None = None, exclusive: bool = False) -> b
     return minimum is None or (value > minimum if exclusive else value >= minimum)
 
 
-def require_integer(name: str, value, minimum: int = 1, maximum: int | None = None) -> None:
+def require_integer(name: str, value, minimum: int = 1, maximum: int = MAX_COUNT) -> None:
     if not is_integer(value, minimum, maximum):
-        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+        raise ValueError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
 
 
 def require_positive_number(name: str, value) -> None:
