@@ -20,6 +20,7 @@ from experiments.parallel import run_jobs
 from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
 from gradtools.columns import layer_numbers
 from gradtools.diagnosis import through_time_evidence
+from gradtools.loggers.local import write_atomically
 from gradtools.summary import first_to_last_ratio, sample_per_epoch
 
 #: Runs the claims need: a name -> (config, extra overrides).
@@ -395,7 +396,8 @@ def write_claims(results: list[ClaimResult], directory: str | Path) -> tuple[Pat
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     json_path, md_path = directory / "claims.json", directory / "claims.md"
-    json_path.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    text = json.dumps([asdict(r) for r in results], indent=2) + "\n"
+    write_atomically(json_path, lambda partial: partial.write_text(text))
     lines = ["| # | the article's claim | criterion | measured (median over seeds) | verdict |",
              "|---|---|---|---|---|"]
     def cell(text: str) -> str:
@@ -404,5 +406,5 @@ def write_claims(results: list[ClaimResult], directory: str | Path) -> tuple[Pat
     for r in results:
         measured = median_numbers(r) + (f". {r.note}" if r.note else "")
         lines.append(f"| {r.number} | {cell(r.claim)} | {cell(r.criterion)} | {cell(measured)} | {r.verdict} |")
-    md_path.write_text("\n".join(lines) + "\n")
+    write_atomically(md_path, lambda partial: partial.write_text("\n".join(lines) + "\n"))
     return json_path, md_path

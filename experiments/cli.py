@@ -442,6 +442,7 @@ def command_phase_diagram(args) -> int:
 
 def command_gallery(args) -> int:
     from experiments.gallery import CASES, gallery_row, markdown_table
+    from gradtools.loggers.local import write_atomically
     from gradtools.plots import plot_gradient_heatmap
 
     if args.seeds < 1:
@@ -459,7 +460,7 @@ def command_gallery(args) -> int:
         print(f"{case.name}: {', '.join(row['verdicts'])} (expected {case.expected}; "
               f"{time.perf_counter() - started:.0f} s)", flush=True)
     table = markdown_table(rows)
-    (figures / "gallery.md").write_text(table)
+    write_atomically(figures / "gallery.md", lambda partial: partial.write_text(table))
     print(table + f"table: {figures / 'gallery.md'}")
     wrong = sum(v != row["expected"] for row in rows for v in row["verdicts"])
     return EXIT_FAILED if wrong else 0
@@ -468,6 +469,7 @@ def command_gallery(args) -> int:
 def command_conformance(args) -> int:
     from experiments.conformance import as_expected, markdown_table, run_case
     from experiments.zoo import CASES
+    from gradtools.loggers.local import write_atomically
 
     cases = [case for case in CASES if (case.core or not args.core)
              and (not args.only or any(text in f"{case.model} {case.mode}" for text in args.only))]
@@ -486,7 +488,7 @@ def command_conformance(args) -> int:
         print(f"[{number}/{len(cases)}] " + markdown_table(results[-1:]).splitlines()[-1], flush=True)
     table = markdown_table(results)
     figures.mkdir(parents=True, exist_ok=True)
-    (figures / "conformance.md").write_text(table)
+    write_atomically(figures / "conformance.md", lambda partial: partial.write_text(table))
     wrong = [f"{r['model']} / {r['mode']}" for r in results if not as_expected(r)]
     print(table + f"table: {figures / 'conformance.md'}")
     if wrong:

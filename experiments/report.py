@@ -14,6 +14,7 @@ import pandas as pd
 from experiments.claims import EXPERIMENTS, evaluate, median_numbers, write_claims
 from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
 from gradtools.diagnosis import diagnose
+from gradtools.loggers.local import write_atomically
 from gradtools.plots import plot_mean_gradient, plot_seed_band, plot_state_gradients
 
 STYLE = """body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
@@ -117,5 +118,5 @@ def write_report(runs: dict[int, dict[str, Run]], directory: Path,
 """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "index.html"
-    path.write_text(page)
+    write_atomically(path, lambda partial: partial.write_text(page))  # a full disk keeps the old page whole
     return path

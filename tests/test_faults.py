@@ -600,3 +600,28 @@ def test_an_ascii_terminal_a_reader_that_went_away_and_a_table_missing_a_column(
     assert said.returncode == 2
     assert said.stderr.strip() == (f"error: {run_dir / 'metrics.csv'} lacks the columns loss, layer_2/grad_norm: "
                                    "not the table a run directory holds")
+
+
+def test_a_page_or_table_that_cannot_be_written_whole_keeps_the_old_one(tmp_path):
+    """The report's index.html, the claims' tables, gallery.md and conformance.md are written
+    as run.json is (write_atomically): a write cut by a full disk (here a file-size limit)
+    names the file and leaves the complete old one (report replaced it by a truncated page)."""
+    import subprocess
+
+    from conftest import REPO_ROOT
+
+    page = tmp_path / "index.html"
+    page.write_text("<html>the old, complete report</html>")
+    script = ("import resource, signal, sys\n"
+              "from pathlib import Path\n"
+              "from gradtools.loggers.local import write_atomically\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+              "try:\n"
+              f"    write_atomically(Path({str(page)!r}), lambda p: p.write_text('x' * 5000))\n"
+              "except OSError as error:\n"
+              "    print(error.filename, error.strerror)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == f"{page} File too large", done.stderr
+    assert page.read_text() == "<html>the old, complete report</html>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"], "no partial file left"

@@ -58,7 +58,7 @@ def _naming(error: OSError, path: Path) -> OSError:
     return OSError(error.errno, error.strerror or str(error), str(path))
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """``write(partial_path)``, then rename it over ``path``; on failure nothing is left."""
     partial = path.with_name(path.name + ".partial")
     try:
@@ -168,7 +168,7 @@ class LocalRunLogger(RunLogger):
         self._replace_run_json(self._info_text())
 
     def _replace_run_json(self, text: str) -> None:
-        _write_atomically(self.run_dir / "run.json", lambda path: path.write_text(text))
+        write_atomically(self.run_dir / "run.json", lambda path: path.write_text(text))
 
     def _write_epoch(self, appends, info_text: str, epochs_completed: int) -> None:
         """An epoch's appends, then its run.json (in the writer thread)."""
@@ -213,7 +213,7 @@ class LocalRunLogger(RunLogger):
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         text = tomli_w.dumps(toml_ready(params))
-        _write_atomically(self.run_dir / "config.toml", lambda path: path.write_text(text))
+        write_atomically(self.run_dir / "config.toml", lambda path: path.write_text(text))
 
     def log_rows(self, rows: pd.DataFrame) -> None:
         self._appends.append((self.metrics_path, rows))
@@ -236,7 +236,7 @@ class LocalRunLogger(RunLogger):
             self._wait()
 
     def log_figure(self, name: str, figure) -> None:
-        _write_atomically(self.run_dir / "figures" / f"{name}.png",
+        write_atomically(self.run_dir / "figures" / f"{name}.png",
                           lambda path: path.write_bytes(figure_png(figure)))
 
     def finish(self, history) -> None:
@@ -254,7 +254,7 @@ class LocalRunLogger(RunLogger):
                           layer_paths=history.layer_paths, layer_blocks=history.layer_blocks,
                           block_downstream=history.block_downstream)
         if not self.metrics_path.exists():
-            _write_atomically(self.metrics_path, lambda path: _write_csv_file(path, history.metrics))
+            write_atomically(self.metrics_path, lambda path: _write_csv_file(path, history.metrics))
         self._write_info()
 
     def update_info(self, **entries: Any) -> None:
