@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import os
 import platform
+import re
 from pathlib import Path
 
 ENVIRONMENT = "GRADTOOLS_XLA_CACHE"
@@ -92,9 +93,17 @@ def enable() -> Path | None:
 
 
 def directory_in_use() -> Path | None:
-    """The cache directory ``TF_XLA_FLAGS`` names (TensorFlow reads it when XLA starts)."""
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    return Path(flags.split(_FLAG + "=", 1)[1].split()[0]) if _FLAG in flags else None
+    """The cache directory ``TF_XLA_FLAGS`` names (TensorFlow reads it when XLA starts, as
+    ``--flag=DIR``); None when it names none, or an empty one."""
+    found = re.search(re.escape(_FLAG) + r"=(\S*)", os.environ.get("TF_XLA_FLAGS", ""))
+    return Path(found.group(1)) if found and found.group(1) else None
+
+
+def other_xla_flags() -> bool:
+    """``TF_XLA_FLAGS`` holds flags of the user's besides the cache's (XLA ends the process
+    with a message of its own on one it does not know)."""
+    flags = re.sub(re.escape(_FLAG) + r"=\S*", "", os.environ.get("TF_XLA_FLAGS", ""))
+    return bool(flags.strip())
 
 
 #: TensorFlow's words for an entry it could not load: cut short, empty, not a proto, another key.

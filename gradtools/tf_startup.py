@@ -60,7 +60,8 @@ def import_tensorflow_quietly(cpu_devices: int = 1) -> None:
 def _import_tensorflow_quietly(cpu_devices: int) -> None:
     cached = compilation_cache.enable() is not None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if cached else "2")
-    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0":
+    # XLA flags of the user's: a flag XLA does not know ends the process with XLA's own message
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0" or compilation_cache.other_xla_flags():
         _split_cpu(cpu_devices)
         return
     saved = os.dup(2)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 from conftest import REPO_ROOT, run_cli
 
@@ -96,3 +97,20 @@ def test_a_damaged_entry_is_set_aside_with_one_warning_and_compiled_anew(tmp_pat
         assert entry.with_name(entry.name + ".damaged").read_bytes() == data
         tables = [next((tmp_path / out).rglob("metrics.csv")).read_bytes() for out in ("first", f"again{number}")]
         assert tables[0] == tables[1], damage
+
+
+def test_xla_flags_of_the_users_are_read_as_xla_reads_them(monkeypatch, tmp_path):
+    """TF_XLA_FLAGS empty, or naming the cache with a space, was an IndexError traceback; a
+    flag XLA does not know ended the command with exit 1 and nothing printed (XLA's own
+    message fell into the muted start-up output)."""
+    flag = "--tf_xla_persistent_cache_directory"
+    for flags, directory, others in [("", None, False), (f"{flag}=", None, False), (f"{flag}=/c", "/c", False),
+                                     (f"{flag} /c", None, True), (f"--xla_cpu_fast_math=false {flag}=/c", "/c", True)]:
+        monkeypatch.setenv("TF_XLA_FLAGS", flags)
+        assert compilation_cache.directory_in_use() == (None if directory is None else Path(directory)), flags
+        assert compilation_cache.other_xla_flags() is others, flags
+    env = {**_env(tmp_path / "cache"), "TF_XLA_FLAGS": "--no_such_xla_flag=1"}
+    done = run_cli(["run", "vanishing/shallow", "--set", "training.epochs=1", "--quiet", "--out", "out"],
+                   cwd=tmp_path, env=env)
+    assert done.returncode != 0
+    assert "Unknown flag in TF_XLA_FLAGS: --no_such_xla_flag=1" in done.stderr, done.stderr[-2000:]
