@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -528,6 +529,7 @@ def check_writable(args) -> None:
     made in one (nothing is created here): exit 2 now, not a traceback after training."""
     for option in OUTPUT_OPTIONS.get(args.command, ()):
         path, flag = Path(getattr(args, option)), f"--{option}"
+        _check_path_parts(path, flag)
         existing = nearest_existing(path)
         if not existing.is_dir():
             raise ConfigError(flag, flag, str(path), f"{existing} is a file; give a directory")
@@ -537,6 +539,18 @@ def check_writable(args) -> None:
         except OSError as error:
             raise ConfigError(flag, flag, str(path),
                               f"cannot be written ({error.strerror or error})") from None
+
+
+def _check_path_parts(path: Path, flag: str) -> None:
+    """No part of ``path`` is a name longer than the file system takes, or a symbolic link
+    to nothing (dangling, or in a loop): either fails only when the command first writes."""
+    for part in (path, *path.parents):
+        if len(part.name.encode()) > 255:
+            raise ConfigError(flag, flag, str(path), f"has a name of {len(part.name.encode())} bytes; "
+                                                     "file systems take at most 255")
+        if part.is_symlink() and not part.exists():
+            raise ConfigError(flag, flag, str(path), f"{part} is a symbolic link to nothing "
+                                                     f"({os.readlink(part)}: missing, or a loop)")
 
 
 def command_dashboard(args) -> int:

@@ -625,3 +625,27 @@ def test_a_page_or_table_that_cannot_be_written_whole_keeps_the_old_one(tmp_path
     assert done.stdout.strip() == f"{page} File too large", done.stderr
     assert page.read_text() == "<html>the old, complete report</html>"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"], "no partial file left"
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "link loop", "long name"])
+def test_an_out_that_cannot_be_made_is_exit_2_before_anything_runs(tmp_path, capsys, monkeypatch, kind):
+    """A --out through a symbolic link to nothing, or with a name over 255 bytes, was found
+    only when the run first wrote (exit 1, empty folders left)."""
+    import os
+
+    from experiments.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if kind == "dangling link":
+        os.symlink(tmp_path / "gone", "out")
+        out, words = "out/runs", "out is a symbolic link to nothing"
+    elif kind == "link loop":
+        os.symlink("loop_b", "loop_a")
+        os.symlink("loop_a", "loop_b")
+        out, words = "loop_a", "loop_a is a symbolic link to nothing"
+    else:
+        out, words = "runs/" + "n" * 300, "has a name of 300 bytes; file systems take at most 255"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["run", "vanishing/shallow", "--out", out]) == 2
+    assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing made"
