@@ -23,6 +23,7 @@ buffer once per epoch (or when it is about to fill), so nothing but that table l
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 
@@ -34,9 +35,9 @@ import tensorflow as tf
 from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.columns import metric_columns
-from gradtools.history import COMPLETED, DIVERGED, RUNNING, History
+from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING, History
 from gradtools.layers import block_downstream, layer_blocks, layer_layout
-from gradtools.loggers.base import end_run
+from gradtools.loggers.base import end_run, end_run_after_error
 from gradtools.plots import run_figures
 from gradtools.stats import all_finite, statistics_row
 from gradtools.validation import require_integer
@@ -231,6 +232,48 @@ class GradientMonitor(keras.callbacks.Callback):
             self._prepare(list(model.trainable_weights))
         self._install(model, optimizer)
         model.make_train_function(force=True)  # trace again, with the probes
+        self.status = RUNNING
+        self._watch_for_an_abrupt_end(sys._getframe(1).f_locals.get("self"))
+
+    def _watch_for_an_abrupt_end(self, callback_list) -> None:
+        """Keras calls no ``on_train_end`` when ``fit`` raises (Ctrl-C, an error in a step or in
+        any callback): the train function, and the callback list that ``fit`` calls each hook
+        through (this method's caller's), pass such an end to :meth:`_end_abruptly` on its way
+        up. An error anywhere else in ``fit`` (a Python data generator) leaves ``status`` at
+        ``running``: the monitor cannot know how the fit ended."""
+        model, monitor = self.model, self
+        train_function = model.train_function
+
+        def guarded(function):
+            def call(*args, **kwargs):
+                try:
+                    return function(*args, **kwargs)
+                except BaseException as error:
+                    monitor._end_abruptly(error)
+                    raise
+            return call
+
+        model.train_function = guarded(train_function)
+        if isinstance(callback_list, keras.callbacks.CallbackList):
+            for hook in ("on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_train_batch_end"):
+                setattr(callback_list, hook, guarded(getattr(callback_list, hook)))
+
+    def _end_abruptly(self, error: BaseException) -> None:
+        """What ``on_train_end`` does, for a fit that raised: the rows taken so far, the probes
+        removed (the next fit traces anew), and the run closed as interrupted or failed."""
+        if self._ended:
+            return
+        self._ended = True
+        self.status = INTERRUPTED if isinstance(error, KeyboardInterrupt) else FAILED
+        self._remove_probes()
+        self.model.train_function = None
+        try:
+            self._flush(self._epoch)
+        except Exception:  # noqa: BLE001 - the error on its way up is the one to report
+            pass
+        if self.status == FAILED and self.first_nonfinite_step is not None:
+            self.status = DIVERGED
+        end_run_after_error(self.loggers, self.history(), run_figures if self.figures is True else self.figures or None)
 
     def _new_run(self) -> None:
         """Each ``model.fit`` is a run of its own, as Keras's ``History`` is: the layers it
@@ -385,6 +428,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._restore = []
 
     def on_train_end(self, logs=None):
+        if self.status == RUNNING:
+            self.status = COMPLETED
         self._remove_probes()
         self.model.make_train_function(force=True)  # later fits run without the probes
         if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) \

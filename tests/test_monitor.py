@@ -131,6 +131,48 @@ def test_log_every_and_a_diverging_fit_stopped_and_recorded():
     assert len(history.history["loss"]) < 20, "training stopped"
 
 
+@pytest.mark.parametrize("how", ["ctrl-c in a callback", "error in a step"])
+def test_a_fit_that_raises_is_recorded_as_it_ended_and_leaves_nothing_behind(tmp_path, how):
+    """Keras calls no on_train_end when fit raises: run.json stayed 'running', monitor.status
+    said 'completed', the probes stayed on the model and the run directory's writer thread
+    alive. Now: interrupted (Ctrl-C) or failed (an error), the rows taken so far kept, the
+    probes gone, and a later plain fit trains."""
+    import json
+    import threading
+
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    y = x.sum(axis=1, keepdims=True)
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    callbacks, expected = [], KeyboardInterrupt
+    if how == "error in a step":  # a NaN in the third batch: check_numerics fails that step
+        x[40] = np.nan
+        layers = [keras.layers.Lambda(lambda t: tf.debugging.check_numerics(t, "input"))]
+        expected = tf.errors.InvalidArgumentError
+    else:
+        layers, callbacks = [], [CtrlC()]
+    model = keras.Sequential([keras.Input((3,)), *layers, keras.layers.Dense(4), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    monitor = GradientMonitor(loggers=[LocalRunLogger(tmp_path / "run", name="raised")], figures=False)
+    with pytest.raises(expected):
+        model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0, callbacks=[monitor, *callbacks])
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    status = "interrupted" if how.startswith("ctrl-c") else "failed"
+    assert monitor.status == info["status"] == status
+    steps = pd.read_csv(tmp_path / "run" / "metrics.csv")["step"].tolist()
+    if status == "interrupted":
+        assert steps == list(range(1, 9)) and info["epochs_completed"] == 2
+    else:
+        assert steps == [1, 2] and info["epochs_completed"] == 0, "the failed step's row never came"
+    assert "apply" not in vars(model.optimizer) and "compute_loss" not in vars(model)
+    assert not [t for t in threading.enumerate() if t.name.startswith("gradtools-run-dir")]
+    model.fit(x[:32], y[:32], epochs=1, verbose=0)  # trains, without the monitor's probes
+
+
 def test_the_probes_are_removed_after_fit():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
