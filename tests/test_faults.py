@@ -649,3 +649,22 @@ def test_an_out_that_cannot_be_made_is_exit_2_before_anything_runs(tmp_path, cap
     assert main(["run", "vanishing/shallow", "--out", out]) == 2
     assert words in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing made"
+
+
+def test_a_tensorboard_log_that_cannot_be_written_warns_once_and_training_goes_on(tmp_path):
+    """Its event file stops at a file-size limit (as on a full disk) while the run directory's
+    files stay under it: one warning line, the run completes with every epoch (it failed, and
+    the command called TensorFlow's error 'out of memory')."""
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # the events pass it by epoch 8
+
+    process = start_cli(["run", "vanishing/shallow", "--set", "training.epochs=20", "--logger", "tensorboard",
+                         "--out", "out", "--quiet"], tmp_path, preexec_fn=limited)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: TensorBoard failed while logging"), lines
+    assert "File too large" in lines[0] and "the local run directory is complete" in lines[0]
+    info = json.loads(next((tmp_path / "out").rglob("run.json")).read_text())
+    assert info["status"] == "completed" and info["epochs_completed"] == 20

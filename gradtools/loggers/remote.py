@@ -17,6 +17,15 @@ from gradtools.loggers.base import RunLogger
 INDEX_COLUMNS = ("step", "epoch", "batch")
 
 
+def _in_brief(error: Exception) -> str:
+    """An error's message in one line: TensorFlow's graph errors carry the Python stack of the
+    node that failed, and the op's own words come after it."""
+    noise = ("Graph execution error", "Detected at node", "File ", "[[", "Cf. ")
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(noise)] or lines[:1]
+    return " ".join(kept[:2])[:300]
+
+
 class RemoteRunLogger(RunLogger):
     #: The service's name, in warnings.
     service = "the backend"
@@ -32,7 +41,7 @@ class RemoteRunLogger(RunLogger):
         try:
             action()
         except Exception as error:  # noqa: BLE001 - a logging backend must not stop training
-            self._broken = f"{type(error).__name__}: {str(error)[:300]}"
+            self._broken = f"{type(error).__name__}: {_in_brief(error)}"
             warnings.warn(f"{self.service} failed while logging {what} ({self._broken}); the local "
                           f"run directory is complete, {self.service} misses everything from here on",
                           RuntimeWarning, stacklevel=3)

@@ -11,6 +11,7 @@ hyperparameters, and ``outcome/final_loss``, ``outcome/weakest_depth_ratio`` and
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import tomli_w
 
 from gradtools.extras import require
 from gradtools.layers import is_kernel
-from gradtools.loggers.base import RunLogger, figure_png, flat_params
+from gradtools.loggers.base import figure_png, flat_params
+from gradtools.loggers.remote import RemoteRunLogger
 from gradtools.outcome import OUTCOME_NUMBERS, run_outcome
 
 # before TensorFlow starts: a missing extra is said at once, not after TensorFlow's 4 s start
@@ -33,13 +35,16 @@ from tensorboard.plugins.scalar import metadata as scalar_metadata  # noqa: E402
 _NOT_SCALARS = ("step", "epoch", "batch")
 
 
-class TensorBoardLogger(RunLogger):
+class TensorBoardLogger(RemoteRunLogger):
     """Writes event files to ``log_dir`` (the suite uses ``<run dir>/tensorboard``); ``name``
-    names the run in the HParams table (default: ``log_dir``)."""
+    names the run in the HParams table (default: ``log_dir``). A write that fails mid-run (a
+    full disk) warns once and training goes on, as with the loggers of services."""
 
     wants_gradients = True
+    service = "TensorBoard"
 
     def __init__(self, log_dir: str | Path, name: str | None = None):
+        super().__init__()
         self._scalar_metadata = scalar_metadata.create_summary_metadata(display_name=None,
                                                                         description=None)
         self.log_dir = Path(log_dir)
@@ -56,6 +61,9 @@ class TensorBoardLogger(RunLogger):
         self._kernel_paths = layer_paths
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        self._guard("the config", lambda: self._log_params(params))
+
+    def _log_params(self, params: Mapping[str, Any]) -> None:
         from gradtools.loggers.local import toml_ready
 
         self._params = flat_params(params)
@@ -64,6 +72,9 @@ class TensorBoardLogger(RunLogger):
             tf.summary.text("config", text, step=0)
 
     def log_rows(self, rows: pd.DataFrame) -> None:
+        self._guard("a step's statistics", lambda: self._log_rows(rows))
+
+    def _log_rows(self, rows: pd.DataFrame) -> None:
         tags = [c for c in rows.columns if c not in _NOT_SCALARS]
         if self._write_scalars is None or self._write_scalars[0] != tags:
             self._write_scalars = (tags, self._scalar_writer(tags))
@@ -73,6 +84,9 @@ class TensorBoardLogger(RunLogger):
         self._last_step = int(rows["step"].iloc[-1])
 
     def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        self._guard("an epoch's statistics", lambda: self._log_epoch_metrics(epoch, metrics))
+
+    def _log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Scalars tagged with their names, at step = epoch (0-based)."""
         tags = list(metrics)
         if self._write_epoch_scalars is None or self._write_epoch_scalars[0] != tags:
@@ -99,6 +113,9 @@ class TensorBoardLogger(RunLogger):
         return write
 
     def log_epoch_end(self, epoch: int, model, kernel_gradients=None) -> None:
+        self._guard("the weights' histograms", lambda: self._log_epoch_end(epoch, model, kernel_gradients))
+
+    def _log_epoch_end(self, epoch: int, model, kernel_gradients=None) -> None:
         kernels = [v for v in model.trainable_weights if is_kernel(v)]
         with self.writer.as_default():
             for k, kernel in enumerate(kernels, start=1):
@@ -110,11 +127,19 @@ class TensorBoardLogger(RunLogger):
                                              step=self._last_step)
 
     def log_figure(self, name: str, figure) -> None:
+        self._guard("a figure", lambda: self._log_figure(name, figure))
+
+    def _log_figure(self, name: str, figure) -> None:
         image = tf.image.decode_png(figure_png(figure), channels=4)[tf.newaxis]
         with self.writer.as_default():
             tf.summary.image(f"figures/{name}", image, step=self._last_step)
 
     def finish(self, history) -> None:
+        self._guard("the run's end", lambda: self._finish(history))
+        with contextlib.suppress(Exception):  # after a failed write, closing may fail too
+            self.writer.close()
+
+    def _finish(self, history) -> None:
         outcome = run_outcome(history)
         labels = {key: str(outcome[key]) for key in ("status", "verdict")}
         numbers = {f"outcome/{key}": outcome[key] for key in OUTCOME_NUMBERS if outcome[key] is not None}
