@@ -11,8 +11,9 @@ For every model and mode of :mod:`experiments.zoo`:
   \\|g\\|, norm and max \\|g\\| must equal the reference's, computed here in NumPy.
 - **gradtools.fit**, wherever it takes the model: one epoch at learning rate 0 (every step at
   the starting weights), each checked step against the tape at those weights; then one epoch
-  of SGD(1e-3) in both loops from the same starting weights, every step's loss, global norm
-  and layer norms against ``model.fit``'s (with the monitor).
+  of SGD in both loops (the model's own rate under plain SGD, else 1e-3) from the same
+  starting weights, every step's loss, global norm and layer norms against ``model.fit``'s
+  (with the monitor).
 
 A cell is ``exact`` when the largest relative difference is within the case's tolerance
 (float32 rounding: 1e-4; float16 rounding under ``mixed_float16``: 1e-2), ``differs by x``
@@ -307,18 +308,19 @@ def check_fit(subject: Subject, build) -> tuple[float, str, list[int]]:
         difference, column = relative_difference(rows.loc[step], expected_row(ref, history.layer_paths, scale=scale))
         if difference >= worst:
             worst, where = difference, f"step {step} {column}"
-    # the trajectory: from the same weights, SGD(1e-3) in both, every step's loss and norms as
-    # model.fit's. (Not Adam: it turns a gradient that is 0 but for rounding, as an attention
-    # key's bias or EfficientNet's deep kernels get, into full steps of either sign, and two
-    # correct loops part after one step.)
+    # the trajectory: from the same weights, SGD in both (the model's own rate when it trains
+    # with plain SGD, else 1e-3), every step's loss and norms as model.fit's. (Not Adam: it
+    # turns a gradient that is 0 but for rounding, as an attention key's bias or EfficientNet's
+    # deep kernels get, into full steps of either sign, and two correct loops part after a step.)
     by_fit, by_gradtools = build(), build()
     model = by_fit.model
-    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss=subject.fit_loss, jit_compile=model.jit_compile,
+    rate = _sgd_rate(model.optimizer)
+    model.compile(optimizer=keras.optimizers.SGD(rate), loss=subject.fit_loss, jit_compile=model.jit_compile,
                   run_eagerly=model.run_eagerly, steps_per_execution=model.steps_per_execution)
     monitor = GradientMonitor(figures=False)
     model.fit(**by_fit.fit_arguments(), epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     history = gradtools.fit(by_gradtools.model, by_gradtools.x, by_gradtools.y, loss=subject.fit_loss,
-                            optimizer=keras.optimizers.SGD(1e-3), epochs=1, batch_size=subject.batch_size,
+                            optimizer=keras.optimizers.SGD(rate), epochs=1, batch_size=subject.batch_size,
                             shuffle=False, figures=False, stop_on_nonfinite=False,
                             jit_compile=subject.fit_jit_compile)
     ours, theirs = history.metrics.set_index("step"), monitor.metrics.set_index("step")
@@ -329,6 +331,15 @@ def check_fit(subject: Subject, build) -> tuple[float, str, list[int]]:
         if difference >= worst:
             worst, where = difference, f"step {step} {column} against model.fit's"
     return worst, where, steps
+
+
+def _sgd_rate(optimizer) -> float:
+    """The learning rate of the trajectory check: the model's own under plain SGD (a net that
+    explodes is trained at 1e-9), else 1e-3."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if type(inner) is keras.optimizers.SGD and not inner.momentum:
+        return float(keras.ops.convert_to_numpy(inner.learning_rate))
+    return 1e-3
 
 
 def outcome_of(run, case: Case) -> Outcome:
