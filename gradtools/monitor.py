@@ -99,6 +99,22 @@ def _is_first_replica() -> bool:
     return int(replica) == 0
 
 
+def _require_compiled_for(model, optimizer) -> None:
+    """The optimizer knows every trainable variable: a layer unfrozen after ``compile`` is not
+    (plain Keras goes on training only what it was compiled with, silently, as long as it
+    reuses the step it traced; the monitor traces it again, and the optimizer would fail
+    inside the step with "Unknown variable")."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not getattr(inner, "built", False):
+        return
+    known = {inner._var_key(v) for v in inner._trainable_variables}  # noqa: SLF001 (no public list)
+    unknown = [v.path for v in model.trainable_weights if inner._var_key(v) not in known]  # noqa: SLF001
+    if unknown:
+        raise ValueError(f"{len(unknown)} trainable variables ({', '.join(unknown[:3])}"
+                         f"{', …' if len(unknown) > 3 else ''}) became trainable after model.compile (a layer "
+                         "unfrozen?): call model.compile again so that the optimizer trains them")
+
+
 class _StepBuffer:
     """In-graph table of logged rows: written by the train function, read once per epoch."""
 
@@ -216,6 +232,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._ended:
             self._new_run()
         model, optimizer = self.model, self.model.optimizer
+        _require_compiled_for(model, optimizer)
         self._buffer = None
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self._clipping = _optimizer_clipping(optimizer)

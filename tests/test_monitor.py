@@ -173,6 +173,28 @@ def test_a_fit_that_raises_is_recorded_as_it_ended_and_leaves_nothing_behind(tmp
     model.fit(x[:32], y[:32], epochs=1, verbose=0)  # trains, without the monitor's probes
 
 
+def test_a_layer_unfrozen_without_compiling_again_is_named_before_training():
+    """Keras's "Unknown variable" came from inside the step (plain Keras trains only the head
+    then, silently); now one ValueError before anything runs, and after compile it is monitored."""
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+    y = x.sum(axis=1)
+    base = keras.layers.Dense(4, name="base")
+    base.trainable = False
+    model = keras.Sequential([keras.Input((4,)), base, keras.layers.Dense(1, name="head")])
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, epochs=1, verbose=0)
+    base.trainable = True
+    with pytest.raises(ValueError, match=r"2 trainable variables \(\w+/base/kernel, \w+/base/bias\) became "
+                                         r"trainable after model.compile .* call model.compile again"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[GradientMonitor(figures=False)])
+    assert "compute_loss" not in vars(model)
+    model.compile(optimizer="adam", loss="mse")
+    monitor = GradientMonitor(figures=False)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[monitor])
+    assert [p.split("/", 1)[1] for p in monitor.layer_paths] == ["base/kernel", "head/kernel"]
+    assert monitor.status == "completed"
+
+
 def test_the_probes_are_removed_after_fit():
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
