@@ -273,6 +273,22 @@ def test_a_bad_store_fails_when_the_logger_is_made(tmp_path):
         MLflowLogger(name="x", experiment="x", tracking_uri=f"sqlite:///{tmp_path / 'file' / 'db'}")
 
 
+def test_a_read_only_store_is_one_line_exit_2(tmp_path):
+    """MLflow logs each database error with its traceback before raising it (about 90 lines
+    on the terminal), and SQLAlchemy's message starts with when it was raised."""
+    import mlflow
+
+    store = tmp_path / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{store}").search_experiments()  # makes the store's tables
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///file:{store}?mode=ro&uri=true"}
+    done = run_cli(["run", "vanishing/shallow", "--set", "training.epochs=1", "--logger", "mlflow", "--quiet",
+                    "--out", str(tmp_path / "out")], tmp_path, env=env)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: MLflow could not start a run in sqlite:///file:{store}?mode=ro&uri=true: MlflowException: "
+        "(sqlite3.OperationalError) attempt to write a readonly database"], done.stderr
+
+
 def test_the_dashboard_notes_a_store_that_does_not_exist_yet(tmp_path):
     from experiments.dashboard import empty_note
 

@@ -23,6 +23,8 @@ logger is made (before training); a failure later warns once and training goes o
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 import shutil
@@ -95,6 +97,26 @@ def _experiment_id(client, name: str, artifact_location: str | None) -> str:
         return experiment.experiment_id
 
 
+@contextlib.contextmanager
+def _store_logs_muted():
+    store = logging.getLogger("mlflow.store")
+    level = store.level
+    store.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        store.setLevel(level)
+
+
+def _database_words(error: Exception) -> str:
+    """The error's own line: SQLAlchemy puts a note on when it was raised before it, and the
+    SQL statement after it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("(raised as a result of", "[SQL:", "[parameters:",
+                                                            "(Background on this error"))]
+    return (kept or lines or [type(error).__name__])[0][:300]
+
+
 class MLflowLogger(RemoteRunLogger):
     """Logs one run to MLflow (a SQLite file, a folder or a tracking server).
 
@@ -118,12 +140,13 @@ class MLflowLogger(RemoteRunLogger):
         if description:
             run_tags["mlflow.note.content"] = description
         try:
-            self.client = mlflow.MlflowClient(self.tracking_uri)
-            experiment_id = _experiment_id(self.client, experiment, artifact_location)
-            self.run_id = self.client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
+            with _store_logs_muted():  # it logs each database error with its traceback, then raises it
+                self.client = mlflow.MlflowClient(self.tracking_uri)
+                experiment_id = _experiment_id(self.client, experiment, artifact_location)
+                self.run_id = self.client.create_run(experiment_id, run_name=name, tags=run_tags).info.run_id
         except Exception as error:  # the store raises many types; all mean "not started"
             raise MLflowUnavailable(f"MLflow could not start a run in {self.tracking_uri}: "
-                                    f"{type(error).__name__}: {str(error)[:300]}") from None
+                                    f"{type(error).__name__}: {_database_words(error)}") from None
         self._metrics: list[Metric] = []
         self._tags: dict[str, str] = {}
         self._flushed_at = time.monotonic()
