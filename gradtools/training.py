@@ -471,7 +471,8 @@ class Recorder:
                     break
             self._hand_back()
         except KeyboardInterrupt:
-            self.status = INTERRUPTED
+            if self.status != DIVERGED and self.epochs_completed < epochs:  # every epoch trained: completed
+                self.status = INTERRUPTED
             self._hand_back()
             end_run_after_error(self.loggers, self.history(), self.figures)
             raise
@@ -550,9 +551,11 @@ class Recorder:
         stopping = not finite_flags.all() and self.stop_on_nonfinite
         completed = self.epochs_completed + (not stopping)
         gradients = [g.numpy() for g in last_gradients] if self.step.keep_gradients else None
+        # counted before the loggers hear of it: Ctrl-C while they write the epoch closes the
+        # run with this epoch's rows, and they are the epoch's
+        self.epochs_completed = completed
         self._tell_loggers(epoch, frame, epoch_values, gradients, completed,
                            final=stopping or epoch + 1 == epochs)
-        self.epochs_completed = completed  # only once every logger has the epoch
         return stopping
 
     def _tell_loggers(self, epoch, frame, epoch_values, kernel_gradients, completed: int, final: bool) -> None:

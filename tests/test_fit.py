@@ -133,6 +133,33 @@ def test_a_run_directory_takes_one_run(tmp_path):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.parametrize("at_epoch", [1, 2])
+def test_ctrl_c_while_loggers_write_an_epoch_keeps_the_record_whole(tmp_path, at_epoch):
+    """Ctrl-C just after the progress line of an epoch (here: raised by the logger told of it
+    after the run directory, as the command line's progress line is): the run directory counts
+    the epoch whose rows it holds, and a run whose every epoch trained is completed (it read
+    interrupted after 1 epoch, beside a metrics.csv of 2)."""
+    from gradtools.loggers import LocalRunLogger
+
+    class CtrlC(RunLogger):
+        def log_rows(self, rows):
+            pass
+
+        def log_progress(self, *, epochs_completed, status):
+            if epochs_completed == at_epoch:
+                raise KeyboardInterrupt
+
+    x, y = regression_data()
+    local = LocalRunLogger(tmp_path / "run", name="ctrl-c")
+    with pytest.raises(KeyboardInterrupt):
+        gradtools.fit(mlp(), x, y, loss="mse", optimizer="sgd", epochs=2, batch_size=16, loggers=[local, CtrlC()],
+                      figures=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["epochs_completed"] == at_epoch
+    assert info["status"] == ("completed" if at_epoch == 2 else "interrupted")
+    assert pd.read_csv(tmp_path / "run" / "metrics.csv")["epoch"].max() == at_epoch - 1
+
+
 def test_an_error_inside_training_reaches_loggers_as_failed_and_is_raised():
     class Failing(RunLogger):
         status = None
