@@ -167,6 +167,9 @@ def check_keras_arguments(cls, arguments: Mapping[str, Any]) -> None:
         defaults = {}
     for name, value in arguments.items():
         default = defaults.get(name)
+        if name == "learning_rate" and isinstance(value, dict):  # a schedule: Keras reads it
+            _learning_rate_schedule(value)
+            continue
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ValueError(f"{name} = {value!r}: must be true or false")
         if isinstance(default, (int, float)) and not isinstance(default, bool) and not is_number(value):
@@ -178,6 +181,20 @@ def check_keras_arguments(cls, arguments: Mapping[str, Any]) -> None:
     low, high = arguments.get("minval"), arguments.get("maxval")
     if is_number(low) and is_number(high) and low > high:
         raise ValueError(f"minval = {low!r} is above maxval = {high!r}")
+
+
+def _learning_rate_schedule(value: dict) -> None:
+    """``{class_name = "ExponentialDecay", config = {...}}``: one that Keras can make."""
+    import keras
+
+    names = ", ".join(n for n in dir(keras.optimizers.schedules) if n[:1].isupper() and n != "LearningRateSchedule")
+    try:
+        schedule = keras.optimizers.schedules.deserialize(copy.deepcopy(value))
+    except Exception as error:  # noqa: BLE001 - Keras raises TypeError, ValueError, KeyError
+        raise ValueError(f"learning_rate = {value!r}: not a Keras learning-rate schedule "
+                         f"({error_first_line(error)}); schedules: {names}") from None
+    if not isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):  # an unknown name comes back
+        raise ValueError(f"learning_rate = {value!r}: not a Keras learning-rate schedule; schedules: {names}")
 
 
 #: The Keras objects this process saw work (as JSON): a sweep's points share most of them.
@@ -340,8 +357,14 @@ class OptimizerSection:
     config: Mapping[str, Any] = key(_table, {}, "its arguments, e.g. {learning_rate = 0.01, clipnorm = 1.0}")
 
     def keras_config(self) -> dict[str, Any]:
-        """What ``keras.optimizers.get`` takes (a fresh copy: Keras may change it)."""
-        return {"class_name": self.class_name, "config": copy.deepcopy(dict(self.config))}
+        """What ``keras.optimizers.get`` takes (a fresh copy: Keras may change it). A
+        learning-rate schedule given as ``{class_name, config}`` is one of Keras's: Keras finds
+        it by its module."""
+        config = copy.deepcopy(dict(self.config))
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = {"module": "keras.optimizers.schedules", "registered_name": None,
+                                       **config["learning_rate"]}
+        return {"class_name": self.class_name, "config": config}
 
 
 @dataclass(frozen=True)
@@ -631,8 +654,8 @@ def _check_optimizer(section: OptimizerSection, source: str) -> None:
     except (ValueError, TypeError) as error:
         names = ", ".join(n for n in dir(keras.optimizers) if n[:1].isupper() and n not in
                           ("Optimizer", "LossScaleOptimizer", "MultiOptimizer", "OptimizerMap"))
-        raise ConfigError(source, "optimizer", section.keras_config(),
-                          f"Keras cannot make an optimizer of it ({error}); classes: {names}") from None
+        raise ConfigError(source, "optimizer", section.keras_config(), "Keras cannot make an optimizer of it "
+                          f"({error_first_line(error)}); classes: {names}") from None
 
     def one_update():
         optimizer.apply([keras.ops.zeros(2)], [keras.Variable(keras.ops.zeros(2))])

@@ -210,3 +210,22 @@ def test_a_config_saved_with_a_byte_order_mark_and_a_set_nested_past_reading(tmp
                  "--out", str(tmp_path / "out")]) == 2
     assert "nests tables or arrays too deeply to read" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_learning_rate_schedule_in_the_optimizer_config(tmp_path, capsys):
+    """A Keras schedule given as a table trains (it was a 5-line Keras message, exit 2); an
+    unknown one is one line naming the schedules."""
+    import keras
+
+    schedule = '{ class_name = "ExponentialDecay", config = { initial_learning_rate = 0.1, decay_steps = 10, ' \
+               'decay_rate = 0.9 } }'
+    path = tmp_path / "scheduled.toml"
+    text = GOOD.replace('class_name = "RMSprop"', f'class_name = "SGD"\nconfig = {{ learning_rate = {schedule} }}')
+    path.write_text(text)
+    optimizer = keras.optimizers.get(load_config(str(path)).optimizer.keras_config())
+    assert optimizer.get_config()["learning_rate"]["class_name"] == "ExponentialDecay"
+    path.write_text(path.read_text().replace("ExponentialDecay", "ExponentialDecy"))
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "not a Keras learning-rate schedule; schedules: " in lines[0], lines
+    assert "ExponentialDecay" in lines[0]
