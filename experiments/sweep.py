@@ -403,7 +403,7 @@ def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", w
     if executor == "ray" and ray_address:
         check_ray_address(ray_address)  # before anything is written
     started = time.perf_counter()
-    configs = _point_configs(sweep)  # before anything is written
+    configs = _point_configs(sweep, quiet)  # before anything is written
     directory = SweepDirectory(out, sweep)
     try:
         todo, progress = _start(directory, sweep, configs, executor, workers, quiet)
@@ -439,11 +439,23 @@ def _start(directory: SweepDirectory, sweep: Sweep, configs: dict, executor: str
     return todo, progress
 
 
-def _point_configs(sweep: Sweep) -> dict[str, ExperimentConfig | ConfigError]:
+#: Seconds between two lines of progress while a large sweep's configs are checked.
+CHECK_PROGRESS_EVERY = 5.0
+
+
+def _point_configs(sweep: Sweep, quiet: bool = True) -> dict[str, ExperimentConfig | ConfigError]:
     """Each point's config, or why its values make none. When no point has one, the file
-    itself is wrong (an unknown key, a bad [set] value): its first point's ConfigError."""
+    itself is wrong (an unknown key, a bad [set] value): its first point's ConfigError.
+    Unless ``quiet``, a line every few seconds says how far the check is (a grid of 10⁵
+    points takes minutes)."""
     configs: dict[str, ExperimentConfig | ConfigError] = {}
-    for point in sweep.points():
+    points = sweep.points()
+    said = time.monotonic()
+    for number, point in enumerate(points, start=1):
+        if not quiet and time.monotonic() - said >= CHECK_PROGRESS_EVERY:
+            print(f"sweep {sweep.name}: checking each point's config, {number - 1}/{len(points)}",
+                  file=sys.stderr, flush=True)
+            said = time.monotonic()
         try:
             configs[point.id] = point_config(sweep, point)
         except ConfigError as error:

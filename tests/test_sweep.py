@@ -314,3 +314,17 @@ def test_a_finished_points_model_is_freed_when_the_next_point_starts():
     _clear()
     assert finished() is None, "the finished point's model was kept"
     assert gc.get_freeze_count() <= frozen
+
+
+def test_a_large_grid_says_how_far_its_check_is(tmp_path, monkeypatch, capsys):
+    """Each point's config is checked before anything runs (10⁵ points took ten silent
+    minutes): a line every few seconds, here every point."""
+    from experiments import sweep as sweeps
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    monkeypatch.setattr(sweeps, "CHECK_PROGRESS_EVERY", 0.0)
+    configs = sweeps._point_configs(load_sweep(path), quiet=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(configs) == 8
+    assert lines == [f"sweep tiny: checking each point's config, {k}/8" for k in range(8)]
