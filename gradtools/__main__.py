@@ -85,7 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     printable_anywhere()
-    args = build_parser().parse_args(argv)
+    try:
+        return _run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:  # while Python imports, reads or draws: nothing half-written
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     from gradtools.compare import CompareError
     from gradtools.history import RunDirectoryError
 
@@ -97,9 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (| head): nothing to report
         return reader_gone()
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
     except OSError as error:  # a file it could not read or write; a figure's write names none
         where = error.filename or (f"could not write {args.out}" if getattr(args, "out", None) else "")
         print(f"error: {where + ': ' if where else ''}{error.strerror or error}", file=sys.stderr)

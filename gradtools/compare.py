@@ -10,6 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from gradtools.history import DamagedRunWarning, History, RunDirectoryError
+from gradtools.loggers.local import write_atomically
 from gradtools.plots import plot_comparison
 from gradtools.validation import nearest_existing
 
@@ -109,5 +110,6 @@ def save_comparison(figure, out: str | Path) -> Path:
     """Write a comparison figure to ``out`` (see :func:`figure_path`); returns its path."""
     target = figure_path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=100)
+    # whole or not at all (a full disk, Ctrl-C); the partial file keeps the format's suffix
+    write_atomically(target, lambda partial: figure.savefig(partial, dpi=100, format=target.suffix.lstrip(".")))
     return target

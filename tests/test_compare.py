@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -117,3 +118,27 @@ def test_the_article_comparison_needs_runs_and_says_how_to_make_them(tmp_path, c
     assert main(["compare", "--out", str(tmp_path / "runs"), "--figures", str(tmp_path / "f")]) == 2
     assert "make figures" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
+
+
+def test_ctrl_c_in_the_command_line_is_one_line_and_leaves_no_figure(runs_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while compare writes its figure (half of it on disk) or while diagnose reads:
+    one line, exit 130, no half-written figure (it was a KeyboardInterrupt traceback)."""
+    from matplotlib.figure import Figure
+
+    import gradtools.__main__ as cli
+
+    def half_written(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    monkeypatch.setattr(cli, "command_diagnose", interrupted)
+    out = tmp_path / "figures"
+    for args in (["compare", str(runs_dir / "toy" / "*" / "*"), "--out", str(out / "c.png")],
+                 ["diagnose", str(runs_dir / "toy" / "relu" / "seed0")]):
+        assert cli.main(args) == 130
+        assert capsys.readouterr().err == "interrupted: nothing was written\n"
+    assert list(out.iterdir()) == []
