@@ -156,6 +156,11 @@ NON_NEGATIVE = ("momentum", "weight_decay", "epsilon", "rho", "beta_1", "beta_2"
                 "global_clipnorm", "stddev", "scale", "l1", "l2", "label_smoothing", "gain")
 
 
+def _real(value) -> bool:
+    """A real number, nan and inf included (a NaN initializer is an experiment of its own)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_keras_arguments(cls, arguments: Mapping[str, Any]) -> None:
     """Keras takes its objects' arguments unchecked (``from_logits = "false"`` is true,
     ``momentum = -0.9`` trains): each argument must be of the kind of the class's default
@@ -172,8 +177,8 @@ def check_keras_arguments(cls, arguments: Mapping[str, Any]) -> None:
             continue
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ValueError(f"{name} = {value!r}: must be true or false")
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and not is_number(value):
-            raise ValueError(f"{name} = {value!r}: must be a finite number")
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and not _real(value):
+            raise ValueError(f"{name} = {value!r}: must be a number")
         if name in NON_NEGATIVE and is_number(value) and value < 0:
             raise ValueError(f"{name} = {value!r}: must be a number >= 0")
     if is_number(arguments.get("delta")) and arguments["delta"] <= 0:

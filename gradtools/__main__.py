@@ -104,9 +104,10 @@ def _run(args) -> int:
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (| head): nothing to report
         return reader_gone()
-    except OSError as error:  # a file it could not read or write; a figure's write names none
-        where = error.filename or (f"could not write {args.out}" if getattr(args, "out", None) else "")
-        print(f"error: {where + ': ' if where else ''}{error.strerror or error}", file=sys.stderr)
+    except OSError as error:  # a file it could not read or write (compare writes its figure)
+        where = error.filename or getattr(args, "out", None) or ""
+        verb = "could not write " if args.command == "compare" else ""
+        print(f"error: {verb}{where + ': ' if where else ''}{error.strerror or error}", file=sys.stderr)
         return EXIT_WRITE_ERROR
 
 

@@ -127,13 +127,16 @@ def test_ctrl_c_while_the_command_starts_is_one_line_exit_130(tmp_path, after):
     (["--run-figures"], ["--run-figures", "needs --seeds"]),
     (["--neptune-mode", "sync"], ["--neptune-mode = 'sync'", "needs --logger neptune"]),
     (["--mlflow-every-row"], ["--mlflow-every-row", "needs --logger mlflow"]),
-    (["--set", "data.n_samples=100000000000000"], ["out of memory (Unable to allocate", "data.n_samples"]),
+    (["--set", "data.n_samples=100000000000000"], ["data.n_samples", "from 1 to 10000000"]),
+    (["--set", "data.n_samples=10000000", "--set", "data.n_features=1000000"],
+     ["out of memory (Unable to allocate", "data.n_samples"]),
 ])
 def test_conflicting_or_impossible_run_options_are_exit_2(tmp_path, capsys, options, words):
     """Or exit 1 for data that do not fit in memory (a fault, not a bad value: it was a
     MemoryError traceback)."""
     expected = 1 if "out of memory" in words[0] else 2
-    assert main(["run", "vanishing/shallow", *options, "--out", str(tmp_path / "runs"), "--quiet"]) == expected
+    config = "exploding/relu_baseline" if "data.n_features=1000000" in options else "vanishing/shallow"
+    assert main(["run", config, *options, "--out", str(tmp_path / "runs"), "--quiet"]) == expected
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and all(word in message for word in words), message
     assert not (tmp_path / "runs").exists()
