@@ -295,7 +295,9 @@ def check_monitor(subject: Subject) -> tuple[float, str, list[int], str]:
 
 def check_fit(subject: Subject, build) -> tuple[float, str, list[int], str]:
     """``gradtools.fit`` on a fresh copy of the subject: at learning rate 0 each checked step
-    against the tape at the starting weights; then one epoch of SGD, every step's loss and
+    against the tape at the starting weights (a difference above the tolerance that is within
+    twice what an eager and a compiled tape differ by on that step is rounding, and noted);
+    then one epoch of SGD, every step's loss and
     norms against ``model.fit``'s, judged against how far rounding alone moves ``model.fit``'s
     own (its weights moved by 1e-7). Where that moves it by more than :data:`CHAOTIC` (a net
     whose last, 4-row batch normalizes at 1×1 pixels) two correct loops part as far, and the
@@ -310,9 +312,18 @@ def check_fit(subject: Subject, build) -> tuple[float, str, list[int], str]:
     rows = history.metrics.set_index("step")
     worst, where = 0.0, ""
     steps = sorted({1, 2, subject.n_steps} & set(range(1, subject.n_steps + 1)))
+    notes = []
     for step in steps:
-        ref = reference(subject.model, subject.batch(step), start, scale)
-        difference, column = relative_difference(rows.loc[step], expected_row(ref, history.layer_paths, scale=scale))
+        expected = expected_row(reference(subject.model, subject.batch(step), start, scale), history.layer_paths,
+                                scale=scale)
+        difference, column = relative_difference(rows.loc[step], expected)
+        if difference > FLOAT32_TOLERANCE:  # as far as two correct tapes part on this step?
+            eager = expected_row(reference(subject.model, subject.batch(step), start, scale, graph=False),
+                                 history.layer_paths, scale=scale)
+            floor, _ = relative_difference({c: v for c, (v, _) in eager.items()}, expected)
+            if difference <= 2 * floor:
+                notes.append(f"step {step}: {difference:.0e}, where an eager and a compiled tape part by {floor:.0e}")
+                continue
         if difference >= worst:
             worst, where = difference, f"step {step} {column}"
     # the trajectory: from the same weights, SGD in both (the model's own rate when it trains
@@ -330,11 +341,10 @@ def check_fit(subject: Subject, build) -> tuple[float, str, list[int], str]:
     # how far rounding alone moves model.fit's own trajectory: its weights moved by 1e-7
     spread, _ = _rows_apart(_fit_rows(build(), subject.fit_loss, rate, nudge=1e-7), theirs)
     if spread > CHAOTIC:  # two correct loops part as far: the trajectory says nothing
-        return worst, where, steps, (f"trajectory not compared: model.fit's own moves by {spread:.1g} "
-                                     "when its weights move by 1e-7")
-    if apart > max(2 * spread, FLOAT32_TOLERANCE) and apart >= worst:
+        notes.append(f"trajectory not compared: model.fit's own moves by {spread:.1g} when its weights move by 1e-7")
+    elif apart > max(2 * spread, FLOAT32_TOLERANCE) and apart >= worst:
         worst, where = apart, f"{column} against model.fit's (which rounding moves by {spread:.0e})"
-    return worst, where, steps, ""
+    return worst, where, steps, "; ".join(notes)
 
 
 def _fit_rows(subject: Subject, loss, rate: float, nudge: float = 0.0):
