@@ -195,7 +195,9 @@ def program_key(config) -> str:
     """What a run compiles, as text: its config without the values that enter the compiled
     epoch as inputs (the seed, the initializers' parameters, a learning rate that is a
     number) or never reach it (the number of epochs, how often rows are logged). Runs with
-    one key share one compiled program (see ``gradtools.training.compiled_program``)."""
+    one key share one compiled program in a worker (the library's own test of what is the
+    same program is :func:`gradtools.programs.program_key`; this one groups runs before any
+    model is built)."""
     tables = config.to_dict()
     for name in ("seed", "epochs", "log_every"):
         tables["training"].pop(name, None)

@@ -42,7 +42,7 @@ def start(threads: int | None = None, finished_items=None) -> None:
     signal.signal(signal.SIGTERM, _stop_requested)
     end_with_parent()
     limit_threads(threads)
-    _quiet_tensorflow()
+    quiet_tensorflow()
 
 
 def end_with_parent() -> None:
@@ -88,7 +88,7 @@ def limit_threads(threads: int | None) -> None:
 
 
 @contextlib.contextmanager
-def _job():
+def job():
     """Marks a job in progress; in a pool worker, a stop request ends the worker once the run
     is closed (in the command's own process, Ctrl-C goes on up as usual)."""
     global _in_job
@@ -109,8 +109,8 @@ def send_item(call: int, position: int, result) -> None:
     _finished_items.put((call, position, result))
 
 
-def _quiet_tensorflow() -> None:
-    from gradtools.tf_startup import import_tensorflow_quietly
+def quiet_tensorflow() -> None:
+    from experiments.tf_startup import import_tensorflow_quietly
 
     import_tensorflow_quietly()
 
@@ -124,7 +124,7 @@ def run_jobs(jobs: list[tuple[str, list[str], str, bool]], report=None) -> list[
 
     run_dirs = []
     for position, (reference, overrides, out, figures) in enumerate(jobs):
-        with _job():
+        with job():
             run_dirs.append(str(run_experiment(load_config(reference, list(overrides)), out,
                                                figures=figures).run_dir))
         if report is not None:
@@ -132,69 +132,15 @@ def run_jobs(jobs: list[tuple[str, list[str], str, bool]], report=None) -> list[
     return run_dirs
 
 
-def run_sweep_points(configs, report=None, threads: int | None = None) -> list[dict]:
-    """:func:`each_sweep_point`'s results as a list, each also given to ``report(position,
-    result)`` as it is done."""
-    results = []
-    for position, result in enumerate(each_sweep_point(configs, threads)):
-        results.append(result)
-        if report is not None:
-            report(position, result)
-    return results
-
-
-def each_sweep_point(configs, threads: int | None = None):
-    """Yields :func:`run_sweep_point` of each config as it is done, one after the other (the
-    points of one program: it is traced and compiled once). As a Ray task, a generator streams
-    each point to the driver when it finishes. ``threads``: see :func:`limit_threads` (a Ray
-    task runs without :func:`start`)."""
-    limit_threads(threads)
-    try:
-        for config in configs:
-            yield run_sweep_point(config, clear=False)
-    finally:
-        _clear()
-
-
-def _clear() -> None:
+def clear_models() -> None:
     """Drop the finished points' models and compiled functions, or a worker that runs many
     points grows by tens of MB per point."""
     import gc
 
     import keras
 
-    from gradtools import training
+    from gradtools import programs
 
-    training._PROGRAMS.clear()
+    programs.clear()
     keras.backend.clear_session()
     gc.collect()
-
-
-def run_sweep_point(config, clear: bool = True) -> dict:
-    """Run one sweep point in a temporary directory; return its sweep.csv row and its run
-    directory's files (name -> bytes), for the caller to write wherever the sweep lives.
-    An error is returned as a failed row, never raised: one bad point must not stop a sweep."""
-    import tempfile
-    import traceback
-    from pathlib import Path
-
-    _quiet_tensorflow()  # a Ray task runs here without start()
-    from experiments.runner import run_experiment
-    from experiments.sweep import summarize_point
-
-    with tempfile.TemporaryDirectory(prefix="gradtools-point-") as scratch:
-        run_dir = Path(scratch) / "run"
-        failure = None
-        try:
-            with _job():
-                row = summarize_point(run_experiment(config, run_dir=run_dir, figures=False).history)
-        except Exception as error:  # noqa: BLE001 — recorded in sweep.csv, with its traceback
-            row = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-            failure = traceback.format_exc()
-        files = {str(p.relative_to(run_dir)): p.read_bytes()
-                 for p in sorted(run_dir.rglob("*")) if p.is_file()} if run_dir.exists() else {}
-    if failure is not None:
-        files["traceback.txt"] = failure.encode()
-    if clear:
-        _clear()
-    return {"row": row, "files": files}

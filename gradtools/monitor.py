@@ -34,12 +34,11 @@ import tensorflow as tf
 
 from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
-from gradtools.columns import metric_columns
-from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING, History
-from gradtools.layers import block_downstream, layer_blocks, layer_layout
-from gradtools.loggers.base import end_run, end_run_after_error
-from gradtools.plots import run_figures
-from gradtools.stats import all_finite, statistics_row
+from gradtools.columns import VALUE_COLUMNS_START, metric_columns
+from gradtools.history import DIVERGED, RUNNING, History
+from gradtools.layers import layer_layout
+from gradtools.recording import RunRecord
+from gradtools.stats import step_row, unscaled
 from gradtools.validation import require_integer
 
 _DEFAULT_CAPACITY = 4096
@@ -196,35 +195,45 @@ class GradientMonitor(keras.callbacks.Callback):
         self.loggers = list(loggers)
         self.stop_on_nonfinite = stop_on_nonfinite
         self.figures = figures
-        self.status = COMPLETED
-        self.first_nonfinite_step: int | None = None
-        self.epochs_completed = 0
-        self.layer_paths: list[str] = []
-        self.layer_blocks: list[str] = []
-        self.block_downstream: dict[str, list[str]] = {}
-        self._columns: list[str] = []
-        self._frames: list[pd.DataFrame] = []
-        self._state_rows: list[dict[str, float]] = []
+        self._run = RunRecord(None, self.loggers, figures)
+        self._ended = False  # a model.fit it watched has ended: the next one is a new run
         self._restore = []
         self._buffer: _StepBuffer | None = None
         self._traced = []
-        self._ended = False  # a model.fit it watched has ended: the next one is a new run
         # The step's loss tensor, from compute_loss to apply: per thread, since a strategy
         # traces each replica's step in a thread of its own.
         self._step = threading.local()
 
     @property
     def metrics(self) -> pd.DataFrame:
-        if not self._frames:
-            return pd.DataFrame(columns=self._columns)
-        return pd.concat(self._frames, ignore_index=True)
+        return self._run.history().metrics
+
+    @property
+    def status(self) -> str:
+        return self._run.status
+
+    @property
+    def first_nonfinite_step(self) -> int | None:
+        return self._run.first_nonfinite_step
+
+    @property
+    def epochs_completed(self) -> int:
+        return self._run.epochs_completed
+
+    @property
+    def layer_paths(self) -> list[str]:
+        return self._run.paths
+
+    @property
+    def layer_blocks(self) -> list[str]:
+        return self._run.blocks
+
+    @property
+    def block_downstream(self) -> dict[str, list[str]]:
+        return self._run.downstream
 
     def history(self) -> History:
-        return History(metrics=self.metrics, status=self.status,
-                       first_nonfinite_step=self.first_nonfinite_step,
-                       epochs_completed=self.epochs_completed, layer_paths=self.layer_paths,
-                       layer_blocks=self.layer_blocks, block_downstream=self.block_downstream,
-                       state_gradients=pd.DataFrame(self._state_rows) if self._traced else None)
+        return self._run.history()
 
     # --- installing the probes --------------------------------------------------------------
 
@@ -232,6 +241,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._ended:
             self._new_run()
         model, optimizer = self.model, self.model.optimizer
+        self._run = RunRecord(model, self.loggers, self.figures)
         _require_compiled_for(model, optimizer)
         self._buffer = None
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -249,7 +259,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self._prepare(list(model.trainable_weights))
         self._install(model, optimizer)
         model.make_train_function(force=True)  # trace again, with the probes
-        self.status = RUNNING
+        self._run.status = RUNNING
         self._watch_for_an_abrupt_end(sys._getframe(1).f_locals.get("self"))
 
     def _watch_for_an_abrupt_end(self, callback_list) -> None:
@@ -281,16 +291,13 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._ended:
             return
         self._ended = True
-        self.status = INTERRUPTED if isinstance(error, KeyboardInterrupt) else FAILED
         self._remove_probes()
         self.model.train_function = None
         try:
             self._flush(self._epoch)
         except Exception:  # noqa: BLE001 - the error on its way up is the one to report
             pass
-        if self.status == FAILED and self.first_nonfinite_step is not None:
-            self.status = DIVERGED
-        end_run_after_error(self.loggers, self.history(), run_figures if self.figures is True else self.figures or None)
+        self._run.end_abruptly(error)
 
     def _new_run(self) -> None:
         """Each ``model.fit`` is a run of its own, as Keras's ``History`` is: the layers it
@@ -299,8 +306,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.loggers:
             raise ValueError("this GradientMonitor's loggers closed its run when the last model.fit "
                              "ended: give each model.fit a new GradientMonitor, with new loggers")
-        self.status, self.first_nonfinite_step, self.epochs_completed = COMPLETED, None, 0
-        self._frames, self._state_rows, self._ended = [], [], False
+        self._ended = False
 
     def _install(self, model, optimizer) -> None:
         monitor = self
@@ -323,7 +329,7 @@ class GradientMonitor(keras.callbacks.Callback):
             step_loss = monitor._take_loss()
             result = original_apply(grads, trainable_variables)
             loss, *summed = _summed_over_replicas([step_loss, *grads])
-            monitor._record(loss, summed, scale, [targets[i] for i in monitored], before)
+            monitor._record_step(loss, summed, scale, [targets[i] for i in monitored], before)
             return result
 
         model.compute_loss = compute_loss
@@ -336,20 +342,12 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._buffer is not None:
             return
         self._layout = layer_layout(variables)
-        self.layer_paths = list(self._layout.paths)
-        self.layer_blocks = layer_blocks(self.model, self.layer_paths)
-        self.block_downstream = block_downstream(self.model, self.layer_blocks)
-        self._columns = metric_columns(len(self.layer_paths), self._layout.recurrent_layers,
-                                       clipped=self._clipping is not None,
-                                       loss_scaled=self._loss_scaled)
-        self._traced_numbers = [self.layer_paths.index(layer.inner_cell.kernel.path) + 1
-                                for layer in self._traced]
-        self._buffer = _StepBuffer(self._capacity, len(self._columns) - 3,
+        columns = metric_columns(len(self._layout.paths), self._layout.recurrent_layers,
+                                 clipped=self._clipping is not None, loss_scaled=self._loss_scaled)
+        self._run.start(self._layout.paths, columns, self._traced, epochs=self.params.get("epochs") or 0,
+                        steps_per_epoch=self.params.get("steps") or 0)
+        self._buffer = _StepBuffer(self._capacity, len(columns) - VALUE_COLUMNS_START,
                                    [layer.time_steps for layer in self._traced])
-        for logger in self.loggers:
-            logger.start(epochs=self.params.get("epochs") or 0,
-                         steps_per_epoch=self.params.get("steps") or 0,
-                         layer_paths=self.layer_paths, layer_blocks=self.layer_blocks)
 
     def _take_loss(self):
         """The loss compute_loss gave this step (in this replica's thread)."""
@@ -360,22 +358,15 @@ class GradientMonitor(keras.callbacks.Callback):
             raise ValueError(NO_LOSS_SEEN)
         return step_loss
 
-    def _record(self, loss, grads, scale, weights_after, weights_before):
+    def _record_step(self, loss, grads, scale, weights_after, weights_before):
         """In-graph, from the step's loss and gradients summed over replicas: the step's row
         into the buffer (when logged), the non-finite flag and the gradients through time."""
         self._applied = True
-        state_norms = [layer.state_gradient_norms.value() for layer in self._traced]
-        if scale is not None:
-            grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
-            state_norms = [norms / scale for norms in state_norms]
-        finite_gradients = all_finite(loss, grads)
-        row = statistics_row(
-            loss, grads, self._layout.monitored, weights_before, weights_after,
-            clipped_gradients=self._clipping(grads) if self._clipping else None,
-            loss_scale=scale, skipped=tf.logical_not(finite_gradients) if scale is not None else None)
-        # A step the loss scaler skips (float16 overflow) is not a divergence; a non-finite loss is.
-        finite = (tf.reduce_all(tf.math.is_finite(loss)) if scale is not None
-                  else finite_gradients)
+        grads = unscaled(grads, scale)
+        state_norms = unscaled([layer.state_gradient_norms.value() for layer in self._traced], scale)
+        row, finite = step_row(loss, grads, self._layout.monitored, weights_before, weights_after,
+                               clipped_gradients=self._clipping(grads) if self._clipping else None,
+                               loss_scale=scale)
         if _is_first_replica():  # the others hold the same sums
             self._buffer.write(row, finite, self.log_every, state_norms)
 
@@ -386,18 +377,7 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         self._pending_steps = 0
         values, steps, finite = self._buffer.take_rows()
-        if len(values) == 0:
-            return
-        frame = pd.DataFrame(values, columns=self._columns[3:])
-        frame.insert(0, "batch", steps - self._first_step_of_epoch)
-        frame.insert(0, "epoch", np.int64(epoch))
-        frame.insert(0, "step", steps)
-        self._frames.append(frame)
-        if not finite.all() and self.first_nonfinite_step is None:
-            self.first_nonfinite_step = int(steps[np.argmin(finite)])
-            self.status = DIVERGED
-        for logger in self.loggers:
-            logger.log_rows(frame)
+        self._run.add_rows(epoch, steps, steps - self._first_step_of_epoch, values, finite)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -417,26 +397,13 @@ class GradientMonitor(keras.callbacks.Callback):
         if first_epoch and not self._applied:
             warnings.warn(NO_STEP_SEEN, RuntimeWarning, stacklevel=2)
         self._flush(epoch)
-        epoch_values = self._through_time_row(epoch)
-        if self.status != DIVERGED:
-            self.epochs_completed = epoch + 1
-        last = epoch + 1 == self.params.get("epochs") or (self.stop_on_nonfinite and self.status == DIVERGED)
-        progress = self.status if self.status == DIVERGED else (COMPLETED if last else RUNNING)
-        for logger in self.loggers:
-            if epoch_values:
-                logger.log_epoch_metrics(epoch, epoch_values)
-            logger.log_epoch_end(epoch, self.model, None)
-            logger.log_progress(epochs_completed=self.epochs_completed, status=progress)
-        if self.stop_on_nonfinite and self.status == DIVERGED:
+        diverged = self.status == DIVERGED
+        means = self._buffer.take_state_means() if self._buffer is not None else []
+        self._run.end_epoch(epoch, self.epochs_completed if diverged else epoch + 1,
+                            last=epoch + 1 == self.params.get("epochs") or (self.stop_on_nonfinite and diverged),
+                            through_time_values=self._run.through_time_row(epoch, self._radii, means))
+        if self.stop_on_nonfinite and diverged:
             self.model.stop_training = True
-
-    def _through_time_row(self, epoch: int) -> dict[str, float]:
-        if not self._traced or self._buffer is None:
-            return {}
-        values = through_time.epoch_row(self._traced, self._traced_numbers, self._radii,
-                                        self._buffer.take_state_means())
-        self._state_rows.append({"epoch": epoch, **values})
-        return values
 
     def _remove_probes(self) -> None:
         for owner, name in self._restore:
@@ -445,12 +412,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._restore = []
 
     def on_train_end(self, logs=None):
-        if self.status == RUNNING:
-            self.status = COMPLETED
         self._remove_probes()
         self.model.make_train_function(force=True)  # later fits run without the probes
-        if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) \
-                and self.status != DIVERGED:
-            self.status = DIVERGED
+        if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) and self.status != DIVERGED:
+            self._run.status = DIVERGED
         self._ended = True
-        end_run(self.loggers, self.history(), run_figures if self.figures is True else self.figures or None)
+        self._run.end()

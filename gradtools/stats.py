@@ -1,6 +1,6 @@
 """Per-layer gradient and weight statistics, computed in-graph as pure functions of tensors.
 
-:func:`statistics_row` makes the row of one step, in the column order of
+:func:`step_row` makes the row of one step, in the column order of
 :func:`gradtools.columns.metric_columns`, for both ``gradtools.fit`` and ``GradientMonitor``.
 """
 
@@ -89,3 +89,27 @@ def all_finite(loss, gradients) -> tf.Tensor:
     checks = [tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))]
     checks += [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(g))) for g in gradients if g is not None]
     return tf.reduce_all(tf.stack(checks))
+
+
+def unscaled(tensors, scale):
+    """``tensors`` divided by the loss scale (unchanged when there is none)."""
+    if scale is None:
+        return tensors
+    return [None if t is None else t / tf.cast(scale, t.dtype) for t in tensors]
+
+
+def step_row(loss, gradients, monitored, weights_before, weights_after, *, clipped_gradients=None,
+             loss_scale=None):
+    """One step's row (:func:`statistics_row`) and whether the step was finite, from its loss
+    and its gradients already divided by the ``loss_scale`` (:func:`unscaled`), and, when the
+    update clips, the gradients it applied (unscaled too).
+
+    Under a loss scale a step whose gradients overflowed is one the loss scaler skips (column
+    ``skipped``, and it halves the scale): not a divergence. Only a non-finite loss is."""
+    finite_gradients = all_finite(loss, gradients)
+    scaled = loss_scale is not None
+    row = statistics_row(loss, gradients, monitored, weights_before, weights_after,
+                         clipped_gradients=clipped_gradients, loss_scale=loss_scale,
+                         skipped=tf.logical_not(finite_gradients) if scaled else None)
+    finite = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32))) if scaled else finite_gradients
+    return row, finite

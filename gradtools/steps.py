@@ -1,5 +1,5 @@
 """One training step, in the shape of the keras-io custom-loop guide, with the step's
-statistics computed beside it by :func:`gradtools.stats.statistics_row`.
+statistics computed beside it by :func:`gradtools.stats.step_row`.
 
 The step itself is the usual five lines: forward pass under a ``GradientTape``, the loss with
 ``model.losses`` added, the gradients, the update. What gradtools adds sits around them: a
@@ -19,7 +19,7 @@ from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_value
 from gradtools.columns import metric_columns
 from gradtools.layers import LayerLayout, layer_layout
-from gradtools.stats import all_finite, statistics_row
+from gradtools.stats import step_row, unscaled
 
 
 class _LossFromFunction(keras.losses.Loss):
@@ -99,13 +99,6 @@ def with_loss_scaling(optimizer):
     return optimizer
 
 
-def unscaled(tensors, scale):
-    """``tensors`` divided by the loss scale (unchanged when there is none)."""
-    if scale is None:
-        return tensors
-    return [None if t is None else t / tf.cast(scale, t.dtype) for t in tensors]
-
-
 class TrainStep:
     """``step(x_batch, y_batch)`` → (row of statistics, finite flag, the kernels' gradients
     when ``keep_gradients``, ‖∂L/∂h_t‖ of each traced recurrent layer)."""
@@ -142,16 +135,13 @@ class TrainStep:
         return self.record(loss, gradients, applied, before, scale)
 
     def record(self, loss, gradients, applied, before, scale):
-        """The step's statistics, of the unscaled gradients (a skipped loss-scaler step is not
-        a divergence: under loss scaling only a non-finite loss is)."""
+        """The step's row and finite flag (:func:`gradtools.stats.step_row`), the kernels'
+        gradients when kept, and the traced layers' ‖∂L/∂h_t‖, all divided by the loss scale."""
         gradients = unscaled(gradients, scale)
-        finite_gradients = all_finite(loss, gradients)
         monitored = self.layout.monitored
-        row = statistics_row(
-            loss, gradients, monitored, before, [self.variables[i] for i in monitored],
-            clipped_gradients=unscaled(applied, scale) if self.clips else None, loss_scale=scale,
-            skipped=tf.logical_not(finite_gradients) if self.loss_scaled else None)
-        finite = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32))) if self.loss_scaled else finite_gradients
+        row, finite = step_row(loss, gradients, monitored, before, [self.variables[i] for i in monitored],
+                               clipped_gradients=unscaled(applied, scale) if self.clips else None,
+                               loss_scale=scale)
         kernels = ([tf.convert_to_tensor(gradients[i]) for i in self.layout.kernel_positions]
                    if self.keep_gradients else [])
         state_norms = unscaled([layer.state_gradient_norms.value() for layer in self.traced], scale)

@@ -10,26 +10,24 @@ same program share its compilation (see :mod:`gradtools.compilation_cache`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import keras
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 
 from gradtools import compilation_cache, through_time
-from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING, History
-from gradtools.layers import block_downstream, layer_blocks, layer_layout
-from gradtools.loggers.base import RunLogger, end_run, end_run_after_error
-from gradtools.plots import run_figures
+from gradtools import programs as programs_cache
+from gradtools.columns import VALUE_COLUMNS_START
+from gradtools.history import History
+from gradtools.layers import layer_layout
+from gradtools.loggers.base import RunLogger
+from gradtools.recording import RunRecord
 from gradtools.steps import TrainStep, padding_is_exact, resolve_loss, with_loss_scaling
 from gradtools.validation import MAX_SEED, require_integer
 
@@ -98,19 +96,21 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
     loss_fn = resolve_loss(loss)
     programs = [compiled_program(model, loss_fn, optimizer, data, **options)]
     shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
-    recorder = Recorder(programs[0].step, data.n_batches, model, loggers, log_every, stop_on_nonfinite, figures,
-                        optimizer=optimizer)
+    step = programs[0].step
+    record = RunRecord(model, loggers, figures)
+    record.start(layer_layout(model.trainable_weights).paths, step.columns,  # the caller's names
+                 through_time.traced_layers(model), epochs=epochs, steps_per_epoch=data.n_batches)
 
     def traced_again(with_xla: bool):
         """The step and the bound epoch of the same program traced anew (with or without XLA);
         the program that failed is no longer reused."""
-        _forget(programs[-1])
+        programs_cache.forget(programs[-1])
         programs.append(compiled_program(model, loss_fn, optimizer, data, **{**options, "jit_compile": with_xla}))
-        return programs[-1].step, programs[-1].bind(data)
+        return programs[-1].step, programs[-1].bind(data.x, data.y)
 
+    loop = EpochLoop(step, data.n_batches, record, optimizer, log_every, stop_on_nonfinite)
     try:
-        return recorder.train(programs[0].bind(data), epochs, shuffle_seed, jit_compile,
-                              traced_again)
+        return loop.train(programs[0].bind(data.x, data.y), epochs, shuffle_seed, jit_compile, traced_again)
     finally:  # the caller's model has its trained values: a borrowed program's owners get theirs
         for program in programs:
             program.give_back(model, optimizer)
@@ -195,7 +195,7 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
 
     The loop is written with ``tf.while_loop`` and ``tf.cond``, not AutoGraph: converting
     Python source took 0.45 s of every trace (of about 1 s), in every process."""
-    n_values = len(step.columns) - 3  # step, epoch and batch are filled in on the Python side
+    n_values = len(step.columns) - VALUE_COLUMNS_START
     n_full, remainder = divmod(data.n_examples, data.batch_size)
     padded = remainder > 0 and padding_is_exact(step.model, step.loss_fn)
     n_looped = data.n_batches if padded else n_full
@@ -233,157 +233,27 @@ def _ordered(x, y, shuffle: bool, epoch, shuffle_seed):
     return tf.gather(x, order), tf.gather(y, order)
 
 
-@dataclass
-class Program:
-    """A compiled epoch and the step it runs (on the model and optimizer it was traced with)."""
-
-    step: TrainStep
-    run_epoch: object
-    #: The program's key until its first call, which traces it (see ``named_after``).
-    untraced_key: str | None = None
-    #: While another model (or optimizer) of the same structure borrows the program: the
-    #: values of the ones it was traced with, which :meth:`give_back` restores.
-    owners_values: list | None = None
-
-    def lend(self, model, optimizer) -> None:
-        """Start the program's variables from ``model``'s and ``optimizer``'s values, keeping
-        the values of the model and optimizer it was traced with (the user may still hold
-        them: training another model must not change them)."""
-        owners = self._owners_variables(model, optimizer)
-        if self.owners_values is None:
-            self.owners_values = [v.numpy() for v in owners]
-        copy_values(model.variables, self.step.model.variables)
-        copy_values(optimizer.variables, self.step.optimizer.variables)
-
-    def give_back(self, model, optimizer) -> None:
-        """Once the borrower has its trained values: the traced model and optimizer get their
-        own values back."""
-        if self.owners_values is not None:
-            copy_values(self.owners_values, self._owners_variables(model, optimizer))
-            self.owners_values = None
-
-    def _owners_variables(self, model, optimizer) -> list:
-        step = self.step
-        return ([*step.model.variables] if step.model is not model else []) + \
-               ([*step.optimizer.variables] if step.optimizer is not optimizer else [])
-
-    def bind(self, data: EpochData):
-        """``run_epoch(epoch, seed)`` on ``data``."""
-        def run(epoch, seed):
-            if self.untraced_key is None:
-                return self.run_epoch(epoch, seed, data.x, data.y)
-            key, self.untraced_key = self.untraced_key, None
-            with compilation_cache.named_after(key):
-                return self.run_epoch(epoch, seed, data.x, data.y)
-        return run
-
-
-#: Compiled epochs of this process, by program, least recently used first.
-_PROGRAMS: OrderedDict[str, Program] = OrderedDict()
-#: How many compiled programs a process keeps: a kept program holds its model's and
-#: optimizer's variables, so beyond the newest one they are kept only while those total at
-#: most ``MAX_KEPT_BYTES``. (Keeping 32 rather than 8 of the small nets of a report made no
-#: measurable difference to the process's memory: 733 MB against 718 MB after 24 runs.)
-MAX_PROGRAMS = 32
-MAX_KEPT_BYTES = 512 * 2**20
-
-
-def _variable_bytes(program: Program) -> int:
-    variables = [*program.step.model.variables, *program.step.optimizer.variables]
-    return sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables)
-
-
-def _keep(key: str, program: Program) -> None:
-    """Keep ``program`` as the newest, dropping the least recently used beyond the limits."""
-    _PROGRAMS[key] = program
-    while len(_PROGRAMS) > 1 and (len(_PROGRAMS) > MAX_PROGRAMS or
-                                  sum(map(_variable_bytes, _PROGRAMS.values())) > MAX_KEPT_BYTES):
-        _PROGRAMS.popitem(last=False)
-
-
-def _forget(program: Program) -> None:
-    """``program`` is not reused by later fits of this process."""
-    for key in [key for key, kept in _PROGRAMS.items() if kept is program]:
-        del _PROGRAMS[key]
-
-
-def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> Program:
+def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> programs_cache.Program:
     """The compiled epoch for this model, loss, optimizer, data shapes and options: one this
     process already compiled for a model of the same structure (it then starts from
-    ``model``'s and ``optimizer``'s values), or a new one. TensorFlow names every trace
-    anew, so its in-memory cache would not find the earlier compilation: reusing the trace
-    is what compiles a program once per process (and a new one is named after its key, which
-    finds it in the persistent cache: :func:`gradtools.compilation_cache.named_after`)."""
-    key = _program_key(model, loss_fn, optimizer, data, options)
-    cached = _PROGRAMS.get(key) if key is not None else None
-    if (cached is not None and _same_shapes(cached.step.model.variables, model.variables)
-            and _same_code(cached.step, model, loss_fn)):
-        _PROGRAMS.move_to_end(key)
+    ``model``'s and ``optimizer``'s values: :mod:`gradtools.programs`), or a new one, named
+    after its key, which finds it in the persistent cache
+    (:func:`gradtools.compilation_cache.named_after`)."""
+    data_shapes = [list(data.x.shape), data.x.dtype.name, list(data.y.shape), data.y.dtype.name, data.batch_size]
+    key = programs_cache.program_key(model, loss_fn, optimizer, data_shapes, options)
+    kept = programs_cache.find(key, model, loss_fn)
+    if kept is not None:
         if not optimizer.built:
             optimizer.build(model.trainable_weights)
-        cached.lend(model, optimizer)
-        return cached
+        kept.lend(model, optimizer)
+        return kept
     step = TrainStep(model, loss_fn, optimizer, clip_value=options["clip_value"],
                      clip_global_norm=options["clip_global_norm"], keep_gradients=options["keep_gradients"])
-    program = Program(step, epoch_function(step, data, options["shuffle"], options["stop_on_nonfinite"],
-                                           options["jit_compile"]), untraced_key=key)
+    program = programs_cache.Program(step, epoch_function(step, data, options["shuffle"], options["stop_on_nonfinite"],
+                                                          options["jit_compile"]), untraced_key=key)
     if key is not None:
-        _keep(key, program)
+        programs_cache.keep(key, program)
     return program
-
-
-def copy_values(sources, targets) -> None:
-    for source, target in zip(sources, targets):
-        if source is not target:
-            target.assign(source)
-
-
-def _same_code(step: TrainStep, model, loss_fn) -> bool:
-    """The program was traced from the same code as ``model`` and ``loss_fn`` run: the same
-    layer classes (a class defined again, as re-running a notebook cell does, is other code
-    under the same config and key) and the same loss class and function (two closures share
-    a name)."""
-    def classes(of):  # every layer, nested ones included (Keras has no public walk)
-        return [type(layer) for layer in of._flatten_layers()]  # noqa: SLF001
-
-    return (classes(step.model) == classes(model) and type(step.loss_fn) is type(loss_fn)
-            and getattr(step.loss_fn, "fn", None) is getattr(loss_fn, "fn", None))
-
-
-def _same_shapes(first, second) -> bool:
-    return len(first) == len(second) and all(tuple(a.shape) == tuple(b.shape) and a.dtype == b.dtype
-                                             for a, b in zip(first, second))
-
-
-def _program_key(model, loss_fn, optimizer, data: EpochData, options) -> str | None:
-    """What the compiled epoch depends on, as text; None when it cannot be told (a subclassed
-    model without a config): such a model is traced anew every time. Initializers, seeds,
-    a learning rate that is a number (a variable) and the names of layers and weights are
-    not part of the program (the logged layer paths are the caller's model's); a learning
-    rate schedule is."""
-    try:
-        parts = [_without(model.get_config(), ("_initializer", "seed")),
-                 [v.shape for v in model.trainable_weights], type(optimizer).__name__,
-                 _without(optimizer.get_config(), (), numbers=("learning_rate",)), type(loss_fn).__name__,
-                 _without(loss_fn.get_config(), ()), getattr(getattr(loss_fn, "fn", None), "__name__", ""),
-                 [list(data.x.shape), data.x.dtype.name, list(data.y.shape), data.y.dtype.name, data.batch_size],
-                 options, keras.config.dtype_policy().name]
-        return json.dumps(parts, sort_keys=True, default=str)
-    except (NotImplementedError, TypeError, ValueError):
-        return None
-
-
-def _without(config, suffixes: tuple[str, ...], numbers: tuple[str, ...] = ()):
-    """A nested config without its ``name`` keys, the keys ending in any of ``suffixes`` and
-    the keys in ``numbers`` that hold a number (``class_name`` and ``registered_name`` stay:
-    they say what a layer is)."""
-    if isinstance(config, dict):
-        return {k: _without(v, suffixes, numbers) for k, v in config.items()
-                if not (k == "name" or (suffixes and str(k).endswith(suffixes))
-                        or (k in numbers and isinstance(v, (int, float))))}
-    if isinstance(config, (list, tuple)):
-        return [_without(v, suffixes, numbers) for v in config]
-    return config
 
 
 class _EpochTally(NamedTuple):
@@ -422,43 +292,22 @@ class _EpochTally(NamedTuple):
         return self.rows.stack(), self.flags.stack(), self.done, self.last_gradients, state_means
 
 
-class Recorder:
-    """The Python side of ``fit``: runs the epochs, turns each epoch's table into logged rows,
-    keeps the status, and tells the loggers."""
+class EpochLoop:
+    """The Python side of ``fit``: runs the compiled epochs and hands each epoch's table of
+    logged rows to the run's :class:`gradtools.recording.RunRecord`."""
 
-    def __init__(self, step: TrainStep, n_batches: int, model, loggers, log_every: int,
-                 stop_on_nonfinite: bool, figures, optimizer=None):
-        self.step, self.n_batches, self.model = step, n_batches, model
-        self.optimizer = optimizer if optimizer is not None else step.optimizer
-        self.loggers, self.log_every, self.stop_on_nonfinite = list(loggers), log_every, stop_on_nonfinite
-        self.figures = run_figures if figures is True else figures or None
-        self.traced_numbers = [list(step.layout.paths).index(layer.inner_cell.kernel.path) + 1
-                               for layer in step.traced]
-        # the caller's names: a program reused from a model of the same structure has its own
-        self.paths = list(layer_layout(model.trainable_weights).paths)
-        self.blocks = layer_blocks(model, self.paths)
-        self.downstream = block_downstream(model, self.blocks)
-        self.frames: list[pd.DataFrame] = []
-        self.state_rows: list[dict[str, float]] = []
-        self.status, self.first_nonfinite_step, self.epochs_completed = COMPLETED, None, 0
-        self.started = time.perf_counter()
+    def __init__(self, step: TrainStep, n_batches: int, record: RunRecord, optimizer, log_every: int,
+                 stop_on_nonfinite: bool):
+        self.step, self.n_batches, self.record = step, n_batches, record
+        self.model, self.optimizer = record.model, optimizer
+        self.log_every, self.stop_on_nonfinite = log_every, stop_on_nonfinite
         # loggers that look at the model after each epoch need its values then; else at the end
         self.model_each_epoch = any(type(logger).log_epoch_end is not RunLogger.log_epoch_end
-                                    for logger in self.loggers)
-
-    def history(self) -> History:
-        metrics = pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame(columns=self.step.columns)
-        return History(metrics=metrics, status=self.status, first_nonfinite_step=self.first_nonfinite_step,
-                       epochs_completed=self.epochs_completed, wall_seconds=time.perf_counter() - self.started,
-                       layer_paths=self.paths, layer_blocks=self.blocks, block_downstream=self.downstream,
-                       state_gradients=pd.DataFrame(self.state_rows) if self.step.traced else None)
+                                    for logger in record.loggers)
 
     def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, traced_again=None) -> History:
         """Run the epochs; ``traced_again(with_xla)``: the step and epoch to fall back on (:meth:`_epoch`)."""
         self.jit_compile = jit_compile
-        for logger in self.loggers:
-            logger.start(epochs=epochs, steps_per_epoch=self.n_batches,
-                         layer_paths=self.paths, layer_blocks=self.blocks)
         seed = tf.constant(shuffle_seed, tf.int64)
         try:
             for epoch in range(epochs):
@@ -470,27 +319,18 @@ class Recorder:
                 if self.record_epoch(epoch, epochs, radii, *results):
                     break
             self._hand_back()
-        except KeyboardInterrupt:
-            if self.status != DIVERGED and self.epochs_completed < epochs:  # every epoch trained: completed
-                self.status = INTERRUPTED
+        except BaseException as error:
             self._hand_back()
-            end_run_after_error(self.loggers, self.history(), self.figures)
-            raise
-        except Exception as error:
-            self.status = FAILED
-            self._hand_back()
-            end_run_after_error(self.loggers, self.history(), self.figures)
+            self.record.end_abruptly(error, every_epoch_done=self.record.epochs_completed >= epochs)
             if isinstance(error, tf.errors.OpError):
                 unwritable_cache = compilation_cache.write_failure(error)
                 if unwritable_cache is not None:
                     raise unwritable_cache from error
-                if jit_compile and not self.frames:
+                if jit_compile and not self.record.frames:
                     error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
                                    "an op of this model, call it with jit_compile=False")
             raise
-        result = self.history()
-        end_run(self.loggers, result, self.figures)
-        return result
+        return self.record.end()
 
     def _epoch(self, run_epoch, epoch: int, seed, traced_again):
         """One epoch's results, and the epoch function to go on with. Nothing has trained when
@@ -527,53 +367,26 @@ class Recorder:
         """When the compiled program was traced with another model of the same structure,
         the caller's model and optimizer get its values: after each epoch when a logger looks
         at the model then, and when training ends however it ends."""
-        copy_values(self.step.model.variables, self.model.variables)
-        copy_values(self.step.optimizer.variables, self.optimizer.variables)
+        programs_cache.copy_values(self.step.model.variables, self.model.variables)
+        programs_cache.copy_values(self.step.optimizer.variables, self.optimizer.variables)
 
     def record_epoch(self, epoch, epochs, radii, values, finite_flags, done, last_gradients,
                      state_means) -> bool:
         """Log one epoch; True when training stops here."""
         done = int(done)
         finite_flags = finite_flags.numpy()[:done]
-        steps = epoch * self.n_batches + np.arange(1, done + 1)
-        logged = ((steps - 1) % self.log_every == 0) | ~finite_flags  # and every non-finite step
-        frame = _epoch_frame(self.step.columns, epoch, self.n_batches, np.flatnonzero(logged),
-                             values.numpy()[:done][logged])
-        self.frames.append(frame)
-        epoch_values = through_time.epoch_row(self.step.traced, self.traced_numbers, radii,
-                                              [m.numpy() for m in state_means])
-        if self.step.traced:
-            self.state_rows.append({"epoch": epoch, **epoch_values})
-        if not finite_flags.all():
-            self.status = DIVERGED
-            if self.first_nonfinite_step is None:
-                self.first_nonfinite_step = int(steps[np.argmin(finite_flags)])
+        batches = np.arange(done)
+        logged = (batches + epoch * self.n_batches) % self.log_every == 0
+        logged |= ~finite_flags  # and every non-finite step
+        self.record.add_rows(epoch, epoch * self.n_batches + batches[logged] + 1, batches[logged],
+                             values.numpy()[:done][logged], finite_flags[logged])
+        through_time_values = self.record.through_time_row(epoch, radii, [m.numpy() for m in state_means])
         stopping = not finite_flags.all() and self.stop_on_nonfinite
-        completed = self.epochs_completed + (not stopping)
-        gradients = [g.numpy() for g in last_gradients] if self.step.keep_gradients else None
-        # counted before the loggers hear of it: Ctrl-C while they write the epoch closes the
-        # run with this epoch's rows, and they are the epoch's
-        self.epochs_completed = completed
-        self._tell_loggers(epoch, frame, epoch_values, gradients, completed,
-                           final=stopping or epoch + 1 == epochs)
+        kernel_gradients = [g.numpy() for g in last_gradients] if self.step.keep_gradients else None
+        self.record.end_epoch(epoch, self.record.epochs_completed + (not stopping),
+                              last=stopping or epoch + 1 == epochs, through_time_values=through_time_values,
+                              kernel_gradients=kernel_gradients)
         return stopping
-
-    def _tell_loggers(self, epoch, frame, epoch_values, kernel_gradients, completed: int, final: bool) -> None:
-        # The last epoch's progress is the final status, so nothing after it can lose it.
-        progress = self.status if self.status == DIVERGED else (COMPLETED if final else RUNNING)
-        for logger in self.loggers:
-            logger.log_rows(frame)
-            if self.step.traced:
-                logger.log_epoch_metrics(epoch, epoch_values)
-            logger.log_epoch_end(epoch, self.model, kernel_gradients)
-            logger.log_progress(epochs_completed=completed, status=progress)
-
-
-def _epoch_frame(columns, epoch, n_batches, batch_index, values) -> pd.DataFrame:
-    batch = batch_index.astype(np.int64)
-    table = {"step": epoch * n_batches + batch + 1, "epoch": np.full(batch.size, epoch, np.int64), "batch": batch}
-    table.update(zip(columns[3:], values.T))
-    return pd.DataFrame(table)
 
 
 def _require_one_device(variables) -> None:

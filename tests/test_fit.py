@@ -216,33 +216,34 @@ class HeadEachEpoch(gradtools.loggers.RunLogger):
 
 
 def test_a_second_model_of_the_same_structure_reuses_the_compiled_epoch_with_the_same_numbers():
-    from gradtools import training
+    from gradtools import programs
+    from gradtools.steps import resolve_loss
 
     x, y = regression_data()
     options = dict(loss="mse", epochs=2, batch_size=16)
-    training._PROGRAMS.clear()
+    programs.clear()
     first, first_optimizer = dropout_mlp(0), keras.optimizers.Adam(0.01)
     gradtools.fit(first, x, y, optimizer=first_optimizer, seed=0, **options)
-    assert len(training._PROGRAMS) == 1
+    assert len(programs.kept()) == 1
     first_values = [v.numpy().copy() for v in (*first.variables, *first_optimizer.variables)]
     second, seen_reused = dropout_mlp(1), HeadEachEpoch()
     reused = gradtools.fit(second, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, loggers=[seen_reused],
                            **options)
-    assert len(training._PROGRAMS) == 1, "the same program: traced and compiled once"
-    assert next(iter(training._PROGRAMS.values())).step.model is first
+    assert len(programs.kept()) == 1, "the same program: traced and compiled once"
+    assert programs.find(programs.kept()[0], first, resolve_loss("mse")).step.model is first
     # other layer names, the same program; the history names the caller's layers
     renamed = gradtools.fit(dropout_mlp(2, prefix="other_"), x, y, optimizer="adam", **options)
-    assert len(training._PROGRAMS) == 1
+    assert len(programs.kept()) == 1
     assert renamed.layer_paths == ["other_reused/other_hidden/kernel", "other_reused/other_head/kernel"]
     assert renamed.layer_blocks == ["other_hidden", "other_head"]
     gradtools.fit(dropout_mlp(2, head=OtherDense), x, y, optimizer="adam", **options)
-    assert len(training._PROGRAMS) == 2, "another layer class is another program"
+    assert len(programs.kept()) == 2, "another layer class is another program"
     # the program trains its own variables: the model and optimizer it was traced with, which
     # the user still holds, keep their values whatever other models it trained since
     for kept, now in zip(first_values, (*first.variables, *first_optimizer.variables)):
         np.testing.assert_array_equal(kept, now.numpy(), err_msg=now.path)
 
-    training._PROGRAMS.clear()  # the same run, traced afresh
+    programs.clear()  # the same run, traced afresh
     fresh_model, seen_fresh = dropout_mlp(1), HeadEachEpoch()
     fresh = gradtools.fit(fresh_model, x, y, optimizer=keras.optimizers.Adam(0.05), seed=1, loggers=[seen_fresh],
                           **options)
@@ -318,7 +319,7 @@ def test_a_layer_no_gradient_reaches_and_several_inputs_are_clear_errors():
 def test_a_learning_rate_schedule_is_part_of_the_program():
     """A schedule is traced into the compiled epoch (a number is a variable): a model with
     another schedule must not reuse the program, or it trains with the first one's rates."""
-    from gradtools import training
+    from gradtools import programs
 
     x, y = regression_data()
 
@@ -329,11 +330,11 @@ def test_a_learning_rate_schedule_is_part_of_the_program():
                       batch_size=16, seed=0, figures=False)
         return model.get_layer("head").kernel.numpy()
 
-    training._PROGRAMS.clear()
+    programs.clear()
     trained(0.5)
     after_another_schedule = trained(0.9)
-    assert len(training._PROGRAMS) == 2
-    training._PROGRAMS.clear()
+    assert len(programs.kept()) == 2
+    programs.clear()
     np.testing.assert_array_equal(after_another_schedule, trained(0.9))
 
 
@@ -365,26 +366,26 @@ def test_a_seeded_convnet_that_xla_cannot_compile_deterministically_trains_witho
 
 
 def test_a_process_keeps_many_small_programs_and_drops_the_oldest_beyond_the_limits(monkeypatch):
-    """What :func:`gradtools.training.compiled_program` keeps for reuse: up to MAX_PROGRAMS
+    """What :mod:`gradtools.programs` keeps for reuse: up to MAX_PROGRAMS
     small programs (a report's nets), and beyond the newest one only while their variables
     total at most MAX_KEPT_BYTES (checked on untraced programs: keeping compiles nothing)."""
     from collections import OrderedDict
 
-    from gradtools import training
+    from gradtools import programs
     from gradtools.steps import TrainStep, resolve_loss
 
     def program(units):
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(units)])
-        return training.Program(TrainStep(model, resolve_loss("mse"), keras.optimizers.SGD()), run_epoch=None)
+        return programs.Program(TrainStep(model, resolve_loss("mse"), keras.optimizers.SGD()), run_epoch=None)
 
-    monkeypatch.setattr(training, "_PROGRAMS", OrderedDict())
-    for k in range(training.MAX_PROGRAMS + 4):
-        training._keep(f"small-{k}", program(2))
-    assert list(training._PROGRAMS) == [f"small-{k}" for k in range(4, training.MAX_PROGRAMS + 4)]
-    assert training.MAX_PROGRAMS >= 28  # a report's nets (and the old limit was 8)
+    monkeypatch.setattr(programs, "_KEPT", OrderedDict())
+    for k in range(programs.MAX_PROGRAMS + 4):
+        programs.keep(f"small-{k}", program(2))
+    assert programs.kept() == [f"small-{k}" for k in range(4, programs.MAX_PROGRAMS + 4)]
+    assert programs.MAX_PROGRAMS >= 28  # a report's nets (and the old limit was 8)
 
-    monkeypatch.setattr(training, "MAX_KEPT_BYTES", 10_000)
-    training._keep("big", program(1000))  # 5000 float32 weights: 20 kB alone
-    assert list(training._PROGRAMS) == ["big"], "the newest is kept even when it alone is over"
-    training._keep("small-again", program(2))
-    assert list(training._PROGRAMS) == ["small-again"]
+    monkeypatch.setattr(programs, "MAX_KEPT_BYTES", 10_000)
+    programs.keep("big", program(1000))  # 5000 float32 weights: 20 kB alone
+    assert programs.kept() == ["big"], "the newest is kept even when it alone is over"
+    programs.keep("small-again", program(2))
+    assert programs.kept() == ["small-again"]

@@ -128,19 +128,19 @@ def test_models_holding_a_traced_rnn_share_one_program_and_save(tmp_path):
     """Keras can describe such a model: two of the same structure train in one compiled
     program (with the second's own weights: the numbers of a fresh trace), another truncation
     is another program, and the model saves and loads back."""
-    from gradtools import training
+    from gradtools import programs, training
 
     x, y = data()
-    training._PROGRAMS.clear()
+    programs.clear()
     keras.utils.set_random_seed(5)
     one_step(tiny_rnn(keras.layers.SimpleRNNCell(UNITS)), x, y)
     keras.utils.set_random_seed(6)
     second = tiny_rnn(keras.layers.SimpleRNNCell(UNITS))
     initial = [v.numpy() for v in second.variables]
     reused = one_step(second, x, y)
-    assert len(training._PROGRAMS) == 1, "the same program: traced and compiled once"
+    assert len(programs.kept()) == 1, "the same program: traced and compiled once"
 
-    training._PROGRAMS.clear()
+    programs.clear()
     fresh_model = tiny_rnn(keras.layers.SimpleRNNCell(UNITS))
     for variable, value in zip(fresh_model.variables, initial):
         variable.assign(value)
@@ -149,8 +149,9 @@ def test_models_holding_a_traced_rnn_share_one_program_and_save(tmp_path):
     pd.testing.assert_frame_equal(reused.state_gradients, fresh.state_gradients, check_exact=True)
 
     data_of, loss = training.EpochData.of(x, y, N), resolve_loss("mse")
-    keys = {training._program_key(tiny_rnn(keras.layers.SimpleRNNCell(UNITS), truncate_bptt=k), loss,
-                                  keras.optimizers.SGD(0.0), data_of, {}) for k in (None, 3, 4)}
+    shapes = [list(data_of.x.shape), list(data_of.y.shape), data_of.batch_size]
+    keys = {programs.program_key(tiny_rnn(keras.layers.SimpleRNNCell(UNITS), truncate_bptt=k), loss,
+                                 keras.optimizers.SGD(0.0), shapes, {}) for k in (None, 3, 4)}
     assert None not in keys and len(keys) == 3
 
     path = tmp_path / "traced.keras"
