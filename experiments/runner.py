@@ -14,7 +14,6 @@ import gradtools
 from experiments.config import ExperimentConfig
 from experiments.datasets import make_dataset
 from experiments.models import build_model
-from gradtools.diagnosis import diagnose
 from gradtools.loggers import LocalRunLogger, RunLogger
 from gradtools.plots import run_figures
 
@@ -106,8 +105,6 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
                             **_fit_arguments(config))
     if suggestion is not None:
         local.update_info(clip_suggestion=str(suggestion))
-    if not history.metrics.empty:
-        local.update_info(diagnosis=diagnose(history).to_dict())
     return Run(config, run_dir, history)
 
 
@@ -128,7 +125,7 @@ def _with_suggested_clip(config: ExperimentConfig, model, x, y):
     config that is written and run holds the number), and the suggestion; else unchanged."""
     if config.training.clip_global_norm != "suggested":
         return config, None
-    from gradtools.clipping import suggest_clip_norm
+    from gradtools.clip_suggestion import suggest_clip_norm
 
     suggestion = suggest_clip_norm(model, x, y, loss=config.training.loss,
                                    optimizer=config.optimizer.keras_config(),

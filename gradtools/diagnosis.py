@@ -13,23 +13,16 @@ thresholds and where they come from):
 - its **gradient-to-weight ratio** ‖g‖ / ‖W‖, and its own history (how far its weight norm
   grew, shown as evidence).
 
-**exploding** if a loss or gradient became NaN/Inf (not counting a step the loss scaler skipped);
-or, in some epoch (medians over the epoch's logged steps, or over ten of them when epochs log
-fewer: :func:`judging_windows`), a layer's update ratio is at least
-:data:`EXPLODING_UPDATE_RATIO`, or its gradient is :data:`EXPLODING_GRAD_TO_WEIGHT` times its
-weight norm or more, or the loss is at least :data:`ASTRONOMICAL_LOSS`; or the global gradient
-norm grows :data:`EXPLODING_GRAD_GROWTH`× over its first steps; or, through time,
-‖∂L/∂h_1‖ ≥ 1/:data:`VANISHING_THROUGH_TIME` × ‖∂L/∂h_T‖.
-
-**vanishing** if every kernel of a block gets a gradient of exactly zero at most steps (dead
-or saturated units); or if a block (the top-level layer a kernel belongs to: see :mod:`gradtools.layers`) has a
-sensitivity below :data:`VANISHING_RATIO` times the strongest block after it, over the
-first epoch or over the run; or, for a :class:`gradtools.through_time.TracedRNN`, if ‖∂L/∂h_t‖
-falls below :data:`VANISHING_THROUGH_TIME` × ‖∂L/∂h_T‖ within the steps the gradient is allowed
-to reach (the layer's ``truncate_bptt``; a gradient that underflowed to 0 is vanishing).
-Layers are compared by block, not one by one: the query and key projections of an attention
+The rule is the table :data:`RULES` (``docs/diagnosis.md`` shows it, with why each threshold):
+a run is **exploding** when a rule of that verdict holds for the run (a NaN/Inf, an astronomical
+loss, a gradient norm that grows by orders of magnitude, or, through time, ‖∂L/∂h_first‖ far
+above ‖∂L/∂h_T‖) or for a layer (update ratio, gradient-to-weight ratio); otherwise
+**vanishing** when one holds for a block (the top-level layer a kernel belongs to: see
+:mod:`gradtools.layers`), whose kernels all get exactly zero at most steps or whose sensitivity
+falls two decades below the strongest block after it, or through time; otherwise **healthy**.
+Blocks, not single kernels, are compared: the query and key projections of an attention
 layer get far less gradient than its value projection at the same depth, which says the gradient
-reached that depth. For the same reason a kernel that alone gets exactly zero (the query and
+reached that depth; for the same reason a kernel that alone gets exactly zero (the query and
 key projections of an attention over a single context token) is not dead.
 
 **healthy** otherwise.
@@ -44,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradtools.columns import LOSS_SCALE_COLUMNS, layer_numbers
+from gradtools.columns import LOSS_SCALE_COLUMNS, layer_column, layer_name, layer_numbers
 from gradtools.history import COMPLETED, History, RunDirectoryError
 from gradtools.layers import layer_label
 from gradtools.recurrence import bptt_steps_column, state_gradient_curve, state_gradient_layers
@@ -73,6 +66,8 @@ FIRST_STEPS = 10
 STALLED_LOSS_IMPROVEMENT = 0.01
 #: How many layers an explanation names before it says "and N more".
 NAMED_LAYERS = 3
+#: The two windows a layer is judged over.
+FIRST_EPOCH, OVER_THE_RUN = "in the first epoch", "over the run"
 
 REMEDIES = {
     "vanishing": [
@@ -94,6 +89,106 @@ REMEDIES = {
 }
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One line of the rule: the verdict ``verdict`` when ``quantity`` (a key of a layer's
+    numbers, or of the run's evidence, by ``scope``) compares to ``threshold`` as
+    ``comparison`` says (``"present"``: it is not None). ``reason`` is the explanation's
+    text (``str.format`` with ``value``, ``threshold`` and the numbers' keys); ``when`` and
+    ``shown`` are the row of the table in ``docs/diagnosis.md`` (:func:`rules_table`), and
+    ``source`` the paragraph there that says why this threshold. Of rules with one ``group``,
+    only the first that holds is given as a reason."""
+
+    verdict: str
+    scope: str
+    quantity: str
+    comparison: str
+    threshold: float | None
+    reason: str
+    when: str
+    shown: str
+    source: str
+    group: str = ""
+
+    def holds(self, value) -> bool:
+        if value is None:
+            return False
+        if self.comparison == "present":
+            return True
+        return {">=": value >= self.threshold, ">": value > self.threshold,
+                "<": value < self.threshold}[self.comparison]
+
+
+_ZERO = ("its block's gradient (every kernel's) is exactly 0 at {value:.0%} of the steps {window} "
+         "(its units, or those after it, are dead or saturated)")
+_DEPTH = ("its block gets {value:.3g}× the gradient sensitivity of the strongest block after it "
+          "({after}) {window} (threshold {threshold:g})")
+_TIME = ("through time, {label}: ‖∂L/∂h_first‖ is {value:.3g}× ‖∂L/∂h_T‖ (median over epochs, {span}; "
+         "threshold {threshold:g})")
+
+#: The rule, in the order its reasons are given. A run is exploding when a rule of that verdict
+#: holds for the run or for any layer; else vanishing when one of that verdict holds; else healthy.
+RULES = (
+    Rule("exploding", "run", "first_nonfinite_statistic_step", "present", None,
+         "the loss or the gradients became NaN/Inf at step {value}",
+         "the loss or a gradient became NaN/Inf (not a step the loss scaler skipped)", "any", "Mixed precision"),
+    Rule("exploding", "run", "loss_epoch_median_max", ">=", ASTRONOMICAL_LOSS,
+         "the loss reached {value:.3g} (epoch median; threshold {threshold:g})",
+         "the loss, epoch median", "≥ 10¹⁰", "Why these exploding thresholds"),
+    Rule("exploding", "run", "grad_norm_growth", ">=", EXPLODING_GRAD_GROWTH,
+         "the global gradient norm grew {value:.3g}× over its first " + str(FIRST_STEPS)
+         + " steps (threshold {threshold:g}×)",
+         f"the global gradient norm ÷ its median over the first {FIRST_STEPS} logged steps", "≥ 10³",
+         "Why these exploding thresholds"),
+    Rule("exploding", "run", "state_grad_ratio_max", ">=", 1 / VANISHING_THROUGH_TIME, _TIME,
+         "through time: ‖∂L/∂h_first‖ ÷ ‖∂L/∂h_T‖, median over epochs (`TracedRNN` layers)", "≥ 10³",
+         "Through time"),
+    Rule("exploding", "layer", "update_ratio", ">=", EXPLODING_UPDATE_RATIO,
+         "each step changes its weights by {value:.3g}× their norm (epoch median; threshold {threshold:g})",
+         "a layer's update ratio, epoch median", "≥ 1", "Why these exploding thresholds"),
+    Rule("exploding", "layer", "grad_to_weight", ">=", EXPLODING_GRAD_TO_WEIGHT,
+         "its gradient norm is {value:.3g}× its weight norm (epoch median; threshold {threshold:g})",
+         "a layer's gradient-to-weight ratio, epoch median", "≥ 10⁵", "Why these exploding thresholds"),
+    Rule("vanishing", "layer", "block_zero_gradient_first_epoch", ">", DEAD_FRACTION, _ZERO,
+         "every kernel of a block gets a gradient of exactly 0, in the first epoch (dead or saturated units)",
+         "> 50 % of the steps", "Dead layers", group="zero"),
+    Rule("vanishing", "layer", "block_zero_gradient", ">", DEAD_FRACTION, _ZERO,
+         "every kernel of a block gets a gradient of exactly 0, over the run", "> 50 % of the steps",
+         "Dead layers", group="zero"),
+    Rule("vanishing", "layer", "depth_ratio_first_epoch", "<", VANISHING_RATIO, _DEPTH,
+         "a block's sensitivity (its strongest layer's) ÷ the strongest block after it, in the first epoch",
+         "< 10⁻²", "Why two decades for vanishing, by block"),
+    Rule("vanishing", "layer", "depth_ratio", "<", VANISHING_RATIO, _DEPTH,
+         "the same, over the run", "< 10⁻²", "Why two decades for vanishing, by block"),
+    Rule("vanishing", "run", "state_grad_ratio", "<", VANISHING_THROUGH_TIME, _TIME,
+         "through time: ‖∂L/∂h_first‖ ÷ ‖∂L/∂h_T‖, median over epochs (`TracedRNN` layers)", "< 10⁻³",
+         "Through time"),
+)
+
+
+def reasons(verdict: str, scope: str, numbers: dict, context: dict | None = None) -> list[str]:
+    """The reasons the rules of ``verdict`` and ``scope`` give for ``numbers``: one per rule
+    that holds (the first of a group), in the table's order. ``context`` fills the other
+    names a reason's text uses, by the rule's quantity (``{quantity: {name: value}}``)."""
+    given, groups = [], set()
+    for rule in RULES:
+        value = numbers.get(rule.quantity)
+        if rule.verdict != verdict or rule.scope != scope or rule.group in groups or not rule.holds(value):
+            continue
+        given.append(rule.reason.format(value=value, threshold=rule.threshold,
+                                        **(context or {}).get(rule.quantity, {})))
+        if rule.group:
+            groups.add(rule.group)
+    return given
+
+
+def rules_table() -> str:
+    """The rule as the Markdown table of ``docs/diagnosis.md``."""
+    rows = ["| verdict | when | threshold | why (below) |", "|---|---|---|---|"]
+    rows += [f"| {rule.verdict} | {rule.when} | {rule.shown} | {rule.source} |" for rule in RULES]
+    return "\n".join(rows + ["| healthy | none of the above | | |"])
+
+
 @dataclass
 class LayerFinding:
     """The numbers of one numbered layer and what they say."""
@@ -107,7 +202,7 @@ class LayerFinding:
 
     @property
     def label(self) -> str:
-        return f"layer_{self.layer} ({self.path})" if self.path else f"layer_{self.layer}"
+        return f"{layer_name(self.layer)} ({self.path})" if self.path else layer_name(self.layer)
 
 
 @dataclass
@@ -194,7 +289,7 @@ def _grad_growth(metrics: pd.DataFrame) -> float | None:
 
 
 def _weight_growth(metrics: pd.DataFrame, k: int) -> float | None:
-    weights = _finite(metrics[f"layer_{k}/weight_norm"])
+    weights = _finite(metrics[layer_column(k, "weight_norm")])
     return _number(weights.max() / weights[0]) if weights.size and weights[0] > 0 else None
 
 
@@ -209,7 +304,7 @@ def _block_zero_fractions(metrics: pd.DataFrame, ks, blocks) -> dict[str, dict[s
     in_first_epoch = windows == windows.min()
     fractions = {}
     for block in dict.fromkeys(blocks):
-        norms = metrics[[f"layer_{k}/grad_norm" for k, b in zip(ks, blocks) if b == block]]
+        norms = metrics[[layer_column(k, "grad_norm") for k, b in zip(ks, blocks) if b == block]]
         largest = norms.max(axis=1, skipna=False)  # NaN where any is NaN: not zero
         fractions[block] = {"block_zero_gradient_first_epoch": _zero_fraction(largest[in_first_epoch]),
                             "block_zero_gradient": _zero_fraction(largest)}
@@ -221,14 +316,14 @@ def _layer_numbers(metrics: pd.DataFrame, k: int, sensitivities: pd.DataFrame) -
     epochs = judging_windows(metrics)
     in_first_epoch = epochs == epochs.min()
     first_epoch = metrics[in_first_epoch]
-    grad, weight = metrics[f"layer_{k}/grad_norm"], metrics[f"layer_{k}/weight_norm"]
+    grad, weight = metrics[layer_column(k, "grad_norm")], metrics[layer_column(k, "weight_norm")]
     return {
-        "sensitivity_first_epoch": _median(sensitivities.loc[in_first_epoch, f"layer_{k}"]),
-        "sensitivity": _median(sensitivities[f"layer_{k}"]),
-        "zero_gradient_first_epoch": _zero_fraction(first_epoch[f"layer_{k}/grad_norm"]),
+        "sensitivity_first_epoch": _median(sensitivities.loc[in_first_epoch, layer_name(k)]),
+        "sensitivity": _median(sensitivities[layer_name(k)]),
+        "zero_gradient_first_epoch": _zero_fraction(first_epoch[layer_column(k, "grad_norm")]),
         "zero_gradient": _zero_fraction(grad),
         "grad_to_weight": _max_epoch_median(grad / weight, epochs),
-        "update_ratio": _max_epoch_median(metrics[f"layer_{k}/update_ratio"], epochs),
+        "update_ratio": _max_epoch_median(metrics[layer_column(k, "update_ratio")], epochs),
         "weight_growth": _weight_growth(metrics, k),
     }
 
@@ -257,33 +352,6 @@ def _block_ratios(numbers: list[dict], blocks: list[str], later: dict[str, list[
 
 # --- judging layers -----------------------------------------------------------------------------
 
-def _exploding_reasons(n: dict) -> list[str]:
-    reasons = []
-    if (n["update_ratio"] or 0) >= EXPLODING_UPDATE_RATIO:
-        reasons.append(f"each step changes its weights by {n['update_ratio']:.3g}× their norm "
-                       f"(epoch median; threshold {EXPLODING_UPDATE_RATIO:g})")
-    if (n["grad_to_weight"] or 0) >= EXPLODING_GRAD_TO_WEIGHT:
-        reasons.append(f"its gradient norm is {n['grad_to_weight']:.3g}× its weight norm "
-                       f"(epoch median; threshold {EXPLODING_GRAD_TO_WEIGHT:g})")
-    return reasons
-
-
-def _vanishing_reasons(n: dict, strongest_after: dict[str, str | None]) -> list[str]:
-    reasons = []
-    for key, when in (("block_zero_gradient_first_epoch", "in the first epoch"),
-                      ("block_zero_gradient", "over the run")):
-        if (n[key] or 0) > DEAD_FRACTION:
-            reasons.append(f"its block's gradient (every kernel's) is exactly 0 at {n[key]:.0%} of the "
-                           f"steps {when} (its units, or those after it, are dead or saturated)")
-            break
-    for key, when in (("depth_ratio_first_epoch", "in the first epoch"), ("depth_ratio", "over the run")):
-        if n[key] is not None and n[key] < VANISHING_RATIO:
-            reasons.append(f"its block gets {n[key]:.3g}× the gradient sensitivity of the strongest "
-                           f"block after it ({strongest_after[key]}) {when} "
-                           f"(threshold {VANISHING_RATIO:g})")
-    return reasons
-
-
 def _strongest_after(numbers, blocks, later: list[str], key: str) -> str | None:
     candidates = [(n[key], b) for n, b in zip(numbers, blocks) if b in later and n[key] is not None]
     return max(candidates)[1] if candidates else None
@@ -295,7 +363,7 @@ def layer_findings(metrics: pd.DataFrame, paths, blocks, downstream=None) -> lis
     ks = layer_numbers(metrics)
     paths = list(paths) if paths and len(paths) == len(ks) else [""] * len(ks)
     known = blocks and len(blocks) == len(ks)
-    blocks = list(blocks) if known else [f"layer_{k}" for k in ks]
+    blocks = list(blocks) if known else [layer_name(k) for k in ks]
     later = _later_blocks(blocks, (downstream or {}) if known else {})
     sensitivities = sensitivity_table(metrics)
     numbers = [_layer_numbers(metrics, k, sensitivities) for k in ks]
@@ -305,9 +373,12 @@ def layer_findings(metrics: pd.DataFrame, paths, blocks, downstream=None) -> lis
     findings = []
     for k, path, block, n in zip(ks, paths, blocks, numbers):
         n = {**n, **{key: ratios[key].get(block) for key in ratios}, **zero_fractions[block]}
-        after = {key: _strongest_after(numbers, blocks, later[block], source) for key, source in (
-            ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
-        exploding, vanishing = _exploding_reasons(n), _vanishing_reasons(n, after)
+        context = {key: {"after": _strongest_after(numbers, blocks, later[block], source), "window": window}
+                   for key, source, window in (("depth_ratio_first_epoch", "sensitivity_first_epoch", FIRST_EPOCH),
+                                               ("depth_ratio", "sensitivity", OVER_THE_RUN))}
+        context |= {"block_zero_gradient_first_epoch": {"window": FIRST_EPOCH},
+                    "block_zero_gradient": {"window": OVER_THE_RUN}}
+        exploding, vanishing = reasons("exploding", "layer", n, context), reasons("vanishing", "layer", n, context)
         verdict = "exploding" if exploding else "vanishing" if vanishing else "healthy"
         findings.append(LayerFinding(k, path, block, verdict, n, exploding or vanishing))
     return findings
@@ -350,24 +421,14 @@ def _bptt_steps(state_gradients: pd.DataFrame, k: int, time_steps: int) -> int:
     return time_steps  # tables written before the setting was recorded
 
 
-def _through_time_reasons(e: dict, label) -> tuple[list[str], list[str]]:
-    """(exploding reasons, vanishing reasons) through time."""
-    if e.get("state_grad_ratio") is None and e.get("state_grad_ratio_max") is None:
-        return [], []
+def _run_context(e: dict, label) -> dict:
+    """The names the run's reasons use beside their value: through time, the layer and the span."""
+    if e.get("time_steps") is None:
+        return {}
     span = (f"over the last {e['bptt_steps']} of {e['time_steps']} steps (truncated backpropagation)"
             if e["bptt_steps"] < e["time_steps"] else f"T = {e['time_steps']}")
-    exploding, vanishing = [], []
-    high = e.get("state_grad_ratio_max")
-    if high is not None and high >= 1 / VANISHING_THROUGH_TIME:
-        exploding.append(f"through time, {label(e['state_grad_layer_max'])}: ‖∂L/∂h_first‖ is "
-                         f"{high:.3g}× ‖∂L/∂h_T‖ (median over epochs, {span}; threshold "
-                         f"{1 / VANISHING_THROUGH_TIME:g})")
-    low = e.get("state_grad_ratio")
-    if low is not None and low < VANISHING_THROUGH_TIME:
-        vanishing.append(f"through time, {label(e['state_grad_layer'])}: ‖∂L/∂h_first‖ is "
-                         f"{low:.3g}× ‖∂L/∂h_T‖ (median over epochs, {span}; threshold "
-                         f"{VANISHING_THROUGH_TIME:g})")
-    return exploding, vanishing
+    return {"state_grad_ratio": {"label": label(e["state_grad_layer"]), "span": span},
+            "state_grad_ratio_max": {"label": label(e["state_grad_layer_max"]), "span": span}}
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -390,20 +451,6 @@ def run_evidence(metrics: pd.DataFrame) -> dict:
         "loss_improvement": _number(improvement) if improvement is not None else None,
         "median_loss_swing": _number(np.median(swings)) if len(swings) else None,
     }
-
-
-def _run_exploding_reasons(e: dict) -> list[str]:
-    reasons = []
-    if e["first_nonfinite_statistic_step"] is not None:
-        reasons.append(f"the loss or the gradients became NaN/Inf at step "
-                       f"{e['first_nonfinite_statistic_step']}")
-    if (e["loss_epoch_median_max"] or 0) >= ASTRONOMICAL_LOSS:
-        reasons.append(f"the loss reached {e['loss_epoch_median_max']:.3g} (epoch median; "
-                       f"threshold {ASTRONOMICAL_LOSS:g})")
-    if (e["grad_norm_growth"] or 0) >= EXPLODING_GRAD_GROWTH:
-        reasons.append(f"the global gradient norm grew {e['grad_norm_growth']:.3g}× over its first "
-                       f"{FIRST_STEPS} steps (threshold {EXPLODING_GRAD_GROWTH:g}×)")
-    return reasons
 
 
 def _named(findings: list[LayerFinding]) -> str:
@@ -459,18 +506,15 @@ def _judge(history: History) -> Diagnosis:
     e["blocks"] = len({f.block for f in findings})
     e["weakest_block"], e["weakest_depth_ratio"] = _weakest(findings)
     e.update(through_time_evidence(history.state_gradients))
-    def label(k):
-        return layer_label(k, history.layer_paths)
-    time_exploding, time_vanishing = _through_time_reasons(e, label)
+    context = _run_context(e, lambda k: layer_label(k, history.layer_paths))
 
     exploding_layers = [f for f in findings if f.verdict == "exploding"]
-    reasons = _run_exploding_reasons(e) + time_exploding
-    if exploding_layers:
-        reasons.append(_named(exploding_layers))
-    if reasons:
-        return Diagnosis("exploding", e, "Exploding gradients: " + "; ".join(reasons) + ".",
+    exploding = reasons("exploding", "run", e, context) + ([_named(exploding_layers)] if exploding_layers else [])
+    if exploding:
+        return Diagnosis("exploding", e, "Exploding gradients: " + "; ".join(exploding) + ".",
                          REMEDIES["exploding"], findings)
     vanishing_layers = [f for f in findings if f.verdict == "vanishing"]
+    time_vanishing = reasons("vanishing", "run", e, context)
     if vanishing_layers or time_vanishing:
         text = "; ".join(([_named(vanishing_layers)] if vanishing_layers else []) + time_vanishing)
         return Diagnosis("vanishing", e, "Vanishing gradients: " + text + "." + _vanishing_tail(e, vanishing_layers),

@@ -8,10 +8,14 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from gradtools.columns import STEP_COLUMNS, layer_columns
+
+if TYPE_CHECKING:
+    from gradtools.diagnosis import Diagnosis
 
 #: How a run can end. ``diverged`` is a result (a non-finite loss or gradient), not an error.
 #: A run directory still says ``running`` when its process was killed (or is still training).
@@ -89,6 +93,9 @@ class History:
     #: Each block's blocks downstream in the model's graph (:func:`gradtools.layers.block_downstream`);
     #: empty when unknown (each block is then before every block listed after it).
     block_downstream: dict[str, list[str]] = field(default_factory=dict)
+    #: The run's :class:`gradtools.Diagnosis`, made once when a run with loggers ends
+    #: (:func:`gradtools.loggers.base.end_run`) and handed to them; None otherwise.
+    diagnosis: Diagnosis | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_layers(self) -> int:

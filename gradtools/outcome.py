@@ -29,7 +29,7 @@ def run_outcome(history: "History") -> dict[str, str | int | float | None]:
                "verdict": None, **dict.fromkeys(OUTCOME_NUMBERS)}
     if history.metrics.empty:
         return outcome
-    diagnosis = diagnose(history)
+    diagnosis = history.diagnosis or diagnose(history)
     outcome.update(verdict=diagnosis.verdict,
                    final_loss=_number(history.metrics["loss"].iloc[-1]),
                    weakest_depth_ratio=_number(diagnosis.evidence.get("weakest_depth_ratio")),

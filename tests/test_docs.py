@@ -58,3 +58,14 @@ def test_the_config_files_shown_in_the_docs_load(repo_root, tmp_path):
         path = tmp_path / f"shown_{number}.toml"
         path.write_text(block)
         load_config(str(path))
+
+
+def test_the_diagnosis_rule_shown_is_the_one_the_code_applies(repo_root):
+    """docs/diagnosis.md shows gradtools.diagnosis.RULES as they are, and each rule's source
+    is a paragraph of that page."""
+    from gradtools.diagnosis import RULES, rules_table
+
+    page = (repo_root / "docs" / "diagnosis.md").read_text()
+    assert rules_table() in page, "regenerate the table with gradtools.diagnosis.rules_table()"
+    for rule in RULES:
+        assert f"**{rule.source}.**" in page, rule

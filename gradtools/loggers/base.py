@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradtools.diagnosis import diagnose
 from gradtools.history import EARLY_END_STATUSES
 
 if TYPE_CHECKING:
@@ -105,7 +106,10 @@ def end_run(loggers: Sequence[RunLogger], history: "History", figures=None) -> N
     """Close a run in every logger: a run that ended early (``interrupted``, ``failed``) gets
     its status recorded first; then the figures are drawn once (``figures``: a function of the
     history returning ``{name: Figure}``, or None for none) and handed to each logger; then
-    each logger finishes."""
+    each logger finishes. The run is diagnosed once, here, and each logger finds the diagnosis
+    as ``history.diagnosis``."""
+    if loggers and history.diagnosis is None and not history.metrics.empty:
+        history.diagnosis = diagnose(history)
     if history.status in EARLY_END_STATUSES:
         for logger in loggers:
             logger.log_progress(epochs_completed=history.epochs_completed, status=history.status)

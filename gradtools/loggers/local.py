@@ -240,8 +240,8 @@ class LocalRunLogger(RunLogger):
                           lambda path: path.write_bytes(figure_png(figure)))
 
     def finish(self, history) -> None:
-        """The final entries of run.json. The status itself was written by the last
-        :meth:`log_progress` (a ``completed`` or ``diverged`` status is not undone here)."""
+        """The final entries of run.json, the diagnosis among them. The status itself was written
+        by the last :meth:`log_progress` (a ``completed`` or ``diverged`` status is not undone here)."""
         self._flush()
         if self._writer is not None:
             self._writer.shutdown()
@@ -253,6 +253,8 @@ class LocalRunLogger(RunLogger):
                           wall_seconds=round(time.time() - self._started, 3),
                           layer_paths=history.layer_paths, layer_blocks=history.layer_blocks,
                           block_downstream=history.block_downstream)
+        if history.diagnosis is not None:
+            self._info["diagnosis"] = history.diagnosis.to_dict()
         if not self.metrics_path.exists():
             write_atomically(self.metrics_path, lambda path: _write_csv_file(path, history.metrics))
         self._write_info()
