@@ -49,6 +49,7 @@ from typing import Any
 import pandas as pd
 import tomli_w
 
+from experiments import worker
 from experiments.config import (
     CONFIGS_DIR,
     FILE,
@@ -199,6 +200,59 @@ def summarize_point(history) -> dict[str, Any]:
         last_epoch_loss=float(epochs["loss"].mean().iloc[-1]),
     )
     return row
+
+
+def run_sweep_points(configs, report=None, threads: int | None = None) -> list[dict]:
+    """:func:`each_sweep_point`'s results as a list, each also given to ``report(position,
+    result)`` as it is done."""
+    results = []
+    for position, result in enumerate(each_sweep_point(configs, threads)):
+        results.append(result)
+        if report is not None:
+            report(position, result)
+    return results
+
+
+def each_sweep_point(configs, threads: int | None = None):
+    """Yields :func:`run_sweep_point` of each config as it is done, one after the other (the
+    points of one program: it is traced and compiled once). As a Ray task, a generator streams
+    each point to the driver when it finishes. ``threads``: see :func:`experiments.worker.limit_threads`
+    (a Ray task runs without :func:`experiments.worker.start`)."""
+    worker.limit_threads(threads)
+    try:
+        for config in configs:
+            yield run_sweep_point(config, clear=False)
+    finally:
+        worker.clear_models()
+
+
+def run_sweep_point(config, clear: bool = True) -> dict:
+    """Run one sweep point in a temporary directory; return its sweep.csv row and its run
+    directory's files (name -> bytes), for the caller to write wherever the sweep lives.
+    An error is returned as a failed row, never raised: one bad point must not stop a sweep."""
+    import tempfile
+    import traceback
+    from pathlib import Path
+
+    worker.quiet_tensorflow()  # a Ray task runs here without start()
+    from experiments.runner import run_experiment
+
+    with tempfile.TemporaryDirectory(prefix="gradtools-point-") as scratch:
+        run_dir = Path(scratch) / "run"
+        failure = None
+        try:
+            with worker.job():
+                row = summarize_point(run_experiment(config, run_dir=run_dir, figures=False).history)
+        except Exception as error:  # noqa: BLE001 — recorded in sweep.csv, with its traceback
+            row = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+            failure = traceback.format_exc()
+        files = {str(p.relative_to(run_dir)): p.read_bytes()
+                 for p in sorted(run_dir.rglob("*")) if p.is_file()} if run_dir.exists() else {}
+    if failure is not None:
+        files["traceback.txt"] = failure.encode()
+    if clear:
+        worker.clear_models()
+    return {"row": row, "files": files}
 
 
 # --- running a sweep ---------------------------------------------------------------------------
@@ -484,10 +538,9 @@ Finished = Callable[[Point, dict[str, Any]], None]
 
 def _run_locally(jobs, finished: Finished, workers: int, ray_address) -> None:
     """The points of each program together, in this process or spread over ``workers``."""
-    from experiments import worker
     from experiments.parallel import program_key, run_grouped
 
-    run_grouped(worker.run_sweep_points, [config for _, config in jobs],
+    run_grouped(run_sweep_points, [config for _, config in jobs],
                 [program_key(config) for _, config in jobs], workers,
                 lambda index, result: finished(jobs[index][0], result))
 
@@ -568,7 +621,6 @@ def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | Non
         raise ConfigError("--executor", "--executor", "ray",
                           "needs Ray: pip install 'gradtools[distributed]' (in a checkout: "
                           "pip install -e '.[distributed]')") from None
-    from experiments import worker
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -576,7 +628,7 @@ def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | Non
     try:
         from experiments.parallel import POLL_SECONDS, deferred_interrupts, program_groups, program_key
 
-        remote = ray.remote(num_cpus=1)(worker.each_sweep_point)
+        remote = ray.remote(num_cpus=1)(each_sweep_point)
         threads = worker.threads_per_worker(workers) if not ray_address else None
         streams = {}  # a Ray generator per group: each point arrives as it finishes
         for group in program_groups([program_key(config) for _, config in jobs], workers):

@@ -1,7 +1,8 @@
 """gradtools: see, measure and fix vanishing and exploding gradients in Keras 3 models.
 
-Exports are loaded on first use, so ``import gradtools`` does not start TensorFlow (the
-command-line entry points start it quietly first: see :mod:`gradtools.tf_startup`).
+Exports are loaded on first use, so ``import gradtools`` does not start TensorFlow, and it
+changes nothing process-wide: the experiment suite's entry points start TensorFlow quietly,
+with their own process settings, before they use it.
 """
 
 import importlib
@@ -14,7 +15,7 @@ _EXPORTS = {
     "fit": "gradtools.training",
     "GradientMonitor": "gradtools.monitor",
     "check_gradients": "gradtools.gradcheck",
-    "suggest_clip_norm": "gradtools.clipping",
+    "suggest_clip_norm": "gradtools.clip_suggestion",
     "compare_runs": "gradtools.compare",
     "diagnose": "gradtools.diagnosis",
     "Diagnosis": "gradtools.diagnosis",

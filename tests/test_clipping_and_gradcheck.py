@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 import gradtools
-from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value, suggest_clip_norm
+from gradtools.clip_suggestion import suggest_clip_norm
+from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.gradcheck import check_gradients
 
 GRADS = [np.array([[3.0, -4.0]], np.float32), np.array([12.0], np.float32), None]

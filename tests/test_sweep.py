@@ -300,18 +300,18 @@ def test_a_finished_points_model_is_freed_when_the_next_point_starts():
 
     import keras
 
-    from experiments.worker import _clear, _quiet_tensorflow
+    from experiments.worker import clear_models, quiet_tensorflow
 
     def a_point():
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(1)])
         model(np.ones((2, 8), np.float32))
         return weakref.ref(model)
 
-    _quiet_tensorflow()
+    quiet_tensorflow()
     finished = a_point()
     frozen = gc.get_freeze_count()
-    _quiet_tensorflow()  # the next point starts
-    _clear()
+    quiet_tensorflow()  # the next point starts
+    clear_models()
     assert finished() is None, "the finished point's model was kept"
     assert gc.get_freeze_count() <= frozen
 

@@ -1,0 +1,58 @@
+"""The shape of the code: the library knows nothing of the experiments, and no module imports
+itself through others (an import cycle makes the order of imports matter, and a change in one
+module break another)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package in ("gradtools", "experiments"):
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _imports(path: Path, modules) -> set[str]:
+    """The project's modules ``path`` imports when it runs (imports inside functions count;
+    those under ``if TYPE_CHECKING:`` do not)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name in modules}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & set(modules)
+            found |= submodules or ({node.module} & set(modules))
+    return found
+
+
+def test_the_library_never_imports_the_experiments():
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith("gradtools"):
+            assert not {m for m in _imports(path, modules) if m.startswith("experiments")}, name
+
+
+def test_no_module_imports_itself_through_others():
+    modules = _modules()
+    graph = {name: _imports(path, modules) - {name} for name, path in modules.items()}
+    for start in graph:
+        seen, frontier = set(), list(graph[start])
+        while frontier:
+            name = frontier.pop()
+            if name == start:
+                raise AssertionError(f"{start} imports itself through {sorted(seen)}")
+            if name not in seen:
+                seen.add(name)
+                frontier += graph.get(name, ())
