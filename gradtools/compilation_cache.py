@@ -7,8 +7,7 @@ functions got other names and missed the entry (measured: three small jit-compil
 traced first made a one-epoch run of a net of three small sigmoid layers miss, 1.39 s
 instead of 0.60 s).
 :func:`named_after` numbers a program's functions from its key instead, while it is traced.
-Within one process, :func:`gradtools.training.compiled_program` reuses the compiled program
-itself.
+Within one process, :mod:`gradtools.programs` reuses the compiled program itself.
 
 TensorFlow reads ``TF_XLA_FLAGS`` once, when XLA starts, so :func:`enable` must run before the
 first compilation (the command-line entry points call it before importing TensorFlow). The
@@ -32,6 +31,7 @@ import itertools
 import os
 import platform
 import re
+import warnings
 from pathlib import Path
 
 ENVIRONMENT = "GRADTOOLS_XLA_CACHE"
@@ -204,6 +204,12 @@ _traces: dict[str, int] = {}
 _FIRST_NUMBER, _BLOCKS, _BLOCK = 2**40, 2**42, 2**20
 
 
+#: TensorFlow's private counter that numbers traced functions (``tensorflow.python.framework.ops``).
+_COUNTER = "uid"
+#: Whether its absence was warned about (once per process).
+_warned_uid: list[bool] = []
+
+
 @contextlib.contextmanager
 def named_after(program_key: str | None):
     """While the block traces a program, number its functions (``__inference_run_epoch_<n>``,
@@ -213,16 +219,24 @@ def named_after(program_key: str | None):
     without a key) changes nothing. The numbers do not change what is computed."""
     from tensorflow.python.framework import ops
 
-    if program_key is None or not callable(getattr(ops, "uid", None)):
+    if program_key is None:
+        yield
+        return
+    if not callable(getattr(ops, _COUNTER, None)):  # TensorFlow changed: compile as it names things
+        if not _warned_uid:
+            _warned_uid.append(True)
+            warnings.warn("gradtools: this TensorFlow has no ops.uid to name a traced program after its key; "
+                          "programs are compiled without the persistent cache's hits across processes",
+                          RuntimeWarning, stacklevel=3)
         yield
         return
     occurrence = _traces.get(program_key, 0)
     _traces[program_key] = occurrence + 1
     digest = hashlib.sha256(f"{program_key}#{occurrence}".encode()).hexdigest()
     numbers = itertools.count(_FIRST_NUMBER + int(digest, 16) % _BLOCKS * _BLOCK)
-    process_counter = ops.uid
-    ops.uid = lambda: next(numbers)
+    process_counter = getattr(ops, _COUNTER)
+    setattr(ops, _COUNTER, lambda: next(numbers))
     try:
         yield
     finally:
-        ops.uid = process_counter
+        setattr(ops, _COUNTER, process_counter)

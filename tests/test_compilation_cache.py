@@ -114,3 +114,29 @@ def test_xla_flags_of_the_users_are_read_as_xla_reads_them(monkeypatch, tmp_path
                    cwd=tmp_path, env=env)
     assert done.returncode != 0
     assert "Unknown flag in TF_XLA_FLAGS: --no_such_xla_flag=1" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_tensorflow_without_the_counter_it_renames_trains_as_usual_after_one_warning(monkeypatch):
+    """The one place that replaces TensorFlow's private trace counter (``ops.uid``) falls
+    back to TensorFlow's own names, with one warning, when that counter is gone."""
+    import warnings
+
+    import keras
+    import numpy as np
+
+    import gradtools
+    from gradtools import programs
+
+    monkeypatch.setattr(compilation_cache, "_COUNTER", "a_counter_a_later_tensorflow_renamed")
+    monkeypatch.setattr(compilation_cache, "_warned_uid", [])
+    programs.clear()
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+            history = gradtools.fit(model, x, x[:, :1], loss="mse", optimizer="sgd", epochs=1, batch_size=8,
+                                    figures=False)
+            assert history.status == "completed" and len(history.metrics) == 5
+            programs.clear()
+    assert sum("no ops.uid" in str(w.message) for w in caught) == 1
