@@ -18,7 +18,7 @@ import numpy as np
 
 from experiments.parallel import run_jobs
 from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
-from gradtools.columns import layer_numbers
+from gradtools.columns import layer_column, layer_numbers
 from gradtools.diagnosis import through_time_evidence
 from gradtools.loggers.local import write_atomically
 from gradtools.summary import first_to_last_ratio, sample_per_epoch
@@ -60,12 +60,13 @@ def grad_mean_std(run: Run, which: str) -> float:
     """Standard deviation over epochs of a layer's signed mean gradient at batch 5."""
     first, last = _layers(run)
     k = first if which == "first" else last
-    return float(sample_per_epoch(run.history.metrics, ARTICLE_SAMPLE_BATCH)[f"layer_{k}/grad_mean"].std())
+    return float(sample_per_epoch(run.history.metrics, ARTICLE_SAMPLE_BATCH)[layer_column(k, "grad_mean")].std())
 
 
 def max_abs_first_grad_mean(run: Run) -> float:
     first, _ = _layers(run)
-    return float(sample_per_epoch(run.history.metrics, ARTICLE_SAMPLE_BATCH)[f"layer_{first}/grad_mean"].abs().max())
+    sampled = sample_per_epoch(run.history.metrics, ARTICLE_SAMPLE_BATCH)
+    return float(sampled[layer_column(first, "grad_mean")].abs().max())
 
 
 def magnitude_ratio(run: Run, first_epoch: bool = False) -> float:
@@ -75,7 +76,7 @@ def magnitude_ratio(run: Run, first_epoch: bool = False) -> float:
 
 def first_grad_abs_mean(run: Run) -> float:
     first, _ = _layers(run)
-    return float(run.history.metrics[f"layer_{first}/grad_abs_mean"].median())
+    return float(run.history.metrics[layer_column(first, "grad_abs_mean")].median())
 
 
 def state_gradient_ratio(run: Run) -> float:

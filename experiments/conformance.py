@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 import gradtools
+from gradtools.columns import layer_column
 from gradtools.monitor import GradientMonitor
 
 FLOAT32_TOLERANCE = 1e-4
@@ -208,7 +209,7 @@ def expected_row(ref: dict, layer_paths: list[str], before: dict | None = None, 
         parent = path.rsplit("/", 1)[0]
         for prefix, variable in (("", path), ("recurrent_", f"{parent}/recurrent_kernel")):
             if variable in gradients:
-                row.update(_layer_statistics(f"layer_{k}/{prefix}", gradients[variable],
+                row.update(_layer_statistics(layer_column(k, prefix), gradients[variable],
                                              None if before is None else before[variable],
                                              None if after is None else after[variable]))
     return row

@@ -10,8 +10,12 @@ only read run directories start fast.
 
 from __future__ import annotations
 
+#: The columns that say which step a row is (filled in on the Python side; the compiled step
+#: computes the rest of its row: :data:`VALUE_COLUMNS_START` on).
+INDEX_COLUMNS = ("step", "epoch", "batch")
+VALUE_COLUMNS_START = len(INDEX_COLUMNS)
 #: Columns that describe a step rather than a layer, in the order they appear.
-STEP_COLUMNS = ("step", "epoch", "batch", "loss", "grad_global_norm")
+STEP_COLUMNS = (*INDEX_COLUMNS, "loss", "grad_global_norm")
 
 #: Per-layer statistics, in the order of the columns :func:`gradtools.stats.layer_gradient_stats` returns.
 LAYER_STATS = (
@@ -39,15 +43,25 @@ LOSS_SCALE_COLUMNS = ("loss_scale", "skipped")
 RECURRENT_PREFIX = "recurrent_"
 
 
+def layer_name(k: int) -> str:
+    """The name of the k-th numbered layer (1-based) in every table, series and tag: ``layer_k``."""
+    return f"layer_{k}"
+
+
+def layer_column(k: int, statistic: str) -> str:
+    """The column of a statistic of the k-th numbered layer: ``layer_k/<statistic>``."""
+    return f"{layer_name(k)}/{statistic}"
+
+
 def layer_columns(n_layers: int, recurrent_layers=()) -> list[str]:
     """Column names ``layer_k/<stat>`` for layers 1..n_layers, in :data:`LAYER_STATS` order;
     a layer in ``recurrent_layers`` (1-based) also gets ``layer_k/recurrent_<stat>``, the
     same statistics of its recurrent kernel, right after its own."""
     columns = []
     for k in range(1, n_layers + 1):
-        columns += [f"layer_{k}/{stat}" for stat in LAYER_STATS]
+        columns += [layer_column(k, stat) for stat in LAYER_STATS]
         if k in recurrent_layers:
-            columns += [f"layer_{k}/{RECURRENT_PREFIX}{stat}" for stat in LAYER_STATS]
+            columns += [layer_column(k, RECURRENT_PREFIX + stat) for stat in LAYER_STATS]
     return columns
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from gradtools.columns import INDEX_COLUMNS
 from gradtools.history import DamagedRunWarning, History, RunDirectoryError
 from gradtools.loggers.local import write_atomically
 from gradtools.plots import plot_comparison
@@ -56,7 +57,7 @@ def _readable(run_dir: Path, from_glob: bool, stat: str) -> History | None:
         warnings.warn(f"skipped {error}", DamagedRunWarning, stacklevel=2)
         return None
     if stat not in history.metrics.columns:
-        available = ", ".join(c for c in history.metrics.columns if c not in ("step", "epoch", "batch"))
+        available = ", ".join(c for c in history.metrics.columns if c not in INDEX_COLUMNS)
         raise CompareError(f"{run_dir} has no statistic {stat!r}; available: {available}")
     return history
 

@@ -12,6 +12,7 @@ import pandas as pd
 import tensorflow as tf
 from keras.src.models.functional import Functional  # what clone_model copies (no public name)
 
+from gradtools.columns import layer_name
 from gradtools.layers import is_kernel
 from gradtools.steps import resolve_loss
 
@@ -99,6 +100,6 @@ def check_gradients(model: keras.Model, x, y, loss, *, epsilon: float = 1e-6,
             numeric = (plus - minus) / (2 * epsilon)
             error = abs(gradient[index] - numeric) / max(abs(gradient[index]) + abs(numeric), 1e-12)
             worst = max(worst, error)
-        rows.append({"layer": f"layer_{k}", "path": kernel.path, "max_relative_error": worst,
+        rows.append({"layer": layer_name(k), "path": kernel.path, "max_relative_error": worst,
                      "entries_checked": len(chosen), "ok": worst < tolerance})
     return pd.DataFrame(rows)

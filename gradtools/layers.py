@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gradtools.columns import layer_name
+
 
 @dataclass(frozen=True)
 class LayerLayout:
@@ -186,4 +188,4 @@ def _reached_from_outputs(model) -> dict[int, dict[int, set[int]]] | None:
 
 def layer_label(k: int, paths) -> str:
     """``layer_3 (encoder/attention/value/kernel)``, or ``layer_3`` when the path is unknown."""
-    return f"layer_{k} ({paths[k - 1]})" if paths and k <= len(paths) else f"layer_{k}"
+    return f"{layer_name(k)} ({paths[k - 1]})" if paths and k <= len(paths) else layer_name(k)

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from gradtools.columns import layer_numbers
+from gradtools.columns import layer_column, layer_name, layer_numbers
 from gradtools.history import History
 from gradtools.layers import layer_label
 from gradtools.recurrence import (
@@ -49,7 +49,7 @@ def plot_mean_gradient(metrics: pd.DataFrame, title: str = "",
     data = sample_per_epoch(metrics, sample_batch) if by_epoch else metrics
     x_name = "epoch" if by_epoch else "step"
     for k in layer_numbers(metrics):
-        ax.plot(data[x_name], data[f"layer_{k}/grad_mean"], label=layer_label(k, layer_paths))
+        ax.plot(data[x_name], data[layer_column(k, "grad_mean")], label=layer_label(k, layer_paths))
     if first_nonfinite_step is not None:
         where = metrics.loc[metrics["step"] == first_nonfinite_step, x_name]
         x_value = where.iloc[0] if len(where) else first_nonfinite_step
@@ -72,11 +72,11 @@ def plot_first_vs_last(metrics: pd.DataFrame, title: str = "",
     fig = Figure(figsize=(11, 6), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True, sharey="row")
     for column, k in enumerate((first, last)):
-        axes[0, column].plot(metrics["step"], metrics[f"layer_{k}/grad_mean"], linewidth=0.6)
+        axes[0, column].plot(metrics["step"], metrics[layer_column(k, "grad_mean")], linewidth=0.6)
         axes[0, column].axhline(0, color="grey", linewidth=0.5)
         axes[0, column].set_title(layer_label(k, layer_paths) + (" (first)" if k == first else " (last)"),
                                   fontsize=9)
-        axes[1, column].plot(metrics["step"], metrics[f"layer_{k}/grad_abs_mean"],
+        axes[1, column].plot(metrics["step"], metrics[layer_column(k, "grad_abs_mean")],
                              linewidth=0.6, color="tab:orange")
         axes[1, column].set_yscale("log")
         axes[1, column].set_xlabel("step")
@@ -237,8 +237,8 @@ def plot_seed_band(runs: list[pd.DataFrame], title: str, sample_batch: int = 0) 
     per_epoch = [m.groupby("epoch").mean(numeric_only=True).reset_index() for m in runs]
     for index, k in enumerate(layer_numbers(runs[0])):
         color = f"C{index % 10}"
-        _band(left, sampled, "epoch", f"layer_{k}/grad_mean", f"layer_{k}", color)
-        _band(right, per_epoch, "epoch", f"layer_{k}/grad_abs_mean", f"layer_{k}", color)
+        _band(left, sampled, "epoch", layer_column(k, "grad_mean"), layer_name(k), color)
+        _band(right, per_epoch, "epoch", layer_column(k, "grad_abs_mean"), layer_name(k), color)
     left.axhline(0, color="grey", linewidth=0.5)
     left.set_title(f"Mean gradient {title}: mean of {len(runs)} seeds, band min–max")
     left.set_xlabel(f"epoch (batch {sample_batch})")

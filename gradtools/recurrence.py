@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradtools.columns import layer_column
+
 #: Per-epoch column names, beside the per-step ``metrics.csv`` columns.
 STATE_GRAD_STAT = "state_grad_norm"
 SPECTRAL_RADIUS_STAT = "recurrent_spectral_radius"
@@ -18,17 +20,17 @@ BPTT_STEPS_STAT = "bptt_steps"
 
 def state_column(layer: int, t: int) -> str:
     """``layer_<k>/state_grad_norm/t<t>``: the mean ‖∂L/∂h_t‖ of layer k in an epoch."""
-    return f"layer_{layer}/{STATE_GRAD_STAT}/t{t:03d}"
+    return layer_column(layer, f"{STATE_GRAD_STAT}/t{t:03d}")
 
 
 def spectral_radius_column(layer: int) -> str:
-    return f"layer_{layer}/{SPECTRAL_RADIUS_STAT}"
+    return layer_column(layer, SPECTRAL_RADIUS_STAT)
 
 
 def bptt_steps_column(layer: int) -> str:
     """``layer_<k>/bptt_steps``: how many hidden states, counted back from the last, the
     gradient may reach (T, or the layer's ``truncate_bptt`` + 1)."""
-    return f"layer_{layer}/{BPTT_STEPS_STAT}"
+    return layer_column(layer, BPTT_STEPS_STAT)
 
 
 def state_gradient_layers(state_gradients) -> list[int]:
@@ -40,7 +42,7 @@ def state_gradient_layers(state_gradients) -> list[int]:
 def state_gradient_curve(state_gradients, layer: int, epoch: int) -> np.ndarray:
     """‖∂L/∂h_t‖, t = 1 … T, of ``layer`` in ``epoch`` (a row of the per-epoch table)."""
     row = state_gradients[state_gradients["epoch"] == epoch].iloc[0]
-    columns = [c for c in state_gradients.columns if c.startswith(f"layer_{layer}/{STATE_GRAD_STAT}/")]
+    columns = [c for c in state_gradients.columns if c.startswith(layer_column(layer, f"{STATE_GRAD_STAT}/"))]
     return row[columns].to_numpy(dtype=float)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from gradtools.columns import layer_numbers
+from gradtools.columns import layer_column, layer_name, layer_numbers
 
 
 def _finite_median(values) -> float:
@@ -23,8 +23,8 @@ def first_to_last_ratio(rows: pd.DataFrame) -> float:
     much gradient reaches the first layer. It depends on each layer's shape and role; the
     diagnosis does not use it (see :mod:`gradtools.diagnosis`)."""
     layers = layer_numbers(rows)
-    top = _finite_median(rows[f"layer_{layers[0]}/grad_abs_mean"])
-    bottom = _finite_median(rows[f"layer_{layers[-1]}/grad_abs_mean"])
+    top = _finite_median(rows[layer_column(layers[0], "grad_abs_mean")])
+    bottom = _finite_median(rows[layer_column(layers[-1], "grad_abs_mean")])
     return top / bottom if np.isfinite(bottom) and bottom > 0 else float("nan")
 
 
@@ -33,8 +33,8 @@ def sensitivity_table(metrics: pd.DataFrame) -> pd.DataFrame:
     first-order relative change of the loss if the layer's weights moved by their own size in
     the steepest direction (NaN where undefined)."""
     loss = metrics["loss"].abs()
-    table = pd.DataFrame({f"layer_{k}": metrics[f"layer_{k}/grad_norm"] * metrics[f"layer_{k}/weight_norm"] / loss
-                          for k in layer_numbers(metrics)})
+    table = pd.DataFrame({layer_name(k): metrics[layer_column(k, "grad_norm")]
+                          * metrics[layer_column(k, "weight_norm")] / loss for k in layer_numbers(metrics)})
     return table.replace([np.inf, -np.inf], np.nan)
 
 
@@ -70,8 +70,8 @@ def summarize(metrics: pd.DataFrame) -> RunSummary:
         last_epoch_loss=float(last_epoch["loss"].mean()),
         first_layer=first,
         last_layer=last,
-        first_grad_abs_mean=_finite_median(metrics[f"layer_{first}/grad_abs_mean"]),
-        last_grad_abs_mean=_finite_median(metrics[f"layer_{last}/grad_abs_mean"]),
-        max_abs_first_grad_mean=float(metrics[f"layer_{first}/grad_mean"].abs().max()),  # NaN if all are
+        first_grad_abs_mean=_finite_median(metrics[layer_column(first, "grad_abs_mean")]),
+        last_grad_abs_mean=_finite_median(metrics[layer_column(last, "grad_abs_mean")]),
+        max_abs_first_grad_mean=float(metrics[layer_column(first, "grad_mean")].abs().max()),  # NaN if all are
         first_to_last_ratio=first_to_last_ratio(metrics),
     )

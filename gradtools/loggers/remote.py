@@ -11,10 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import pandas as pd
 
+from gradtools.columns import INDEX_COLUMNS
 from gradtools.loggers.base import RunLogger
-
-#: Columns of a metrics table that index a row rather than measure something.
-INDEX_COLUMNS = ("step", "epoch", "batch")
 
 
 def _in_brief(error: Exception) -> str:

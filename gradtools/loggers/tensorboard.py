@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import tomli_w
 
+from gradtools.columns import layer_column
 from gradtools.extras import require
 from gradtools.layers import is_kernel
 from gradtools.loggers.base import figure_png, flat_params
@@ -32,7 +33,7 @@ import tensorflow as tf  # noqa: E402
 from tensorboard.plugins.hparams import api as hparams_api  # noqa: E402 - after the extra is known
 from tensorboard.plugins.scalar import metadata as scalar_metadata  # noqa: E402
 
-_NOT_SCALARS = ("step", "epoch", "batch")
+from gradtools.columns import INDEX_COLUMNS  # noqa: E402
 
 
 class TensorBoardLogger(RemoteRunLogger):
@@ -75,7 +76,7 @@ class TensorBoardLogger(RemoteRunLogger):
         self._guard("a step's statistics", lambda: self._log_rows(rows))
 
     def _log_rows(self, rows: pd.DataFrame) -> None:
-        tags = [c for c in rows.columns if c not in _NOT_SCALARS]
+        tags = [c for c in rows.columns if c not in INDEX_COLUMNS]
         if self._write_scalars is None or self._write_scalars[0] != tags:
             self._write_scalars = (tags, self._scalar_writer(tags))
         values = tf.constant(rows[tags].to_numpy(dtype=np.float32))
@@ -119,11 +120,11 @@ class TensorBoardLogger(RemoteRunLogger):
         kernels = [v for v in model.trainable_weights if is_kernel(v)]
         with self.writer.as_default():
             for k, kernel in enumerate(kernels, start=1):
-                tf.summary.histogram(f"layer_{k}/kernel", kernel.numpy(), step=self._last_step)
+                tf.summary.histogram(layer_column(k, "kernel"), kernel.numpy(), step=self._last_step)
                 if kernel_gradients is not None:
                     gradient = np.asarray(kernel_gradients[k - 1])
                     if np.isfinite(gradient).all():  # a histogram of NaN has no bins
-                        tf.summary.histogram(f"layer_{k}/kernel_gradient", gradient,
+                        tf.summary.histogram(layer_column(k, "kernel_gradient"), gradient,
                                              step=self._last_step)
 
     def log_figure(self, name: str, figure) -> None:
