@@ -220,6 +220,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def describe_run(run) -> str:
     """The paragraph printed after a run."""
+    from gradtools.history import FIGURES_DIR, INFO_FILE
     from gradtools.layers import layer_label
     from gradtools.summary import summarize
 
@@ -239,10 +240,10 @@ def describe_run(run) -> str:
         f"{summary.last_grad_abs_mean:.3g}: layer 1 gets {summary.first_to_last_ratio:.3g}× the "
         f"last layer's. Largest |grad_mean| of layer 1: {summary.max_abs_first_grad_mean:.3g}."
     )
-    diagnosis = json.loads((run.run_dir / "run.json").read_text()).get("diagnosis")
+    diagnosis = json.loads((run.run_dir / INFO_FILE).read_text()).get("diagnosis")
     if diagnosis:
         lines.append(f"Diagnosis: {diagnosis['verdict']}. {diagnosis['explanation']}")
-    drawn = sorted(p.name for p in (run.run_dir / "figures").glob("*.png"))
+    drawn = sorted(p.name for p in (run.run_dir / FIGURES_DIR).glob("*.png"))
     if "mean_gradient.png" in drawn:
         others = [name for name in drawn if name != "mean_gradient.png"]
         lines.append(f"Figure: {run.run_dir / 'figures' / 'mean_gradient.png'} (also {', '.join(others)})")

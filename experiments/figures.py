@@ -8,6 +8,7 @@ from pathlib import Path
 
 from experiments.config import ExperimentConfig
 from experiments.runner import NO_BACKENDS, Backends, Run, run_experiment
+from gradtools.history import FIGURES_DIR
 from gradtools.plots import plot_comparison
 
 COMPARED_STAT = "layer_1/grad_abs_mean"
@@ -33,9 +34,9 @@ def write_article_figures(configs: list[ExperimentConfig], runs_out: Path, figur
         run = run_experiment(config, runs_out, loggers=loggers(), backends=backends)
         by_group.setdefault(config.group, []).append(run)
         target = figures_out / f"{config.group}_{config.name}.png"
-        shutil.copyfile(run.run_dir / "figures" / "mean_gradient.png", target)
+        shutil.copyfile(run.run_dir / FIGURES_DIR / "mean_gradient.png", target)
         written.append(target)
-        through_time = run.run_dir / "figures" / "state_gradients.png"
+        through_time = run.run_dir / FIGURES_DIR / "state_gradients.png"
         if through_time.is_file():
             target = figures_out / f"{config.group}_{config.name}_state_gradients.png"
             shutil.copyfile(through_time, target)

@@ -14,6 +14,7 @@ import gradtools
 from experiments.config import ExperimentConfig
 from experiments.datasets import make_dataset
 from experiments.models import build_model
+from gradtools.history import CONFIG_FILE
 from gradtools.loggers import LocalRunLogger, RunLogger
 from gradtools.plots import run_figures
 
@@ -99,7 +100,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
     for logger in loggers:
         logger.log_params(config.to_dict())
         if logger is not local:  # the run directory's own config.toml, for the others
-            logger.log_file(run_dir / "config.toml")
+            logger.log_file(run_dir / CONFIG_FILE)
     history = gradtools.fit(model, x, y, optimizer=keras.optimizers.get(config.optimizer.keras_config()),
                             loggers=loggers, figures=article_figures(config.run_name) if figures else False,
                             **_fit_arguments(config))

@@ -59,7 +59,7 @@ from experiments.config import (
     load_config,
     read_toml,
 )
-from gradtools.history import FINAL_STATUSES, History, RunDirectoryError, run_status
+from gradtools.history import CONFIG_FILE, FINAL_STATUSES, INFO_FILE, History, RunDirectoryError, run_status
 from gradtools.loggers.local import toml_ready
 
 SWEEPS_DIR = CONFIGS_DIR / "sweeps"
@@ -317,7 +317,7 @@ class SweepDirectory:
         from its run directory (nothing is trained again)."""
         run_dir = self.points_dir / str(record["point"])
         missing = set(RESULT_COLUMNS) - set(record) - {"error"}
-        if missing and record.get("status") in DONE and (run_dir / "run.json").is_file():
+        if missing and record.get("status") in DONE and (run_dir / INFO_FILE).is_file():
             record = {**record, **summarize_point(History.from_run_dir(run_dir))}
         return record
 
@@ -383,7 +383,7 @@ def _made_with(run_dir: Path, config: ExperimentConfig) -> bool:
     except OSError:
         return False
     try:
-        stored = tomllib.loads((run_dir / "config.toml").read_text())
+        stored = tomllib.loads((run_dir / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return False
     return stored == tomllib.loads(tomli_w.dumps(toml_ready(config.to_dict())))

@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from gradtools.columns import INDEX_COLUMNS
-from gradtools.history import DamagedRunWarning, History, RunDirectoryError
+from gradtools.history import INFO_FILE, METRICS_FILE, DamagedRunWarning, History, RunDirectoryError
 from gradtools.loggers.local import write_atomically
 from gradtools.plots import plot_comparison
 from gradtools.validation import nearest_existing
@@ -31,7 +31,7 @@ def expand_run_dirs(patterns: list[str]) -> list[tuple[Path, bool]]:
             raise CompareError(f"{pattern}: matches no directory")
         for match in matches:
             path = Path(match)
-            if not (path / "metrics.csv").is_file() or not (path / "run.json").is_file():
+            if not (path / METRICS_FILE).is_file() or not (path / INFO_FILE).is_file():
                 raise CompareError(f"{path}: not a run directory (it needs metrics.csv and run.json; "
                                    "run directories look like runs/<group>/<name>/<run id>)")
             found.setdefault(path, glob.has_magic(pattern))
@@ -39,7 +39,7 @@ def expand_run_dirs(patterns: list[str]) -> list[tuple[Path, bool]]:
 
 
 def run_label(run_dir: Path, history: History) -> str:
-    info = json.loads((run_dir / "run.json").read_text())
+    info = json.loads((run_dir / INFO_FILE).read_text())
     label = f"{info.get('experiment', run_dir.name)} (seed {info.get('seed')})"
     return label + (" [unfinished]" if history.unfinished else "")
 

@@ -63,7 +63,10 @@ def read_metrics(path: Path) -> pd.DataFrame:
             raise RunDirectoryError(f"{path} is damaged: column {column!r} holds values that are not numbers")
     return table
 
-#: The run directory's per-epoch table of gradients through time (recurrent models only).
+#: The files of a run directory (docs/run-directory.md): the metrics table, the run's record,
+#: its config (when a config made it), its figures, and the per-epoch table of gradients
+#: through time (recurrent models only).
+METRICS_FILE, INFO_FILE, CONFIG_FILE, FIGURES_DIR = "metrics.csv", "run.json", "config.toml", "figures"
 STATE_GRADIENTS_FILE = "state_gradients.csv"
 
 
@@ -111,7 +114,7 @@ class History:
         """Read a run directory written by :class:`gradtools.loggers.LocalRunLogger`.
         Raises :class:`RunDirectoryError` naming what is missing or damaged."""
         run_dir = Path(run_dir)
-        metrics_file, info_file = run_dir / "metrics.csv", run_dir / "run.json"
+        metrics_file, info_file = run_dir / METRICS_FILE, run_dir / INFO_FILE
         missing = [p.name for p in (metrics_file, info_file) if not p.is_file()]
         if missing:
             raise RunDirectoryError(
@@ -172,7 +175,7 @@ def _downstream(value: dict, info_file: Path) -> dict[str, list[str]]:
 def run_status(run_dir: Path) -> str | None:
     """The status in ``run_dir``'s run.json; None when it is missing or damaged."""
     try:
-        info = json.loads((Path(run_dir) / "run.json").read_text())
+        info = json.loads((Path(run_dir) / INFO_FILE).read_text())
     except (OSError, ValueError):
         return None
     status = info.get("status") if isinstance(info, dict) else None

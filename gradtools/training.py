@@ -93,27 +93,9 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
     options = dict(clip_value=clip_value, clip_global_norm=clip_global_norm, shuffle=shuffle,
                    stop_on_nonfinite=stop_on_nonfinite, jit_compile=jit_compile,
                    keep_gradients=any(getattr(logger, "wants_gradients", False) for logger in loggers))
-    loss_fn = resolve_loss(loss)
-    programs = [compiled_program(model, loss_fn, optimizer, data, **options)]
     shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
-    step = programs[0].step
-    record = RunRecord(model, loggers, figures)
-    record.start(layer_layout(model.trainable_weights).paths, step.columns,  # the caller's names
-                 through_time.traced_layers(model), epochs=epochs, steps_per_epoch=data.n_batches)
-
-    def traced_again(with_xla: bool):
-        """The step and the bound epoch of the same program traced anew (with or without XLA);
-        the program that failed is no longer reused."""
-        programs_cache.forget(programs[-1])
-        programs.append(compiled_program(model, loss_fn, optimizer, data, **{**options, "jit_compile": with_xla}))
-        return programs[-1].step, programs[-1].bind(data.x, data.y)
-
-    loop = EpochLoop(step, data.n_batches, record, optimizer, log_every, stop_on_nonfinite)
-    try:
-        return loop.train(programs[0].bind(data.x, data.y), epochs, shuffle_seed, jit_compile, traced_again)
-    finally:  # the caller's model has its trained values: a borrowed program's owners get theirs
-        for program in programs:
-            program.give_back(model, optimizer)
+    loop = EpochLoop(model, resolve_loss(loss), optimizer, data, options, RunRecord(model, loggers, figures))
+    return loop.train(epochs, shuffle_seed, log_every)
 
 
 @dataclass(frozen=True)
@@ -293,48 +275,63 @@ class _EpochTally(NamedTuple):
 
 
 class EpochLoop:
-    """The Python side of ``fit``: runs the compiled epochs and hands each epoch's table of
-    logged rows to the run's :class:`gradtools.recording.RunRecord`."""
+    """The Python side of ``fit``: runs the compiled epochs of the program for ``model``,
+    ``loss_fn``, ``optimizer``, ``data`` and ``options`` (:func:`compiled_program`), and hands
+    each epoch's table of logged rows to the run's :class:`gradtools.recording.RunRecord`."""
 
-    def __init__(self, step: TrainStep, n_batches: int, record: RunRecord, optimizer, log_every: int,
-                 stop_on_nonfinite: bool):
-        self.step, self.n_batches, self.record = step, n_batches, record
-        self.model, self.optimizer = record.model, optimizer
-        self.log_every, self.stop_on_nonfinite = log_every, stop_on_nonfinite
+    def __init__(self, model, loss_fn, optimizer, data: EpochData, options: dict, record: RunRecord):
+        self.model, self.loss_fn, self.optimizer, self.data, self.options = model, loss_fn, optimizer, data, options
+        self.record, self.n_batches = record, data.n_batches
+        self.programs = [compiled_program(model, loss_fn, optimizer, data, **options)]
+        self.step, self.run_epoch = self.programs[0].step, self.programs[0].bind(data.x, data.y)
         # loggers that look at the model after each epoch need its values then; else at the end
         self.model_each_epoch = any(type(logger).log_epoch_end is not RunLogger.log_epoch_end
                                     for logger in record.loggers)
 
-    def train(self, run_epoch, epochs: int, shuffle_seed: int, jit_compile: bool, traced_again=None) -> History:
-        """Run the epochs; ``traced_again(with_xla)``: the step and epoch to fall back on (:meth:`_epoch`)."""
-        self.jit_compile = jit_compile
-        seed = tf.constant(shuffle_seed, tf.int64)
+    def train(self, epochs: int, shuffle_seed: int, log_every: int) -> History:
+        """Run the epochs, logging every ``log_every``-th step; the History, however it ends
+        (an error or Ctrl-C is passed on to the loggers, then raised)."""
+        self.log_every = log_every
+        self.record.start(layer_layout(self.model.trainable_weights).paths, self.step.columns,  # the caller's names
+                          through_time.traced_layers(self.model), epochs=epochs, steps_per_epoch=self.n_batches)
         try:
-            for epoch in range(epochs):
-                radii = through_time.spectral_radii(self.step.traced)
-                with _quiet_first_trace(epoch == 0):
-                    results, run_epoch = self._epoch(run_epoch, epoch, seed, traced_again)
-                if self.model_each_epoch:
-                    self._hand_back()
-                if self.record_epoch(epoch, epochs, radii, *results):
-                    break
-            self._hand_back()
+            return self._epochs(epochs, tf.constant(shuffle_seed, tf.int64))
         except BaseException as error:
             self._hand_back()
             self.record.end_abruptly(error, every_epoch_done=self.record.epochs_completed >= epochs)
-            if isinstance(error, tf.errors.OpError):
-                unwritable_cache = compilation_cache.write_failure(error)
-                if unwritable_cache is not None:
-                    raise unwritable_cache from error
-                if jit_compile and not self.record.frames:
-                    error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
-                                   "an op of this model, call it with jit_compile=False")
+            self._explain(error)
             raise
+        finally:  # the caller's model has its trained values: a borrowed program's owners get theirs
+            for program in self.programs:
+                program.give_back(self.model, self.optimizer)
+
+    def _epochs(self, epochs: int, seed) -> History:
+        for epoch in range(epochs):
+            radii = through_time.spectral_radii(self.step.traced)
+            with _quiet_first_trace(epoch == 0):
+                results = self._epoch(epoch, seed)
+            if self.model_each_epoch:
+                self._hand_back()
+            if self.record_epoch(epoch, epochs, radii, *results):
+                break
+        self._hand_back()
         return self.record.end()
 
-    def _epoch(self, run_epoch, epoch: int, seed, traced_again):
-        """One epoch's results, and the epoch function to go on with. Nothing has trained when
-        the first call of a program fails in these two ways, and it is traced again:
+    def _explain(self, error: BaseException) -> None:
+        """A compilation cache that cannot be written is said as such; XLA's refusal of an op
+        gets a note on what to do."""
+        if not isinstance(error, tf.errors.OpError):
+            return
+        unwritable_cache = compilation_cache.write_failure(error)
+        if unwritable_cache is not None:
+            raise unwritable_cache from error
+        if self.options["jit_compile"] and not self.record.frames:
+            error.add_note("gradtools.fit compiles each epoch with XLA; if XLA cannot compile "
+                           "an op of this model, call it with jit_compile=False")
+
+    def _epoch(self, epoch: int, seed):
+        """One epoch's results. Nothing has trained when the first call of a program fails in
+        these two ways, and it is traced again (:meth:`_trace_again`):
 
         - XLA refuses to compile it deterministically (a ``seed`` turned op determinism on:
           max pooling's gradient): without XLA, after one warning;
@@ -342,26 +339,34 @@ class EpochLoop:
           is set aside as ``*.damaged``, and the program compiled anew, after one warning
           (XLA does not compile a program again in the process once its load failed)."""
         try:
-            return run_epoch(tf.constant(epoch, tf.int64), seed), run_epoch
+            return self.run_epoch(tf.constant(epoch, tf.int64), seed)
         except tf.errors.UnimplementedError as error:
-            if epoch > 0 or traced_again is None or not self.jit_compile or "deterministic" not in str(error):
+            if epoch > 0 or not self.options["jit_compile"] or "deterministic" not in str(error):
                 raise
             reason = str(error).strip().splitlines()[0]
             warnings.warn(f"gradtools.fit: XLA cannot compile this model deterministically, which a seed "
                           f"asks for ({reason}); training without XLA, which is slower (pass "
                           f"jit_compile=False to skip the attempt, or no seed to keep XLA)",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=5)
             with_xla = False
         except tf.errors.OpError as error:
             damaged = compilation_cache.set_aside_damaged() if compilation_cache.read_failure(error) else []
-            if not damaged or traced_again is None:
+            if not damaged:
                 raise
             warnings.warn(f"gradtools.fit: damaged entries of the compilation cache set aside "
                           f"({', '.join(path.name + '.damaged' for path in damaged)} in {damaged[0].parent}); "
-                          "compiling anew", RuntimeWarning, stacklevel=4)
+                          "compiling anew", RuntimeWarning, stacklevel=5)
             with_xla = True
-        self.step, run_epoch = traced_again(with_xla)
-        return run_epoch(tf.constant(epoch, tf.int64), seed), run_epoch
+        self._trace_again(with_xla)
+        return self.run_epoch(tf.constant(epoch, tf.int64), seed)
+
+    def _trace_again(self, with_xla: bool) -> None:
+        """The same program traced anew, with or without XLA; the one that failed is no
+        longer reused."""
+        programs_cache.forget(self.programs[-1])
+        self.programs.append(compiled_program(self.model, self.loss_fn, self.optimizer, self.data,
+                                              **{**self.options, "jit_compile": with_xla}))
+        self.step, self.run_epoch = self.programs[-1].step, self.programs[-1].bind(self.data.x, self.data.y)
 
     def _hand_back(self) -> None:
         """When the compiled program was traced with another model of the same structure,
@@ -381,7 +386,7 @@ class EpochLoop:
         self.record.add_rows(epoch, epoch * self.n_batches + batches[logged] + 1, batches[logged],
                              values.numpy()[:done][logged], finite_flags[logged])
         through_time_values = self.record.through_time_row(epoch, radii, [m.numpy() for m in state_means])
-        stopping = not finite_flags.all() and self.stop_on_nonfinite
+        stopping = not finite_flags.all() and self.options["stop_on_nonfinite"]
         kernel_gradients = [g.numpy() for g in last_gradients] if self.step.keep_gradients else None
         self.record.end_epoch(epoch, self.record.epochs_completed + (not stopping),
                               last=stopping or epoch + 1 == epochs, through_time_values=through_time_values,

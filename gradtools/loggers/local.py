@@ -34,7 +34,15 @@ import numpy as np
 import pandas as pd
 import tomli_w
 
-from gradtools.history import FINAL_STATUSES, RUNNING, STATE_GRADIENTS_FILE
+from gradtools.history import (
+    CONFIG_FILE,
+    FIGURES_DIR,
+    FINAL_STATUSES,
+    INFO_FILE,
+    METRICS_FILE,
+    RUNNING,
+    STATE_GRADIENTS_FILE,
+)
 from gradtools.loggers.base import RunLogger, figure_png
 
 
@@ -140,8 +148,8 @@ class LocalRunLogger(RunLogger):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if any(self.run_dir.iterdir()):
             raise FileExistsError(f"{self.run_dir} is not empty: a run directory holds one run")
-        (self.run_dir / "figures").mkdir()
-        self.metrics_path = self.run_dir / "metrics.csv"
+        (self.run_dir / FIGURES_DIR).mkdir()
+        self.metrics_path = self.run_dir / METRICS_FILE
         self._started = time.time()
         self._info: dict[str, Any] = {
             "experiment": name,
@@ -168,7 +176,7 @@ class LocalRunLogger(RunLogger):
         self._replace_run_json(self._info_text())
 
     def _replace_run_json(self, text: str) -> None:
-        write_atomically(self.run_dir / "run.json", lambda path: path.write_text(text))
+        write_atomically(self.run_dir / INFO_FILE, lambda path: path.write_text(text))
 
     def _write_epoch(self, appends, info_text: str, epochs_completed: int) -> None:
         """An epoch's appends, then its run.json (in the writer thread)."""
@@ -213,7 +221,7 @@ class LocalRunLogger(RunLogger):
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         text = tomli_w.dumps(toml_ready(params))
-        write_atomically(self.run_dir / "config.toml", lambda path: path.write_text(text))
+        write_atomically(self.run_dir / CONFIG_FILE, lambda path: path.write_text(text))
 
     def log_rows(self, rows: pd.DataFrame) -> None:
         self._appends.append((self.metrics_path, rows))
@@ -236,7 +244,7 @@ class LocalRunLogger(RunLogger):
             self._wait()
 
     def log_figure(self, name: str, figure) -> None:
-        write_atomically(self.run_dir / "figures" / f"{name}.png",
+        write_atomically(self.run_dir / FIGURES_DIR / f"{name}.png",
                           lambda path: path.write_bytes(figure_png(figure)))
 
     def finish(self, history) -> None:
