@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.tf_startup import import_tensorflow_quietly  # noqa: E402
+from gradtools.tf_startup import import_tensorflow_quietly  # noqa: E402
 
 import_tensorflow_quietly()
 

@@ -597,14 +597,14 @@ COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures
 
 
 def _start_tensorflow(args) -> None:
-    """Start TensorFlow, muted (:mod:`experiments.tf_startup`), for every command but
+    """Start TensorFlow, muted (:mod:`gradtools.tf_startup`), for every command but
     ``dashboard``: after the command line is parsed (``--help`` and usage errors skip its 4 s
     start) and each ``--logger`` backend's package is found (a missing extra is said at once)."""
     if args.command == "dashboard":
         return
     for name in getattr(args, "backends", ()):
         require(name, extra=name, feature=f"--logger {name}")
-    from experiments.tf_startup import import_tensorflow_quietly
+    from gradtools.tf_startup import import_tensorflow_quietly
 
     # the zoo's MirroredStrategy cases run over two logical CPU devices
     import_tensorflow_quietly(cpu_devices=2 if args.command == "conformance" else 1)

@@ -110,7 +110,7 @@ def send_item(call: int, position: int, result) -> None:
 
 
 def quiet_tensorflow() -> None:
-    from experiments.tf_startup import import_tensorflow_quietly
+    from gradtools.tf_startup import import_tensorflow_quietly
 
     import_tensorflow_quietly()
 

@@ -1,8 +1,8 @@
 """gradtools: see, measure and fix vanishing and exploding gradients in Keras 3 models.
 
 Exports are loaded on first use, so ``import gradtools`` does not start TensorFlow, and it
-changes nothing process-wide: the experiment suite's entry points start TensorFlow quietly,
-with their own process settings, before they use it.
+changes nothing process-wide: the command-line entry points start TensorFlow quietly, with
+their own process settings, before they use it (:mod:`gradtools.tf_startup`).
 """
 
 import importlib

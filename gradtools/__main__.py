@@ -1,8 +1,10 @@
-"""``python -m gradtools``: tools that work on run directories (they never start TensorFlow)."""
+"""``python -m gradtools``: tools that work on run directories (``diagnose`` and ``compare``
+never start TensorFlow), and ``preflight`` for a saved model and a sample of its data."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -56,6 +58,60 @@ def command_diagnose(args) -> int:
     return 0
 
 
+class PreflightInputError(ValueError):
+    """A model or data file preflight cannot use; the message names the file and why."""
+
+
+def _preflight_inputs(args):
+    """The saved model and the arrays ``x``, ``y`` of the ``.npz`` file."""
+    import numpy as np
+
+    for path, what in ((args.model, "a saved Keras model (.keras)"), (args.data, "a NumPy .npz file")):
+        if not os.path.isfile(path):
+            raise PreflightInputError(f"{path}: no such file; give {what}")
+    try:
+        with np.load(args.data) as arrays:
+            missing = [key for key in (args.x_key, args.y_key) if key not in arrays.files]
+            if missing:
+                raise PreflightInputError(f"{args.data}: no array named {missing[0]!r} (it holds "
+                                          f"{', '.join(arrays.files) or 'none'}); name them with --x-key and --y-key")
+            x, y = arrays[args.x_key], arrays[args.y_key]
+    except (OSError, ValueError) as error:
+        if isinstance(error, PreflightInputError):
+            raise
+        raise PreflightInputError(f"{args.data}: not a NumPy .npz file ({error})") from None
+    import keras
+
+    try:
+        model = keras.models.load_model(args.model)
+    except Exception as error:  # noqa: BLE001 - Keras raises many kinds; the file is what is wrong
+        raise PreflightInputError(f"{args.model}: Keras cannot load it as a model ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    return model, x, y
+
+
+def command_preflight(args) -> int:
+    from gradtools.tf_startup import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    from gradtools.preflight import preflight
+
+    model, x, y = _preflight_inputs(args)
+    try:
+        result = preflight(model, x, y, loss=args.loss, optimizer=args.optimizer, batch_size=args.batch_size,
+                           batches=args.batches)
+    except ValueError as error:
+        raise PreflightInputError(f"{args.model}, {args.data}: {error}") from None
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=float))
+        return 0
+    print(result)
+    print("\nper block, in depth order (mean square and variance of its output, fraction of saturated and of "
+          "dead units, gradient sensitivity ‖g‖·‖W‖/|loss|):")
+    print(result.signal.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gradtools",
                                      description="Work with gradtools run directories.")
@@ -80,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--json", action="store_true",
                           help='print {"verdict", "evidence", "explanation", "remedies", "layers"} as JSON')
     diagnose.set_defaults(handler=command_diagnose)
+    check = commands.add_parser(
+        "preflight", help="before training: will this model's gradients vanish or explode?",
+        description="Forward and backward passes of a saved model on the first batches of a sample of "
+        "its data, at its current weights (nothing it holds changes): vanishing, exploding or healthy at "
+        "initialization, by the rule of diagnose, and the signal-propagation table per block.")
+    check.add_argument("model", metavar="MODEL.keras", help="a model saved with model.save (compiled, or give --loss)")
+    check.add_argument("data", metavar="DATA.npz", help="a sample of its data: numpy.savez(path, x=..., y=...)")
+    check.add_argument("--x-key", default="x", help="the inputs' array in DATA.npz (default x)")
+    check.add_argument("--y-key", default="y", help="the targets' array in DATA.npz (default y)")
+    check.add_argument("--loss", help="a Keras loss name (default: the one the model was compiled with)")
+    check.add_argument("--optimizer", help="a Keras optimizer name, to measure the first update (default: "
+                       "the compiled one; without either, none is measured)")
+    check.add_argument("--batch-size", type=int, default=32, help="examples per batch (default 32)")
+    check.add_argument("--batches", type=int, default=4, help="how many batches (default 4)")
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.set_defaults(handler=command_preflight)
     return parser
 
 
@@ -99,7 +171,7 @@ def _run(args) -> int:
     one_line_warnings()
     try:
         return args.handler(args)
-    except (CompareError, RunDirectoryError) as error:
+    except (CompareError, RunDirectoryError, PreflightInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (| head): nothing to report

@@ -66,8 +66,25 @@ FIRST_STEPS = 10
 STALLED_LOSS_IMPROVEMENT = 0.01
 #: How many layers an explanation names before it says "and N more".
 NAMED_LAYERS = 3
-#: The two windows a layer is judged over.
-FIRST_EPOCH, OVER_THE_RUN = "in the first epoch", "over the run"
+#: The sensitivity growing this many times from the last block to the first (its trend over
+#: depth) explodes through depth: the mirror of VANISHING_RATIO.
+EXPLODING_DEPTH_GROWTH = 1e2
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How an explanation names its windows: a trained run's first epoch and whole run, or
+    :func:`gradtools.preflight`'s batches at initialization (one window: the rules of the
+    whole run's window are not applied, they would say the same again)."""
+
+    first_window: str = "in the first epoch"
+    run_window: str | None = "over the run"
+    median: str = "epoch median"
+    unit: str = "step"
+
+
+TRAINED = Wording()
+AT_INITIALIZATION = Wording("at initialization", None, "median over the batches", "batch")
 
 REMEDIES = {
     "vanishing": [
@@ -109,6 +126,8 @@ class Rule:
     shown: str
     source: str
     group: str = ""
+    #: Which window the quantity is measured over: "first" (the first epoch), "run", or "".
+    window: str = ""
 
     def holds(self, value) -> bool:
         if value is None:
@@ -119,7 +138,7 @@ class Rule:
                 "<": value < self.threshold}[self.comparison]
 
 
-_ZERO = ("its block's gradient (every kernel's) is exactly 0 at {value:.0%} of the steps {window} "
+_ZERO = ("its block's gradient (every kernel's) is exactly 0 at {value:.0%} of the {unit}es {window} "
          "(its units, or those after it, are dead or saturated)")
 _DEPTH = ("its block gets {value:.3g}× the gradient sensitivity of the strongest block after it "
           "({after}) {window} (threshold {threshold:g})")
@@ -130,10 +149,10 @@ _TIME = ("through time, {label}: ‖∂L/∂h_first‖ is {value:.3g}× ‖∂L/
 #: holds for the run or for any layer; else vanishing when one of that verdict holds; else healthy.
 RULES = (
     Rule("exploding", "run", "first_nonfinite_statistic_step", "present", None,
-         "the loss or the gradients became NaN/Inf at step {value}",
+         "the loss or the gradients became NaN/Inf at {unit} {value}",
          "the loss or a gradient became NaN/Inf (not a step the loss scaler skipped)", "any", "Mixed precision"),
     Rule("exploding", "run", "loss_epoch_median_max", ">=", ASTRONOMICAL_LOSS,
-         "the loss reached {value:.3g} (epoch median; threshold {threshold:g})",
+         "the loss reached {value:.3g} ({median}; threshold {threshold:g})",
          "the loss, epoch median", "≥ 10¹⁰", "Why these exploding thresholds"),
     Rule("exploding", "run", "grad_norm_growth", ">=", EXPLODING_GRAD_GROWTH,
          "the global gradient norm grew {value:.3g}× over its first " + str(FIRST_STEPS)
@@ -143,39 +162,50 @@ RULES = (
     Rule("exploding", "run", "state_grad_ratio_max", ">=", 1 / VANISHING_THROUGH_TIME, _TIME,
          "through time: ‖∂L/∂h_first‖ ÷ ‖∂L/∂h_T‖, median over epochs (`TracedRNN` layers)", "≥ 10³",
          "Through time"),
+    Rule("exploding", "run", "depth_growth", ">=", EXPLODING_DEPTH_GROWTH,
+         "through depth, the gradient sensitivity grows {value:.3g}× from the last block to the first (the trend "
+         "over {blocks} blocks, {window}; threshold {threshold:g})",
+         "through depth: a block's sensitivity grows toward the input, by its trend from the last block to "
+         "the first, in the first epoch", "≥ 10²", "Why two decades for vanishing, by block", window="first"),
     Rule("exploding", "layer", "update_ratio", ">=", EXPLODING_UPDATE_RATIO,
-         "each step changes its weights by {value:.3g}× their norm (epoch median; threshold {threshold:g})",
+         "each step changes its weights by {value:.3g}× their norm ({median}; threshold {threshold:g})",
          "a layer's update ratio, epoch median", "≥ 1", "Why these exploding thresholds"),
     Rule("exploding", "layer", "grad_to_weight", ">=", EXPLODING_GRAD_TO_WEIGHT,
-         "its gradient norm is {value:.3g}× its weight norm (epoch median; threshold {threshold:g})",
+         "its gradient norm is {value:.3g}× its weight norm ({median}; threshold {threshold:g})",
          "a layer's gradient-to-weight ratio, epoch median", "≥ 10⁵", "Why these exploding thresholds"),
     Rule("vanishing", "layer", "block_zero_gradient_first_epoch", ">", DEAD_FRACTION, _ZERO,
          "every kernel of a block gets a gradient of exactly 0, in the first epoch (dead or saturated units)",
-         "> 50 % of the steps", "Dead layers", group="zero"),
+         "> 50 % of the steps", "Dead layers", group="zero", window="first"),
     Rule("vanishing", "layer", "block_zero_gradient", ">", DEAD_FRACTION, _ZERO,
          "every kernel of a block gets a gradient of exactly 0, over the run", "> 50 % of the steps",
-         "Dead layers", group="zero"),
+         "Dead layers", group="zero", window="run"),
     Rule("vanishing", "layer", "depth_ratio_first_epoch", "<", VANISHING_RATIO, _DEPTH,
-         "a block's sensitivity (its strongest layer's) ÷ the strongest block after it, in the first epoch",
-         "< 10⁻²", "Why two decades for vanishing, by block"),
+         "a block's sensitivity (its strongest layer's, or a block's before it if stronger) ÷ the strongest "
+         "block after it, in the first epoch",
+         "< 10⁻²", "Why two decades for vanishing, by block", window="first"),
     Rule("vanishing", "layer", "depth_ratio", "<", VANISHING_RATIO, _DEPTH,
-         "the same, over the run", "< 10⁻²", "Why two decades for vanishing, by block"),
+         "the same, over the run", "< 10⁻²", "Why two decades for vanishing, by block", window="run"),
     Rule("vanishing", "run", "state_grad_ratio", "<", VANISHING_THROUGH_TIME, _TIME,
          "through time: ‖∂L/∂h_first‖ ÷ ‖∂L/∂h_T‖, median over epochs (`TracedRNN` layers)", "< 10⁻³",
          "Through time"),
 )
 
 
-def reasons(verdict: str, scope: str, numbers: dict, context: dict | None = None) -> list[str]:
+def reasons(verdict: str, scope: str, numbers: dict, context: dict | None = None,
+            wording: Wording = TRAINED) -> list[str]:
     """The reasons the rules of ``verdict`` and ``scope`` give for ``numbers``: one per rule
     that holds (the first of a group), in the table's order. ``context`` fills the other
-    names a reason's text uses, by the rule's quantity (``{quantity: {name: value}}``)."""
+    names a reason's text uses, by the rule's quantity (``{quantity: {name: value}}``);
+    ``wording`` names the windows."""
     given, groups = [], set()
+    windows = {"first": wording.first_window, "run": wording.run_window, "": ""}
     for rule in RULES:
         value = numbers.get(rule.quantity)
-        if rule.verdict != verdict or rule.scope != scope or rule.group in groups or not rule.holds(value):
+        if (rule.verdict != verdict or rule.scope != scope or rule.group in groups or windows[rule.window] is None
+                or not rule.holds(value)):
             continue
-        given.append(rule.reason.format(value=value, threshold=rule.threshold,
+        given.append(rule.reason.format(value=value, threshold=rule.threshold, window=windows[rule.window],
+                                        median=wording.median, unit=wording.unit,
                                         **(context or {}).get(rule.quantity, {})))
         if rule.group:
             groups.add(rule.group)
@@ -337,15 +367,20 @@ def _later_blocks(blocks: list[str], downstream: dict[str, list[str]]) -> dict[s
 
 def _block_ratios(numbers: list[dict], blocks: list[str], later: dict[str, list[str]],
                   key: str) -> dict[str, float | None]:
-    """For each block with later blocks, its strongest ``key`` over the strongest of theirs."""
+    """For each block with later blocks: the strongest ``key`` of it and of the blocks before
+    it (upstream: the gradient reached at least that far back) over the strongest of the
+    blocks after it. A weak side branch (a squeeze-and-excitation gate) behind a strong block
+    is not a depth the gradient failed to reach."""
     strongest = {}
     for block in later:
         values = [n[key] for n, b in zip(numbers, blocks) if b == block and n[key] is not None]
         strongest[block] = max(values) if values else None
     ratios = {}
     for block, after in later.items():
+        before = [b for b, its_later in later.items() if block in its_later]
+        reached = [strongest[b] for b in [block, *before] if strongest.get(b) is not None]
         values = [strongest[b] for b in after if strongest.get(b) is not None]
-        ratios[block] = (_number(strongest[block] / max(values))
+        ratios[block] = (_number(max(reached) / max(values))
                          if strongest[block] is not None and values and max(values) > 0 else None)
     return ratios
 
@@ -357,7 +392,8 @@ def _strongest_after(numbers, blocks, later: list[str], key: str) -> str | None:
     return max(candidates)[1] if candidates else None
 
 
-def layer_findings(metrics: pd.DataFrame, paths, blocks, downstream=None) -> list[LayerFinding]:
+def layer_findings(metrics: pd.DataFrame, paths, blocks, downstream=None,
+                   wording: Wording = TRAINED) -> list[LayerFinding]:
     """Every numbered layer judged on its own numbers and its block's depth ratio (against the
     blocks ``downstream`` of it: ``History.block_downstream``; unknown: the blocks listed after it)."""
     ks = layer_numbers(metrics)
@@ -373,12 +409,10 @@ def layer_findings(metrics: pd.DataFrame, paths, blocks, downstream=None) -> lis
     findings = []
     for k, path, block, n in zip(ks, paths, blocks, numbers):
         n = {**n, **{key: ratios[key].get(block) for key in ratios}, **zero_fractions[block]}
-        context = {key: {"after": _strongest_after(numbers, blocks, later[block], source), "window": window}
-                   for key, source, window in (("depth_ratio_first_epoch", "sensitivity_first_epoch", FIRST_EPOCH),
-                                               ("depth_ratio", "sensitivity", OVER_THE_RUN))}
-        context |= {"block_zero_gradient_first_epoch": {"window": FIRST_EPOCH},
-                    "block_zero_gradient": {"window": OVER_THE_RUN}}
-        exploding, vanishing = reasons("exploding", "layer", n, context), reasons("vanishing", "layer", n, context)
+        context = {key: {"after": _strongest_after(numbers, blocks, later[block], source)} for key, source in (
+            ("depth_ratio_first_epoch", "sensitivity_first_epoch"), ("depth_ratio", "sensitivity"))}
+        exploding = reasons("exploding", "layer", n, context, wording)
+        vanishing = reasons("vanishing", "layer", n, context, wording)
         verdict = "exploding" if exploding else "vanishing" if vanishing else "healthy"
         findings.append(LayerFinding(k, path, block, verdict, n, exploding or vanishing))
     return findings
@@ -488,7 +522,7 @@ def diagnose(source) -> Diagnosis:
     if metrics.empty:
         raise RunDirectoryError(f"{where}no logged steps to diagnose (the run stopped before its "
                                 "first epoch ended, or its metrics table is empty)")
-    diagnosis = _judge(history)
+    diagnosis = judge(history)
     if history.unfinished:
         diagnosis.explanation += (f" This run did not finish: its run directory still says "
                                   f"'running' after {history.epochs_completed} complete epochs (the "
@@ -498,28 +532,48 @@ def diagnose(source) -> Diagnosis:
     return diagnosis
 
 
-def _judge(history: History) -> Diagnosis:
+def judge(history: History, wording: Wording = TRAINED) -> Diagnosis:
+    """:func:`diagnose` of a History with rows, its explanation worded by ``wording``."""
     metrics = history.metrics
     e = run_evidence(metrics)
     findings = layer_findings(judged_rows(metrics), history.layer_paths, history.layer_blocks,
-                              history.block_downstream)
+                              history.block_downstream, wording)
     e["blocks"] = len({f.block for f in findings})
     e["weakest_block"], e["weakest_depth_ratio"] = _weakest(findings)
+    e["depth_growth"] = _depth_growth(findings)
     e.update(through_time_evidence(history.state_gradients))
     context = _run_context(e, lambda k: layer_label(k, history.layer_paths))
+    context["depth_growth"] = {"blocks": e["blocks"]}
 
     exploding_layers = [f for f in findings if f.verdict == "exploding"]
-    exploding = reasons("exploding", "run", e, context) + ([_named(exploding_layers)] if exploding_layers else [])
+    exploding = (reasons("exploding", "run", e, context, wording)
+                 + ([_named(exploding_layers)] if exploding_layers else []))
     if exploding:
         return Diagnosis("exploding", e, "Exploding gradients: " + "; ".join(exploding) + ".",
                          REMEDIES["exploding"], findings)
     vanishing_layers = [f for f in findings if f.verdict == "vanishing"]
-    time_vanishing = reasons("vanishing", "run", e, context)
+    time_vanishing = reasons("vanishing", "run", e, context, wording)
     if vanishing_layers or time_vanishing:
         text = "; ".join(([_named(vanishing_layers)] if vanishing_layers else []) + time_vanishing)
         return Diagnosis("vanishing", e, "Vanishing gradients: " + text + "." + _vanishing_tail(e, vanishing_layers),
                          REMEDIES["vanishing"], findings)
-    return Diagnosis("healthy", e, _healthy_text(e, findings) + _still_kernels_note(findings), [], findings)
+    return Diagnosis("healthy", e, _healthy_text(e, findings, wording) + _still_kernels_note(findings), [], findings)
+
+
+def _depth_growth(findings: list[LayerFinding]) -> float | None:
+    """How many times the gradient sensitivity grows from the last block to the first, by the
+    least-squares trend of its logarithm over the blocks in the order their kernels come
+    (each block's strongest kernel, first window; blocks whose sensitivity is 0 or unknown
+    left out): above 1 it grows toward the input. None with fewer than three blocks."""
+    strongest: dict[str, float] = {}
+    for finding in findings:
+        value = finding.numbers["sensitivity_first_epoch"]
+        if value is not None and value > 0:
+            strongest[finding.block] = max(value, strongest.get(finding.block, 0.0))
+    if len(strongest) < 3:
+        return None
+    slope = np.polyfit(np.arange(len(strongest)), np.log10(list(strongest.values())), 1)[0]
+    return _number(10 ** (-slope * (len(strongest) - 1)))
 
 
 def _vanishing_tail(e: dict, vanishing_layers: list[LayerFinding]) -> str:
@@ -548,12 +602,12 @@ def _still_kernels_note(findings: list[LayerFinding]) -> str:
             "inside a layer made of layers do the same).")
 
 
-def _healthy_text(e: dict, findings: list[LayerFinding]) -> str:
+def _healthy_text(e: dict, findings: list[LayerFinding], wording: Wording) -> str:
     largest_update = max((f.numbers["update_ratio"] or 0 for f in findings), default=0)
     growth = e["grad_norm_growth"]
     text = (f"No sign of exploding or vanishing gradients: {_depth_summary(e)}; no layer's "
-            f"weights change by more than {largest_update:.3g}× their norm per step (epoch "
-            f"median); gradient norm growth {growth if growth is not None else float('nan'):.3g}×")
+            f"weights change by more than {largest_update:.3g}× their norm per {wording.unit} "
+            f"({wording.median}); gradient norm growth {growth if growth is not None else float('nan'):.3g}×")
     if e.get("state_grad_ratio") is not None:
         reach = ("" if e["bptt_steps"] == e["time_steps"] else
                  f" over the last {e['bptt_steps']} of {e['time_steps']} steps (truncated "

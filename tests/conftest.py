@@ -8,12 +8,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # one persistent XLA cache for it, inside the checkout, before TensorFlow starts.
 os.environ.setdefault("GRADTOOLS_XLA_CACHE", str(REPO_ROOT / ".pytest_cache" / "xla"))
 sys.path.insert(0, str(REPO_ROOT))
-from experiments.tf_startup import collect_garbage_less_often, freeze_what_exists  # noqa: E402
 from experiments.worker import limit_threads, threads_per_worker  # noqa: E402 (imports no TensorFlow)
 from gradtools.compilation_cache import enable  # noqa: E402
+from gradtools.tf_startup import collect_garbage_less_often, freeze_what_exists  # noqa: E402
 
 enable()
-# As in the suite's own processes (experiments.tf_startup): the collector runs less often, and
+# As in the suite's own processes (gradtools.tf_startup): the collector runs less often, and
 # once the test modules are imported (TensorFlow, Keras), no longer looks through them.
 collect_garbage_less_often()
 # pytest-xdist's workers share the cores: each gets its share of TensorFlow's threads (and so

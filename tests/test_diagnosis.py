@@ -152,3 +152,28 @@ def test_a_too_large_learning_rate_trained_full_batch_still_explodes():
     diagnosis = diagnose(history)
     assert diagnosis.verdict == "exploding", diagnosis.explanation
     assert diagnosis.layers[0].numbers["update_ratio"] >= 1
+
+
+@pytest.mark.parametrize("scale, verdict", [(30.0, "exploding"), (9.0, "healthy")])
+def test_tanh_in_the_chaotic_phase_explodes_through_depth_when_trained(scale, verdict):
+    """Ten tanh layers at σ_w² = 30 under SGD: the gradient sensitivity grows by orders of
+    magnitude toward the input and the loss stays above a constant predictor's (ln 2); at
+    σ_w² = 9 it grows by less than 10² and the net learns."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1024, 16)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    keras.utils.set_random_seed(0)
+    chaotic = keras.initializers.VarianceScaling(scale, seed=0)
+    model = keras.Sequential([keras.Input((16,))]
+                             + [keras.layers.Dense(32, activation="tanh", kernel_initializer=chaotic) for _ in range(10)]
+                             + [keras.layers.Dense(1, activation="sigmoid")])
+    history = gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer=keras.optimizers.SGD(0.01), epochs=5,
+                            batch_size=32, seed=0, figures=False)
+    diagnosis = diagnose(history)
+    last_epoch_loss = history.metrics.groupby("epoch")["loss"].mean().iloc[-1]
+    assert diagnosis.verdict == verdict, diagnosis.explanation
+    if verdict == "exploding":
+        assert diagnosis.evidence["depth_growth"] >= 100 and "through depth" in diagnosis.explanation
+        assert last_epoch_loss > np.log(2)
+    else:
+        assert diagnosis.evidence["depth_growth"] < 100 and last_epoch_loss < 0.6

@@ -56,3 +56,15 @@ def test_no_module_imports_itself_through_others():
             if name not in seen:
                 seen.add(name)
                 frontier += graph.get(name, ())
+
+
+#: The modules that start a process (commands and worker processes): the only ones that may
+#: change settings of the whole process (gradtools.tf_startup).
+ENTRY_POINTS = {"gradtools.__main__", "experiments.__main__", "experiments.cli", "experiments.worker",
+                "experiments.bench"}
+
+
+def test_only_entry_points_change_settings_of_the_whole_process():
+    modules = _modules()
+    users = {name for name, path in modules.items() if "gradtools.tf_startup" in _imports(path, modules)}
+    assert users <= ENTRY_POINTS, users - ENTRY_POINTS

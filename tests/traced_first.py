@@ -5,7 +5,7 @@ TensorFlow's own numbering would name the run's program differently
 import runpy
 import sys
 
-from experiments.tf_startup import import_tensorflow_quietly
+from gradtools.tf_startup import import_tensorflow_quietly
 
 import_tensorflow_quietly()
 import tensorflow as tf  # noqa: E402

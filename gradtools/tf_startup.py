@@ -1,5 +1,8 @@
-"""Start TensorFlow for a command-line entry point: with the persistent compilation cache on
-(:mod:`gradtools.compilation_cache`) and without its start-up chatter.
+"""Start TensorFlow for a command-line entry point (``python -m gradtools preflight``, the
+experiment suite's commands and workers): with the persistent compilation cache on
+(:mod:`gradtools.compilation_cache`) and without its start-up chatter. It changes settings of
+the whole process, so only entry points import it, never the library's modules
+(tests/test_structure.py).
 
 TensorFlow 2.21's CUDA stub writes "Could not find cuda drivers" and absl's "All log messages
 before absl::InitializeLog()" to file descriptor 2 on every CPU-only start, whatever
