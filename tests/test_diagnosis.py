@@ -164,9 +164,8 @@ def test_tanh_in_the_chaotic_phase_explodes_through_depth_when_trained(scale, ve
     y = (x[:, :1] > 0).astype("float32")
     keras.utils.set_random_seed(0)
     chaotic = keras.initializers.VarianceScaling(scale, seed=0)
-    model = keras.Sequential([keras.Input((16,))]
-                             + [keras.layers.Dense(32, activation="tanh", kernel_initializer=chaotic) for _ in range(10)]
-                             + [keras.layers.Dense(1, activation="sigmoid")])
+    hidden = [keras.layers.Dense(32, activation="tanh", kernel_initializer=chaotic) for _ in range(10)]
+    model = keras.Sequential([keras.Input((16,)), *hidden, keras.layers.Dense(1, activation="sigmoid")])
     history = gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer=keras.optimizers.SGD(0.01), epochs=5,
                             batch_size=32, seed=0, figures=False)
     diagnosis = diagnose(history)
