@@ -19,6 +19,8 @@ _EXPORTS = {
     "compare_runs": "gradtools.compare",
     "diagnose": "gradtools.diagnosis",
     "Diagnosis": "gradtools.diagnosis",
+    "preflight": "gradtools.preflight",
+    "Preflight": "gradtools.preflight",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -166,7 +166,7 @@ RULES = (
          "through depth, the gradient sensitivity grows {value:.3g}× from the last block to the first (the trend "
          "over {blocks} blocks, {window}; threshold {threshold:g})",
          "through depth: a block's sensitivity grows toward the input, by its trend from the last block to "
-         "the first, in the first epoch", "≥ 10²", "Why two decades for vanishing, by block", window="first"),
+         "the first, in the first epoch", "≥ 10²", "Through depth, growing", window="first"),
     Rule("exploding", "layer", "update_ratio", ">=", EXPLODING_UPDATE_RATIO,
          "each step changes its weights by {value:.3g}× their norm ({median}; threshold {threshold:g})",
          "a layer's update ratio, epoch median", "≥ 1", "Why these exploding thresholds"),
