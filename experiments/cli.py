@@ -139,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--no-timing", action="store_true",
                          help="skip the overhead measurement (about a minute)")
 
+    check = commands.add_parser(
+        "preflight", help="before training: will each config's net vanish or explode? (no training)",
+        description="Build each config's model and data as a run would (same seed) and run "
+        "gradtools.preflight with its loss, optimizer and batch size: the verdict at initialization, one "
+        "line per config; with --figures, its signal-propagation figure <figures>/preflight_<group>_<name>.png. "
+        "Exit 2 for a bad config.")
+    check.add_argument("configs", nargs="*", metavar="CONFIG",
+                       help="TOML files or group/name under configs/ (default: every config)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable)")
+    check.add_argument("--figures", help="write each config's signal-propagation figure in this folder")
+    check.add_argument("--explain", action="store_true", help="print each verdict's explanation too")
     conformance = commands.add_parser(
         "conformance", help="check GradientMonitor and gradtools.fit against an independent GradientTape "
         "on the conformance zoo (keras-hub, keras.applications, keras-io; every mode)",
@@ -501,7 +513,8 @@ def command_conformance(args) -> int:
 #: The options each command writes under: checked before anything runs.
 OUTPUT_OPTIONS = {"run": ("out",), "figures": ("out", "figures"), "claims": ("out", "report"),
                   "report": ("out", "report"), "compare": ("figures",), "sweep": ("out",),
-                  "phase-diagram": ("out", "figures"), "gallery": ("figures",), "conformance": ("figures",)}
+                  "phase-diagram": ("out", "figures"), "gallery": ("figures",), "conformance": ("figures",),
+                  "preflight": ("figures",)}
 
 
 #: What a write error leaves, by command (the others write run directories).
@@ -529,6 +542,8 @@ def check_writable(args) -> None:
     """Every output directory of the command is a directory that takes a file, or can be
     made in one (nothing is created here): exit 2 now, not a traceback after training."""
     for option in OUTPUT_OPTIONS.get(args.command, ()):
+        if getattr(args, option) is None:  # an optional output not asked for
+            continue
         path, flag = Path(getattr(args, option)), f"--{option}"
         _check_path_parts(path, flag)
         existing = nearest_existing(path)
@@ -582,6 +597,51 @@ def command_dashboard(args) -> int:
         return 0
 
 
+def command_preflight(args) -> int:
+    import keras
+
+    from experiments.datasets import make_dataset
+    from experiments.models import build_model
+    from gradtools.loggers.base import figure_png
+    from gradtools.loggers.local import write_atomically
+    from gradtools.plots import plot_signal_propagation
+    from gradtools.preflight import preflight
+
+    configs = [load_config(name, args.overrides) for name in (args.configs or config_names())]
+    width = max(len(config.run_name) for config in configs)
+    for config in configs:
+        keras.utils.set_random_seed(config.seed)
+        x, y = make_dataset(config.data)
+        model = build_model(config.model, input_shape=x.shape[1:])
+        result = preflight(model, x, y, loss=config.training.loss, batch_size=config.training.batch_size,
+                           optimizer=_clipping_optimizer(config))
+        print(f"{config.run_name:{width}s}  {result.verdict}")
+        if args.explain:
+            print(f"  {result.explanation}")
+        if args.figures:
+            Path(args.figures).mkdir(parents=True, exist_ok=True)
+            path = Path(args.figures) / f"preflight_{config.group}_{config.name}.png"
+            figure = plot_signal_propagation(result.signal, f"{config.run_name}: {result.verdict} at initialization")
+            write_atomically(path, lambda target, figure=figure: target.write_bytes(figure_png(figure)))
+            print(f"  figure: {path}")
+    return 0
+
+
+def _clipping_optimizer(config):
+    """The config's optimizer, clipping as its run clips (gradtools.fit's ``clip_value`` and
+    ``clip_global_norm`` as Keras's ``clipvalue`` and ``global_clipnorm``; a "suggested"
+    threshold is found by training, so not here)."""
+    import keras
+
+    keras_config = config.optimizer.keras_config()
+    training = config.training
+    if training.clip_value is not None:
+        keras_config["config"]["clipvalue"] = training.clip_value
+    if isinstance(training.clip_global_norm, (int, float)):
+        keras_config["config"]["global_clipnorm"] = training.clip_global_norm
+    return keras.optimizers.get(keras_config)
+
+
 def command_config_reference(_args) -> int:
     from experiments.config import config_reference
 
@@ -593,6 +653,7 @@ COMMANDS = {"run": command_run, "list": command_list, "figures": command_figures
             "compare": command_compare, "claims": command_claims, "report": command_report,
             "sweep": command_sweep, "phase-diagram": command_phase_diagram,
             "gallery": command_gallery, "conformance": command_conformance, "dashboard": command_dashboard,
+            "preflight": command_preflight,
             "config-reference": command_config_reference}
 
 

@@ -196,6 +196,30 @@ def run_figures(history: History, title: str = "", sample_batch: int = 0) -> dic
     return figures
 
 
+def plot_signal_propagation(signal: pd.DataFrame, title: str = "") -> Figure:
+    """The signal-propagation plot of :attr:`gradtools.preflight.Preflight.signal` (Brock et
+    al. 2021): per block in depth order, the mean square of its output and its gradient
+    sensitivity (log scales), and the fractions of saturated and dead units."""
+    figure = Figure(figsize=(11, 3.6), layout="constrained")
+    axes = figure.subplots(1, 3)
+    depth = np.arange(len(signal))
+    panels = [("mean_square", "output mean square", True), ("sensitivity", "gradient sensitivity ‖g‖·‖W‖/|L|", True),
+              ("saturated", "saturated (sigmoid, tanh, softmax)", False)]
+    for ax, (column, label, log) in zip(axes, panels):
+        values = pd.to_numeric(signal.get(column, pd.Series(np.nan, index=signal.index)), errors="coerce")
+        ax.plot(depth, values, marker="o", color="C0", label=label)
+        if column == "saturated" and "dead" in signal:
+            ax.plot(depth, pd.to_numeric(signal["dead"], errors="coerce"), marker="s", color="C3", label="dead ReLU")
+        if log and (values > 0).any():
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("block (input → output)")
+        ax.legend(fontsize=7)
+    axes[2].set_ylim(-0.05, 1.05)
+    figure.suptitle(title or "signal propagation at initialization")
+    return figure
+
+
 def plot_comparison(runs: Mapping[str, pd.DataFrame], stat: str, title: str) -> Figure:
     """``stat`` of several runs overlaid (x = step), labelled by the mapping's keys: every
     logged value faintly, and its rolling mean over one epoch's worth of rows as a line; log

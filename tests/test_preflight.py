@@ -151,3 +151,16 @@ def test_the_command_line_checks_a_saved_model_and_names_what_it_cannot_use(tmp_
     broken = run_cli(["preflight", "broken.keras", "data.npz"], tmp_path, module="gradtools")
     assert broken.returncode == 2 and broken.stderr.startswith("error: broken.keras: Keras cannot load it")
     assert "Traceback" not in broken.stderr
+
+
+def test_the_suite_checks_its_configs_before_training_and_draws_their_signal(tmp_path):
+    from conftest import assert_drawn_png, run_cli
+
+    said = run_cli(["preflight", "vanishing_remedies/deep_sigmoid", "vanishing_remedies/he_relu",
+                    "--figures", str(tmp_path / "out")], tmp_path)
+    assert said.returncode == 0, said.stderr
+    verdicts = dict(line.split() for line in said.stdout.splitlines() if not line.startswith("  "))
+    assert verdicts == {"vanishing_remedies/deep_sigmoid": "vanishing", "vanishing_remedies/he_relu": "healthy"}
+    assert_drawn_png(tmp_path / "out" / "preflight_vanishing_remedies_deep_sigmoid.png")
+    bad = run_cli(["preflight", "vanishing/relu", "--set", "model.depth=0"], tmp_path)
+    assert bad.returncode == 2 and "model.depth" in bad.stderr and bad.stdout == ""
