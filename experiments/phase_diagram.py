@@ -17,6 +17,8 @@ import pandas as pd
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from gradtools.mean_field import chi1, critical_sigma_w2, predicted_verdict
+
 PHASE_SWEEP = "depth_init"
 ACTIVATION, DEPTH, SCALE = "model.activation", "model.depth", "model.kernel_initializer.config.scale"
 MARKS = {"vanishing": "V", "exploding": "E", "healthy": "·"}
@@ -66,6 +68,34 @@ def _heatmap(ax, values: pd.DataFrame, verdicts: pd.DataFrame | None, norm, titl
     return image
 
 
+def theory_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Each cell's trained verdict beside mean-field theory's (:mod:`gradtools.mean_field`:
+    χ₁ at the cell's σ_w² = scale, σ_b² = 0, over its depth) and χ₁ itself."""
+    cells = table[[ACTIVATION, DEPTH, SCALE, "verdict"]].copy()
+    cells["chi1"] = [chi1(a, s) for a, s in zip(cells[ACTIVATION], cells[SCALE])]
+    cells["theory"] = [predicted_verdict(activation, int(depth), scale)
+                       for activation, depth, scale in zip(cells[ACTIVATION], cells[DEPTH], cells[SCALE])]
+    return cells
+
+
+def _mark_theory(ax, activation: str, values: pd.DataFrame) -> None:
+    """The critical line χ₁ = 1 (dashed, where it falls inside the grid) and the depths where
+    theory's gradient change reaches two decades (dotted: vanishing below-left, exploding
+    above-right of them)."""
+    scales, depths = values.columns.to_numpy(dtype=float), values.index.to_numpy(dtype=float)
+    positions = np.arange(len(scales))
+    critical = critical_sigma_w2(activation)
+    if scales[0] <= critical <= scales[-1]:
+        x = np.interp(np.log(critical), np.log(scales), positions)
+        ax.axvline(x, color="black", linestyle="--", linewidth=1.2, label="χ₁ = 1 (mean field)")
+    factors = np.array([chi1(activation, scale) for scale in scales])
+    with np.errstate(divide="ignore"):
+        reach = 4.0 / np.abs(np.log10(factors))  # depth where χ₁^(depth/2) is 10^±2
+    rows = np.interp(reach, depths, np.arange(len(depths)), right=np.nan)
+    ax.plot(positions, rows, color="black", linestyle=":", linewidth=1.2, label="two decades (mean field)")
+    ax.legend(fontsize=7, loc="lower left")
+
+
 def _mark_article_net(ax, activation: str, values: pd.DataFrame) -> None:
     if activation not in ARTICLE_NETS:
         return
@@ -105,6 +135,7 @@ def plot_phase_diagram(table: pd.DataFrame) -> Figure:
         ratio_image = _heatmap(axes[0, column], first, None, norm, f"{activation}: at the first step")
         _heatmap(axes[1, column], trained, verdicts, norm,
                  f"{activation}: last epoch (V vanishing, E exploding, · healthy)")
+        _mark_theory(axes[1, column], activation, trained)
         if sizes.size:
             size, _ = _grid(table, activation, "grad_norm_first_step")
             size_image = _heatmap(axes[2, column], size, None, size_norm,
