@@ -33,6 +33,7 @@ from gradtools.columns import VALUE_COLUMNS_START, metric_columns
 from gradtools.diagnosis import AT_INITIALIZATION, REMEDIES, Diagnosis, judge
 from gradtools.history import COMPLETED, History
 from gradtools.layers import block_downstream, layer_blocks, layer_layout
+from gradtools.plots import plot_signal_propagation
 from gradtools.programs import copy_values
 from gradtools.stats import statistics_row
 from gradtools.steps import resolve_loss
@@ -57,6 +58,10 @@ class Preflight(Diagnosis):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "signal": self.signal.to_dict(orient="records")}
+
+    def figure(self, title: str = ""):
+        """The signal-propagation figure of :attr:`signal` (:func:`gradtools.plots.plot_signal_propagation`)."""
+        return plot_signal_propagation(self.signal, title or f"{self.verdict} at initialization")
 
 
 def preflight(model: keras.Model, x, y, loss=None, *, optimizer=None, batch_size: int = 32,

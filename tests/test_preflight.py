@@ -5,6 +5,7 @@ gallery's models (the verdict their training gets), and without changing the mod
 import keras
 import numpy as np
 import pytest
+from conftest import assert_drawn_png
 
 from experiments import gallery
 from gradtools.diagnosis import EXPLODING_DEPTH_GROWTH, VANISHING_RATIO
@@ -33,13 +34,16 @@ def check(model, **kwargs):
     return preflight(model, x, y, loss="binary_crossentropy", optimizer=keras.optimizers.SGD(0.01), **kwargs)
 
 
-def test_a_deep_sigmoid_net_at_small_init_vanishes_and_the_table_shows_the_decay():
+def test_a_deep_sigmoid_net_at_small_init_vanishes_and_the_table_shows_the_decay(tmp_path):
     result = check(mlp("sigmoid", keras.initializers.RandomNormal(0.0, 0.1, seed=0)))
     assert result.verdict == "vanishing"
     assert result.evidence["weakest_depth_ratio"] < VANISHING_RATIO ** 3  # ten factors of σ' ≤ 1/4
     sensitivity = result.signal.set_index("block")["sensitivity"]
     assert (np.diff(sensitivity[[f"d{i}" for i in range(DEPTH)]].to_numpy()) > 0).all(), "grows toward the output"
     assert "at initialization" in result.explanation and "first epoch" not in result.explanation
+    path = tmp_path / "signal.png"
+    result.figure().savefig(path)
+    assert_drawn_png(path)
 
 
 def test_relu_at_scale_30_explodes_at_the_output_before_anything_else():
