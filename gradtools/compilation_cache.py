@@ -3,9 +3,7 @@ process that compiles the same program.
 
 TensorFlow keys an entry by the program and by the names it gave the traced functions, and it
 numbers those from one counter of the whole process: the same program traced after other
-functions got other names and missed the entry (measured: three small jit-compiled functions
-traced first made a one-epoch run of a net of three small sigmoid layers miss, 1.39 s
-instead of 0.60 s).
+functions got other names and missed the entry.
 :func:`named_after` numbers a program's functions from its key instead, while it is traced.
 Within one process, :mod:`gradtools.programs` reuses the compiled program itself.
 

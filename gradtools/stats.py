@@ -25,10 +25,9 @@ def layer_gradient_stats(gradients, weights_before, weights_after) -> tf.Tensor:
 
     Each kernel gets one sum over its entries of the seven terms stacked (one pass, one
     reduction), and the divisions and square roots are done once for the whole table: the
-    compiled step is smaller, and compiles faster (a net of ten layers: 0.2–0.5 s less CPU for
-    its first epoch, of 2.5–3.4 s), than with a norm and a mean per statistic and layer. For
-    the same reason there is one ``Abs`` per kernel and one ``Sqrt`` in all: XLA lowers each of
-    these ops through an MLIR pipeline of its own, about 7 ms of compilation per op.
+    compiled step is smaller, and compiles faster, than with a norm and a mean per statistic
+    and layer. For the same reason there is one ``Abs`` per kernel and one ``Sqrt`` in all: XLA
+    compiles each such op through a pipeline of its own.
     """
     sums, sizes = [], []
     for gradient, before, after in zip(gradients, weights_before, weights_after):
@@ -82,10 +81,9 @@ def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
 def all_finite(loss, gradients) -> tf.Tensor:
     """True when the loss and every entry of every gradient are finite.
 
-    One check per gradient. (One check over the gradients laid end to end compiled faster, as
-    XLA lowers each ``IsFinite`` through an MLIR pipeline of its own, about 7 ms per op once;
-    but copying them cost every step of a large model about 10 ms: 30 gradients of a million
-    values, 9 → 19 ms a step in graph mode.)"""
+    One check per gradient: one check over the gradients laid end to end would compile faster
+    (one ``IsFinite`` op), but copying them costs every step of a large model more than that
+    saves once."""
     checks = [tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))]
     checks += [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(g))) for g in gradients if g is not None]
     return tf.reduce_all(tf.stack(checks))

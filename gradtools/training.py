@@ -171,12 +171,10 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
 
     A smaller last batch is, where :func:`gradtools.steps.padding_is_exact` allows, filled up
     to full size and its extra rows masked out of the loss, so the program holds one copy of
-    the step; otherwise it runs as a second copy. On a net of three small sigmoid layers
-    (3000 examples in batches of 32) the second copy took the first epoch in a process with a
-    warm cache from 0.5 s to 0.9 s, and with a cold one from 1.2 s to 1.9 s.
+    the step; otherwise it runs as a second copy, which costs compilation time.
 
     The loop is written with ``tf.while_loop`` and ``tf.cond``, not AutoGraph: converting
-    Python source took 0.45 s of every trace (of about 1 s), in every process."""
+    Python source would be a large part of every trace, in every process."""
     n_values = len(step.columns) - VALUE_COLUMNS_START
     n_full, remainder = divmod(data.n_examples, data.batch_size)
     padded = remainder > 0 and padding_is_exact(step.model, step.loss_fn)

@@ -85,10 +85,9 @@ _COLUMN_FORMATS = {np.dtype(np.int64): "%d", np.dtype(np.float32): "%.9g"}
 
 def _write_csv(stream, rows: pd.DataFrame, header: bool) -> None:
     """``rows`` as CSV. A table of integers and float32 (the metrics rows, thousands of
-    values an epoch) is formatted by NumPy: pandas' shortest-repr formatting took 2.3 ms an
-    epoch on a net of three small sigmoid layers (94 rows of 33 columns), longer than
-    training it, and held the interpreter while the next epoch waited for it. Other tables
-    are written by pandas."""
+    values an epoch) is formatted by NumPy: pandas' shortest-repr formatting of a small net's
+    epoch took longer than training it, and held the interpreter while the next epoch waited
+    for it. Other tables are written by pandas."""
     formats = [_COLUMN_FORMATS.get(dtype) for dtype in rows.dtypes]
     if None in formats:
         rows.to_csv(stream, header=header, index=False)
