@@ -191,7 +191,7 @@ def summarize_point(history) -> dict[str, Any]:
     epochs = metrics.groupby("epoch")
     first_epoch, last_epoch = metrics["epoch"].min(), metrics["epoch"].max()
     row.update(
-        verdict=diagnose(history).verdict,
+        verdict=(history.diagnosis or diagnose(history)).verdict,  # made once when the run ended
         ratio_first_step=first_to_last_ratio(metrics.iloc[[0]]),
         ratio_first_epoch=first_to_last_ratio(metrics[metrics["epoch"] == first_epoch]),
         ratio_last_epoch=first_to_last_ratio(metrics[metrics["epoch"] == last_epoch]),
