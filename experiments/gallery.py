@@ -346,15 +346,17 @@ class Trained:
     epoch_seconds: list[float]
 
 
-def train(case: Case, seed: int = 0, monitored: bool = True, epochs: int | None = None) -> Trained:
-    """``model.fit`` of the case, with a :class:`GradientMonitor` when ``monitored``."""
+def train(case: Case, seed: int = 0, monitored: bool = True, epochs: int | None = None,
+          callbacks=()) -> Trained:
+    """``model.fit`` of the case, with a :class:`GradientMonitor` when ``monitored``, and
+    ``callbacks`` after it."""
     keras.utils.set_random_seed(seed)
     model, x, y = case.build()
     model.compile(optimizer=case.compile["optimizer"](), loss=case.compile["loss"])
     monitor = GradientMonitor() if monitored else None
     timer = _EpochTimer()
     fitted = model.fit(x, y, epochs=epochs or case.epochs, batch_size=case.batch_size, verbose=0,
-                       callbacks=[timer] + ([monitor] if monitor else []))
+                       callbacks=[timer] + ([monitor] if monitor else []) + list(callbacks))
     return Trained(case, model, monitor, fitted.history["loss"], timer.seconds)
 
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "History": "gradtools.history",
     "fit": "gradtools.training",
     "GradientMonitor": "gradtools.monitor",
+    "SpikeGuard": "gradtools.spike_guard",
     "check_gradients": "gradtools.gradcheck",
     "suggest_clip_norm": "gradtools.clip_suggestion",
     "compare_runs": "gradtools.compare",

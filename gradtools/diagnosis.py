@@ -41,6 +41,7 @@ from gradtools.columns import LOSS_SCALE_COLUMNS, layer_column, layer_name, laye
 from gradtools.history import COMPLETED, History, RunDirectoryError
 from gradtools.layers import layer_label
 from gradtools.recurrence import bptt_steps_column, state_gradient_curve, state_gradient_layers
+from gradtools.spike_events import spikes_sentence
 from gradtools.summary import sensitivity_table
 
 #: A block whose sensitivity is below this fraction of the strongest block after it vanishes.
@@ -302,6 +303,16 @@ def judged_rows(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics
 
 
+def without_spikes(metrics: pd.DataFrame, spikes: pd.DataFrame | None) -> pd.DataFrame:
+    """The rows but the finite spikes a :class:`gradtools.SpikeGuard` caught: a bad batch says
+    something about the data, not about how the gradient flows through the net (the spikes
+    are reported beside the verdict). Non-finite steps stay: they are a divergence."""
+    if spikes is None or spikes.empty:
+        return metrics
+    caught = spikes.loc[spikes["quantity"] != "nonfinite", "step"]
+    return metrics[~metrics["step"].isin(caught)]
+
+
 def first_nonfinite_step(metrics: pd.DataFrame) -> int | None:
     """The first judged step whose loss or gradient statistics are NaN/Inf."""
     rows = judged_rows(metrics)
@@ -529,12 +540,16 @@ def diagnose(source) -> Diagnosis:
                                   "process was killed, or is still training); the verdict covers "
                                   "the steps logged so far.")
     diagnosis.evidence["status"] = history.status
+    if history.spikes is not None:
+        diagnosis.evidence["spikes"] = len(history.spikes)
+        if not history.spikes.empty:
+            diagnosis.explanation += " " + spikes_sentence(history.spikes)
     return diagnosis
 
 
 def judge(history: History, wording: Wording = TRAINED) -> Diagnosis:
     """:func:`diagnose` of a History with rows, its explanation worded by ``wording``."""
-    metrics = history.metrics
+    metrics = without_spikes(history.metrics, history.spikes)
     e = run_evidence(metrics)
     findings = layer_findings(judged_rows(metrics), history.layer_paths, history.layer_blocks,
                               history.block_downstream, wording)

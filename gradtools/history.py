@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from gradtools.columns import STEP_COLUMNS, layer_columns
+from gradtools.spike_events import SPIKES_FILE, empty_events, read_events
 
 if TYPE_CHECKING:
     from gradtools.diagnosis import Diagnosis
@@ -96,6 +97,9 @@ class History:
     #: Each block's blocks downstream in the model's graph (:func:`gradtools.layers.block_downstream`);
     #: empty when unknown (each block is then before every block listed after it).
     block_downstream: dict[str, list[str]] = field(default_factory=dict)
+    #: The spikes a :class:`gradtools.SpikeGuard` caught (:data:`gradtools.spike_events.EVENT_COLUMNS`):
+    #: empty when a guard watched and caught none; None when no guard watched.
+    spikes: pd.DataFrame | None = None
     #: The run's :class:`gradtools.Diagnosis`, made once when a run with loggers ends
     #: (:func:`gradtools.loggers.base.end_run`) and handed to them; None otherwise.
     diagnosis: Diagnosis | None = field(default=None, compare=False, repr=False)
@@ -127,7 +131,7 @@ class History:
         except (ValueError, UnicodeDecodeError) as error:
             raise RunDirectoryError(f"{info_file} is damaged ({error}): not the JSON a run "
                                     "directory holds") from None
-        state_file = run_dir / STATE_GRADIENTS_FILE
+        state_file, spikes_file = run_dir / STATE_GRADIENTS_FILE, run_dir / SPIKES_FILE
         entry = functools.partial(_entry, info, info_file)
         metrics = read_metrics(metrics_file)
         _require_columns(metrics, len(entry("layer_paths", list, [])), metrics_file)
@@ -141,6 +145,8 @@ class History:
             layer_blocks=entry("layer_blocks", list, []),
             state_gradients=read_metrics(state_file) if state_file.is_file() else None,
             block_downstream=_downstream(entry("block_downstream", dict, {}), info_file),
+            spikes=(read_events(spikes_file) if spikes_file.is_file()
+                    else empty_events() if entry("spike_guard", dict, None) else None),
         )
 
 

@@ -32,12 +32,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from gradtools import through_time
+from gradtools import probes, through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.columns import VALUE_COLUMNS_START, metric_columns
 from gradtools.history import DIVERGED, RUNNING, History
 from gradtools.layers import layer_layout
 from gradtools.recording import RunRecord
+from gradtools.spike_guard import SpikeGuard
 from gradtools.stats import step_row, unscaled
 from gradtools.validation import require_integer
 
@@ -184,7 +185,9 @@ class GradientMonitor(keras.callbacks.Callback):
     ``keras.callbacks.TerminateOnNaN``, but recorded; a step the loss scaler skips does not
     count). ``loggers`` get every row, like ``gradtools.fit``'s (e.g. a ``LocalRunLogger``
     writes a run directory), and ``figures`` as in ``gradtools.fit`` when training ends.
-    ``history()`` gives what ``gradtools.diagnose`` reads.
+    ``history()`` gives what ``gradtools.diagnose`` reads. A :class:`gradtools.SpikeGuard`
+    in the same ``model.fit`` hands its events to the monitor's History (``spikes``) and
+    loggers.
     """
 
     def __init__(self, log_every: int = 1, loggers=(), stop_on_nonfinite: bool = False,
@@ -200,6 +203,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._restore = []
         self._buffer: _StepBuffer | None = None
         self._traced = []
+        self._guards = []
         # The step's loss tensor, from compute_loss to apply: per thread, since a strategy
         # traces each replica's step in a thread of its own.
         self._step = threading.local()
@@ -260,7 +264,12 @@ class GradientMonitor(keras.callbacks.Callback):
         self._install(model, optimizer)
         model.make_train_function(force=True)  # trace again, with the probes
         self._run.status = RUNNING
-        self._watch_for_an_abrupt_end(sys._getframe(1).f_locals.get("self"))
+        callback_list = sys._getframe(1).f_locals.get("self")
+        self._guards = [callback for callback in getattr(callback_list, "callbacks", [])
+                        if isinstance(callback, SpikeGuard)]
+        if self._guards:
+            self._run.watch_spikes()
+        self._watch_for_an_abrupt_end(callback_list)
 
     def _watch_for_an_abrupt_end(self, callback_list) -> None:
         """Keras calls no ``on_train_end`` when ``fit`` raises (Ctrl-C, an error in a step or in
@@ -295,6 +304,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self.model.train_function = None
         try:
             self._flush(self._epoch)
+            self._take_spikes()
         except Exception:  # noqa: BLE001 - the error on its way up is the one to report
             pass
         self._run.end_abruptly(error)
@@ -310,31 +320,32 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _install(self, model, optimizer) -> None:
         monitor = self
-        original_compute_loss = model.compute_loss
-        original_apply = optimizer.apply
 
-        def compute_loss(*args, **kwargs):
-            loss = original_compute_loss(*args, **kwargs)
-            monitor._step.loss = tf.cast(loss, tf.float32)
-            return loss
+        def wrap_compute_loss(original_compute_loss):
+            def compute_loss(*args, **kwargs):
+                loss = original_compute_loss(*args, **kwargs)
+                monitor._step.loss = tf.cast(loss, tf.float32)
+                return loss
+            return compute_loss
 
-        def apply(grads, trainable_variables=None):
-            grads = list(grads)
-            targets = list(trainable_variables if trainable_variables is not None
-                           else optimizer._trainable_variables)
-            monitor._prepare(targets)  # subclassed models are built by their first step
-            monitored = monitor._layout.monitored
-            scale = _loss_scale(optimizer) if monitor._loss_scaled else None
-            before = [tf.identity(targets[i]) for i in monitored]
-            step_loss = monitor._take_loss()
-            result = original_apply(grads, trainable_variables)
-            loss, *summed = _summed_over_replicas([step_loss, *grads])
-            monitor._record_step(loss, summed, scale, [targets[i] for i in monitored], before)
-            return result
+        def wrap_apply(original_apply):
+            def apply(grads, trainable_variables=None):
+                grads = list(grads)
+                targets = list(trainable_variables if trainable_variables is not None
+                               else optimizer._trainable_variables)
+                monitor._prepare(targets)  # subclassed models are built by their first step
+                monitored = monitor._layout.monitored
+                scale = _loss_scale(optimizer) if monitor._loss_scaled else None
+                before = [tf.identity(targets[i]) for i in monitored]
+                step_loss = monitor._take_loss()
+                result = original_apply(grads, trainable_variables)
+                loss, *summed = _summed_over_replicas([step_loss, *grads])
+                monitor._record_step(loss, summed, scale, [targets[i] for i in monitored], before)
+                return result
+            return apply
 
-        model.compute_loss = compute_loss
-        optimizer.apply = apply
-        self._restore = [(model, "compute_loss"), (optimizer, "apply")]
+        self._restore = [(model, "compute_loss", probes.wrap(model, "compute_loss", wrap_compute_loss, probes.MONITOR)),
+                         (optimizer, "apply", probes.wrap(optimizer, "apply", wrap_apply, probes.MONITOR))]
 
     def _prepare(self, variables) -> None:
         """The layout of the numbered layers and the buffer (once, eagerly, even when called
@@ -397,6 +408,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if first_epoch and not self._applied:
             warnings.warn(NO_STEP_SEEN, RuntimeWarning, stacklevel=2)
         self._flush(epoch)
+        self._take_spikes()
         diverged = self.status == DIVERGED
         means = self._buffer.take_state_means() if self._buffer is not None else []
         self._run.end_epoch(epoch, self.epochs_completed if diverged else epoch + 1,
@@ -405,10 +417,14 @@ class GradientMonitor(keras.callbacks.Callback):
         if self.stop_on_nonfinite and diverged:
             self.model.stop_training = True
 
+    def _take_spikes(self) -> None:
+        """The spikes a SpikeGuard of the same fit caught since the last call go to the run."""
+        for guard in self._guards:
+            self._run.add_spikes(guard.new_events())
+
     def _remove_probes(self) -> None:
-        for owner, name in self._restore:
-            if name in vars(owner):
-                delattr(owner, name)
+        for owner, name, token in self._restore:
+            probes.unwrap(owner, name, token)
         self._restore = []
 
     def on_train_end(self, logs=None):

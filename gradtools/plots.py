@@ -193,7 +193,34 @@ def run_figures(history: History, title: str = "", sample_batch: int = 0) -> dic
     states = history.state_gradients
     if states is not None and not states.empty and state_gradient_layers(states):
         figures["state_gradients"] = plot_state_gradients(states, title)
+    if history.spikes is not None and not history.spikes.empty:
+        figures["spikes"] = plot_spikes(history.metrics, history.spikes, title)
     return figures
+
+
+def plot_spikes(metrics: pd.DataFrame, spikes: pd.DataFrame, title: str = "") -> Figure:
+    """The loss and the global gradient norm at every logged step, the spikes a
+    :class:`gradtools.SpikeGuard` caught marked on both (by the action taken), and the
+    threshold each crossed."""
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    at_spikes = metrics.set_index("step").reindex(spikes["step"])
+    for ax, column in zip(axes, ("loss", "grad_global_norm")):
+        ax.plot(metrics["step"], metrics[column], linewidth=0.6, color="0.35", label=column)
+        for action, group in spikes.groupby("action", sort=False):
+            ax.scatter(group["step"], at_spikes.loc[group["step"], column], marker="x", s=36, zorder=3,
+                       label=f"spike: {action}")
+        crossed = spikes[spikes["quantity"] == column]
+        if len(crossed):
+            ax.scatter(crossed["step"], crossed["threshold"], marker="_", s=120, color="red", zorder=3,
+                       label="threshold crossed")
+        if _spans_decades(metrics[column]):
+            ax.set_yscale("log")
+        ax.set_ylabel(column)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"Spikes {title}".strip())
+    return fig
 
 
 def plot_signal_propagation(signal: pd.DataFrame, title: str = "") -> Figure:
@@ -220,10 +247,10 @@ def plot_signal_propagation(signal: pd.DataFrame, title: str = "") -> Figure:
     return figure
 
 
-def plot_comparison(runs: Mapping[str, pd.DataFrame], stat: str, title: str) -> Figure:
+def plot_comparison(runs: Mapping[str, pd.DataFrame], stat: str, title: str, center: str = "mean") -> Figure:
     """``stat`` of several runs overlaid (x = step), labelled by the mapping's keys: every
-    logged value faintly, and its rolling mean over one epoch's worth of rows as a line; log
-    scale when the values span two decades or more."""
+    logged value faintly, and its rolling ``center`` (mean or median) over one epoch's worth
+    of rows as a line; log scale when the values span two decades or more."""
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.add_subplot()
     every_value = []
@@ -232,13 +259,14 @@ def plot_comparison(runs: Mapping[str, pd.DataFrame], stat: str, title: str) -> 
         values = metrics[stat].astype(float)
         window = max(1, int(metrics.groupby("epoch").size().median()))
         ax.plot(metrics["step"], values, linewidth=0.4, alpha=0.2, color=color)
-        ax.plot(metrics["step"], values.rolling(window, min_periods=1).mean(), linewidth=1.6,
+        rolling = values.rolling(window, min_periods=1)
+        ax.plot(metrics["step"], rolling.median() if center == "median" else rolling.mean(), linewidth=1.6,
                 color=color, label=label)
         every_value.append(values.to_numpy())
     if every_value and _spans_decades(np.concatenate(every_value)):
         ax.set_yscale("log")
     ax.set_title(title)
-    ax.set_xlabel("step (line: mean over one epoch of steps)")
+    ax.set_xlabel(f"step (line: {center} over one epoch of steps)")
     ax.set_ylabel(stat)
     ax.legend(fontsize=8)
     return fig

@@ -21,6 +21,7 @@ from gradtools.history import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING,
 from gradtools.layers import block_downstream, layer_blocks
 from gradtools.loggers.base import end_run, end_run_after_error
 from gradtools.plots import run_figures
+from gradtools.spike_events import empty_events
 
 
 class RunRecord:
@@ -41,6 +42,7 @@ class RunRecord:
         self.traced, self.traced_numbers = [], []
         self.frames: list[pd.DataFrame] = []
         self.state_rows: list[dict[str, float]] = []
+        self.spike_frames: list[pd.DataFrame] | None = None  # a list once a spike guard watches
         self.started = time.perf_counter()
         self.ended = False
 
@@ -75,6 +77,20 @@ class RunRecord:
                 self.first_nonfinite_step = int(steps[np.argmin(finite)])
         for logger in self.loggers:
             logger.log_rows(frame)
+
+    def watch_spikes(self) -> None:
+        """A :class:`gradtools.SpikeGuard` watches the run: its History has a spike table."""
+        if self.spike_frames is None:
+            self.spike_frames = []
+
+    def add_spikes(self, events: pd.DataFrame) -> None:
+        """Spike events (:data:`gradtools.spike_guard.EVENT_COLUMNS`) for the loggers."""
+        self.watch_spikes()
+        if events.empty:
+            return
+        self.spike_frames.append(events)
+        for logger in self.loggers:
+            logger.log_spikes(events)
 
     def through_time_row(self, epoch: int, radii, state_means) -> dict[str, float]:
         """The epoch's numbers of the traced recurrent layers (none without such layers)."""
@@ -126,4 +142,11 @@ class RunRecord:
         return History(metrics=metrics, status=self.status, first_nonfinite_step=self.first_nonfinite_step,
                        epochs_completed=self.epochs_completed, wall_seconds=time.perf_counter() - self.started,
                        layer_paths=self.paths, layer_blocks=self.blocks, block_downstream=self.downstream,
-                       state_gradients=pd.DataFrame(self.state_rows) if self.traced else None)
+                       state_gradients=pd.DataFrame(self.state_rows) if self.traced else None,
+                       spikes=self._spikes())
+
+    def _spikes(self) -> pd.DataFrame | None:
+        if self.spike_frames is None:
+            return None
+        return (pd.concat(self.spike_frames, ignore_index=True) if self.spike_frames
+                else empty_events())

@@ -101,16 +101,18 @@ def with_loss_scaling(optimizer):
 
 class TrainStep:
     """``step(x_batch, y_batch)`` → (row of statistics, finite flag, the kernels' gradients
-    when ``keep_gradients``, ‖∂L/∂h_t‖ of each traced recurrent layer)."""
+    when ``keep_gradients``, ‖∂L/∂h_t‖ of each traced recurrent layer). A ``guard``
+    (:class:`gradtools.SpikeGuard`, attached to the optimizer) is told each step's loss."""
 
     def __init__(self, model: keras.Model, loss_fn, optimizer, *, clip_value=None,
-                 clip_global_norm=None, keep_gradients: bool = False):
+                 clip_global_norm=None, keep_gradients: bool = False, guard=None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.variables = list(model.trainable_weights)
         self.layout: LayerLayout = layer_layout(self.variables)
         self.traced = through_time.traced_layers(model)
         self.clip_value, self.clip_global_norm = clip_value, clip_global_norm
         self.keep_gradients = keep_gradients
+        self.guard = guard
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.clips = clip_value is not None or clip_global_norm is not None
         self.columns = metric_columns(len(self.layout.paths), self.layout.recurrent_layers,
@@ -131,6 +133,8 @@ class TrainStep:
         scale = self._loss_scale()
         before = [tf.identity(self.variables[i]) for i in self.layout.monitored]
         applied = self._clip(gradients, scale)
+        if self.guard is not None:
+            self.guard.note_loss(loss)
         self.optimizer.apply(applied, self.variables)
         return self.record(loss, gradients, applied, before, scale)
 
@@ -146,6 +150,11 @@ class TrainStep:
                    if self.keep_gradients else [])
         state_norms = unscaled([layer.state_gradient_norms.value() for layer in self.traced], scale)
         return row, finite, kernels, state_norms
+
+    @property
+    def guard_stops(self) -> bool:
+        """A guard that stops training on a spike: the epoch's loop ends there."""
+        return self.guard is not None and self.guard.action == "stop"
 
     def _loss_scale(self):
         """The scale this step's loss was multiplied by, read before ``apply`` changes it."""

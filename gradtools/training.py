@@ -35,7 +35,7 @@ from gradtools.validation import MAX_SEED, require_integer
 def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: int = 32,
         shuffle: bool = True, seed: int | None = None, log_every: int = 1, stop_on_nonfinite: bool = True,
         loggers: Sequence[RunLogger] = (), jit_compile: bool = True, clip_value: float | None = None,
-        clip_global_norm: float | None = None, figures=True) -> History:
+        clip_global_norm: float | None = None, figures=True, spike_guard=None) -> History:
     """Train ``model`` on ``(x, y)`` and record per-layer gradient statistics.
 
     Args:
@@ -69,6 +69,9 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
         figures: when the run ends, draw :func:`gradtools.plots.run_figures` once and hand
             them to every logger (``log_figure``); a function of the History returning
             ``{name: Figure}`` draws those instead; False draws none.
+        spike_guard: a :class:`gradtools.SpikeGuard`: every step is judged, and a spike acted
+            on, in the compiled epoch; its events are ``History.spikes`` and go to the
+            loggers. (Such a fit compiles a program of its own: it is not shared.)
 
     Recurrent layers get ``layer_k/recurrent_<stat>`` columns for their recurrent kernel; a
     :class:`gradtools.through_time.TracedRNN` also gets, once per epoch, ‖∂L/∂h_t‖ for every
@@ -92,7 +95,8 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
     optimizer = with_loss_scaling(keras.optimizers.get(optimizer))
     options = dict(clip_value=clip_value, clip_global_norm=clip_global_norm, shuffle=shuffle,
                    stop_on_nonfinite=stop_on_nonfinite, jit_compile=jit_compile,
-                   keep_gradients=any(getattr(logger, "wants_gradients", False) for logger in loggers))
+                   keep_gradients=any(getattr(logger, "wants_gradients", False) for logger in loggers),
+                   spike_guard=spike_guard)
     shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
     loop = EpochLoop(model, resolve_loss(loss), optimizer, data, options, RunRecord(model, loggers, figures))
     return loop.train(epochs, shuffle_seed, log_every)
@@ -188,8 +192,9 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
         else:
             x_looped, y_looped, x_last, y_last = data.full_batches(x_epoch, y_epoch)
 
-        def going(b, tally):  # stops after a non-finite step when asked to
-            return tf.logical_and(b < n_looped, tally.last_finite) if stop_on_nonfinite else b < n_looped
+        def going(b, tally):  # stops after a non-finite step when asked to, and when a guard stopped
+            more = tf.logical_and(b < n_looped, tally.last_finite) if stop_on_nonfinite else b < n_looped
+            return tf.logical_and(more, tf.logical_not(step.guard.stop_flag)) if step.guard_stops else more
 
         def one_batch(b, tally):
             real_rows = data.real_rows(b) if padded else None
@@ -198,6 +203,8 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
         _, tally = tf.while_loop(going, one_batch, (tf.constant(0), _EpochTally.empty(step, data.n_batches, n_values)))
         if remainder and not padded:
             last_runs = tally.last_finite if stop_on_nonfinite else tf.constant(True)
+            if step.guard_stops:
+                last_runs = tf.logical_and(last_runs, tf.logical_not(step.guard.stop_flag))
             tally = tf.cond(last_runs, lambda: tally.add(tf.constant(n_full), step(x_last, y_last)), lambda: tally)
         return tally.results()
 
@@ -220,7 +227,8 @@ def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> p
     after its key, which finds it in the persistent cache
     (:func:`gradtools.compilation_cache.named_after`)."""
     data_shapes = [list(data.x.shape), data.x.dtype.name, list(data.y.shape), data.y.dtype.name, data.batch_size]
-    key = programs_cache.program_key(model, loss_fn, optimizer, data_shapes, options)
+    guard = options["spike_guard"]
+    key = None if guard is not None else programs_cache.program_key(model, loss_fn, optimizer, data_shapes, options)
     kept = programs_cache.find(key, model, loss_fn)
     if kept is not None:
         if not optimizer.built:
@@ -228,7 +236,8 @@ def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> p
         kept.lend(model, optimizer)
         return kept
     step = TrainStep(model, loss_fn, optimizer, clip_value=options["clip_value"],
-                     clip_global_norm=options["clip_global_norm"], keep_gradients=options["keep_gradients"])
+                     clip_global_norm=options["clip_global_norm"], keep_gradients=options["keep_gradients"],
+                     guard=guard)
     program = programs_cache.Program(step, epoch_function(step, data, options["shuffle"], options["stop_on_nonfinite"],
                                                           options["jit_compile"]), untraced_key=key)
     if key is not None:
@@ -290,6 +299,10 @@ class EpochLoop:
         """Run the epochs, logging every ``log_every``-th step; the History, however it ends
         (an error or Ctrl-C is passed on to the loggers, then raised)."""
         self.log_every = log_every
+        guard = self.options["spike_guard"]
+        if guard is not None:  # before the first call traces the program
+            guard.attach(self.step.model, self.step.optimizer, loss_from_model=False)
+            self.record.watch_spikes()
         self.record.start(layer_layout(self.model.trainable_weights).paths, self.step.columns,  # the caller's names
                           through_time.traced_layers(self.model), epochs=epochs, steps_per_epoch=self.n_batches)
         try:
@@ -302,10 +315,15 @@ class EpochLoop:
         finally:  # the caller's model has its trained values: a borrowed program's owners get theirs
             for program in self.programs:
                 program.give_back(self.model, self.optimizer)
+            if guard is not None:
+                guard.detach()
 
     def _epochs(self, epochs: int, seed) -> History:
+        guard = self.options["spike_guard"]
         for epoch in range(epochs):
             radii = through_time.spectral_radii(self.step.traced)
+            if guard is not None:
+                guard.begin_epoch(epoch)
             with _quiet_first_trace(epoch == 0):
                 results = self._epoch(epoch, seed)
             if self.model_each_epoch:
@@ -385,6 +403,10 @@ class EpochLoop:
                              values.numpy()[:done][logged], finite_flags[logged])
         through_time_values = self.record.through_time_row(epoch, radii, [m.numpy() for m in state_means])
         stopping = not finite_flags.all() and self.options["stop_on_nonfinite"]
+        guard = self.options["spike_guard"]
+        if guard is not None:
+            self.record.add_spikes(guard.new_events())
+            stopping = stopping or guard.stopped
         kernel_gradients = [g.numpy() for g in last_gradients] if self.step.keep_gradients else None
         self.record.end_epoch(epoch, self.record.epochs_completed + (not stopping),
                               last=stopping or epoch + 1 == epochs, through_time_values=through_time_values,

@@ -131,3 +131,23 @@ def pytest_xdist_make_scheduler(config, log):
 @pytest.fixture
 def repo_root():
     return REPO_ROOT
+
+
+def spiky_fit(loggers, batch=16, batches=24, bad=20):
+    """``gradtools.fit`` of a small ReLU regressor (not compiled with XLA, for speed) whose
+    batch ``bad`` (0-based, one epoch, no shuffling) has its targets multiplied by 10³, with
+    ``SpikeGuard("skip")`` and ``loggers``; the History."""
+    import keras
+    import numpy as np
+
+    import gradtools
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * batches, 4)).astype(np.float32)
+    y = x.sum(axis=1).astype(np.float32)
+    y[bad * batch:(bad + 1) * batch] *= 1e3
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    return gradtools.fit(model, x, y, loss="mse", optimizer=keras.optimizers.SGD(0.01), epochs=1, batch_size=batch,
+                         shuffle=False, jit_compile=False, loggers=loggers, figures=False,
+                         spike_guard=gradtools.SpikeGuard("skip", verbose=False))

@@ -42,6 +42,20 @@ def fit_refused(strategy, x, y) -> str:
     return ""
 
 
+def guard_refused(strategy, x, y) -> str:
+    """SpikeGuard judges one device's global gradient: under a strategy it must say so."""
+    import gradtools
+
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+        model.compile(optimizer="sgd", loss="mse")
+    try:
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[gradtools.SpikeGuard()])
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def main():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 8)).astype(np.float32)
@@ -50,7 +64,8 @@ def main():
     runs = {"replicas": mirrored.num_replicas_in_sync,
             "single": {"monitor": monitored(tf.distribute.get_strategy(), x, y)},
             "mirrored": {"monitor": monitored(mirrored, x, y)},
-            "fit_under_strategy": fit_refused(mirrored, x, y)}
+            "fit_under_strategy": fit_refused(mirrored, x, y),
+            "guard_under_strategy": guard_refused(mirrored, x, y)}
     print(json.dumps(runs))
 
 

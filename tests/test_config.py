@@ -137,6 +137,10 @@ BAD = [
      ["model.hidden_units", "a list of 1 to 200 integers"]),
     ("class labels standardized", "noise = 0.1", "noise = 0.1\nstandardize_targets = true",
      ["data.standardize_targets", "True", "real-valued targets", "'moons'"]),
+    ("bad batches in a shuffled epoch", "noise = 0.1", "noise = 0.1\ncorrupt_batches = [1]",
+     ["data.corrupt_batches", "[1]", "needs training.shuffle = false"]),
+    ("an unknown spike action", "epochs = 1", 'epochs = 1\nspike_guard = "ignore"',
+     ["training.spike_guard", "'ignore'", "'warn'", "'rollback'"]),
 ]
 
 
@@ -152,6 +156,16 @@ def test_bad_config_exits_2_naming_file_key_and_value(tmp_path, capsys, what, ol
     for word in words:
         assert word in message, (word, message)
     assert not out.exists(), "a refused config must leave no run directory"
+
+
+def test_a_bad_batch_past_the_epochs_end_is_named(tmp_path, capsys):
+    path = tmp_path / "late.toml"
+    path.write_text(GOOD.replace("noise = 0.1", "noise = 0.1\ncorrupt_batches = [2, 4]")
+                    .replace("epochs = 1", "epochs = 1\nshuffle = false\nbatch_size = 16"))
+    assert main(["run", str(path), "--out", str(tmp_path / "runs"), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert "data.corrupt_batches = [2, 4]" in message
+    assert "an epoch has 4 full batches of 16 (64 examples): batch 4 is not one of them" in message
 
 
 def test_spectral_radius_needs_a_square_recurrent_kernel(tmp_path, capsys):

@@ -5,23 +5,31 @@ import numpy as np
 import pytest
 
 from experiments.gallery import CASES, train
+from gradtools import SpikeGuard
 from gradtools.diagnosis import VANISHING_RATIO, VANISHING_THROUGH_TIME, diagnose
 
 BY_NAME = {case.name: case for case in CASES}
 
 
 @pytest.fixture(scope="module")
-def trained():
-    """Each case trained once (seed 0), shared by the tests of this module."""
+def guarded():
+    """Each case trained once (seed 0) with a monitor and a SpikeGuard that only watches,
+    shared by the tests of this module: (run, diagnosis, guard)."""
     cache = {}
 
     def get(name):
         if name not in cache:
-            run = train(BY_NAME[name], seed=0)
-            cache[name] = run, diagnose(run.monitor.history())
+            guard = SpikeGuard("warn", verbose=False)
+            run = train(BY_NAME[name], seed=0, callbacks=[guard])
+            cache[name] = run, diagnose(run.monitor.history()), guard
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def trained(guarded):
+    return lambda name: guarded(name)[:2]
 
 
 def test_the_gallery_has_six_healthy_and_four_broken_architectures():
@@ -38,6 +46,21 @@ def test_healthy_models_are_diagnosed_healthy_and_learn(trained, name):
     assert run.losses[-1] < 0.8 * run.losses[0], f"{name} did not learn: {run.losses}"
     assert run.monitor.status == "completed"
     assert [f.path for f in diagnosis.layers] == run.monitor.layer_paths
+
+
+@pytest.mark.parametrize("name", [c.name for c in CASES if c.expected == "healthy"])
+def test_healthy_models_train_without_a_spike(guarded, name):
+    """The guard watched every step of each healthy model (after its warm-up) and found no
+    spike: no false alarm on the architectures people train."""
+    run, _, guard = guarded(name)
+    assert guard.events.empty, guard.events.to_string()
+    assert run.monitor.history().spikes is not None and run.monitor.history().spikes.empty
+
+
+def test_a_diverging_model_is_one_non_finite_spike(guarded):
+    run, _, guard = guarded("sgd_nan")
+    (event,) = guard.events.itertuples()
+    assert event.quantity == "nonfinite" and event.step == run.monitor.first_nonfinite_step
 
 
 def test_a_transformer_whose_attention_scores_get_little_gradient_is_still_healthy(trained):

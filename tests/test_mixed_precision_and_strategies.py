@@ -98,6 +98,30 @@ def test_gradtools_fit_wraps_the_optimizer_under_a_mixed_policy(mixed_precision)
     assert history.status == "completed"
 
 
+def test_the_spike_guard_under_mixed_float16_skips_a_bad_batch_and_the_scaler_keeps_its_own(mixed_precision):
+    """The guard sits inside the loss scaler: it gets the unscaled gradients of the steps the
+    scaler applies; a float16 overflow stays the scaler's to skip, not a spike. (A small loss
+    scale, so that this bad batch's scaled gradient fits in float16: at the default 2¹⁵ the
+    scaler itself skips it.)"""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(640, 8)).astype(np.float32)
+    y = x.sum(axis=1).astype(np.float32)
+    y[25 * 16:26 * 16] *= 1e3
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=8.0),
+                  loss="mse")
+    guard, monitor = gradtools.SpikeGuard("skip", verbose=False), GradientMonitor(figures=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, guard])
+    (event,) = guard.events.itertuples()
+    metrics = monitor.metrics.set_index("step")
+    assert event.step == 26 and event.action == "skipped"
+    assert event.value == pytest.approx(metrics.loc[26, "grad_global_norm"], rel=1e-3)  # unscaled, as recorded
+    assert metrics.loc[26, "layer_1/update_ratio"] == 0 and metrics.loc[26, "loss_scale"] == 8
+    assert (metrics["skipped"] == 0).all()
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
 def test_a_mirrored_strategy_gives_the_single_device_statistics():
     """Two logical CPU devices must be set up before TensorFlow starts: a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -108,6 +132,8 @@ def test_a_mirrored_strategy_gives_the_single_device_statistics():
     single, mirrored = runs["single"], runs["mirrored"]
     assert runs["replicas"] == 2
     assert "GradientMonitor" in runs["fit_under_strategy"], "gradtools.fit points to model.fit"
+    assert "SpikeGuard runs on one device: under a distribution strategy with 2 replicas" in \
+        runs["guard_under_strategy"]
     for source in ("monitor",):
         assert single[source].keys() == mirrored[source].keys()
         for column, values in single[source].items():

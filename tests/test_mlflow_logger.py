@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from browser import CHROMIUM, free_port, visit
-from conftest import REPO_ROOT, assert_drawn_png, run_cli
+from conftest import REPO_ROOT, assert_drawn_png, run_cli, spiky_fit
 
 import gradtools
 from experiments.cli import main
@@ -302,3 +302,15 @@ def test_the_dashboard_refuses_an_unknown_ui_with_exit_2(capsys):
 
     assert main(["dashboard", "--ui", "grafana"]) == 2
     assert "mlflow, tensorboard" in capsys.readouterr().err
+
+
+def test_spikes_are_metrics_at_their_steps_and_tags(server):
+    logger = MLflowLogger(name="spiky", experiment="spikes", tracking_uri=server.url)
+    history = spiky_fit([logger])
+    (spike,) = history.spikes.itertuples()
+    run = server.run("spikes", "spiky")
+    run_id = run["info"]["run_id"]
+    assert server.history(run_id, "spikes/value") == ([21], [pytest.approx(spike.value, rel=1e-6)])
+    assert server.history(run_id, "spikes/threshold") == ([21], [pytest.approx(spike.threshold, rel=1e-6)])
+    tags = by_key(run["data"]["tags"])
+    assert tags["spikes"] == "1" and tags["last_spike"].startswith("SpikeGuard: step 21 (epoch 1, batch 21)")

@@ -12,7 +12,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, exploding_relu_setup
+from conftest import REPO_ROOT, exploding_relu_setup, spiky_fit
 
 import gradtools
 from gradtools.columns import metric_columns
@@ -153,3 +153,14 @@ def test_neptune_failing_mid_run_warns_once_and_training_goes_on(offline, tmp_pa
     assert len(failures) == 1, [str(w.message) for w in caught]
     assert "local run directory is complete" in str(failures[0].message)
     assert len(gradtools.History.from_run_dir(tmp_path / "run").metrics) == 12
+
+
+def test_spikes_are_a_string_series_at_their_steps_and_a_count(offline):
+    history = spiky_fit([NeptuneLogger(name="spikes/test")])
+    (spike,) = history.spikes.itertuples()
+    operations = stored_operations(offline)
+    logged = [entry for op in operations if op["type"] == "LogStrings" and op["path"] == ["spikes", "events"]
+              for entry in op["values"]]
+    assert [entry["step"] for entry in logged] == [spike.step] == [21]
+    assert logged[0]["value"].startswith("SpikeGuard: step 21 (epoch 1, batch 21): grad_global_norm ")
+    assert assigned(operations, "spikes/count") == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, spiky_fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
@@ -119,3 +119,17 @@ def test_the_dashboard_notes_a_folder_without_event_files(logged_run, tmp_path):
     log_dir, _, _ = logged_run
     assert empty_note("tensorboard", tmp_path).endswith("starts empty: log runs with --logger tensorboard")
     assert empty_note("tensorboard", log_dir.parent) is None
+
+
+def test_spikes_are_text_and_a_scalar_at_their_steps(tmp_path):
+    history = spiky_fit([TensorBoardLogger(tmp_path / "tb")])
+    (spike,) = history.spikes.itertuples()
+    accumulator = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (text,) = accumulator.Tensors("spikes")
+    words = tensor_util.make_ndarray(text.tensor_proto).item().decode()
+    assert text.step == spike.step == 21
+    assert words.startswith("SpikeGuard: step 21 (epoch 1, batch 21): grad_global_norm ")
+    assert spike.layer in words and words.endswith("; skipped")
+    (value,) = accumulator.Tensors("spikes/value")
+    assert value.step == 21 and float(tensor_util.make_ndarray(value.tensor_proto)) == pytest.approx(spike.value)

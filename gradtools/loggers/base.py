@@ -92,6 +92,10 @@ class RunLogger:
         """After each epoch's rows: how many epochs completed so far, and the status so far
         (``running``, or ``diverged`` once a step was non-finite)."""
 
+    def log_spikes(self, events: "pd.DataFrame") -> None:
+        """Spikes a :class:`gradtools.SpikeGuard` caught since the last call
+        (:data:`gradtools.spike_events.EVENT_COLUMNS`), at the end of the epoch they came in."""
+
     def log_figure(self, name: str, figure: "Figure") -> None:
         """A matplotlib figure under ``name`` (e.g. ``mean_gradient``)."""
 

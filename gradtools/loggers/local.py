@@ -4,6 +4,7 @@
     <run dir>/metrics.csv    one row per logged step, appended after every epoch
     <run dir>/run.json       status, first non-finite step, epochs, wall time, versions
     <run dir>/state_gradients.csv  recurrent models: one row per epoch of ‖∂L/∂h_t‖, t = 1…T
+    <run dir>/spikes.csv     with a SpikeGuard: one row per spike it caught, appended after every epoch
     <run dir>/figures/*.png  the standard figures of gradtools.plots, plus any logged ones
 
 What survives a fault: run.json is replaced atomically after every epoch (status
@@ -44,6 +45,7 @@ from gradtools.history import (
     STATE_GRADIENTS_FILE,
 )
 from gradtools.loggers.base import RunLogger, figure_png
+from gradtools.spike_events import SPIKES_FILE
 
 
 def library_versions() -> dict[str, str]:
@@ -228,6 +230,9 @@ class LocalRunLogger(RunLogger):
     def log_epoch_metrics(self, epoch: int, metrics: Mapping[str, float]) -> None:
         self._appends.append((self.run_dir / STATE_GRADIENTS_FILE, pd.DataFrame([{"epoch": epoch, **metrics}])))
 
+    def log_spikes(self, events: pd.DataFrame) -> None:
+        self._appends.append((self.run_dir / SPIKES_FILE, events))
+
     def log_progress(self, *, epochs_completed: int, status: str) -> None:
         """Start writing the epoch (its rows, then run.json) once the previous one is written;
         any status but ``running`` is on disk when this returns."""
@@ -262,6 +267,9 @@ class LocalRunLogger(RunLogger):
                           block_downstream=history.block_downstream)
         if history.diagnosis is not None:
             self._info["diagnosis"] = history.diagnosis.to_dict()
+        if history.spikes is not None:
+            self._info["spike_guard"] = {"spikes": len(history.spikes),
+                                         "actions": history.spikes["action"].value_counts().to_dict()}
         if not self.metrics_path.exists():
             write_atomically(self.metrics_path, lambda path: _write_csv_file(path, history.metrics))
         self._write_info()

@@ -46,6 +46,7 @@ from gradtools.history import EARLY_END_STATUSES
 from gradtools.loggers.base import LoggerUnavailable, figure_png, flat_params
 from gradtools.loggers.remote import RemoteRunLogger
 from gradtools.outcome import run_outcome
+from gradtools.spike_events import describe_event
 
 mlflow = require("mlflow", extra="mlflow", feature="MLflowLogger")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402 - after the extra is known to be there
@@ -149,6 +150,7 @@ class MLflowLogger(RemoteRunLogger):
                                     f"{type(error).__name__}: {_database_words(error)}") from None
         self._metrics: list[Metric] = []
         self._tags: dict[str, str] = {}
+        self._spikes = 0
         self._flushed_at = time.monotonic()
         self._figures_dir = Path(tempfile.mkdtemp(prefix="gradtools-mlflow-"))
         self._queue: queue.Queue = queue.Queue()
@@ -208,6 +210,16 @@ class MLflowLogger(RemoteRunLogger):
 
     def on_first_nonfinite(self, step: int) -> None:
         self._gather(first_nonfinite_step=str(step))
+
+    def log_spikes(self, events: pd.DataFrame) -> None:
+        """Metrics ``spikes/value`` and ``spikes/threshold`` at each spike's step (finite
+        ones), tags ``spikes`` (how many so far) and ``last_spike`` (the newest, in words)."""
+        now = int(time.time() * 1000)
+        self._spikes += len(events)
+        self._gather([Metric(f"spikes/{column}", float(event[column]), now, int(event["step"]))
+                      for _, event in events.iterrows() for column in ("value", "threshold")
+                      if np.isfinite(event[column])],
+                     spikes=str(self._spikes), last_spike=describe_event(events.iloc[-1]))
 
     def log_progress(self, *, epochs_completed: int, status: str) -> None:
         self._gather(status=status, epochs_completed=str(epochs_completed))

@@ -20,6 +20,7 @@ from gradtools.extras import require
 from gradtools.loggers.base import LoggerUnavailable, figure_png
 from gradtools.loggers.remote import RemoteRunLogger
 from gradtools.outcome import run_outcome
+from gradtools.spike_events import describe_event
 
 neptune = require("neptune", extra="neptune", feature="NeptuneLogger")
 
@@ -77,6 +78,7 @@ class NeptuneLogger(RemoteRunLogger):
     def __init__(self, *, name: str, description: str = "", tags: Sequence[str] = (),
                  mode: str | None = None, project: str | None = None):
         self.name = name
+        self._spikes = 0
         self.mode = mode or default_mode()
         if self.mode not in MODES:
             raise ValueError(f"Neptune mode {self.mode!r} is not one of {', '.join(MODES)}")
@@ -116,6 +118,16 @@ class NeptuneLogger(RemoteRunLogger):
 
     def on_first_nonfinite(self, step: int) -> None:
         self._guard("diagnostics", lambda: self.run.__setitem__("diagnostics/first_nonfinite_step", step))
+
+    def log_spikes(self, events: pd.DataFrame) -> None:
+        """``spikes/events``: each event in words at its step; ``spikes/count`` so far."""
+        def append():
+            for _, event in events.iterrows():
+                self.run["spikes/events"].append(describe_event(event), step=int(event["step"]))
+            self._spikes += len(events)
+            self.run["spikes/count"] = self._spikes
+
+        self._guard("spikes", append)
 
     def log_figure(self, name: str, figure) -> None:
         from neptune.types import File

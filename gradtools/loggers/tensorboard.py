@@ -26,6 +26,7 @@ from gradtools.layers import is_kernel
 from gradtools.loggers.base import figure_png, flat_params
 from gradtools.loggers.remote import RemoteRunLogger
 from gradtools.outcome import OUTCOME_NUMBERS, run_outcome
+from gradtools.spike_events import describe_event
 
 # before TensorFlow starts: a missing extra is said at once, not after TensorFlow's 4 s start
 require("tensorboard", extra="tensorboard", feature="TensorBoardLogger")
@@ -134,6 +135,18 @@ class TensorBoardLogger(RemoteRunLogger):
         image = tf.image.decode_png(figure_png(figure), channels=4)[tf.newaxis]
         with self.writer.as_default():
             tf.summary.image(f"figures/{name}", image, step=self._last_step)
+
+    def log_spikes(self, events: pd.DataFrame) -> None:
+        self._guard("spikes", lambda: self._log_spikes(events))
+
+    def _log_spikes(self, events: pd.DataFrame) -> None:
+        """Text ``spikes`` (each event in words) and scalar ``spikes/value`` at its step."""
+        with self.writer.as_default():
+            for _, event in events.iterrows():
+                step = int(event["step"])
+                tf.summary.text("spikes", describe_event(event), step=step)
+                if np.isfinite(event["value"]):
+                    tf.summary.scalar("spikes/value", float(event["value"]), step=step)
 
     def finish(self, history) -> None:
         self._guard("the run's end", lambda: self._finish(history))
