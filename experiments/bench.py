@@ -5,7 +5,9 @@ measured in one process on the same data.
     ``tf.data ... shuffle(42).batch(32)``, statistics pulled to NumPy at batch 5;
 (b) plain ``model.fit`` with no gradient logging;
 (c) ``gradtools.fit`` logging every statistic of every layer at every step;
-(d) ``model.fit`` with ``gradtools.GradientMonitor`` logging every step.
+(d) ``model.fit`` with ``gradtools.GradientMonitor`` logging every step;
+(e) ``model.fit`` with ``gradtools.SpikeGuard("skip")``, and (f) ``gradtools.fit`` with one:
+    the guard's cost, beside a second run of (b) that shows how much two equal runs differ.
 
 Then the wall time of ``make figures``, and sweep throughput (points per minute) for the
 local executor with 1 and 2 workers and for Ray on this machine.
@@ -111,11 +113,11 @@ class _EpochClock(keras.callbacks.Callback, RunLogger):
         self._tick()
 
 
-def time_model_fit(epochs: int) -> float:
+def time_model_fit(epochs: int, callbacks=()) -> float:
     x, y, model, optimizer = _setup()
     model.compile(optimizer=optimizer, loss="binary_crossentropy")
     clock = _EpochClock()
-    model.fit(x, y, batch_size=32, epochs=epochs, shuffle=True, verbose=0, callbacks=[clock])
+    model.fit(x, y, batch_size=32, epochs=epochs, shuffle=True, verbose=0, callbacks=[*callbacks, clock])
     return _median_after_first(clock.times)
 
 
@@ -129,12 +131,24 @@ def time_model_fit_with_monitor(epochs: int) -> float:
     return _median_after_first(clock.times)
 
 
-def time_gradtools_fit(epochs: int) -> float:
+def time_gradtools_fit(epochs: int, spike_guard=None) -> float:
     x, y, model, optimizer = _setup()
     clock = _EpochClock()
     gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer=optimizer, epochs=epochs,
-                  batch_size=32, seed=42, log_every=1, loggers=[clock])
+                  batch_size=32, seed=42, log_every=1, loggers=[clock], spike_guard=spike_guard)
     return _median_after_first(clock.times)
+
+
+def time_spike_guard(epochs: int, plain: float, ours: float) -> None:
+    """(e) and (f): the guard's overhead, against how far a second plain run is from the first."""
+    again = time_model_fit(epochs)
+    guarded = time_model_fit(epochs, callbacks=[gradtools.SpikeGuard("skip", verbose=False)])
+    print(f"  (e) model.fit + SpikeGuard('skip')          {guarded * 1e3:8.1f} ms", flush=True)
+    print(f"  (e)/(b) = {guarded / plain:.3f}   (SpikeGuard overhead; (b) again / (b) = {again / plain:.3f}: "
+          "the noise between two equal runs)")
+    guarded_ours = time_gradtools_fit(epochs, spike_guard=gradtools.SpikeGuard("skip", verbose=False))
+    print(f"  (f) gradtools.fit + SpikeGuard('skip')      {guarded_ours * 1e3:8.1f} ms", flush=True)
+    print(f"  (f)/(c) = {guarded_ours / ours:.3f}   (SpikeGuard overhead in the compiled epoch)")
 
 
 def time_make_figures() -> float:
@@ -303,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     monitored = time_model_fit_with_monitor(args.epochs)
     print(f"  (d) model.fit + GradientMonitor, every step {monitored * 1e3:8.1f} ms", flush=True)
     print(f"  (d)/(b) = {monitored / plain:.3f}   (GradientMonitor overhead; target <= 1.3)")
+    time_spike_guard(args.epochs, plain, ours)
     if not args.skip_figures:
         print(f"make figures (every experiment config, its own epochs, one process): "
               f"{time_make_figures():.1f} s", flush=True)

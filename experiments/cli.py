@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "figures", help="run every experiment and write the article's figures",
         description="Run every config of the chosen groups and write <figures>/<group>_<name>.png "
         "(the article's mean-gradient figure), <figures>/<group>_<name>_state_gradients.png "
-        "(recurrent nets: ‖∂L/∂h_t‖ against r^(T−t)) and <figures>/<group>_comparison.png "
-        "(layer-1 gradient magnitude of every variant, log scale).",
+        "(recurrent nets: ‖∂L/∂h_t‖ against r^(T−t)), <figures>/<group>_<name>_spikes.png (runs with "
+        "a spike guard: the spikes on the loss and gradient-norm curves) and <figures>/<group>_comparison.png "
+        "(layer-1 gradient magnitude of every variant, log scale; the loss, for spikes).",
     )
     figures.add_argument("--group", action="append", choices=config_groups(),
                          help="only this group (repeatable; default all)")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.datasets import GENERATORS, REAL_TARGET_GENERATORS, SEQUENCE_GENERATORS, check_data_params
+from gradtools.spike_events import ACTIONS as SPIKE_ACTIONS
 from gradtools.validation import MAX_COUNT, MAX_SEED, is_integer, is_number
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -274,6 +275,12 @@ def _clip_norm(value):
         raise ValueError('must be a number > 0, "suggested" or "none"') from None
 
 
+def _batch_indices(value):
+    if not isinstance(value, list) or not all(is_integer(v, 0, MAX_COUNT) for v in value):
+        raise ValueError("must be a list of batch indices (integers >= 0), e.g. [40, 90]")
+    return tuple(value)
+
+
 def _optimizer_class(value):
     if not isinstance(value, str):
         raise ValueError("must be a Keras optimizer class name such as 'SGD', 'RMSprop', 'Adam'")
@@ -317,6 +324,10 @@ class DataSection:
     standardize: bool = key(_boolean, False, "scale inputs to zero mean, unit variance")
     standardize_targets: bool = key(_boolean, False, "scale the targets too (generators with real-valued "
                                     "targets only: regression, adding)")
+    corrupt_batches: tuple[int, ...] = key(_batch_indices, (), "bad batches: with training.shuffle = false, these "
+                                           "batches (0-based) of every epoch get their targets multiplied by "
+                                           "corrupt_scale (after standardizing)")
+    corrupt_scale: float = key(_number(0, exclusive=True), 1000.0, "what corrupt_batches' targets are multiplied by")
     #: The generator's own keyword parameters (n_samples, noise, random_state, …).
     params: Mapping[str, Any] = field(default_factory=dict)
 
@@ -386,6 +397,9 @@ class TrainingSection:
     clip_value: float | None = key(_optional_positive, None, "clip each gradient entry to [-c, c]")
     clip_global_norm: float | str | None = key(_clip_norm, None, 'a number, or "suggested": the mean '
                                                "global norm of 20 probe steps")
+    spike_guard: str | None = key(_choice(*SPIKE_ACTIONS, NONE), None,
+                                  "none, or what a gradtools.SpikeGuard does about a spike: "
+                                  + ", ".join(SPIKE_ACTIONS))
 
 
 #: The sections of a config file, in order.
@@ -570,7 +584,27 @@ def validate(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
         values[name] = section(**checked)
     _check_optimizer(values["optimizer"], source)
     _check_model(values, raw.get("model", {}), source)
+    _check_corruption(values, source)
     return values
+
+
+def _check_corruption(values: dict[str, Any], source: str) -> None:
+    """Bad batches are batches of the epoch's order: there is one only without shuffling,
+    and each must be one of the epoch's full batches."""
+    data, training = values["data"], values["training"]
+    if not data.corrupt_batches:
+        return
+    if training.shuffle:
+        raise ConfigError(source, "data.corrupt_batches", list(data.corrupt_batches),
+                          "needs training.shuffle = false (with shuffling, a batch holds other examples every epoch)")
+    n_samples = data.params.get("n_samples")
+    if isinstance(n_samples, int):
+        full = n_samples // training.batch_size
+        late = [b for b in data.corrupt_batches if b >= full]
+        if late:
+            raise ConfigError(source, "data.corrupt_batches", list(data.corrupt_batches),
+                              f"an epoch has {full} full batches of {training.batch_size} ({n_samples} examples): "
+                              f"batch {late[0]} is not one of them")
 
 
 def _checked(given: dict[str, Any], spec, dotted: str, source: str) -> Any:

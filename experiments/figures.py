@@ -12,15 +12,17 @@ from gradtools.history import FIGURES_DIR
 from gradtools.plots import plot_comparison
 
 COMPARED_STAT = "layer_1/grad_abs_mean"
+#: Groups compared by another column, and by its median over an epoch rather than its mean:
+#: the spike guard's variants differ in their loss, between the spikes.
+COMPARED_STATS = {"spikes": ("loss", "median")}
 
 
 def group_comparison(runs: list[Run], group: str):
-    """Layer-1 gradient magnitude of every variant of a group, on a log scale."""
-    return plot_comparison(
-        {run.config.name: run.history.metrics for run in runs},
-        COMPARED_STAT,
-        f"{group}: {COMPARED_STAT} of every variant",
-    )
+    """Layer-1 gradient magnitude of every variant of a group, on a log scale (the loss's
+    median over an epoch, for spikes/)."""
+    stat, center = COMPARED_STATS.get(group, (COMPARED_STAT, "mean"))
+    return plot_comparison({run.config.name: run.history.metrics for run in runs}, stat,
+                           f"{group}: {stat} of every variant", center=center)
 
 
 def write_article_figures(configs: list[ExperimentConfig], runs_out: Path, figures_out: Path,
@@ -36,11 +38,12 @@ def write_article_figures(configs: list[ExperimentConfig], runs_out: Path, figur
         target = figures_out / f"{config.group}_{config.name}.png"
         shutil.copyfile(run.run_dir / FIGURES_DIR / "mean_gradient.png", target)
         written.append(target)
-        through_time = run.run_dir / FIGURES_DIR / "state_gradients.png"
-        if through_time.is_file():
-            target = figures_out / f"{config.group}_{config.name}_state_gradients.png"
-            shutil.copyfile(through_time, target)
-            written.append(target)
+        for extra in ("state_gradients", "spikes"):
+            drawn = run.run_dir / FIGURES_DIR / f"{extra}.png"
+            if drawn.is_file():
+                target = figures_out / f"{config.group}_{config.name}_{extra}.png"
+                shutil.copyfile(drawn, target)
+                written.append(target)
     for group, runs in by_group.items():
         target = figures_out / f"{group}_comparison.png"
         group_comparison(runs, group).savefig(target, dpi=100)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 import gradtools
@@ -17,6 +18,7 @@ from experiments.models import build_model
 from gradtools.history import CONFIG_FILE
 from gradtools.loggers import LocalRunLogger, RunLogger
 from gradtools.plots import run_figures
+from gradtools.spike_guard import SpikeGuard
 
 #: The article's script recorded batch index 5 of every epoch; its figure samples the same.
 ARTICLE_SAMPLE_BATCH = 5
@@ -86,7 +88,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
     seed replicas: their summary figures are drawn from the tables)."""
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    x, y = make_dataset(config.data)
+    x, y = corrupted(make_dataset(config.data), config)
     model = build_model(config.model, input_shape=x.shape[1:])
     config, suggestion = _with_suggested_clip(config, model, x, y)
     loggers = [*loggers, *_remote_loggers(config, backends, Path(out))]
@@ -118,7 +120,20 @@ def _fit_arguments(config: ExperimentConfig) -> dict:
     for name in ("clip_value", "clip_global_norm"):
         if getattr(training, name) is not None:
             arguments[name] = getattr(training, name)
+    if training.spike_guard is not None:
+        arguments["spike_guard"] = SpikeGuard(training.spike_guard)
     return arguments
+
+
+def corrupted(data: tuple[np.ndarray, np.ndarray], config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The examples with [data] corrupt_batches' targets multiplied by corrupt_scale."""
+    x, y = data
+    if not config.data.corrupt_batches:
+        return x, y
+    y, size = y.copy(), config.training.batch_size
+    for batch in config.data.corrupt_batches:
+        y[batch * size:(batch + 1) * size] *= config.data.corrupt_scale
+    return x, y
 
 
 def _with_suggested_clip(config: ExperimentConfig, model, x, y):
