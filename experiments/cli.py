@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default figures)")
     gallery.add_argument("--no-timing", action="store_true",
                          help="skip the overhead measurement (about a minute)")
+    gallery.add_argument("--spikes", action="store_true",
+                         help="instead: train the transformer and the ResNet with bad batches injected "
+                         "(wrong labels weighing 10³) with no guard and with each SpikeGuard action, against "
+                         "a clean run; writes <figures>/gallery_spikes.md (about 3 minutes)")
 
     check = commands.add_parser(
         "preflight", help="before training: will each config's net vanish or explode? (no training)",
@@ -456,9 +460,16 @@ def command_phase_diagram(args) -> int:
 
 
 def command_gallery(args) -> int:
-    from experiments.gallery import CASES, gallery_row, markdown_table
+    from experiments.gallery import CASES, gallery_row, markdown_table, spike_table
     from gradtools.loggers.local import write_atomically
     from gradtools.plots import plot_gradient_heatmap
+
+    if args.spikes:
+        table = spike_table()
+        Path(args.figures).mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(args.figures) / "gallery_spikes.md", lambda partial: partial.write_text(table))
+        print(table + f"table: {Path(args.figures) / 'gallery_spikes.md'}")
+        return 0
 
     if args.seeds < 1:
         raise ConfigError("--seeds", "--seeds", args.seeds, "must be an integer >= 1")

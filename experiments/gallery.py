@@ -419,3 +419,67 @@ def evidence_line(diagnosis) -> str:
     if e["weakest_block"] is None:
         return "one block"
     return f"weakest block {e['weakest_block']}: {e['weakest_depth_ratio']:.2g}× the strongest after it"
+
+
+# --- bad batches: the spike guard on real models ----------------------------------------------
+
+#: Steps (from 1) whose batch is bad in :func:`train_with_bad_batches`: after the guard's
+#: warm-up, within the shortest case's run (3 epochs of 32 steps).
+BAD_STEPS = (20, 45, 70, 90)
+#: How much a bad batch weighs: its labels are wrong and its loss counts 10³ times.
+BAD_WEIGHT = 1e3
+
+
+def bad_batch_stream(case: Case, x, y, bad_steps, seed: int = 0):
+    """The examples of ``case.epochs`` epochs end to end (each epoch a new permutation), as
+    (x, y, sample weights, steps per epoch): at each of ``bad_steps`` the batch's class labels
+    are shifted to wrong ones and weigh :data:`BAD_WEIGHT`. Unlearnable and heavy, as a
+    corrupted shard is; a new one each time, so the model cannot fit it."""
+    rng = np.random.default_rng(seed)
+    size, per_epoch = case.batch_size, len(x) // case.batch_size
+    order = np.concatenate([rng.permutation(len(x))[:per_epoch * size] for _ in range(case.epochs)])
+    x, y = x[order], y[order].copy()
+    weights = np.ones(len(order), np.float32)
+    classes = int(y.max()) + 1
+    for step in bad_steps:
+        rows = slice((step - 1) * size, step * size)
+        y[rows] = (y[rows] + rng.integers(1, classes, size=size)) % classes
+        weights[rows] = BAD_WEIGHT
+    return x, y, weights, per_epoch
+
+
+def train_with_bad_batches(case: Case, bad_steps=BAD_STEPS, guard=None, seed: int = 0):
+    """``model.fit`` of a classification case over :func:`bad_batch_stream`, with a monitor and
+    ``guard``: (the monitor's metrics, the guard's events or None, the median loss of the
+    last epoch's good steps)."""
+    keras.utils.set_random_seed(seed)
+    model, x, y = case.build()
+    model.compile(optimizer=case.compile["optimizer"](), loss=case.compile["loss"])
+    x, y, weights, per_epoch = bad_batch_stream(case, x, y, bad_steps, seed)
+    monitor = GradientMonitor(figures=False)
+    model.fit(x, y, sample_weight=weights, batch_size=case.batch_size, epochs=1, shuffle=False, verbose=0,
+              callbacks=[monitor] + ([guard] if guard is not None else []))
+    metrics = monitor.metrics
+    last = metrics[(metrics["step"] > metrics["step"].max() - per_epoch) & ~metrics["step"].isin(bad_steps)]
+    return metrics, guard.events if guard is not None else None, float(last["loss"].median())
+
+
+def spike_table(names=("transformer", "resnet"), actions=("skip", "rollback", "clip", "lower_lr")) -> str:
+    """Markdown: for each case, the last epoch's median loss on clean data, with bad batches
+    and no guard, and with the guard's each action, and which bad batches each caught."""
+    from gradtools.spike_guard import SpikeGuard  # noqa: PLC0415 - only this table needs it
+
+    lines = ["| model | run | bad batches caught | other spikes | loss, last epoch (median) | × clean |",
+             "|---|---|---|---|---|---|"]
+    for name in names:
+        case = next(c for c in CASES if c.name == name)
+        _, events, clean = train_with_bad_batches(case, bad_steps=(), guard=SpikeGuard("warn", verbose=False))
+        lines.append(f"| {name} | clean data, guard watching | — | {len(events)} | {clean:.4g} | 1 |")
+        _, _, unguarded = train_with_bad_batches(case)
+        lines.append(f"| {name} | bad batches, no guard | — | — | {unguarded:.4g} | {unguarded / clean:.3g} |")
+        for action in actions:
+            _, events, loss = train_with_bad_batches(case, guard=SpikeGuard(action, verbose=False))
+            caught = sorted(set(events["step"]) & set(BAD_STEPS))
+            lines.append(f"| {name} | bad batches, {action} | {len(caught)} of {len(BAD_STEPS)} | "
+                         f"{len(set(events['step']) - set(BAD_STEPS))} | {loss:.4g} | {loss / clean:.3g} |")
+    return "\n".join(lines) + "\n"

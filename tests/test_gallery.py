@@ -4,7 +4,7 @@ every verdict asserted, with the numbers that make each case hard."""
 import numpy as np
 import pytest
 
-from experiments.gallery import CASES, train
+from experiments.gallery import BAD_STEPS, CASES, train, train_with_bad_batches
 from gradtools import SpikeGuard
 from gradtools.diagnosis import VANISHING_RATIO, VANISHING_THROUGH_TIME, diagnose
 
@@ -307,3 +307,19 @@ def test_what_is_after_a_block_in_graphs_that_reuse_a_layer_or_nest_a_model():
     model._nodes_by_depth = None
     assert block_downstream(model, blocks) == {"trunk": ["ia", "ib", "ha", "hb"], "ia": ["ib", "ha", "hb"],
                                                "ib": ["ha", "hb"], "ha": ["hb"], "hb": []}
+
+
+@pytest.mark.parametrize("name", ["transformer", "resnet"])
+def test_bad_batches_in_a_real_model_are_caught_and_skipping_them_ends_where_clean_training_does(name):
+    """Four batches of wrong labels weighing 10³ (a corrupted shard) wreck the model under Adam;
+    the guard catches each, and skipping them ends within 10 % of training on clean data
+    (the median loss of the last epoch's good steps). Measured: transformer 0.0011 clean,
+    0.71 unguarded, 0.0011 skipped; ResNet 0.148, 2.26, 0.156."""
+    case = BY_NAME[name]
+    _, events, clean = train_with_bad_batches(case, bad_steps=(), guard=SpikeGuard("warn", verbose=False))
+    assert events.empty
+    _, _, unguarded = train_with_bad_batches(case)
+    assert unguarded > 5 * clean
+    _, events, skipped = train_with_bad_batches(case, guard=SpikeGuard("skip", verbose=False))
+    assert list(events["step"]) == list(BAD_STEPS) and set(events["action"]) == {"skipped"}
+    assert skipped == pytest.approx(clean, rel=0.1)

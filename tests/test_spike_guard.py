@@ -295,3 +295,26 @@ def test_the_spike_figure_marks_each_spike_on_both_curves(guarded_run):
         assert list(points[:, 0]) == steps_of(BAD, 2)
         expected = history.metrics.set_index("step").loc[steps_of(BAD, 2), column]
         assert np.allclose(points[:, 1], expected)
+
+
+# --- the suite's spikes/ configs -------------------------------------------------------------------
+
+def test_the_spikes_configs_no_guard_diverges_and_skip_ends_where_the_clean_run_does(tmp_path):
+    """configs/spikes/: two batches an epoch with targets ×10³ make plain SGD diverge at the
+    first of them; skipping them ends within 5 % of the run on clean data (median loss of the
+    last epoch), every bad batch of every epoch caught."""
+    from experiments.config import load_config
+    from experiments.runner import run_experiment
+
+    runs = {name: run_experiment(load_config(f"spikes/{name}", ["training.epochs=5"]), tmp_path, figures=False)
+            for name in ("clean", "no_guard", "skip")}
+    assert runs["no_guard"].history.status == "diverged"
+    assert runs["no_guard"].history.first_nonfinite_step <= 20 + 1 + 3  # a few steps after the first bad batch
+    clean, skipped = (runs[name].history.metrics for name in ("clean", "skip"))
+    config = runs["skip"].config
+    per_epoch = len(clean) // 5
+    expected = [e * per_epoch + b + 1 for e in range(5) for b in config.data.corrupt_batches]
+    spikes = History.from_run_dir(runs["skip"].run_dir).spikes
+    assert list(spikes["step"]) == expected and set(spikes["action"]) == {"skipped"}
+    last = [m[m["epoch"] == 4]["loss"].median() for m in (clean, skipped)]
+    assert last[1] == pytest.approx(last[0], rel=0.05)
