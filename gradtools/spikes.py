@@ -180,22 +180,16 @@ class GuardState:
     def _apply(self, gradients, apply_update) -> None:
         """The update, after which the layer statistics are the ones to restore next."""
         apply_update(gradients)
-        for kept, variable in zip(self.statistics_before, self.batch_statistics):
-            kept.assign(variable)
+        _copier(self.batch_statistics, self.statistics_before)()
 
-    def _apply_unless(self, leave_out, gradients, apply_update) -> None:
-        """The update, unless ``leave_out``: then the step leaves no trace (the
-        BatchNormalization statistics it moved are put back)."""
-        def leave():
-            for kept, variable in zip(self.statistics_before, self.batch_statistics):
-                variable.assign(kept)
-            return tf.constant(False)
-
+    def _apply_unless(self, leave_out, gradients, apply_update, instead=None) -> None:
+        """The update, unless ``leave_out``: then ``instead`` (by default, the step leaves no
+        trace: the BatchNormalization statistics it moved are put back)."""
         def apply():
             self._apply(gradients, apply_update)
             return tf.constant(True)
 
-        tf.cond(leave_out, leave, apply)
+        tf.cond(leave_out, instead or _copier(self.statistics_before, self.batch_statistics), apply)
 
     def _lower_lr(self, spike, nonfinite, gradients, apply_update):
         """A spike multiplies the learning rate by ``lr_factor`` for ``lr_steps`` steps (a
@@ -220,24 +214,9 @@ class GuardState:
     def _rollback(self, spike, gradients, apply_update):
         """On a spike: weights, layer statistics and optimizer state as at the last snapshot
         (taken every ``snapshot_every`` steps without a spike), the step not applied."""
-        def restore():
-            for kept, variable in zip(self.snapshot, self.restorable):
-                variable.assign(kept)
-            return tf.constant(False)
-
-        def apply():
-            self._apply(gradients, apply_update)
-            return tf.constant(True)
-
-        tf.cond(spike, restore, apply)
-
-        def take():
-            for kept, variable in zip(self.snapshot, self.restorable):
-                kept.assign(variable)
-            return tf.constant(True)
-
+        self._apply_unless(spike, gradients, apply_update, instead=_copier(self.snapshot, self.restorable))
         due = tf.logical_and(tf.logical_not(spike), tf.equal(self.steps % self.settings.snapshot_every, 0))
-        tf.cond(due, take, lambda: tf.constant(False))
+        tf.cond(due, _copier(self.restorable, self.snapshot), lambda: tf.constant(False))
         return tf.constant(_ROLLED_BACK)
 
     # --- events -----------------------------------------------------------------------------
@@ -279,6 +258,15 @@ class GuardState:
         steps, rows = self.event_steps.numpy()[:kept], self.events.numpy()[:kept]
         self.event_count.assign(0)
         return steps, rows, count - kept
+
+
+def _copier(sources, targets):
+    """A ``tf.cond`` branch: each of ``targets`` takes the value of its source."""
+    def copy():
+        for source, target in zip(sources, targets):
+            target.assign(source)
+        return tf.constant(True)
+    return copy
 
 
 def _median(table, rows):
