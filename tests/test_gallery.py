@@ -313,8 +313,9 @@ def test_what_is_after_a_block_in_graphs_that_reuse_a_layer_or_nest_a_model():
 def test_bad_batches_in_a_real_model_are_caught_and_skipping_them_ends_where_clean_training_does(name):
     """Four batches of wrong labels weighing 10³ (a corrupted shard) wreck the model under Adam;
     the guard catches each, and skipping them ends within 10 % of training on clean data
-    (the median loss of the last epoch's good steps). Measured: transformer 0.0011 clean,
-    0.71 unguarded, 0.0011 skipped; ResNet 0.148, 2.26, 0.156."""
+    (the median loss of the last epoch's good steps). Measured (python -m experiments gallery
+    --spikes): transformer 0.00106 clean, 0.751 unguarded, 0.00107 skipped; ResNet 0.150, 2.25,
+    0.154."""
     case = BY_NAME[name]
     _, events, clean = train_with_bad_batches(case, bad_steps=(), guard=SpikeGuard("warn", verbose=False))
     assert events.empty
