@@ -201,7 +201,8 @@ def test_stop_ends_training_at_the_spike_with_the_weights_from_before_it(loop):
         model.fit(x, corrupted(y, bad=(25,)), batch_size=BATCH, epochs=3, shuffle=False, verbose=0, callbacks=[guard])
     else:
         history = gradtools.fit(model, x, corrupted(y, bad=(25,)), loss="mse", optimizer=model.optimizer,
-                                epochs=3, batch_size=BATCH, shuffle=False, spike_guard=guard, figures=False)
+                                epochs=3, batch_size=BATCH, shuffle=False, spike_guard=guard, figures=False,
+                                jit_compile=False)  # the skip test compiles the guard with XLA
         assert history.metrics["step"].max() == 26  # the epoch's loop ended at the spike
     assert list(guard.events["step"]) == [26] and guard.stopped
     assert same_weights(model.get_weights(), reference.get_weights())
