@@ -303,14 +303,20 @@ def judged_rows(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics
 
 
+#: What a spike guard did to a step that left no update: those steps are not the net's.
+NOT_APPLIED = ("skipped", "rolled_back", "stopped")
+
+
 def without_spikes(metrics: pd.DataFrame, spikes: pd.DataFrame | None) -> pd.DataFrame:
-    """The rows but the finite spikes a :class:`gradtools.SpikeGuard` caught: a bad batch says
-    something about the data, not about how the gradient flows through the net (the spikes
-    are reported beside the verdict). Non-finite steps stay: they are a divergence."""
+    """The rows but those of the spikes a :class:`gradtools.SpikeGuard` caught and did not
+    apply: a bad batch left out says something about the data, not about how the gradient
+    flows through the net (the spikes are reported beside the verdict). A spike that was
+    applied, clipped or not (``warned``, ``clipped``, ``lowered_lr``), stays: the net trained
+    on it, and a real explosion must not be hidden by a guard that only watched it."""
     if spikes is None or spikes.empty:
         return metrics
-    caught = spikes.loc[spikes["quantity"] != "nonfinite", "step"]
-    return metrics[~metrics["step"].isin(caught)]
+    left_out = spikes.loc[spikes["action"].isin(NOT_APPLIED), "step"]
+    return metrics[~metrics["step"].isin(left_out)]
 
 
 def first_nonfinite_step(metrics: pd.DataFrame) -> int | None:

@@ -262,37 +262,16 @@ class GradientMonitor(keras.callbacks.Callback):
         if model.built and model.trainable_weights:
             self._prepare(list(model.trainable_weights))
         self._install(model, optimizer)
-        model.make_train_function(force=True)  # trace again, with the probes
         self._run.status = RUNNING
-        callback_list = sys._getframe(1).f_locals.get("self")
+        callback_list = sys._getframe(1).f_locals.get("self")  # the CallbackList fit calls each hook through
         self._guards = [callback for callback in getattr(callback_list, "callbacks", [])
                         if isinstance(callback, SpikeGuard)]
         if self._guards:
             self._run.watch_spikes()
-        self._watch_for_an_abrupt_end(callback_list)
-
-    def _watch_for_an_abrupt_end(self, callback_list) -> None:
-        """Keras calls no ``on_train_end`` when ``fit`` raises (Ctrl-C, an error in a step or in
-        any callback): the train function, and the callback list that ``fit`` calls each hook
-        through (this method's caller's), pass such an end to :meth:`_end_abruptly` on its way
-        up. An error anywhere else in ``fit`` (a Python data generator) leaves ``status`` at
-        ``running``: the monitor cannot know how the fit ended."""
-        model, monitor = self.model, self
-        train_function = model.train_function
-
-        def guarded(function):
-            def call(*args, **kwargs):
-                try:
-                    return function(*args, **kwargs)
-                except BaseException as error:
-                    monitor._end_abruptly(error)
-                    raise
-            return call
-
-        model.train_function = guarded(train_function)
-        if isinstance(callback_list, keras.callbacks.CallbackList):
-            for hook in ("on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_train_batch_end"):
-                setattr(callback_list, hook, guarded(getattr(callback_list, hook)))
+        # trace again, with the probes; a fit that raises ends the run (an error anywhere else
+        # in fit, a Python data generator's, leaves status at running: the monitor cannot know)
+        probes.retrace_watched(model, self._end_abruptly,
+                               callback_list if isinstance(callback_list, keras.callbacks.CallbackList) else None)
 
     def _end_abruptly(self, error: BaseException) -> None:
         """What ``on_train_end`` does, for a fit that raised: the rows taken so far, the probes
@@ -301,6 +280,7 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         self._ended = True
         self._remove_probes()
+        probes.unwatch(self.model, self._end_abruptly)
         self.model.train_function = None
         try:
             self._flush(self._epoch)
@@ -378,6 +358,8 @@ class GradientMonitor(keras.callbacks.Callback):
         row, finite = step_row(loss, grads, self._layout.monitored, weights_before, weights_after,
                                clipped_gradients=self._clipping(grads) if self._clipping else None,
                                loss_scale=scale)
+        for guard in self._guards:  # a non-finite step a guard did not apply is no divergence
+            finite = tf.logical_or(finite, guard.left_out_nonfinite())
         if _is_first_replica():  # the others hold the same sums
             self._buffer.write(row, finite, self.log_every, state_norms)
 
@@ -429,6 +411,7 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._remove_probes()
+        probes.unwatch(self.model, self._end_abruptly)
         self.model.make_train_function(force=True)  # later fits run without the probes
         if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) and self.status != DIVERGED:
             self._run.status = DIVERGED

@@ -53,3 +53,42 @@ def _rebuild(owner, name: str) -> None:
     for _, _, make_wrapper in sorted(entry["wrappers"], key=lambda w: w[0]):
         method = make_wrapper(method)
     setattr(owner, name, method)
+
+
+_ON_ERROR, _WATCHED = "_gradtools_on_error", "_gradtools_watched"
+#: The callback list's hooks that ``fit`` calls between steps.
+_CALLBACK_HOOKS = ("on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_train_batch_end")
+
+
+def retrace_watched(model, on_error: Callable, callback_list=None) -> None:
+    """``model.make_train_function(force=True)``, so that the wrappers now installed are in the
+    traced step, and ``on_error(error)`` called when ``fit`` raises: Keras calls no
+    ``on_train_end`` then (Ctrl-C, an error in a step or in any callback). The new train
+    function, and the callback list ``fit`` calls each hook through, call every ``on_error``
+    registered on the model, so a second callback that traces again keeps the first one's."""
+    hooks = model.__dict__.setdefault(_ON_ERROR, [])
+    if on_error not in hooks:
+        hooks.append(on_error)
+    model.make_train_function(force=True)
+    model.train_function = _calling_on_error(model.train_function, hooks)
+    if callback_list is not None and not callback_list.__dict__.get(_WATCHED):
+        callback_list.__dict__[_WATCHED] = True
+        for hook in _CALLBACK_HOOKS:
+            setattr(callback_list, hook, _calling_on_error(getattr(callback_list, hook), hooks))
+
+
+def unwatch(model, on_error: Callable) -> None:
+    hooks = model.__dict__.get(_ON_ERROR, [])
+    if on_error in hooks:
+        hooks.remove(on_error)
+
+
+def _calling_on_error(function, hooks: list):
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except BaseException as error:
+            for hook in list(hooks):
+                hook(error)
+            raise
+    return call

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 
 import keras
 import pandas as pd
@@ -27,7 +28,7 @@ import tensorflow as tf
 
 from gradtools import probes
 from gradtools.spike_events import ACTIONS, describe_event, events_table
-from gradtools.spikes import QUANTITIES, TAKEN, GuardSettings, GuardState
+from gradtools.spikes import EVENT_CAPACITY, QUANTITIES, TAKEN, GuardSettings, GuardState, learning_rate_variable
 from gradtools.validation import require_integer, require_positive_number
 
 #: Spikes printed per fit when ``verbose``; the others are in ``guard.events``.
@@ -38,8 +39,8 @@ NO_LOSS_SEEN = ("SpikeGuard needs each step's loss, and this model's train_step 
 
 
 class SpikeGuard(keras.callbacks.Callback):
-    """Watches every train step's loss, global gradient norm and per-layer gradient norms,
-    and acts on a spike: a value far above the last ``window`` steps' (see
+    """Watches every train step's loss and global gradient norm (and each layer's gradient
+    norm, to name the layer), and acts on a spike: a value far above the last ``window`` steps' (see
     :mod:`gradtools.spikes`), or a non-finite loss or gradient.
 
     Args:
@@ -89,7 +90,7 @@ class SpikeGuard(keras.callbacks.Callback):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(map(repr, ACTIONS))}, got {action!r}")
         require_integer("window", window, 2)
-        require_integer("warmup", warmup, 0)
+        require_integer("warmup", warmup, 1)
         require_integer("lr_steps", lr_steps)
         require_integer("snapshot_every", snapshot_every)
         require_positive_number("threshold", threshold)
@@ -135,37 +136,49 @@ class SpikeGuard(keras.callbacks.Callback):
 
     def attach(self, model, optimizer, *, loss_from_model: bool) -> None:
         """Wrap the optimizer's ``apply`` (the inner one under a LossScaleOptimizer: it gets
-        the unscaled gradients of the steps whose gradients are finite) and, when
-        ``loss_from_model``, ``model.compute_loss`` to see the step's loss; otherwise the loop
-        hands it over with :meth:`note_loss`."""
+        the unscaled gradients of the steps whose gradients are finite; the outer one then only
+        counts steps) and, when ``loss_from_model``, ``model.compute_loss`` to see the step's
+        loss; otherwise the loop hands it over with :meth:`note_step`."""
         replicas = max(tf.distribute.get_strategy().num_replicas_in_sync,
                        getattr(getattr(model, "distribute_strategy", None), "num_replicas_in_sync", 1))
         if replicas > 1:
             raise ValueError(f"SpikeGuard runs on one device: under a distribution strategy with {replicas} "
                              "replicas it cannot yet judge the global gradient; train without it, or on one device")
+        self.detach()  # a guard that watched a fit which raised: its wrappers go first
         self._state, self._rows, self._reported, self._dropped = None, [], 0, 0
         self.stop_flag = tf.Variable(False, trainable=False)
         self._epoch, self._first_step = 0, 1
         guard, updater = self, getattr(optimizer, "inner_optimizer", optimizer)
+        scaled = updater is not optimizer
         if self.action == "lower_lr":
-            from gradtools.spikes import _learning_rate_variable  # noqa: PLC0415 - fail before training
-            _learning_rate_variable(updater)
+            learning_rate_variable(updater)  # a schedule is refused before training
+
+        def targets_of(trainable_variables):
+            return list(trainable_variables if trainable_variables is not None
+                        else updater._trainable_variables)  # noqa: SLF001 (no public list)
 
         def wrap_apply(original_apply):
             def apply(grads, trainable_variables=None):
-                targets = list(trainable_variables if trainable_variables is not None
-                               else updater._trainable_variables)  # noqa: SLF001
-                state = guard._state_for(model, updater, targets)
-                loss = guard._take_loss()
-                state.guarded_apply(loss, list(grads), lambda g: original_apply(g, trainable_variables))
+                state = guard._state_for(model, updater, targets_of(trainable_variables), counts_steps=not scaled)
+                loss, judged = guard._take_step()
+                state.guarded_apply(loss, list(grads), lambda g: original_apply(g, trainable_variables), judged)
+            return apply
+
+        def wrap_counting(original_apply):  # under a loss scaler: every step, applied or not
+            def apply(grads, trainable_variables=None):
+                state = guard._state_for(model, updater, targets_of(trainable_variables), counts_steps=False)
+                state.steps.assign_add(1)
+                return original_apply(grads, trainable_variables)
             return apply
 
         self._tokens = [(updater, "apply", probes.wrap(updater, "apply", wrap_apply, probes.GUARD))]
+        if scaled:
+            self._tokens.append((optimizer, "apply", probes.wrap(optimizer, "apply", wrap_counting, probes.GUARD)))
         if loss_from_model:
             def wrap_compute_loss(original_compute_loss):
                 def compute_loss(*args, **kwargs):
                     loss = original_compute_loss(*args, **kwargs)
-                    guard.note_loss(loss)
+                    guard.note_step(loss)
                     return loss
                 return compute_loss
             self._tokens.append((model, "compute_loss",
@@ -179,9 +192,16 @@ class SpikeGuard(keras.callbacks.Callback):
         if self._state is not None:
             self._state.restore_learning_rate()
 
-    def note_loss(self, loss) -> None:
-        """The step's loss, in-graph, before the optimizer's ``apply`` is called."""
-        self._loss.value = tf.cast(loss, tf.float32)
+    def left_out_nonfinite(self):
+        """In-graph, after the step's update: True when the step was not finite and the guard
+        did not apply it (no divergence, then), else False."""
+        return self._state.nonfinite_left_out if self._state is not None else tf.constant(False)
+
+    def note_step(self, loss, gradients=None) -> None:
+        """In-graph, before the optimizer's ``apply`` is called: the step's loss, and the
+        gradients to judge when they are not those ``apply`` gets (``gradtools.fit`` clips before
+        ``apply``; the guard judges the gradients before clipping, as in ``model.fit``)."""
+        self._loss.value = (tf.cast(loss, tf.float32), gradients)
 
     def begin_epoch(self, epoch: int) -> None:
         self._epoch = epoch
@@ -192,6 +212,9 @@ class SpikeGuard(keras.callbacks.Callback):
         if self._state is None:
             return
         steps, rows, dropped = self._state.take_events()
+        if dropped and not self._dropped:
+            warnings.warn(f"SpikeGuard: more than {EVENT_CAPACITY} spikes between two reads; the others are "
+                          "counted in guard.dropped, not kept", RuntimeWarning, stacklevel=2)
         self._dropped += dropped
         for step, row in zip(steps, rows):
             self._rows.append(self._event(int(step), row))
@@ -206,7 +229,9 @@ class SpikeGuard(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.attach(self.model, self.model.optimizer, loss_from_model=True)
-        self.model.make_train_function(force=True)  # trace again, with the guard
+        callback_list = sys._getframe(1).f_locals.get("self")  # the CallbackList fit calls each hook through
+        probes.retrace_watched(self.model, self._end_abruptly,  # trace again, with the guard
+                               callback_list if isinstance(callback_list, keras.callbacks.CallbackList) else None)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.begin_epoch(epoch)
@@ -222,23 +247,36 @@ class SpikeGuard(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.read_events()
         self.detach()
+        probes.unwatch(self.model, self._end_abruptly)
         self.model.make_train_function(force=True)  # later fits run without the guard
+
+    def _end_abruptly(self, error: BaseException) -> None:
+        """What ``on_train_end`` does, for a fit that raised: the events so far kept, the
+        wrappers removed, the learning rate given back; the next fit traces anew."""
+        probes.unwatch(self.model, self._end_abruptly)
+        try:
+            self.read_events()
+        except Exception:  # noqa: BLE001 - the error on its way up is the one to report
+            pass
+        self.detach()
+        self.model.train_function = None
 
     # --- inside -------------------------------------------------------------------------------
 
-    def _state_for(self, model, optimizer, variables) -> GuardState:
+    def _state_for(self, model, optimizer, variables, counts_steps: bool) -> GuardState:
         if self._state is None:
             if not optimizer.built:
                 with tf.init_scope():
                     optimizer.build(variables)
-            self._state = GuardState(self.settings, model, optimizer, variables, self.stop_flag)
+            self._state = GuardState(self.settings, model, optimizer, variables, self.stop_flag, counts_steps)
         return self._state
 
-    def _take_loss(self):
-        loss, self._loss.value = getattr(self._loss, "value", None), None
-        if loss is None:
+    def _take_step(self):
+        """(loss, gradients to judge or None) noted for this step (in this thread)."""
+        noted, self._loss.value = getattr(self._loss, "value", None), None
+        if noted is None:
             raise ValueError(NO_LOSS_SEEN)
-        return loss
+        return noted
 
     def _event(self, step: int, row) -> dict:
         value, threshold, median, quantity, layer, jump, taken = (float(v) for v in row)

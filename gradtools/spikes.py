@@ -1,8 +1,8 @@
 """The spike guard's judgement and actions, in-graph: one call per train step.
 
-Each step's loss, global gradient norm and per-layer gradient norms (of the numbered
-layers' kernels, :mod:`gradtools.layers`) are compared with the last ``window`` finite
-steps. Norms, and a loss that has been positive throughout, are judged on a log scale (a
+Each step's loss and global gradient norm are compared with the last ``window`` finite
+steps (the numbered layers' gradient norms, :mod:`gradtools.layers`, with theirs, to name the
+layer of an event). Norms, and a loss that has been positive throughout, are judged on a log scale (a
 spike multiplies them). On that scale a value is a spike when it lies above
 
     level + min(max(threshold · σ, log(min_ratio)), log(max_ratio))
@@ -76,14 +76,16 @@ class GuardState:
     :meth:`guarded_apply`. Built eagerly (``tf.init_scope``) even when first needed while a
     train function is traced."""
 
-    def __init__(self, settings: GuardSettings, model: keras.Model, optimizer, variables, stopped: tf.Variable):
+    def __init__(self, settings: GuardSettings, model: keras.Model, optimizer, variables, stopped: tf.Variable,
+                 counts_steps: bool = True):
         self.settings = settings
         layout = layer_layout(list(variables))
         self.kernel_positions = layout.kernel_positions
         self.paths = layout.paths
         quantities = 2 + len(self.paths)
         self.stopped = stopped  # made before tracing: a loop's condition reads it before any step
-        self.learning_rate = _learning_rate_variable(optimizer) if settings.action == "lower_lr" else None
+        self.counts_steps = counts_steps  # under a loss scaler, the outer apply counts every step
+        self.learning_rate = learning_rate_variable(optimizer) if settings.action == "lower_lr" else None
         with tf.init_scope():
             self.window = tf.Variable(tf.zeros([settings.window, quantities]), trainable=False)
             self.seen = tf.Variable(tf.constant(0, tf.int64), trainable=False)
@@ -93,23 +95,26 @@ class GuardState:
             self.event_count = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             self.cooldown = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             self.nonfinite_before = tf.Variable(False, trainable=False)
+            self.nonfinite_left_out = tf.Variable(False, trainable=False)
             self.batch_statistics = _batch_statistics(model)
             self.statistics_before = [tf.Variable(v, trainable=False) for v in self.batch_statistics]
-            self.restorable = (_restorable(model, optimizer) if settings.action == "rollback" else [])
+            self.restorable = _restorable(model, optimizer) if settings.action == "rollback" else []
             self.snapshot = [tf.Variable(v, trainable=False) for v in self.restorable]
 
     # --- the step ---------------------------------------------------------------------------
 
-    def guarded_apply(self, loss, gradients, apply_update) -> None:
-        """In-graph, for one step: judge its ``loss`` and ``gradients`` (unscaled), then call
-        ``apply_update(gradients)`` or not, as the action says; record an event for a spike."""
-        step = self.steps.assign_add(1)
-        values = self._values(loss, gradients)
+    def guarded_apply(self, loss, gradients, apply_update, judged=None) -> None:
+        """In-graph, for one step: judge its ``loss`` and gradients (``judged``, or the
+        ``gradients`` to apply; unscaled), then call ``apply_update(gradients)`` or not, as the
+        action says; record an event for a spike."""
+        step = self.steps.assign_add(1) if self.counts_steps else self.steps.read_value()
+        values = self._values(loss, gradients if judged is None else judged)
         spiked, limits, medians = self._judge(values)
         nonfinite = tf.logical_not(tf.reduce_all(tf.math.is_finite(values[:2])))
         spike = tf.logical_or(nonfinite, tf.reduce_any(spiked))
         taken = self._act(spike, nonfinite, spiked[_GRAD_NORM], values[_GRAD_NORM], limits[_GRAD_NORM], gradients,
                           apply_update)
+        self.nonfinite_left_out.assign(tf.logical_and(nonfinite, tf.constant(self.settings.action != "warn")))
         self._remember(values, nonfinite)
         quantity = tf.where(nonfinite, _NONFINITE, tf.where(spiked[_GRAD_NORM], _GRAD_NORM, _LOSS))
         # one event for a run of non-finite steps (under "warn", NaN weights make every later one so)
@@ -171,7 +176,9 @@ class GuardState:
         if action == "rollback":
             return self._rollback(spike, gradients, apply_update)
         clip = tf.logical_and(norm_spiked, tf.logical_not(nonfinite))
-        clipped, _ = tf.clip_by_global_norm(gradients, tf.where(clip, norm_limit, norm), use_norm=norm)
+        # the limit over the judged norm when clipping, else a factor of exactly 1 (a norm of 0 too)
+        clipped, _ = tf.clip_by_global_norm(gradients, tf.where(clip, norm_limit, tf.maximum(norm, TINY)),
+                                            use_norm=norm)
         if action == "lower_lr":
             return self._lower_lr(spike, nonfinite, clipped, apply_update)
         self._apply_unless(nonfinite, clipped, apply_update)
@@ -298,12 +305,14 @@ def _batch_statistics(model) -> list:
 
 def _restorable(model, optimizer) -> list:
     """What a rollback restores: every weight and layer statistic of the model (not the
-    random generators' states) and every variable of the optimizer."""
+    random generators' states) and every variable of the optimizer but its learning rate
+    (a callback such as ReduceLROnPlateau may have set it since the snapshot)."""
     model_variables = [v for v in model.variables if "seed_generator" not in v.path]
-    return model_variables + list(optimizer.variables)
+    rate = getattr(optimizer, "_learning_rate", None)
+    return model_variables + [v for v in optimizer.variables if v is not rate]
 
 
-def _learning_rate_variable(optimizer):
+def learning_rate_variable(optimizer):
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     rate = inner.learning_rate
     if not isinstance(rate, keras.Variable):

@@ -133,8 +133,8 @@ class TrainStep:
         scale = self._loss_scale()
         before = [tf.identity(self.variables[i]) for i in self.layout.monitored]
         applied = self._clip(gradients, scale)
-        if self.guard is not None:
-            self.guard.note_loss(loss)
+        if self.guard is not None:  # it judges the gradients before clipping, as in model.fit
+            self.guard.note_step(loss, unscaled(gradients, scale) if self.clips else None)
         self.optimizer.apply(applied, self.variables)
         return self.record(loss, gradients, applied, before, scale)
 
@@ -146,6 +146,8 @@ class TrainStep:
         row, finite = step_row(loss, gradients, monitored, before, [self.variables[i] for i in monitored],
                                clipped_gradients=unscaled(applied, scale) if self.clips else None,
                                loss_scale=scale)
+        if self.guard is not None:  # a non-finite step the guard did not apply is no divergence
+            finite = tf.logical_or(finite, self.guard.left_out_nonfinite())
         kernels = ([tf.convert_to_tensor(gradients[i]) for i in self.layout.kernel_positions]
                    if self.keep_gradients else [])
         state_norms = unscaled([layer.state_gradient_norms.value() for layer in self.traced], scale)

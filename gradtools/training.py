@@ -300,12 +300,12 @@ class EpochLoop:
         (an error or Ctrl-C is passed on to the loggers, then raised)."""
         self.log_every = log_every
         guard = self.options["spike_guard"]
-        if guard is not None:  # before the first call traces the program
-            guard.attach(self.step.model, self.step.optimizer, loss_from_model=False)
-            self.record.watch_spikes()
         self.record.start(layer_layout(self.model.trainable_weights).paths, self.step.columns,  # the caller's names
                           through_time.traced_layers(self.model), epochs=epochs, steps_per_epoch=self.n_batches)
         try:
+            if guard is not None:  # before the first call traces the program
+                guard.attach(self.step.model, self.step.optimizer, loss_from_model=False)
+                self.record.watch_spikes()
             return self._epochs(epochs, tf.constant(shuffle_seed, tf.int64))
         except BaseException as error:
             self._hand_back()

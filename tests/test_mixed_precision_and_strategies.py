@@ -122,6 +122,25 @@ def test_the_spike_guard_under_mixed_float16_skips_a_bad_batch_and_the_scaler_ke
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
+def test_the_spike_guard_counts_the_steps_the_loss_scaler_skips(mixed_precision):
+    """A step whose scaled gradient overflows float16 is the scaler's to skip, not a spike; the
+    guard's step numbers still count it, as the monitor's do."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(640, 8)).astype(np.float32)
+    y = x.sum(axis=1).astype(np.float32)
+    x[2 * 16:3 * 16] *= 1e4  # step 3 overflows float16 at a loss scale of 128
+    y[25 * 16:26 * 16] *= 30  # step 26: a spike the guard sees
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=128.0),
+                  loss="mse")
+    guard, monitor = gradtools.SpikeGuard("skip", verbose=False), GradientMonitor(figures=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, guard])
+    metrics = monitor.metrics.set_index("step")
+    assert metrics.loc[3, "skipped"] == 1
+    assert list(guard.events["step"]) == [26] and list(guard.events["batch"]) == [25]
+
+
 def test_a_mirrored_strategy_gives_the_single_device_statistics():
     """Two logical CPU devices must be set up before TensorFlow starts: a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

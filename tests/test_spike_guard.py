@@ -174,8 +174,9 @@ def test_lower_lr_lowers_the_rate_for_its_steps_then_gives_it_back():
     model.fit(x, corrupted(y, bad=(20,)), batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[guard, seen])
     assert list(guard.events["action"]) == ["lowered_lr"]
-    # read at the end of batches 20..24 (the spike's step and the four after it): lowered;
-    # from batch 25 on: restored
+    # the spike's step (batch 20, 0-based) and the four after it run at the lowered rate, five
+    # steps; read after each batch, the rate is lowered after batches 20..23 and back after 24
+    # (the fifth step restores it once applied)
     assert seen.rates[19] == pytest.approx(0.01)
     assert seen.rates[20:24] == pytest.approx([0.001] * 4)
     assert seen.rates[24:] == pytest.approx([0.01] * (N_BATCHES - 24))
@@ -319,3 +320,65 @@ def test_the_spikes_configs_no_guard_diverges_and_skip_ends_where_the_clean_run_
     assert list(spikes["step"]) == expected and set(spikes["action"]) == {"skipped"}
     last = [m[m["epoch"] == 4]["loss"].median() for m in (clean, skipped)]
     assert last[1] == pytest.approx(last[0], rel=0.05)
+
+
+# --- what the review found ------------------------------------------------------------------------
+
+class RaiseAtBatch(keras.callbacks.Callback):
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            raise RuntimeError("a callback failed")
+
+
+@pytest.mark.parametrize("guard_first", [True, False])
+def test_a_fit_that_raises_takes_the_guard_away_and_gives_the_rate_back(guard_first):
+    """Keras calls no on_train_end when fit raises: the guard's wrappers must go anyway, the
+    lowered learning rate come back, and a monitor beside it close its run as failed."""
+    x, y = regression()
+    model = mlp(keras.optimizers.SGD(0.01))
+    guard, monitor = SpikeGuard("lower_lr", lr_steps=100, verbose=False), GradientMonitor(figures=False)
+    callbacks = [guard, monitor, RaiseAtBatch(22)] if guard_first else [monitor, guard, RaiseAtBatch(22)]
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        model.fit(x, corrupted(y, bad=(20,)), batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=callbacks)
+    assert list(guard.events["step"]) == [21] and monitor.status == "failed"
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.01)
+    assert "apply" not in vars(model.optimizer) and "compute_loss" not in vars(model)
+    model.fit(x, corrupted(y, bad=(20,)), batch_size=BATCH, epochs=1, shuffle=False, verbose=0)  # unguarded now
+    assert len(guard.events) == 1 and float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.01)
+
+
+def test_clipping_a_step_whose_gradient_is_zero_leaves_it_zero():
+    """A batch whose inputs and targets are all 0 has a gradient of exactly 0 (no bias
+    gradient either, with no biases): clip must not turn 0/0 into NaN weights."""
+    x, y = regression()
+    x[5 * BATCH:6 * BATCH], y[5 * BATCH:6 * BATCH] = 0.0, 0.0
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu", use_bias=False),
+                              keras.layers.Dense(1, use_bias=False)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    guard = SpikeGuard("clip", verbose=False)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[guard])
+    assert guard.events.empty and all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_in_gradtools_fit_the_guard_judges_before_clipping_and_a_skipped_nan_is_no_divergence():
+    x, y = regression()
+    y = corrupted(y, bad=(25,))
+    x[30 * BATCH] = np.nan
+    model = mlp(keras.optimizers.SGD(0.01))
+    guard = SpikeGuard("skip", verbose=False)
+    history = gradtools.fit(model, x, y, loss="mse", optimizer=model.optimizer, epochs=1, batch_size=BATCH,
+                            shuffle=False, clip_global_norm=1.0, spike_guard=guard, figures=False, jit_compile=False)
+    events = guard.events.set_index("step")
+    assert list(events.index) == [26, 31]
+    assert events.loc[26, "quantity"] == "grad_global_norm"  # the norm before clipping to 1
+    assert events.loc[26, "value"] == pytest.approx(history.metrics.set_index("step").loc[26, "grad_global_norm"])
+    assert events.loc[31, "quantity"] == "nonfinite"
+    assert history.status == "completed" and history.metrics["step"].max() == N_BATCHES
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert diagnose(history).verdict == "healthy"
