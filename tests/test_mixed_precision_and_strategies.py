@@ -98,21 +98,32 @@ def test_gradtools_fit_wraps_the_optimizer_under_a_mixed_policy(mixed_precision)
     assert history.status == "completed"
 
 
+def guarded_mixed_fit(initial_scale, spoil):
+    """A small regressor under mixed_float16 with a loss scaler starting at ``initial_scale``,
+    trained one epoch (40 batches of 16, in order) on data ``spoil(x, y)`` changes, with a
+    monitor and SpikeGuard("skip"): (monitor, guard, model)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(640, 8)).astype(np.float32)
+    y = x.sum(axis=1).astype(np.float32)
+    spoil(x, y)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01),
+                                                                initial_scale=initial_scale), loss="mse")
+    guard, monitor = gradtools.SpikeGuard("skip", verbose=False), GradientMonitor(figures=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, guard])
+    return monitor, guard, model
+
+
 def test_the_spike_guard_under_mixed_float16_skips_a_bad_batch_and_the_scaler_keeps_its_own(mixed_precision):
     """The guard sits inside the loss scaler: it gets the unscaled gradients of the steps the
     scaler applies; a float16 overflow stays the scaler's to skip, not a spike. (A small loss
     scale, so that this bad batch's scaled gradient fits in float16: at the default 2¹⁵ the
     scaler itself skips it.)"""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(640, 8)).astype(np.float32)
-    y = x.sum(axis=1).astype(np.float32)
-    y[25 * 16:26 * 16] *= 1e3
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=8.0),
-                  loss="mse")
-    guard, monitor = gradtools.SpikeGuard("skip", verbose=False), GradientMonitor(figures=False)
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, guard])
+    def spoil(x, y):
+        y[25 * 16:26 * 16] *= 1e3
+
+    monitor, guard, model = guarded_mixed_fit(8.0, spoil)
     (event,) = guard.events.itertuples()
     metrics = monitor.metrics.set_index("step")
     assert event.step == 26 and event.action == "skipped"
@@ -125,19 +136,12 @@ def test_the_spike_guard_under_mixed_float16_skips_a_bad_batch_and_the_scaler_ke
 def test_the_spike_guard_counts_the_steps_the_loss_scaler_skips(mixed_precision):
     """A step whose scaled gradient overflows float16 is the scaler's to skip, not a spike; the
     guard's step numbers still count it, as the monitor's do."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(640, 8)).astype(np.float32)
-    y = x.sum(axis=1).astype(np.float32)
-    x[2 * 16:3 * 16] *= 1e4  # step 3 overflows float16 at a loss scale of 128
-    y[25 * 16:26 * 16] *= 30  # step 26: a spike the guard sees
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=128.0),
-                  loss="mse")
-    guard, monitor = gradtools.SpikeGuard("skip", verbose=False), GradientMonitor(figures=False)
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor, guard])
-    metrics = monitor.metrics.set_index("step")
-    assert metrics.loc[3, "skipped"] == 1
+    def spoil(x, y):
+        x[2 * 16:3 * 16] *= 1e4  # step 3 overflows float16 at a loss scale of 128
+        y[25 * 16:26 * 16] *= 30  # step 26: a spike the guard sees
+
+    monitor, guard, _ = guarded_mixed_fit(128.0, spoil)
+    assert monitor.metrics.set_index("step").loc[3, "skipped"] == 1
     assert list(guard.events["step"]) == [26] and list(guard.events["batch"]) == [25]
 
 
