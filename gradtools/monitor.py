@@ -23,7 +23,6 @@ buffer once per epoch (or when it is about to fill), so nothing but that table l
 
 from __future__ import annotations
 
-import sys
 import threading
 import warnings
 
@@ -263,15 +262,14 @@ class GradientMonitor(keras.callbacks.Callback):
             self._prepare(list(model.trainable_weights))
         self._install(model, optimizer)
         self._run.status = RUNNING
-        callback_list = sys._getframe(1).f_locals.get("self")  # the CallbackList fit calls each hook through
+        callback_list = probes.calling_callback_list()
         self._guards = [callback for callback in getattr(callback_list, "callbacks", [])
                         if isinstance(callback, SpikeGuard)]
         if self._guards:
             self._run.watch_spikes()
         # trace again, with the probes; a fit that raises ends the run (an error anywhere else
         # in fit, a Python data generator's, leaves status at running: the monitor cannot know)
-        probes.retrace_watched(model, self._end_abruptly,
-                               callback_list if isinstance(callback_list, keras.callbacks.CallbackList) else None)
+        probes.retrace_watched(model, self._end_abruptly, callback_list)
 
     def _end_abruptly(self, error: BaseException) -> None:
         """What ``on_train_end`` does, for a fit that raised: the rows taken so far, the probes

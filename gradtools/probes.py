@@ -10,6 +10,7 @@ always outside the guard's. Each wrapper has a rank; higher ranks wrap lower one
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 #: Ranks: the guard next to the method, the monitor outside it.
@@ -75,6 +76,16 @@ def retrace_watched(model, on_error: Callable, callback_list=None) -> None:
         callback_list.__dict__[_WATCHED] = True
         for hook in _CALLBACK_HOOKS:
             setattr(callback_list, hook, _calling_on_error(getattr(callback_list, hook), hooks))
+
+
+def calling_callback_list():
+    """Called from a callback's ``on_train_begin``: the ``keras.callbacks.CallbackList`` that
+    ``fit`` calls each hook through (that method's caller), or None when Keras called the
+    callback some other way."""
+    import keras  # noqa: PLC0415 - only the callbacks that watch a fit need it
+
+    caller = sys._getframe(2).f_locals.get("self")
+    return caller if isinstance(caller, keras.callbacks.CallbackList) else None
 
 
 def unwatch(model, on_error: Callable) -> None:

@@ -229,9 +229,7 @@ class SpikeGuard(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.attach(self.model, self.model.optimizer, loss_from_model=True)
-        callback_list = sys._getframe(1).f_locals.get("self")  # the CallbackList fit calls each hook through
-        probes.retrace_watched(self.model, self._end_abruptly,  # trace again, with the guard
-                               callback_list if isinstance(callback_list, keras.callbacks.CallbackList) else None)
+        probes.retrace_watched(self.model, self._end_abruptly, probes.calling_callback_list())  # with the guard
 
     def on_epoch_begin(self, epoch, logs=None):
         self.begin_epoch(epoch)
