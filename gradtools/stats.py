@@ -2,14 +2,29 @@
 
 :func:`step_row` makes the row of one step, in the column order of
 :func:`gradtools.columns.metric_columns`, for both ``gradtools.fit`` and ``GradientMonitor``.
+Written with ``keras.ops``, so that the same row can be computed by every Keras backend; on
+TensorFlow those are the TensorFlow ops the row was written with before, and a run's numbers
+are the same to the last bit.
 """
 
 from __future__ import annotations
 
-import tensorflow as tf
+import math
+
+import keras
+from keras import ops
 
 
-def layer_gradient_stats(gradients, weights_before, weights_after) -> tf.Tensor:
+def dense(gradient):
+    """A gradient as a dense tensor (TensorFlow gives an embedding's as ``IndexedSlices``)."""
+    if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
+        import tensorflow as tf  # only TensorFlow makes IndexedSlices
+
+        return tf.convert_to_tensor(gradient)
+    return ops.convert_to_tensor(gradient)
+
+
+def layer_gradient_stats(gradients, weights_before, weights_after):
     """The statistics of several layers' kernels at one step, a float32 [layers, 7] table.
 
     With g the gradient of the loss with respect to a kernel (as the tape computed it,
@@ -31,31 +46,43 @@ def layer_gradient_stats(gradients, weights_before, weights_after) -> tf.Tensor:
     """
     sums, sizes = [], []
     for gradient, before, after in zip(gradients, weights_before, weights_after):
-        g = tf.reshape(tf.cast(tf.convert_to_tensor(gradient), tf.float32), [-1])
-        w0 = tf.reshape(tf.cast(before, tf.float32), [-1])
-        w1 = tf.reshape(tf.cast(after, tf.float32), [-1])
+        g = ops.reshape(ops.cast(dense(gradient), "float32"), [-1])
+        w0 = ops.reshape(ops.cast(before, "float32"), [-1])
+        w1 = ops.reshape(ops.cast(after, "float32"), [-1])
         change = w1 - w0
-        abs_g = tf.abs(g)
-        terms = tf.stack([g, abs_g, g * g, w1, w1 * w1, change * change, w0 * w0])
-        sums.append(tf.concat([tf.reduce_sum(terms, axis=1), [tf.reduce_max(abs_g)]], axis=0))
-        sizes.append(float(before.shape.num_elements()))  # a gradient's own shape may be unknown
-    sum_g, sum_abs_g, sum_g2, sum_w1, sum_w1_2, sum_change2, sum_w0_2, max_abs_g = tf.unstack(
-        tf.stack(sums), axis=1)
-    n = tf.constant(sizes)
-    norm_g, norm_w1, norm_change, norm_w0 = tf.unstack(tf.sqrt(tf.stack([sum_g2, sum_w1_2, sum_change2, sum_w0_2])))
-    return tf.stack([sum_g / n, sum_abs_g / n, norm_g, max_abs_g, sum_w1 / n, norm_w1,
-                     tf.math.divide_no_nan(norm_change, norm_w0)], axis=1)
+        abs_g = ops.abs(g)
+        terms = ops.stack([g, abs_g, g * g, w1, w1 * w1, change * change, w0 * w0])
+        sums.append(ops.concatenate([ops.sum(terms, axis=1), ops.max(abs_g, axis=0, keepdims=True)], axis=0))
+        sizes.append(float(_size(before)))  # a gradient's own shape may be unknown
+    sum_g, sum_abs_g, sum_g2, sum_w1, sum_w1_2, sum_change2, sum_w0_2, max_abs_g = ops.unstack(
+        ops.stack(sums), axis=1)
+    n = ops.convert_to_tensor(sizes, "float32")
+    norm_g, norm_w1, norm_change, norm_w0 = ops.unstack(ops.sqrt(ops.stack([sum_g2, sum_w1_2, sum_change2,
+                                                                            sum_w0_2])))
+    return ops.stack([sum_g / n, sum_abs_g / n, norm_g, max_abs_g, sum_w1 / n, norm_w1,
+                      ops.divide_no_nan(norm_change, norm_w0)], axis=1)
 
 
-def global_gradient_norm(gradients) -> tf.Tensor:
+def _size(variable) -> int:
+    return math.prod(int(dimension) for dimension in variable.shape)
+
+
+def global_gradient_norm(gradients):
     """‖g‖₂ over every gradient tensor of the step (kernels, biases, all trainable variables),
-    in float32: the norm that Keras's ``global_clipnorm`` and ``tf.clip_by_global_norm`` use."""
-    return tf.linalg.global_norm([tf.cast(tf.convert_to_tensor(g), tf.float32)
-                                  for g in gradients if g is not None])
+    in float32: the norm that Keras's ``global_clipnorm`` and ``tf.clip_by_global_norm`` use.
+    On TensorFlow it is TensorFlow's own op (the records stay the same to the last bit as
+    before the row was written with ``keras.ops``; a sum of squares in another order differs
+    in the last bit of one value in ten)."""
+    tensors = [ops.cast(dense(g), "float32") for g in gradients if g is not None]
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.linalg.global_norm(tensors)
+    return ops.sqrt(ops.sum(ops.stack([ops.sum(ops.square(t)) for t in tensors]))) if tensors else ops.zeros(())
 
 
 def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
-                   clipped_gradients=None, loss_scale=None, skipped=None) -> tf.Tensor:
+                   clipped_gradients=None, loss_scale=None, skipped=None):
     """One step's values in column order, after ``step, epoch, batch``: the loss, the global
     norm of ``gradients`` (every gradient of the step), :func:`layer_gradient_stats` of the
     gradients at positions ``monitored`` (see :attr:`gradtools.layers.LayerLayout.monitored`)
@@ -67,33 +94,33 @@ def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
         raise ValueError(f"no gradient reaches {', '.join(unreached)}: the loss does not depend on it "
                          "(a layer the model never calls, or an output given no loss?); remove that layer, or set its "
                          "trainable = False while it does not learn")
-    head = tf.stack([tf.cast(loss, tf.float32), global_gradient_norm(gradients)])
-    layers = [tf.reshape(layer_gradient_stats([gradients[i] for i in monitored], weights_before,
-                                              weights_after), [-1])] if monitored else []
+    head = ops.stack([ops.cast(loss, "float32"), global_gradient_norm(gradients)])
+    layers = [ops.reshape(layer_gradient_stats([gradients[i] for i in monitored], weights_before,
+                                               weights_after), [-1])] if monitored else []
     tail = []
     if clipped_gradients is not None:
         tail.append(global_gradient_norm(clipped_gradients))
     if loss_scale is not None:
-        tail += [tf.cast(loss_scale, tf.float32), tf.cast(skipped, tf.float32)]
-    return tf.concat([head, *layers] + ([tf.stack(tail)] if tail else []), axis=0)
+        tail += [ops.cast(loss_scale, "float32"), ops.cast(skipped, "float32")]
+    return ops.concatenate([head, *layers] + ([ops.stack(tail)] if tail else []), axis=0)
 
 
-def all_finite(loss, gradients) -> tf.Tensor:
+def all_finite(loss, gradients):
     """True when the loss and every entry of every gradient are finite.
 
     One check per gradient: one check over the gradients laid end to end would compile faster
     (one ``IsFinite`` op), but copying them costs every step of a large model more than that
     saves once."""
-    checks = [tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))]
-    checks += [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(g))) for g in gradients if g is not None]
-    return tf.reduce_all(tf.stack(checks))
+    checks = [ops.all(ops.isfinite(ops.cast(loss, "float32")))]
+    checks += [ops.all(ops.isfinite(dense(g))) for g in gradients if g is not None]
+    return ops.all(ops.stack(checks))
 
 
 def unscaled(tensors, scale):
     """``tensors`` divided by the loss scale (unchanged when there is none)."""
     if scale is None:
         return tensors
-    return [None if t is None else t / tf.cast(scale, t.dtype) for t in tensors]
+    return [None if t is None else t / ops.cast(scale, t.dtype) for t in tensors]
 
 
 def step_row(loss, gradients, monitored, weights_before, weights_after, *, clipped_gradients=None,
@@ -108,6 +135,6 @@ def step_row(loss, gradients, monitored, weights_before, weights_after, *, clipp
     scaled = loss_scale is not None
     row = statistics_row(loss, gradients, monitored, weights_before, weights_after,
                          clipped_gradients=clipped_gradients, loss_scale=loss_scale,
-                         skipped=tf.logical_not(finite_gradients) if scaled else None)
-    finite = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32))) if scaled else finite_gradients
+                         skipped=ops.logical_not(finite_gradients) if scaled else None)
+    finite = ops.all(ops.isfinite(ops.cast(loss, "float32"))) if scaled else finite_gradients
     return row, finite
