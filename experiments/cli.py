@@ -43,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(gallery: every core); TF_NUM_INTRAOP_THREADS overrides it.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_run_command, _add_list_command, _add_claims_command, _add_report_command,
+                        _add_compare_command, _add_figures_command, _add_sweep_command,
+                        _add_phase_diagram_command, _add_config_reference_command, _add_gallery_command,
+                        _add_preflight_command, _add_conformance_command, _add_dashboard_command):
+        add_command(commands)
+    return parser
 
+
+def _add_run_command(commands) -> None:
     run = commands.add_parser(
         "run", help="train one config and write its run directory",
         description="Train one config and write <out>/<group>/<name>/<run id>/ with config.toml, "
@@ -62,8 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --seeds: draw each run's own figures too (by default only the band)")
     _add_workers(run)
 
+
+def _add_list_command(commands) -> None:
     commands.add_parser("list", help="list the configs with their descriptions")
 
+
+def _add_claims_command(commands) -> None:
     claims = commands.add_parser(
         "claims", help="check the 23 claims (the article's ten, then 13 from its sources) over several seeds",
         description="Run what the 23 claims (the article's ten, then 13 from its sources) need over "
@@ -72,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "criterion, the measured numbers and in how many seeds it holds.")
     _add_seed_group_options(claims, report_help="where claims.* go (default report)")
 
+
+def _add_report_command(commands) -> None:
     report = commands.add_parser(
         "report", help="write report/index.html: the claims, and the figures and diagnoses of their 28 experiments",
         description="Run the claims' experiments over seeds and write a self-contained static page "
@@ -80,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "diagram when <out>/sweeps/depth_init/sweep.csv exists (make phase-diagram).")
     _add_seed_group_options(report, report_help="output directory (default report)")
 
+
+def _add_compare_command(commands) -> None:
     compare = commands.add_parser(
         "compare", help="the article's two comparisons from existing runs",
         description="Overlay layer-1 gradient magnitude across the six vanishing variants and across "
@@ -90,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--stat", default="layer_1/grad_abs_mean",
                          help="the statistic (default layer_1/grad_abs_mean)")
 
+
+def _add_figures_command(commands) -> None:
     figures = commands.add_parser(
         "figures", help="run every experiment and write the article's figures",
         description="Run every config of the chosen groups and write <figures>/<group>_<name>.png "
@@ -103,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--figures", default="figures", help="where the figures go (default figures)")
     _add_common(figures)
 
+
+def _add_sweep_command(commands) -> None:
     sweep = commands.add_parser(
         "sweep", help="run every point of a sweep's grid (resumable)",
         description="Run every point of a sweep file's grid (configs/sweeps/*.toml: a base "
@@ -115,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("sweep", help="a sweep TOML file, or its name under configs/sweeps/")
     _add_sweep_options(sweep)
 
+
+def _add_phase_diagram_command(commands) -> None:
     phase = commands.add_parser(
         "phase-diagram", help="the depth × initializer-scale sweep and its heatmaps",
         description="Run configs/sweeps/depth_init.toml (resumable) and draw "
@@ -124,9 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     phase.add_argument("--figures", default="figures", help="where the figure goes (default figures)")
     _add_sweep_options(phase)
 
+
+def _add_config_reference_command(commands) -> None:
     commands.add_parser("config-reference", help="print docs/config.md: every config key, its "
                         "default and what it means")
 
+
+def _add_gallery_command(commands) -> None:
     gallery = commands.add_parser(
         "gallery", help="diagnose the gallery of real architectures, healthy and broken",
         description="Train every gallery model (a convnet, a ResNet, a transformer, a BiLSTM, "
@@ -144,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(wrong labels weighing 10³) with no guard and with each SpikeGuard action, against "
                          "a clean run; writes <figures>/gallery_spikes.md (about 3 minutes)")
 
+
+def _add_preflight_command(commands) -> None:
     check = commands.add_parser(
         "preflight", help="before training: will each config's net vanish or explode? (no training)",
         description="Build each config's model and data as a run would (same seed) and run "
@@ -156,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value (repeatable)")
     check.add_argument("--figures", help="write each config's signal-propagation figure in this folder")
     check.add_argument("--explain", action="store_true", help="print each verdict's explanation too")
+
+
+def _add_conformance_command(commands) -> None:
     conformance = commands.add_parser(
         "conformance", help="check GradientMonitor and gradtools.fit against an independent GradientTape "
         "on the conformance zoo (keras-hub, keras.applications, keras-io; every mode)",
@@ -171,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.add_argument("--figures", default="figures", help="where conformance.md goes (default figures)")
     conformance.add_argument("--list", action="store_true", help="name the cases (model / mode) and stop")
 
+
+def _add_dashboard_command(commands) -> None:
     dashboard = commands.add_parser(
         "dashboard", help="serve the runs in MLflow's UI or TensorBoard, on 127.0.0.1",
         description="Serve the runs under --out: MLflow's run table and charts (runs made with "
@@ -179,7 +212,6 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--ui", default="tensorboard", help="mlflow or tensorboard (default tensorboard)")
     dashboard.add_argument("--out", default="runs", help="where the runs are (default runs)")
     dashboard.add_argument("--port", type=int, help="default 5000 for mlflow, 6006 for tensorboard")
-    return parser
 
 
 def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
@@ -242,11 +274,11 @@ def describe_run(run) -> str:
     from gradtools.summary import summarize
 
     history = run.history
+    summary = summarize(history)
     lines = [f"{run.config.run_name} (seed {run.config.seed}): {history.status} after "
              f"{history.epochs_completed} full epochs in {history.wall_seconds:.2f} s"]
     if history.metrics.empty:
         return "\n".join(lines + [f"run: {run.run_dir}"])
-    summary = summarize(history.metrics)
     if history.first_nonfinite_step is not None:
         lines[0] += f"; loss or gradients became non-finite at step {history.first_nonfinite_step}"
     lines[0] += f". Final loss {summary.final_loss:.4g}."

@@ -68,3 +68,26 @@ def test_only_entry_points_change_settings_of_the_whole_process():
     modules = _modules()
     users = {name for name, path in modules.items() if "gradtools.tf_startup" in _imports(path, modules)}
     assert users <= ENTRY_POINTS, users - ENTRY_POINTS
+
+
+#: The longest a library function may be, in lines of code (its docstring not counted): one
+#: that does not fit on a screen is read in pieces, and changed in one of them.
+LONGEST_FUNCTION = 60
+
+
+def _code_lines(function: ast.FunctionDef) -> int:
+    lines = function.end_lineno - function.lineno + 1
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        lines -= body[0].end_lineno - body[0].lineno + 1
+    return lines
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > LONGEST_FUNCTION:
+                long.append(f"{name}.{node.name}: {_code_lines(node)} lines")
+    assert not long, long
