@@ -20,8 +20,9 @@ from experiments.parallel import run_jobs
 from experiments.runner import ARTICLE_SAMPLE_BATCH, Run
 from gradtools.columns import layer_column, layer_numbers
 from gradtools.diagnosis import through_time_evidence
+from gradtools.layer_ratios import first_to_last_ratio
 from gradtools.loggers.local import write_atomically
-from gradtools.summary import first_to_last_ratio, sample_per_epoch
+from gradtools.plots import sample_per_epoch
 
 #: Runs the claims need: a name -> (config, extra overrides).
 EXPERIMENTS = {

@@ -409,16 +409,16 @@ def evidence_line(diagnosis) -> str:
     """The one number that decided the verdict (or that kept it healthy)."""
     e = diagnosis.evidence
     if diagnosis.verdict == "exploding":
-        if e["first_nonfinite_statistic_step"] is not None:
-            return f"NaN/Inf at step {e['first_nonfinite_statistic_step']}"
+        if e.first_nonfinite_statistic_step is not None:
+            return f"NaN/Inf at step {e.first_nonfinite_statistic_step}"
         worst = max(diagnosis.layers, key=lambda f: f.numbers["grad_to_weight"] or 0)
-        return (f"loss {e['loss_epoch_median_max']:.2g}; ‖g‖/‖W‖ {worst.numbers['grad_to_weight']:.2g}"
+        return (f"loss {e.loss_epoch_median_max:.2g}; ‖g‖/‖W‖ {worst.numbers['grad_to_weight']:.2g}"
                 f" ({worst.path})")
-    if e.get("state_grad_ratio") is not None and e["state_grad_ratio"] < 1e-3:
-        return f"‖∂L/∂h_1‖/‖∂L/∂h_T‖ = {e['state_grad_ratio']:.2g} (T = {e['time_steps']})"
-    if e["weakest_block"] is None:
+    if e.state_grad_ratio is not None and e.state_grad_ratio < 1e-3:
+        return f"‖∂L/∂h_1‖/‖∂L/∂h_T‖ = {e.state_grad_ratio:.2g} (T = {e.time_steps})"
+    if e.weakest_block is None:
         return "one block"
-    return f"weakest block {e['weakest_block']}: {e['weakest_depth_ratio']:.2g}× the strongest after it"
+    return f"weakest block {e.weakest_block}: {e.weakest_depth_ratio:.2g}× the strongest after it"
 
 
 # --- bad batches: the spike guard on real models ----------------------------------------------

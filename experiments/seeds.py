@@ -25,15 +25,14 @@ class SeedGroup:
 
 def summary_row(run: Run) -> dict:
     """The numbers of one run that a group table and the claims use."""
-    history = run.history
-    row = {"seed": run.config.seed, "run_dir": str(run.run_dir), "status": history.status,
-           "first_nonfinite_step": history.first_nonfinite_step,
-           "epochs_completed": history.epochs_completed}
-    if not history.metrics.empty:
-        numbers = summarize(history.metrics)
-        row.update(final_loss=numbers.final_loss, last_epoch_loss=numbers.last_epoch_loss,
-                   first_to_last_grad_ratio=numbers.first_to_last_ratio,
-                   max_abs_layer_1_grad_mean=numbers.max_abs_first_grad_mean)
+    summary = summarize(run.history)
+    row = {"seed": run.config.seed, "run_dir": str(run.run_dir), "status": summary.status,
+           "first_nonfinite_step": summary.first_nonfinite_step,
+           "epochs_completed": summary.epochs_completed}
+    if summary.first_layer is not None:
+        row.update(final_loss=summary.final_loss, last_epoch_loss=summary.last_epoch_loss,
+                   first_to_last_grad_ratio=summary.first_to_last_ratio,
+                   max_abs_layer_1_grad_mean=summary.max_abs_first_grad_mean)
     return row
 
 

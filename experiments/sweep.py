@@ -60,7 +60,7 @@ from experiments.config import (
     read_toml,
 )
 from gradtools.history import CONFIG_FILE, FINAL_STATUSES, INFO_FILE, History, RunDirectoryError, run_status
-from gradtools.loggers.local import toml_ready
+from gradtools.loggers.base import plain
 
 SWEEPS_DIR = CONFIGS_DIR / "sweeps"
 EXECUTORS = ("local", "ray")
@@ -174,31 +174,26 @@ def point_config(sweep: Sweep, point: Point) -> ExperimentConfig:
     return config.replace("experiment", name=f"{config.name}-{point.id}")
 
 
+#: The sweep.csv columns a point's run summary fills: column -> RunSummary field.
+POINT_NUMBERS = {"verdict": "verdict", "ratio_first_step": "ratio_first_step",
+                 "ratio_first_epoch": "ratio_first_epoch", "ratio_last_epoch": "ratio_last_epoch",
+                 "ratio": "first_to_last_ratio", "grad_norm_first_step": "grad_norm_first_step",
+                 "last_epoch_loss": "last_epoch_loss"}
+
+
 def summarize_point(history) -> dict[str, Any]:
     """The sweep.csv numbers of one run: how it ended, its diagnosis, the layer-1/last
     ``grad_abs_mean`` ratio at the first step, over the first and last epochs and the run,
     and the size of the whole gradient (global norm) at the first step."""
-    from gradtools.diagnosis import diagnose
-    from gradtools.summary import first_to_last_ratio
+    from gradtools.summary import summarize
 
-    metrics = history.metrics
-    row: dict[str, Any] = {"status": history.status,
-                           "first_nonfinite_step": history.first_nonfinite_step,
-                           "epochs_completed": history.epochs_completed,
-                           "wall_seconds": round(history.wall_seconds, 3)}
-    if metrics.empty:
+    summary = summarize(history)
+    row: dict[str, Any] = {"status": summary.status, "first_nonfinite_step": summary.first_nonfinite_step,
+                           "epochs_completed": summary.epochs_completed,
+                           "wall_seconds": round(summary.wall_seconds, 3)}
+    if summary.first_layer is None:
         return row
-    epochs = metrics.groupby("epoch")
-    first_epoch, last_epoch = metrics["epoch"].min(), metrics["epoch"].max()
-    row.update(
-        verdict=(history.diagnosis or diagnose(history)).verdict,  # made once when the run ended
-        ratio_first_step=first_to_last_ratio(metrics.iloc[[0]]),
-        ratio_first_epoch=first_to_last_ratio(metrics[metrics["epoch"] == first_epoch]),
-        ratio_last_epoch=first_to_last_ratio(metrics[metrics["epoch"] == last_epoch]),
-        ratio=first_to_last_ratio(metrics),
-        grad_norm_first_step=float(metrics["grad_global_norm"].iloc[0]),
-        last_epoch_loss=float(epochs["loss"].mean().iloc[-1]),
-    )
+    row.update({column: getattr(summary, name) for column, name in POINT_NUMBERS.items()})
     return row
 
 
@@ -386,7 +381,7 @@ def _made_with(run_dir: Path, config: ExperimentConfig) -> bool:
         stored = tomllib.loads((run_dir / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return stored == tomllib.loads(tomli_w.dumps(toml_ready(config.to_dict())))
+    return stored == tomllib.loads(tomli_w.dumps(plain(config.to_dict())))
 
 
 def _claim(path: Path):

@@ -31,7 +31,7 @@ key projections of an attention over a single context token) is not dead.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,10 @@ import pandas as pd
 
 from gradtools.columns import LOSS_SCALE_COLUMNS, layer_column, layer_name, layer_numbers
 from gradtools.history import COMPLETED, History, RunDirectoryError
+from gradtools.layer_ratios import sensitivity_table
 from gradtools.layers import layer_label
 from gradtools.recurrence import bptt_steps_column, state_gradient_curve, state_gradient_layers
 from gradtools.spike_events import spikes_sentence
-from gradtools.summary import sensitivity_table
 
 #: A block whose sensitivity is below this fraction of the strongest block after it vanishes.
 VANISHING_RATIO = 1e-2
@@ -237,9 +237,45 @@ class LayerFinding:
 
 
 @dataclass
+class Evidence:
+    """The run's numbers a verdict is built on (the rules of scope "run" read them by name,
+    :data:`RULES`), and those an explanation shows beside it; None where a run has no such
+    number (no traced recurrent layer, one block, a loss that never became finite)."""
+
+    layers: int
+    first_nonfinite_statistic_step: int | None
+    skipped_steps: int
+    loss_epoch_median_max: float | None
+    grad_norm_growth: float | None
+    loss_improvement: float | None
+    median_loss_swing: float | None
+    blocks: int = 0
+    weakest_block: str | None = None
+    weakest_depth_ratio: float | None = None
+    depth_growth: float | None = None
+    #: Through time (traced recurrent layers, :func:`through_time_evidence`).
+    time_steps: int | None = None
+    bptt_steps: int | None = None
+    state_grad_layer: int | None = None
+    state_grad_ratio_first_epoch: float | None = None
+    state_grad_ratio: float | None = None
+    state_grad_ratio_max: float | None = None
+    state_grad_layer_max: int | None = None
+    #: How the run ended, and how many spikes a SpikeGuard caught (None: no guard watched).
+    status: str | None = None
+    spikes: int | None = None
+    #: Preflight only: the output's logits at initialization, and the bound they exceed.
+    output_logit_median_abs: float | None = None
+    output_logit_bound: float | None = None
+
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        return asdict(self)
+
+
+@dataclass
 class Diagnosis:
     verdict: str
-    evidence: dict[str, float | int | bool | None]
+    evidence: Evidence
     explanation: str
     remedies: list[str] = field(default_factory=list)
     layers: list[LayerFinding] = field(default_factory=list)
@@ -472,19 +508,21 @@ def _bptt_steps(state_gradients: pd.DataFrame, k: int, time_steps: int) -> int:
     return time_steps  # tables written before the setting was recorded
 
 
-def _run_context(e: dict, label) -> dict:
-    """The names the run's reasons use beside their value: through time, the layer and the span."""
-    if e.get("time_steps") is None:
-        return {}
-    span = (f"over the last {e['bptt_steps']} of {e['time_steps']} steps (truncated backpropagation)"
-            if e["bptt_steps"] < e["time_steps"] else f"T = {e['time_steps']}")
-    return {"state_grad_ratio": {"label": label(e["state_grad_layer"]), "span": span},
-            "state_grad_ratio_max": {"label": label(e["state_grad_layer_max"]), "span": span}}
+def _run_context(e: Evidence, label) -> dict:
+    """The names the run's reasons use beside their value: through time, the layer and the
+    span; through depth, the number of blocks."""
+    context = {"depth_growth": {"blocks": e.blocks}}
+    if e.time_steps is None:
+        return context
+    span = (f"over the last {e.bptt_steps} of {e.time_steps} steps (truncated backpropagation)"
+            if e.bptt_steps < e.time_steps else f"T = {e.time_steps}")
+    return {**context, "state_grad_ratio": {"label": label(e.state_grad_layer), "span": span},
+            "state_grad_ratio_max": {"label": label(e.state_grad_layer_max), "span": span}}
 
 
 # --- the run ------------------------------------------------------------------------------------
 
-def run_evidence(metrics: pd.DataFrame) -> dict:
+def run_evidence(metrics: pd.DataFrame) -> Evidence:
     """The run-level numbers: non-finite steps, skipped steps, loss size and progress, growth."""
     judged = judged_rows(metrics)
     epoch_loss = judged.groupby("epoch")["loss"].mean()
@@ -493,15 +531,15 @@ def run_evidence(metrics: pd.DataFrame) -> dict:
                    if len(epoch_loss) >= 2 and np.isfinite(ends).all() and ends.iloc[0] else None)
     losses = _finite(judged["loss"])
     swings = np.abs(np.diff(losses)) / np.maximum(np.abs(losses[:-1]), 1e-12) if losses.size > 1 else []
-    return {
-        "layers": len(layer_numbers(metrics)),
-        "first_nonfinite_statistic_step": first_nonfinite_step(metrics),
-        "skipped_steps": int((metrics["skipped"] > 0).sum()) if "skipped" in metrics else 0,
-        "loss_epoch_median_max": _max_epoch_median(judged["loss"], judging_windows(judged)),
-        "grad_norm_growth": _grad_growth(judged),
-        "loss_improvement": _number(improvement) if improvement is not None else None,
-        "median_loss_swing": _number(np.median(swings)) if len(swings) else None,
-    }
+    return Evidence(
+        layers=len(layer_numbers(metrics)),
+        first_nonfinite_statistic_step=first_nonfinite_step(metrics),
+        skipped_steps=int((metrics["skipped"] > 0).sum()) if "skipped" in metrics else 0,
+        loss_epoch_median_max=_max_epoch_median(judged["loss"], judging_windows(judged)),
+        grad_norm_growth=_grad_growth(judged),
+        loss_improvement=_number(improvement) if improvement is not None else None,
+        median_loss_swing=_number(np.median(swings)) if len(swings) else None,
+    )
 
 
 def _named(findings: list[LayerFinding]) -> str:
@@ -510,11 +548,11 @@ def _named(findings: list[LayerFinding]) -> str:
     return shown + (f"; and {more} more layer{'s' if more > 1 else ''}" if more > 0 else "")
 
 
-def _depth_summary(e: dict) -> str:
-    if e.get("weakest_block") is None:
-        return ("one block, so no depth to compare" if e.get("blocks", 0) < 2
+def _depth_summary(e: Evidence) -> str:
+    if e.weakest_block is None:
+        return ("one block, so no depth to compare" if e.blocks < 2
                 else "no block's sensitivity could be compared")
-    return (f"the weakest block ({e['weakest_block']}) gets {e['weakest_depth_ratio']:.3g}× the "
+    return (f"the weakest block ({e.weakest_block}) gets {e.weakest_depth_ratio:.3g}× the "
             f"gradient sensitivity of the strongest block after it (threshold {VANISHING_RATIO:g})")
 
 
@@ -545,9 +583,9 @@ def diagnose(source) -> Diagnosis:
                                   f"'running' after {history.epochs_completed} complete epochs (the "
                                   "process was killed, or is still training); the verdict covers "
                                   "the steps logged so far.")
-    diagnosis.evidence["status"] = history.status
+    diagnosis.evidence.status = history.status
     if history.spikes is not None:
-        diagnosis.evidence["spikes"] = len(history.spikes)
+        diagnosis.evidence.spikes = len(history.spikes)
         if not history.spikes.empty:
             diagnosis.explanation += " " + spikes_sentence(history.spikes)
     return diagnosis
@@ -559,21 +597,21 @@ def judge(history: History, wording: Wording = TRAINED) -> Diagnosis:
     e = run_evidence(metrics)
     findings = layer_findings(judged_rows(metrics), history.layer_paths, history.layer_blocks,
                               history.block_downstream, wording)
-    e["blocks"] = len({f.block for f in findings})
-    e["weakest_block"], e["weakest_depth_ratio"] = _weakest(findings)
-    e["depth_growth"] = _depth_growth(findings)
-    e.update(through_time_evidence(history.state_gradients))
+    weakest_block, weakest_ratio = _weakest(findings)
+    e = replace(e, blocks=len({f.block for f in findings}), weakest_block=weakest_block,
+                weakest_depth_ratio=weakest_ratio, depth_growth=_depth_growth(findings),
+                **through_time_evidence(history.state_gradients))
     context = _run_context(e, lambda k: layer_label(k, history.layer_paths))
-    context["depth_growth"] = {"blocks": e["blocks"]}
+    numbers = e.to_dict()
 
     exploding_layers = [f for f in findings if f.verdict == "exploding"]
-    exploding = (reasons("exploding", "run", e, context, wording)
+    exploding = (reasons("exploding", "run", numbers, context, wording)
                  + ([_named(exploding_layers)] if exploding_layers else []))
     if exploding:
         return Diagnosis("exploding", e, "Exploding gradients: " + "; ".join(exploding) + ".",
                          REMEDIES["exploding"], findings)
     vanishing_layers = [f for f in findings if f.verdict == "vanishing"]
-    time_vanishing = reasons("vanishing", "run", e, context, wording)
+    time_vanishing = reasons("vanishing", "run", numbers, context, wording)
     if vanishing_layers or time_vanishing:
         text = "; ".join(([_named(vanishing_layers)] if vanishing_layers else []) + time_vanishing)
         return Diagnosis("vanishing", e, "Vanishing gradients: " + text + "." + _vanishing_tail(e, vanishing_layers),
@@ -597,9 +635,9 @@ def _depth_growth(findings: list[LayerFinding]) -> float | None:
     return _number(10 ** (-slope * (len(strongest) - 1)))
 
 
-def _vanishing_tail(e: dict, vanishing_layers: list[LayerFinding]) -> str:
-    tail = " The loss stalled." if (e["loss_improvement"] is not None
-                                    and e["loss_improvement"] < STALLED_LOSS_IMPROVEMENT) else ""
+def _vanishing_tail(e: Evidence, vanishing_layers: list[LayerFinding]) -> str:
+    tail = " The loss stalled." if (e.loss_improvement is not None
+                                    and e.loss_improvement < STALLED_LOSS_IMPROVEMENT) else ""
     recovered = [f for f in vanishing_layers
                  if f.numbers["depth_ratio"] is not None and f.numbers["depth_ratio"] >= VANISHING_RATIO]
     if vanishing_layers and len(recovered) == len(vanishing_layers):
@@ -623,16 +661,16 @@ def _still_kernels_note(findings: list[LayerFinding]) -> str:
             "inside a layer made of layers do the same).")
 
 
-def _healthy_text(e: dict, findings: list[LayerFinding], wording: Wording) -> str:
+def _healthy_text(e: Evidence, findings: list[LayerFinding], wording: Wording) -> str:
     largest_update = max((f.numbers["update_ratio"] or 0 for f in findings), default=0)
-    growth = e["grad_norm_growth"]
+    growth = e.grad_norm_growth
     text = (f"No sign of exploding or vanishing gradients: {_depth_summary(e)}; no layer's "
             f"weights change by more than {largest_update:.3g}× their norm per {wording.unit} "
             f"({wording.median}); gradient norm growth {growth if growth is not None else float('nan'):.3g}×")
-    if e.get("state_grad_ratio") is not None:
-        reach = ("" if e["bptt_steps"] == e["time_steps"] else
-                 f" over the last {e['bptt_steps']} of {e['time_steps']} steps (truncated "
+    if e.state_grad_ratio is not None:
+        reach = ("" if e.bptt_steps == e.time_steps else
+                 f" over the last {e.bptt_steps} of {e.time_steps} steps (truncated "
                  "backpropagation)")
-        text += (f"; through time, ‖∂L/∂h_first‖ is {e['state_grad_ratio']:.3g}× ‖∂L/∂h_T‖ "
+        text += (f"; through time, ‖∂L/∂h_first‖ is {e.state_grad_ratio:.3g}× ‖∂L/∂h_T‖ "
                  f"(median over epochs{reach})")
     return text + "."

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from gradtools.columns import layer_column, layer_name, layer_numbers
 from gradtools.history import History
+from gradtools.layer_ratios import sensitivity_table
 from gradtools.layers import layer_label
 from gradtools.recurrence import (
     geometric_prediction,
@@ -21,7 +22,6 @@ from gradtools.recurrence import (
     state_gradient_curve,
     state_gradient_layers,
 )
-from gradtools.summary import sample_per_epoch, sensitivity_table
 
 
 def _mark_divergence(ax, x_value, label: str) -> None:
@@ -36,11 +36,21 @@ def _spans_decades(values, decades: float = 2.0) -> bool:
     return positive.size > 1 and np.log10(positive.max() / positive.min()) >= decades
 
 
+def sample_per_epoch(metrics: pd.DataFrame, batch: int) -> pd.DataFrame:
+    """One row per epoch: ``batch`` if it was logged in that epoch, else the first logged
+    batch after it, else the epoch's last logged row."""
+    picked = []
+    for _, rows in metrics.groupby("epoch", sort=True):
+        at_or_after = rows[rows["batch"] >= batch]
+        picked.append(at_or_after.iloc[0] if len(at_or_after) else rows.iloc[-1])
+    return pd.DataFrame(picked).reset_index(drop=True)
+
+
 def plot_mean_gradient(metrics: pd.DataFrame, title: str = "",
                        first_nonfinite_step: int | None = None, layer_paths=(),
                        sample_batch: int = 0) -> Figure:
     """The signed mean gradient of every layer's kernel, one point per epoch: the logged row
-    at batch ``sample_batch`` of each epoch (see :func:`gradtools.summary.sample_per_epoch`).
+    at batch ``sample_batch`` of each epoch (see :func:`sample_per_epoch`).
     A run with fewer than two epochs is drawn at every logged step instead (x = step), so a
     run that diverged early still shows its curve. A divergence is marked in red."""
     fig = Figure(figsize=(7, 5), layout="constrained")

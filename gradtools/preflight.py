@@ -21,7 +21,7 @@ saturated units (sigmoid, tanh, softmax) and of dead ReLU units, and its gradien
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import keras
 import numpy as np
@@ -275,7 +275,7 @@ def _verdict(found: Diagnosis, signal: pd.DataFrame, logits: list[float | None])
     known = [value for value in logits if value is not None]
     scale = float(np.median(known)) if known else None
     bound = math.log((1 - keras.config.epsilon()) / keras.config.epsilon())
-    evidence = {**found.evidence, "output_logit_median_abs": scale, "output_logit_bound": bound}
+    evidence = replace(found.evidence, output_logit_median_abs=scale, output_logit_bound=bound)
     if scale is not None and scale > bound:
         reason = (f"exploding activations at the output: the median |logit| is {scale:.3g}, beyond "
                   f"{bound:.3g}, where the probabilities are within {keras.config.epsilon():g} of 0 or 1, so the "

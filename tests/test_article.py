@@ -9,7 +9,7 @@ import pytest
 
 from experiments.config import load_config
 from experiments.runner import run_experiment
-from gradtools.summary import summarize
+from gradtools.layer_ratios import first_to_last_ratio
 
 EPOCHS = 20
 
@@ -21,7 +21,7 @@ def run(reference, out, *overrides):
 def ratio(name, tmp_path, epochs=EPOCHS):
     result = run(name, tmp_path, f"training.epochs={epochs}")
     assert result.history.status == "completed"
-    return summarize(result.history.metrics).first_to_last_ratio
+    return first_to_last_ratio(result.history.metrics)
 
 
 @pytest.fixture(scope="module")

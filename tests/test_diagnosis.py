@@ -66,7 +66,7 @@ def test_large_relu_weights_on_large_targets_explode_with_nan():
                             batch_size=8, seed=0)
     diagnosis = diagnose(history)
     assert diagnosis.verdict == "exploding"
-    assert diagnosis.evidence["first_nonfinite_statistic_step"] <= history.first_nonfinite_step
+    assert diagnosis.evidence.first_nonfinite_statistic_step <= history.first_nonfinite_step
     assert "clip" in " ".join(diagnosis.remedies)
 
 
@@ -82,7 +82,7 @@ def test_a_too_large_learning_rate_explodes_before_any_nan():
     assert history.status == "completed", "no NaN: the growth alone must give the verdict"
     diagnosis = diagnose(history)
     assert diagnosis.verdict == "exploding"
-    assert diagnosis.evidence["grad_norm_growth"] >= 1e3
+    assert diagnosis.evidence.grad_norm_growth >= 1e3
 
 
 def test_a_sensible_small_net_is_healthy():
@@ -93,9 +93,9 @@ def test_a_sensible_small_net_is_healthy():
     history = gradtools.fit(model, x, y, loss="binary_crossentropy", optimizer="adam", epochs=5, seed=2)
     diagnosis = diagnose(history)
     assert diagnosis.verdict == "healthy", diagnosis.explanation
-    assert diagnosis.evidence["weakest_depth_ratio"] > VANISHING_RATIO
+    assert diagnosis.evidence.weakest_depth_ratio > VANISHING_RATIO
     assert all(f.verdict == "healthy" for f in diagnosis.layers)
-    assert diagnosis.evidence["loss_improvement"] > 0.1
+    assert diagnosis.evidence.loss_improvement > 0.1
     assert diagnosis.remedies == []
 
 
@@ -172,7 +172,7 @@ def test_tanh_in_the_chaotic_phase_explodes_through_depth_when_trained(scale, ve
     last_epoch_loss = history.metrics.groupby("epoch")["loss"].mean().iloc[-1]
     assert diagnosis.verdict == verdict, diagnosis.explanation
     if verdict == "exploding":
-        assert diagnosis.evidence["depth_growth"] >= 100 and "through depth" in diagnosis.explanation
+        assert diagnosis.evidence.depth_growth >= 100 and "through depth" in diagnosis.explanation
         assert last_epoch_loss > np.log(2)
     else:
-        assert diagnosis.evidence["depth_growth"] < 100 and last_epoch_loss < 0.6
+        assert diagnosis.evidence.depth_growth < 100 and last_epoch_loss < 0.6

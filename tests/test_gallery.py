@@ -76,7 +76,7 @@ def test_a_transformer_whose_attention_scores_get_little_gradient_is_still_healt
     first, last = metrics["layer_1/grad_abs_mean"], metrics[f"layer_{len(layers)}/grad_abs_mean"]
     assert first.median() / last.median() < 1e-2, "the case the old rule got wrong"
     assert query.block == value.block == "encoder" and query.verdict == "healthy"
-    assert diagnosis.evidence["weakest_depth_ratio"] > 10 * VANISHING_RATIO
+    assert diagnosis.evidence.weakest_depth_ratio > 10 * VANISHING_RATIO
 
 
 def test_a_bidirectional_lstm_is_healthy_although_its_kernels_get_less_than_the_head(trained):
@@ -104,7 +104,7 @@ def test_an_explosion_to_nan_under_sgd(trained):
     run, diagnosis = trained("sgd_nan")
     assert run.monitor.status == "diverged"
     assert diagnosis.verdict == "exploding"
-    assert diagnosis.evidence["first_nonfinite_statistic_step"] == run.monitor.first_nonfinite_step
+    assert diagnosis.evidence.first_nonfinite_statistic_step == run.monitor.first_nonfinite_step
 
 
 def test_an_explosion_that_stays_finite_under_adam(trained):
@@ -113,7 +113,7 @@ def test_an_explosion_that_stays_finite_under_adam(trained):
     run, diagnosis = trained("adam_finite")
     assert run.monitor.status == "completed" and np.isfinite(run.monitor.metrics["loss"]).all()
     assert diagnosis.verdict == "exploding", diagnosis.explanation
-    assert diagnosis.evidence["loss_epoch_median_max"] > 1e10
+    assert diagnosis.evidence.loss_epoch_median_max > 1e10
     assert all(f.verdict == "exploding" and f.numbers["grad_to_weight"] > 1e6 for f in diagnosis.layers)
     assert all(f.numbers["update_ratio"] < 1e-2 for f in diagnosis.layers), "Adam's steps stay small"
 
@@ -122,8 +122,8 @@ def test_a_recurrent_net_vanishes_through_time(trained):
     run, diagnosis = trained("rnn_through_time")
     assert diagnosis.verdict == "vanishing", diagnosis.explanation
     e = diagnosis.evidence
-    assert e["time_steps"] == e["bptt_steps"] == 60
-    assert e["state_grad_ratio"] < VANISHING_THROUGH_TIME
+    assert e.time_steps == e.bptt_steps == 60
+    assert e.state_grad_ratio < VANISHING_THROUGH_TIME
     states = run.monitor.history().state_gradients
     assert list(states["epoch"]) == list(range(BY_NAME["rnn_through_time"].epochs))
     last = states["layer_1/state_grad_norm/t060"]

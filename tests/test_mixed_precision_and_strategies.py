@@ -80,7 +80,7 @@ def test_steps_the_loss_scaler_skips_are_recorded_not_a_divergence(mixed_precisi
     assert monitor.epochs_completed == 10, "a skipped step does not stop training"
     diagnosis = diagnose(monitor.history())
     assert diagnosis.verdict != "exploding", diagnosis.explanation
-    assert diagnosis.evidence["skipped_steps"] == len(skipped)
+    assert diagnosis.evidence.skipped_steps == len(skipped)
 
 
 def test_gradtools_fit_wraps_the_optimizer_under_a_mixed_policy(mixed_precision):

@@ -37,7 +37,7 @@ def check(model, **kwargs):
 def test_a_deep_sigmoid_net_at_small_init_vanishes_and_the_table_shows_the_decay(tmp_path):
     result = check(mlp("sigmoid", keras.initializers.RandomNormal(0.0, 0.1, seed=0)))
     assert result.verdict == "vanishing"
-    assert result.evidence["weakest_depth_ratio"] < VANISHING_RATIO ** 3  # ten factors of σ' ≤ 1/4
+    assert result.evidence.weakest_depth_ratio < VANISHING_RATIO ** 3  # ten factors of σ' ≤ 1/4
     sensitivity = result.signal.set_index("block")["sensitivity"]
     assert (np.diff(sensitivity[[f"d{i}" for i in range(DEPTH)]].to_numpy()) > 0).all(), "grows toward the output"
     assert "at initialization" in result.explanation and "first epoch" not in result.explanation
@@ -50,7 +50,7 @@ def test_relu_at_scale_30_explodes_at_the_output_before_anything_else():
     """Logits around 10⁶ behind a sigmoid: the cause is named first."""
     result = check(mlp("relu", keras.initializers.VarianceScaling(30.0, seed=0), depth=12), batches=2)
     assert result.verdict == "exploding"
-    assert result.evidence["output_logit_median_abs"] > 1e4 > result.evidence["output_logit_bound"]
+    assert result.evidence.output_logit_median_abs > 1e4 > result.evidence.output_logit_bound
     assert result.explanation.startswith("At initialization: exploding activations at the output")
     assert result.signal["mean_square"].iloc[-2] > 1e20  # the last hidden layer's output
 
@@ -61,7 +61,7 @@ def test_tanh_in_the_chaotic_phase_explodes_through_depth_and_at_lecun_scale_doe
     layer toward the input); σ_w² = 1 is at the edge of chaos without biases."""
     result = check(mlp("tanh", keras.initializers.VarianceScaling(scale, seed=0)))
     assert result.verdict == verdict, result.explanation
-    growth = result.evidence["depth_growth"]
+    growth = result.evidence.depth_growth
     assert growth >= EXPLODING_DEPTH_GROWTH if verdict == "exploding" else growth < EXPLODING_DEPTH_GROWTH / 10
     if verdict == "exploding":
         assert "through depth" in result.explanation

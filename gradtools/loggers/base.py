@@ -21,19 +21,30 @@ if TYPE_CHECKING:
     from gradtools.history import History
 
 
+def plain(value: Any, lists: bool = True) -> Any:
+    """``value`` as what every store takes (TOML, JSON, Neptune's fields, a run table's cells):
+    dicts with str keys, bool, int, float and str; None left out (TOML has no null); lists and
+    tuples kept (``lists=False``: as JSON text, ``[10, 10, 5]``); anything else its ``str``.
+    The one converter to plain values."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v, lists) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, lists) for v in value] if lists else json.dumps(list(value), default=str)
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
 def flat_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """``{"training": {"epochs": 5}}`` → ``{"training.epochs": 5}``: a run table's columns.
-    None values are left out; lists and tuples become JSON text (``[10, 10, 5]``), other
-    values than bool, int, float and str their ``str``."""
+    """``{"training": {"epochs": 5}}`` → ``{"training.epochs": 5}``: a run table's columns,
+    each a :func:`plain` value (lists as JSON text, None left out)."""
     flat: dict[str, bool | int | float | str] = {}
-    for key, value in params.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
+    for key, value in plain(params, lists=False).items():
+        dotted = f"{prefix}.{key}" if prefix else key
         if isinstance(value, Mapping):
             flat.update(flat_params(value, dotted))
-        elif isinstance(value, (list, tuple)):
-            flat[dotted] = json.dumps(list(value), default=str)
-        elif value is not None:
-            flat[dotted] = value if isinstance(value, (bool, int, float, str)) else str(value)
+        else:
+            flat[dotted] = value
     return flat
 
 

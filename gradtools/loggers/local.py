@@ -44,7 +44,7 @@ from gradtools.history import (
     RUNNING,
     STATE_GRADIENTS_FILE,
 )
-from gradtools.loggers.base import RunLogger, figure_png
+from gradtools.loggers.base import RunLogger, figure_png, plain
 from gradtools.spike_events import SPIKES_FILE
 
 
@@ -126,17 +126,6 @@ def _append_all(appends) -> None:
     """``(path, rows)`` appends, in order."""
     for path, rows in appends:
         _append_or_roll_back(path, rows)
-
-
-def toml_ready(value: Any) -> Any:
-    """Drop None (TOML has no null) and stringify what TOML cannot hold."""
-    if isinstance(value, Mapping):
-        return {str(k): toml_ready(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [toml_ready(v) for v in value]
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 class LocalRunLogger(RunLogger):
@@ -221,7 +210,7 @@ class LocalRunLogger(RunLogger):
         self._write_info()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        text = tomli_w.dumps(toml_ready(params))
+        text = tomli_w.dumps(plain(params))
         write_atomically(self.run_dir / CONFIG_FILE, lambda path: path.write_text(text))
 
     def log_rows(self, rows: pd.DataFrame) -> None:

@@ -12,7 +12,7 @@ one per config group):
   (``layer_k/state_grad_norm/t<t>``) with the epoch as the step;
 - params: the configuration given to ``log_params``, flattened to dotted keys
   (``training.epochs``);
-- tags: ``status``, ``first_nonfinite_step``, ``verdict`` (see :mod:`gradtools.outcome`) and the
+- tags: ``status``, ``first_nonfinite_step``, ``verdict`` (see :meth:`gradtools.summary.RunSummary.outcome`) and the
   tags given (each as ``<tag> = "true"``); the description as MLflow's note;
 - artifacts: the figures under ``figures/``, and any files passed to :meth:`log_file`.
 
@@ -45,8 +45,8 @@ from gradtools.extras import require
 from gradtools.history import EARLY_END_STATUSES
 from gradtools.loggers.base import LoggerUnavailable, figure_png, flat_params
 from gradtools.loggers.remote import RemoteRunLogger
-from gradtools.outcome import run_outcome
 from gradtools.spike_events import describe_event
+from gradtools.summary import summarize
 
 mlflow = require("mlflow", extra="mlflow", feature="MLflowLogger")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402 - after the extra is known to be there
@@ -236,7 +236,7 @@ class MLflowLogger(RemoteRunLogger):
     def finish(self, history) -> None:
         """Tags ``status``, ``first_nonfinite_step`` and ``verdict``; the MLflow run ends
         FINISHED, or FAILED when the training ended early (interrupted, failed)."""
-        outcome = run_outcome(history)
+        outcome = summarize(history).outcome()
         self._gather(**{key: str(outcome[key]) for key in ("status", "first_nonfinite_step", "verdict")
                         if outcome[key] is not None})
         self._flush()

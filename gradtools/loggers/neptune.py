@@ -17,10 +17,10 @@ from typing import Any
 import pandas as pd
 
 from gradtools.extras import require
-from gradtools.loggers.base import LoggerUnavailable, figure_png
+from gradtools.loggers.base import LoggerUnavailable, figure_png, plain
 from gradtools.loggers.remote import RemoteRunLogger
-from gradtools.outcome import run_outcome
 from gradtools.spike_events import describe_event
+from gradtools.summary import summarize
 
 neptune = require("neptune", extra="neptune", feature="NeptuneLogger")
 
@@ -51,15 +51,6 @@ def _reason(error: BaseException) -> str:
 def default_mode() -> str:
     """``NEPTUNE_MODE`` if set; else ``async`` with an API token, ``offline`` without one."""
     return os.environ.get("NEPTUNE_MODE") or ("async" if os.environ.get("NEPTUNE_API_TOKEN") else "offline")
-
-
-def _plain(value: Any) -> Any:
-    """Neptune takes str, bool, int, float and nested dicts; lists become strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 class NeptuneLogger(RemoteRunLogger):
@@ -99,7 +90,7 @@ class NeptuneLogger(RemoteRunLogger):
             ) from None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._guard("parameters", lambda: self.run.__setitem__("parameters", _plain(params)))
+        self._guard("parameters", lambda: self.run.__setitem__("parameters", plain(params, lists=False)))
 
     def log_rows(self, rows: pd.DataFrame) -> None:
         for column, steps, values in self.finite_series(rows):
@@ -143,7 +134,7 @@ class NeptuneLogger(RemoteRunLogger):
 
     def finish(self, history) -> None:
         """``diagnostics/``: the status, the first non-finite step and the verdict."""
-        outcome = run_outcome(history)
+        outcome = summarize(history).outcome()
         entries = {key: outcome[key] for key in ("status", "first_nonfinite_step", "verdict")
                    if outcome[key] is not None}
         self._guard("diagnostics", lambda: self.run.__setitem__("diagnostics", entries))

@@ -6,7 +6,7 @@ layer's kernel gradients (of the epoch's last step) and kernel weights are histo
 collapsing to zero (vanishing) or spreading out (exploding) shows. At the end the run enters
 the HParams tab's table: its configuration (dotted keys), ``status`` and ``verdict`` as
 hyperparameters, and ``outcome/final_loss``, ``outcome/weakest_depth_ratio`` and
-``outcome/first_to_last_ratio`` as its metrics (see :mod:`gradtools.outcome`).
+``outcome/first_to_last_ratio`` as its metrics (see :meth:`gradtools.summary.RunSummary.outcome`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import tomli_w
 from gradtools.columns import layer_column
 from gradtools.extras import require
 from gradtools.layers import is_kernel
-from gradtools.loggers.base import figure_png, flat_params
+from gradtools.loggers.base import figure_png, flat_params, plain
 from gradtools.loggers.remote import RemoteRunLogger
-from gradtools.outcome import OUTCOME_NUMBERS, run_outcome
 from gradtools.spike_events import describe_event
+from gradtools.summary import OUTCOME_NUMBERS, summarize
 
 # before TensorFlow starts: a missing extra is said at once, not after TensorFlow's 4 s start
 require("tensorboard", extra="tensorboard", feature="TensorBoardLogger")
@@ -66,10 +66,8 @@ class TensorBoardLogger(RemoteRunLogger):
         self._guard("the config", lambda: self._log_params(params))
 
     def _log_params(self, params: Mapping[str, Any]) -> None:
-        from gradtools.loggers.local import toml_ready
-
         self._params = flat_params(params)
-        text = "```\n" + tomli_w.dumps(toml_ready(params)) + "\n```"
+        text = "```\n" + tomli_w.dumps(plain(params)) + "\n```"
         with self.writer.as_default():
             tf.summary.text("config", text, step=0)
 
@@ -154,7 +152,7 @@ class TensorBoardLogger(RemoteRunLogger):
             self.writer.close()
 
     def _finish(self, history) -> None:
-        outcome = run_outcome(history)
+        outcome = summarize(history).outcome()
         labels = {key: str(outcome[key]) for key in ("status", "verdict")}
         numbers = {f"outcome/{key}": outcome[key] for key in OUTCOME_NUMBERS if outcome[key] is not None}
         with self.writer.as_default():
