@@ -365,15 +365,15 @@ def command_list(_args) -> int:
 
 def command_figures(args) -> int:
     groups = args.group or config_groups()
-    configs = [load_config(n, args.overrides) for n in config_names() if n.split("/")[0] in groups]
+    jobs = [(name, list(args.overrides)) for name in config_names() if name.split("/")[0] in groups]
     from experiments.figures import write_article_figures
 
     started = time.perf_counter()
-    written = write_article_figures(configs, Path(args.out), Path(args.figures),
+    written = write_article_figures(jobs, Path(args.out), Path(args.figures),
                                     loggers=lambda: _loggers(args.quiet), backends=_backends(args))
     for path in written:
         print(f"figure: {path}")
-    print(f"{len(configs)} experiments and {len(written)} figures in "
+    print(f"{len(jobs)} experiments and {len(written)} figures in "
           f"{time.perf_counter() - started:.1f} s")
     return 0
 

@@ -15,7 +15,6 @@ the same way and raises :class:`experiments.worker.WorkerLost`: finished runs ar
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import multiprocessing
@@ -24,7 +23,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Any
 
 from experiments import worker
 from experiments.config import load_config
-from experiments.runner import Run, run_experiment
+from experiments.interrupts import POLL_SECONDS, deferred_interrupts
+from experiments.runner import NO_BACKENDS, Backends, Run, run_experiment
 from gradtools.history import History
 
 #: A job: a config reference and its --set overrides.
@@ -40,42 +40,6 @@ Job = tuple[str, list[str]]
 
 #: Seconds the running workers get to close their runs after Ctrl-C before they are ended.
 STOP_GRACE_SECONDS = 5.0
-
-
-class _Interrupts:
-    """Ctrl-C and SIGTERM noted as they come and raised by :meth:`check` where the loop
-    can stop cleanly (raised at once, a KeyboardInterrupt can land inside a library's
-    callback, which only prints it)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.handlers = {}
-
-    def note(self, signum, frame):
-        self.signum = signum
-
-    def check(self) -> None:
-        if self.signum is not None:
-            handler = self.handlers.get(self.signum)
-            if callable(handler):
-                handler(self.signum, None)  # the command's own: KeyboardInterrupt, or Terminated
-            raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[_Interrupts]:
-    interrupts = _Interrupts()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        interrupts.handlers[signum] = signal.signal(signum, interrupts.note)
-    try:
-        yield interrupts
-    finally:
-        for signum, handler in interrupts.handlers.items():
-            signal.signal(signum, handler)
-
-
-#: How often a multi-run loop looks for a finished job or a Ctrl-C.
-POLL_SECONDS = 0.2
 
 
 def map_in_workers(function: Callable[..., Any], arguments: list[Any], workers: int,
@@ -227,28 +191,46 @@ def program_groups(keys: list[str], workers: int = 1) -> list[list[int]]:
     return groups
 
 
-def run_grouped(function, items: list, keys: list[str], workers: int, on_result) -> None:
-    """``function(group of items, report)``, each program's items in one call, in this process
-    (``workers`` = 1) or spread over ``workers`` processes; the call gives each item's result
-    to ``report(position, result)`` as it is done, and ``on_result(index, result)`` gets it
-    then, so a Ctrl-C keeps every item finished before it, also within a group."""
+#: Where :func:`run_many` runs its items: this machine's processes, or Ray's tasks.
+EXECUTORS = ("local", "ray")
+
+
+def run_many(each: Callable[[Any], Any], items: list, keys: list[str], on_result: Callable[[int, Any], None],
+             executor: str = "local", workers: int = 1, ray_address: str | None = None) -> None:
+    """``each(item)`` for every item, and ``on_result(index, result)`` here as each is done, so
+    that a Ctrl-C keeps every item finished before it: the one way the suite runs many runs
+    (figures, seeds, claims, sweeps, the phase diagram). The items of one program (equal
+    ``keys``) run together in one process, which traces and compiles it once.
+
+    ``local``: in this process with one worker (its compiled programs stay for later runs),
+    else spread over ``workers`` spawned processes (``each`` is then a module's function);
+    ``ray``: a Ray task per program, on this machine or on the cluster at ``ray_address``
+    (:mod:`experiments.ray_tasks`). Interruptible as the module says."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose from {', '.join(EXECUTORS)}")
     groups = program_groups(keys, workers)
+    if executor == "ray":
+        from experiments.ray_tasks import run_on_ray
 
-    def deliver(group_index: int, position: int, result) -> None:
-        on_result(groups[group_index][position], result)
+        run_on_ray(each, items, groups, on_result, workers, ray_address)
+    elif workers <= 1 or len(groups) <= 1:
+        for group in groups:
+            for index in group:
+                on_result(index, each(items[index]))
+    else:
+        def deliver(group_index: int, position: int, result) -> None:
+            on_result(groups[group_index][position], result)
 
-    if workers <= 1 or len(groups) <= 1:
-        for group_index, group in enumerate(groups):
-            function([items[i] for i in group], functools.partial(deliver, group_index))
-        return
-    map_in_workers(function, [[items[i] for i in group] for group in groups], workers,
-                   on_result=lambda group_index, results: None, on_item=deliver)
+        map_in_workers(worker.run_group, [(each, [items[i] for i in group]) for group in groups], workers,
+                       on_result=lambda group_index, results: None, on_item=deliver)
 
 
 def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list,
-             figures: bool = True, on_run: Callable[[int, Run], None] | None = None) -> list[Run]:
-    """Run every job, in this process (``workers`` = 1, with ``loggers``) or in ``workers``
-    spawned processes (quiet), the runs of one program together; returns the runs in the
+             figures: bool = True, on_run: Callable[[int, Run], None] | None = None,
+             backends: Backends = NO_BACKENDS) -> list[Run]:
+    """Run every job with :func:`run_many`, in this process (``workers`` = 1, with ``loggers``
+    and the logger ``backends``) or in ``workers`` spawned processes (quiet, no backends), the
+    runs of one program together; returns the runs in the
     order of ``jobs``, each read back from its run directory, so the numbers are the same
     either way. ``figures=False``: no per-run figures (seed replicas, claims).
     ``on_run(index, run)`` is called here as each job's run is read back, while the others
@@ -261,12 +243,12 @@ def run_jobs(jobs: list[Job], out: str | Path, workers: int = 1, loggers=list,
         if on_run is not None:
             on_run(index, runs[index])
 
-    def here(group, report):
-        for position, (reference, overrides, _, _) in enumerate(group):
-            report(position, run_experiment(load_config(reference, list(overrides)), out, loggers=loggers(),
-                                            figures=figures).run_dir)
+    def here(job):
+        reference, overrides, _, _ = job
+        return run_experiment(load_config(reference, list(overrides)), out, loggers=loggers(), figures=figures,
+                              backends=backends).run_dir
 
     items = [(*job, str(out), figures) for job in jobs]
-    run_grouped(worker.run_jobs if workers > 1 else here, items,
-                [program_key(config) for config in configs], workers, keep)
+    run_many(worker.run_job if workers > 1 else here, items, [program_key(config) for config in configs], keep,
+             workers=workers)
     return runs

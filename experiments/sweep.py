@@ -36,12 +36,11 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 import tomllib
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,15 +54,15 @@ from experiments.config import (
     FILE,
     ConfigError,
     ExperimentConfig,
-    error_first_line,
     load_config,
     read_toml,
 )
+from experiments.parallel import EXECUTORS, program_key, run_many
+from experiments.ray_tasks import check_ray_address
 from gradtools.history import CONFIG_FILE, FINAL_STATUSES, INFO_FILE, History, RunDirectoryError, run_status
 from gradtools.loggers.base import plain
 
 SWEEPS_DIR = CONFIGS_DIR / "sweeps"
-EXECUTORS = ("local", "ray")
 #: How a point can end: as a run (completed, diverged) or not (failed: bad value or error).
 DONE = FINAL_STATUSES
 
@@ -197,34 +196,11 @@ def summarize_point(history) -> dict[str, Any]:
     return row
 
 
-def run_sweep_points(configs, report=None, threads: int | None = None) -> list[dict]:
-    """:func:`each_sweep_point`'s results as a list, each also given to ``report(position,
-    result)`` as it is done."""
-    results = []
-    for position, result in enumerate(each_sweep_point(configs, threads)):
-        results.append(result)
-        if report is not None:
-            report(position, result)
-    return results
-
-
-def each_sweep_point(configs, threads: int | None = None):
-    """Yields :func:`run_sweep_point` of each config as it is done, one after the other (the
-    points of one program: it is traced and compiled once). As a Ray task, a generator streams
-    each point to the driver when it finishes. ``threads``: see :func:`experiments.worker.limit_threads`
-    (a Ray task runs without :func:`experiments.worker.start`)."""
-    worker.limit_threads(threads)
-    try:
-        for config in configs:
-            yield run_sweep_point(config, clear=False)
-    finally:
-        worker.clear_models()
-
-
-def run_sweep_point(config, clear: bool = True) -> dict:
+def run_sweep_point(config) -> dict:
     """Run one sweep point in a temporary directory; return its sweep.csv row and its run
     directory's files (name -> bytes), for the caller to write wherever the sweep lives.
-    An error is returned as a failed row, never raised: one bad point must not stop a sweep."""
+    An error is returned as a failed row, never raised: one bad point must not stop a sweep.
+    (The models and programs stay: the next point of the program reuses them.)"""
     import tempfile
     import traceback
     from pathlib import Path
@@ -236,7 +212,7 @@ def run_sweep_point(config, clear: bool = True) -> dict:
         run_dir = Path(scratch) / "run"
         failure = None
         try:
-            with worker.job():
+            with worker.job_in_progress():
                 row = summarize_point(run_experiment(config, run_dir=run_dir, figures=False).history)
         except Exception as error:  # noqa: BLE001 — recorded in sweep.csv, with its traceback
             row = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -245,8 +221,6 @@ def run_sweep_point(config, clear: bool = True) -> dict:
                  for p in sorted(run_dir.rglob("*")) if p.is_file()} if run_dir.exists() else {}
     if failure is not None:
         files["traceback.txt"] = failure.encode()
-    if clear:
-        worker.clear_models()
     return {"row": row, "files": files}
 
 
@@ -463,8 +437,8 @@ def run_sweep(sweep: Sweep, out: str | Path = "runs", executor: str = "local", w
             progress.point_done(result["row"]["status"])
 
         if jobs:
-            run = _run_with_ray if executor == "ray" else _run_locally
-            run(jobs, finished, workers, ray_address)
+            run_many(run_sweep_point, [config for _, config in jobs], [program_key(config) for _, config in jobs],
+                     lambda index, result: finished(jobs[index][0], result), executor, workers, ray_address)
         directory.write_table()
     finally:
         directory.release()
@@ -526,120 +500,3 @@ def _jobs(directory: SweepDirectory, configs: dict, todo: list[Point], progress:
         else:
             jobs.append((point, config))
     return jobs
-
-
-Finished = Callable[[Point, dict[str, Any]], None]
-
-
-def _run_locally(jobs, finished: Finished, workers: int, ray_address) -> None:
-    """The points of each program together, in this process or spread over ``workers``."""
-    from experiments.parallel import program_key, run_grouped
-
-    run_grouped(run_sweep_points, [config for _, config in jobs],
-                [program_key(config) for _, config in jobs], workers,
-                lambda index, result: finished(jobs[index][0], result))
-
-
-def _receive(ray, stream, streams: dict, jobs, finished: Finished) -> None:
-    """The next point of a ready Ray generator to ``finished``; the generator leaves
-    ``streams`` when it is done."""
-    try:
-        ref = next(stream)
-    except StopIteration:
-        del streams[stream]
-        return
-    index = next(streams[stream])
-    finished(jobs[index][0], ray.get(ref))
-
-
-def check_ray_address(address: str, timeout: float = 5.0) -> None:
-    """A ConfigError unless something answers at the ``host:port`` of ``address`` (a
-    ``ray://`` address too): Ray itself retries an address nothing answers at for minutes.
-    ``auto`` and other addresses without a port are left to Ray."""
-    import socket
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(address if "://" in address else f"ray://{address}")
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        host = port = None
-    if not host or not port:
-        return
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as error:
-        raise ConfigError("--ray-address", "--ray-address", address,
-                          f"no Ray cluster answers there ({error.strerror or error}); start one "
-                          "(ray start --head) or leave the option out to start Ray here") from None
-
-
-def start_ray(workers: int, ray_address: str | None = None) -> None:
-    """``ray.init()`` as a sweep does it: with ``workers`` CPUs on this machine, or joining the
-    cluster at ``ray_address`` (this checkout's two packages are shipped to its workers)."""
-    import logging
-
-    import ray
-
-    # Ray would otherwise report usage statistics to its servers: nothing here needs a network.
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    options = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                   configure_logging=False)
-    # Errors only, as logging_level asks, also from the line ray.init logs before it applies it:
-    # every local start warned that token authentication (Ray's default) is on.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    if ray_address:
-        root = Path(__file__).resolve().parent.parent
-        where = {"address": ray_address,
-                 "runtime_env": {"py_modules": [str(root / "gradtools"), str(root / "experiments")]}}
-    else:
-        where = {"num_cpus": workers}
-    # ray.init installs its own SIGTERM handling (an exit 15 with no word, or absl's stack dump,
-    # exit 134); the command's own (closed run directories, exit 143, one line) comes back after
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        ray.init(**where, **options)
-        signal.signal(signal.SIGTERM, sigterm)
-    except Exception as error:  # noqa: BLE001 — Ray raises RuntimeError, ConnectionError, its own errors
-        ray.shutdown()
-        first_line = error_first_line(error)
-        if ray_address:
-            raise ConfigError("--ray-address", "--ray-address", ray_address,
-                              f"Ray could not join that cluster: {first_line}") from None
-        raise ConfigError("--executor", "--executor", "ray", f"Ray could not start here: {first_line}") from None
-
-
-def _run_with_ray(jobs, finished: Finished, workers: int, ray_address: str | None) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--executor", "--executor", "ray",
-                          "needs Ray: pip install 'gradtools[distributed]' (in a checkout: "
-                          "pip install -e '.[distributed]')") from None
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        start_ray(workers, ray_address)
-    try:
-        from experiments.parallel import POLL_SECONDS, deferred_interrupts, program_groups, program_key
-
-        remote = ray.remote(num_cpus=1)(each_sweep_point)
-        threads = worker.threads_per_worker(workers) if not ray_address else None
-        streams = {}  # a Ray generator per group: each point arrives as it finishes
-        for group in program_groups([program_key(config) for _, config in jobs], workers):
-            stream = remote.remote([jobs[i][1] for i in group], threads=threads)
-            streams[stream] = iter(group)
-        try:
-            with deferred_interrupts() as interrupts:
-                while streams:
-                    ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_SECONDS)
-                    interrupts.check()
-                    for stream in ready:
-                        _receive(ray, stream, streams, jobs, finished)
-        except KeyboardInterrupt:
-            for stream in streams:  # queued and running tasks: their unfinished points run again next time
-                ray.cancel(stream, force=True)
-            raise
-    finally:
-        if started_here:
-            ray.shutdown()

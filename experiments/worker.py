@@ -88,7 +88,7 @@ def limit_threads(threads: int | None) -> None:
 
 
 @contextlib.contextmanager
-def job():
+def job_in_progress():
     """Marks a job in progress; in a pool worker, a stop request ends the worker once the run
     is closed (in the command's own process, Ctrl-C goes on up as usual)."""
     global _in_job
@@ -115,21 +115,26 @@ def quiet_tensorflow() -> None:
     import_tensorflow_quietly()
 
 
-def run_jobs(jobs: list[tuple[str, list[str], str, bool]], report=None) -> list[str]:
-    """Run (config reference, overrides, out, figures) jobs one after the other (the runs of
-    one program: it is traced and compiled once); return their run directories, each also
-    given to ``report(position, run_dir)`` as it is done."""
+def run_job(job: tuple[str, list[str], str, bool]) -> str:
+    """Run a (config reference, overrides, out, figures) job; return its run directory."""
     from experiments.config import load_config
     from experiments.runner import run_experiment
 
-    run_dirs = []
-    for position, (reference, overrides, out, figures) in enumerate(jobs):
-        with job():
-            run_dirs.append(str(run_experiment(load_config(reference, list(overrides)), out,
-                                               figures=figures).run_dir))
-        if report is not None:
-            report(position, run_dirs[-1])
-    return run_dirs
+    reference, overrides, out, figures = job
+    with job_in_progress():
+        return str(run_experiment(load_config(reference, list(overrides)), out, figures=figures).run_dir)
+
+
+def run_group(argument: tuple, report) -> None:
+    """In a worker: ``each(item)`` for the items of one program, one after the other (it is
+    traced and compiled once), each result handed to ``report(position, result)`` as it is
+    done; then the models and programs are dropped."""
+    each, items = argument
+    try:
+        for position, item in enumerate(items):
+            report(position, each(item))
+    finally:
+        clear_models()
 
 
 def clear_models() -> None:

@@ -482,19 +482,19 @@ def children(pid: int) -> list[int]:
 
 
 def test_ctrl_c_keeps_the_items_a_group_finished_in_the_commands_own_process():
-    """One worker: a program's points run in one call here too, and each is handed on as
+    """One worker: a program's items run here one after the other, and each is handed on as
     it finishes (the two-worker case is the sweep above)."""
-    from experiments.parallel import run_grouped
+    from experiments.parallel import run_many
 
     received = {}
 
-    def two_then_ctrl_c(group, report):
-        report(0, group[0] * 10)
-        report(1, group[1] * 10)
-        raise KeyboardInterrupt
+    def two_then_ctrl_c(item):
+        if item == 3:
+            raise KeyboardInterrupt
+        return item * 10
 
     with pytest.raises(KeyboardInterrupt):
-        run_grouped(two_then_ctrl_c, [1, 2, 3], ["one program"] * 3, 1, received.__setitem__)
+        run_many(two_then_ctrl_c, [1, 2, 3], ["one program"] * 3, received.__setitem__)
     assert received == {0: 10, 1: 20}
 
 

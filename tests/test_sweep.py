@@ -16,8 +16,9 @@ from conftest import assert_drawn_png
 
 from experiments.cli import main
 from experiments.phase_diagram import plot_phase_diagram, write_phase_diagram
+from experiments.ray_tasks import start_ray
 from experiments.report import phase_section
-from experiments.sweep import load_sweep, run_sweep, start_ray
+from experiments.sweep import load_sweep, run_sweep
 from gradtools.history import History
 
 TINY = """
