@@ -644,7 +644,7 @@ def command_dashboard(args) -> int:
 def command_preflight(args) -> int:
     import keras
 
-    from experiments.datasets import make_dataset
+    from experiments.config import config_data
     from experiments.models import build_model
     from gradtools.loggers.base import figure_png
     from gradtools.loggers.local import write_atomically
@@ -655,7 +655,7 @@ def command_preflight(args) -> int:
     width = max(len(config.run_name) for config in configs)
     for config in configs:
         keras.utils.set_random_seed(config.seed)
-        x, y = make_dataset(config.data)
+        x, y = config_data(config)
         model = build_model(config.model, input_shape=x.shape[1:])
         result = preflight(model, x, y, loss=config.training.loss, batch_size=config.training.batch_size,
                            optimizer=_clipping_optimizer(config))

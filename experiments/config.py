@@ -2,7 +2,11 @@
 
 Every problem is reported as a :class:`ConfigError` naming the file, the key, the value and
 what is allowed. Keras names (initializers, activations, optimizers, regularizers, losses)
-are checked by asking Keras's own registries to resolve them.
+are checked by asking Keras's own registries to resolve them. Validation makes no data and
+trains nothing: the data generators' parameters are checked against their declared
+constraints; what only making the data or using the optimizer shows is a ConfigError from
+:func:`config_data` and :func:`config_optimizer`, which a run calls once, before it writes
+anything.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from experiments.datasets import GENERATORS, REAL_TARGET_GENERATORS, SEQUENCE_GENERATORS, check_data_params
+from experiments.datasets import (
+    GENERATORS,
+    REAL_TARGET_GENERATORS,
+    SEQUENCE_GENERATORS,
+    check_data_params,
+    make_dataset,
+)
 from gradtools.spike_events import ACTIONS as SPIKE_ACTIONS
 from gradtools.validation import MAX_COUNT, MAX_SEED, is_integer, is_number
 
@@ -658,22 +668,40 @@ def _data_params(params: dict[str, Any], generator: str, source: str,
                           f"only for generators with real-valued targets ({', '.join(REAL_TARGET_GENERATORS)}): "
                           f"the {generator!r} generator's targets are class labels")
     try:
-        check_data_params(generator, params, standardize_targets)
+        check_data_params(generator, params)
     except KeyError as error:
         key, allowed = error.args
         raise ConfigError(source, f"data.{key}", params[key],
                           f"unknown key for the {generator!r} generator; allowed: {allowed}") from None
-    except ZeroDivisionError:
-        raise ConfigError(source, "data.standardize_targets", True,
-                          "the targets all have the same value: they cannot be scaled to unit "
-                          "variance; set it to false or change the data") from None
     except ValueError as error:
-        key = next((k for k in params if f"'{k}'" in str(error)), "generator")
-        raise ConfigError(source, f"data.{key}", params.get(key, generator), str(error)) from None
+        raise _data_error(error, generator, params, source) from None
     return params
 
 
+def _data_error(error: ValueError, generator: str, params: dict[str, Any], source: str) -> ConfigError:
+    """A generator's refusal as a ConfigError naming the parameter its message names."""
+    key = next((k for k in params if f"'{k}'" in str(error)), "generator")
+    return ConfigError(source, f"data.{key}", params.get(key, generator), str(error))
+
+
+def config_data(config: "ExperimentConfig") -> tuple[Any, Any]:
+    """The config's data, made (once, by the run that uses it). Validation checks each value
+    without making the data; what only making it shows is a ConfigError here, before the run
+    writes anything."""
+    data = config.data
+    try:
+        return make_dataset(data)
+    except ZeroDivisionError:
+        raise ConfigError(config.source, "data.standardize_targets", True,
+                          "the targets all have the same value: they cannot be scaled to unit "
+                          "variance; set it to false or change the data") from None
+    except ValueError as error:
+        raise _data_error(error, data.generator, data.params, config.source) from None
+
+
 def _check_optimizer(section: OptimizerSection, source: str) -> None:
+    """The optimizer's class and arguments, as values: Keras makes and uses it in
+    :func:`config_optimizer`, when the run starts."""
     import keras
 
     for name, value in section.config.items():
@@ -682,27 +710,46 @@ def _check_optimizer(section: OptimizerSection, source: str) -> None:
     rate = section.config.get("learning_rate")
     if is_number(rate) and rate <= 0:
         raise ConfigError(source, "optimizer.config.learning_rate", rate, "must be a number > 0")
-    cls = getattr(keras.optimizers, section.class_name, None)
-    if isinstance(cls, type):  # its arguments, before Keras reads them its own way
-        try:
-            check_keras_arguments(cls, section.config)
-        except ValueError as error:
-            raise ConfigError(source, "optimizer.config", section.config, str(error)) from None
+    cls = {name.lower(): getattr(keras.optimizers, name) for name in _optimizer_names()}.get(section.class_name.lower())
+    if cls is None:  # Keras takes the class name in any case ("adam")
+        raise ConfigError(source, "optimizer", section.keras_config(), f"Keras has no optimizer class "
+                          f"{section.class_name!r}; classes: {', '.join(_optimizer_names())}")
+    try:  # its arguments, before Keras reads them its own way
+        check_keras_arguments(cls, section.config)
+    except ValueError as error:
+        raise ConfigError(source, "optimizer.config", section.config, str(error)) from None
+
+
+def _optimizer_names() -> list[str]:
+    """The optimizer classes a config may name (not the base class, nor the wrappers)."""
+    import keras
+
+    wrappers = ("Optimizer", "LossScaleOptimizer", "MultiOptimizer", "OptimizerMap")
+    return [name for name in dir(keras.optimizers)
+            if name[:1].isupper() and isinstance(getattr(keras.optimizers, name), type) and name not in wrappers]
+
+
+def config_optimizer(config: "ExperimentConfig"):
+    """The config's optimizer, made, and used once on a variable of its own (Keras reads most
+    arguments only then: a learning-rate schedule's, say): a ConfigError here, when the run
+    starts and before it writes anything, rather than a Keras traceback mid-run."""
+    import keras
+
+    section = config.optimizer
     try:
         optimizer = keras.optimizers.get(section.keras_config())
     except (ValueError, TypeError) as error:
-        names = ", ".join(n for n in dir(keras.optimizers) if n[:1].isupper() and n not in
-                          ("Optimizer", "LossScaleOptimizer", "MultiOptimizer", "OptimizerMap"))
-        raise ConfigError(source, "optimizer", section.keras_config(), "Keras cannot make an optimizer of it "
-                          f"({error_first_line(error)}); classes: {names}") from None
+        raise ConfigError(config.source, "optimizer", section.keras_config(), "Keras cannot make an optimizer of "
+                          f"it ({error_first_line(error)}); classes: {', '.join(_optimizer_names())}") from None
 
     def one_update():
-        optimizer.apply([keras.ops.zeros(2)], [keras.Variable(keras.ops.zeros(2))])
+        keras.optimizers.get(section.keras_config()).apply([keras.ops.zeros(2)], [keras.Variable(keras.ops.zeros(2))])
 
     try:
         _once(section.keras_config(), one_update, "Keras cannot train with it")
     except ValueError as error:
-        raise ConfigError(source, "optimizer.config", section.config, str(error)) from None
+        raise ConfigError(config.source, "optimizer.config", section.config, str(error)) from None
+    return optimizer
 
 
 def config_reference() -> str:

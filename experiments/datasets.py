@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from sklearn import datasets
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils._param_validation import InvalidParameterError, validate_parameter_constraints
 
 from gradtools.validation import is_integer
 
@@ -24,13 +25,7 @@ def make_adding_problem(n_samples: int = 2048, sequence_length: int = 50, random
 
     Returns ``x`` of shape (n_samples, sequence_length, 2) and ``y`` of shape (n_samples,).
     """
-    if not is_integer(n_samples, 1):
-        raise ValueError(f"The 'n_samples' parameter must be an integer >= 1. Got {n_samples!r}.")
-    if not is_integer(sequence_length, 4, 1000):
-        raise ValueError("The 'sequence_length' parameter must be an integer in [4, 1000]. "
-                         f"Got {sequence_length!r}.")
-    if random_state is not None and not is_integer(random_state):
-        raise ValueError(f"The 'random_state' parameter must be an integer or None. Got {random_state!r}.")
+    check_adding_problem(n_samples, sequence_length, random_state)
     rng = np.random.default_rng(random_state)
     rows = np.arange(n_samples)
     x = np.zeros((n_samples, sequence_length, 2), dtype=np.float32)
@@ -41,6 +36,17 @@ def make_adding_problem(n_samples: int = 2048, sequence_length: int = 50, random
     x[rows, second, 1] = 1.0
     y = x[rows, first, 0] + x[rows, second, 0]
     return x, y
+
+
+def check_adding_problem(n_samples: int = 2048, sequence_length: int = 50, random_state=None) -> None:
+    """ValueError, in scikit-learn's words, for a parameter :func:`make_adding_problem` cannot take."""
+    if not is_integer(n_samples, 1):
+        raise ValueError(f"The 'n_samples' parameter must be an integer >= 1. Got {n_samples!r}.")
+    if not is_integer(sequence_length, 4, 1000):
+        raise ValueError("The 'sequence_length' parameter must be an integer in [4, 1000]. "
+                         f"Got {sequence_length!r}.")
+    if random_state is not None and not is_integer(random_state):
+        raise ValueError(f"The 'random_state' parameter must be an integer or None. Got {random_state!r}.")
 
 
 #: Config name -> generator (scikit-learn's, or ours with the same calling convention).
@@ -58,7 +64,7 @@ SEQUENCE_GENERATORS = ("adding",)
 REAL_TARGET_GENERATORS = ("regression", "adding")
 
 _NOT_CONFIGURABLE = ("return_X_y", "coef")
-#: The most examples a config may ask for: made in memory, and checked by making them.
+#: The most examples a config may ask for: they are made in memory.
 MAX_SAMPLES = 10_000_000
 
 
@@ -68,34 +74,47 @@ def generator_parameters(generator: str) -> list[str]:
     return [name for name in signature.parameters if name not in _NOT_CONFIGURABLE]
 
 
-def check_data_params(generator: str, params: dict[str, Any], standardize_targets: bool = False) -> None:
+def check_data_params(generator: str, params: dict[str, Any]) -> None:
     """Raise KeyError(key, allowed) for an unknown parameter, ValueError for a bad value
-    (scikit-learn's own validation message, which names the parameter), ZeroDivisionError
-    when targets to standardize have no variance."""
+    (scikit-learn's own message, which names the parameter), without making the data: each
+    value against the generator's declared constraints. What only making the data shows
+    (make_classification's counts that must agree, targets without variance to standardize)
+    :func:`make_dataset` raises."""
     allowed = generator_parameters(generator)
     for key in params:
         if key not in allowed:
             raise KeyError(key, ", ".join(allowed))
     if "n_samples" in params and not is_integer(params["n_samples"], 1, MAX_SAMPLES):
         raise ValueError(f"The 'n_samples' parameter must be an integer from 1 to {MAX_SAMPLES}. "
-                         f"Got {params['n_samples']!r}.")  # before making the data (true is not 1)
+                         f"Got {params['n_samples']!r}.")
+    function = GENERATORS[generator]
+    if function is make_adding_problem:
+        check_adding_problem(**params)
+        return
+    constraints = function._skl_parameter_constraints  # noqa: SLF001 - what @validate_params checks
     try:
-        _, y = GENERATORS[generator](**params)  # scikit-learn validates its own parameters
-    except (TypeError, ValueError) as error:
+        validate_parameter_constraints({k: v for k, v in constraints.items() if k in params}, params,
+                                       caller_name=function.__name__)
+    except InvalidParameterError as error:
         raise ValueError(str(error)) from None
-    if standardize_targets and not (np.std(np.atleast_1d(y), axis=0) > 0).all():
-        raise ZeroDivisionError("targets with zero variance")
 
 
 def make_dataset(data) -> tuple[np.ndarray, np.ndarray]:
     """``(x, y)`` as float32 arrays from a validated [data] section
     (:class:`experiments.config.DataSection`); y is 1-D for a single target, as the
-    generators return it."""
-    x, y = GENERATORS[data.generator](**data.params)
+    generators return it. ValueError for parameters the generator refuses together,
+    ZeroDivisionError for targets to standardize that have no variance."""
+    try:
+        x, y = GENERATORS[data.generator](**data.params)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
     x, y = x.astype(np.float32), y.astype(np.float32)
     if data.standardize:
         flat = x.reshape(-1, x.shape[-1])  # sequences: per channel over all steps
         x = StandardScaler().fit_transform(flat).reshape(x.shape).astype(np.float32)
     if data.standardize_targets:
-        y = ((y - y.mean(axis=0)) / y.std(axis=0)).astype(np.float32)
+        spread = np.atleast_1d(y).std(axis=0)  # one example: scikit-learn squeezes y to a scalar
+        if not (spread > 0).all():
+            raise ZeroDivisionError("targets with zero variance")
+        y = ((y - y.mean(axis=0)) / spread).astype(np.float32)
     return x, y

@@ -12,8 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 import gradtools
-from experiments.config import ExperimentConfig
-from experiments.datasets import make_dataset
+from experiments.config import ExperimentConfig, config_data, config_optimizer
 from experiments.models import build_model
 from gradtools.history import CONFIG_FILE
 from gradtools.loggers import LocalRunLogger, RunLogger
@@ -82,13 +81,14 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
                    run_dir: str | Path | None = None,
                    figures: bool = True) -> Run:
     """Train ``config`` and write its run directory, logging also to ``backends``.
-    Everything that can fail before training (data, model, reaching Neptune) happens before
-    the directory is created. The directory is a new ``<out>/<group>/<name>/<time>-seed<N>``
+    Everything that can fail before training (the data, the optimizer, the model, reaching
+    Neptune) happens before the directory is created. The directory is a new ``<out>/<group>/<name>/<time>-seed<N>``
     unless ``run_dir`` (absent or empty) is given. ``figures=False`` draws none (sweep points,
     seed replicas: their summary figures are drawn from the tables)."""
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    x, y = corrupted(make_dataset(config.data), config)
+    x, y = corrupted(config_data(config), config)
+    optimizer = config_optimizer(config)
     model = build_model(config.model, input_shape=x.shape[1:])
     config, suggestion = _with_suggested_clip(config, model, x, y)
     loggers = [*loggers, *_remote_loggers(config, backends, Path(out))]
@@ -103,7 +103,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
         logger.log_params(config.to_dict())
         if logger is not local:  # the run directory's own config.toml, for the others
             logger.log_file(run_dir / CONFIG_FILE)
-    history = gradtools.fit(model, x, y, optimizer=keras.optimizers.get(config.optimizer.keras_config()),
+    history = gradtools.fit(model, x, y, optimizer=optimizer,
                             loggers=loggers, figures=article_figures(config.run_name) if figures else False,
                             **_fit_arguments(config))
     if suggestion is not None:

@@ -158,6 +158,30 @@ def test_bad_config_exits_2_naming_file_key_and_value(tmp_path, capsys, what, ol
     assert not out.exists(), "a refused config must leave no run directory"
 
 
+@pytest.mark.parametrize("what, old, new, words", [
+    ("generator parameters each fine but not together", 'generator = "moons"\nn_samples = 64\nnoise = 0.1',
+     'generator = "classification"\nn_samples = 64\nn_features = 2\nn_informative = 3',
+     ["data.generator = 'classification'", "informative"]),
+    ("constant targets to standardize", 'generator = "moons"\nn_samples = 64\nnoise = 0.1',
+     'generator = "regression"\nn_samples = 64\nn_informative = 0\nnoise = 0.0\nstandardize_targets = true',
+     ["data.standardize_targets = True", "same value"]),
+])
+def test_what_validation_cannot_see_without_the_data_is_refused_before_the_run_writes(tmp_path, capsys, what, old,
+                                                                                       new, words):
+    """Validation checks values without making the data (load_config accepts these); the run
+    makes it once, and refuses it before it writes anything."""
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD.replace(old, new, 1).replace('output_activation = "sigmoid"', 'output_activation = "linear"')
+                    .replace('"binary_crossentropy"', '"mse"'))
+    load_config(str(path))
+    assert main(["run", str(path), "--out", str(tmp_path / "runs"), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and str(path) in message and message.count("\n") == 1, message
+    for word in words:
+        assert word in message, (word, message)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_bad_batch_past_the_epochs_end_is_named(tmp_path, capsys):
     path = tmp_path / "late.toml"
     path.write_text(GOOD.replace("noise = 0.1", "noise = 0.1\ncorrupt_batches = [2, 4]")

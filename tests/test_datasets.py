@@ -1,8 +1,11 @@
 """The experiments' data: the adding problem's construction, standardization, and the checks
 a [data] section gets."""
 
+import functools
+
 import numpy as np
 import pytest
+from sklearn.datasets import make_moons
 
 from experiments.config import DataSection
 from experiments.datasets import check_data_params, make_adding_problem, make_dataset
@@ -43,12 +46,25 @@ def test_standardized_inputs_and_targets_have_zero_mean_and_unit_variance():
     assert raw_y.std() > 10, "unscaled targets, as in the article's exploding experiments"
 
 
-def test_data_parameters_are_checked_by_the_generator_and_zero_variance_targets_refused():
+def test_data_parameters_are_checked_without_making_the_data(monkeypatch):
+    from experiments import datasets
+
+    def never(**params):
+        raise AssertionError("the data was made to check its parameters")
+
+    monkeypatch.setitem(datasets.GENERATORS, "moons", functools.wraps(make_moons)(never))
     with pytest.raises(KeyError) as unknown:
         check_data_params("moons", {"n_sample": 10})
     assert unknown.value.args[0] == "n_sample" and "n_samples" in unknown.value.args[1]
-    with pytest.raises(ValueError, match="noise"):
+    with pytest.raises(ValueError, match="The 'noise' parameter of make_moons must be a float"):
         check_data_params("moons", {"noise": -1.0})
-    with pytest.raises(ZeroDivisionError):
-        check_data_params("regression", {"n_samples": 20, "n_informative": 0, "noise": 0.0}, True)
-    check_data_params("regression", {"n_samples": 20}, True)  # targets that vary: accepted
+    check_data_params("moons", {"n_samples": 10_000_000, "noise": 0.1})  # accepted, not made
+
+
+def test_what_only_making_the_data_shows_is_refused_when_it_is_made():
+    with pytest.raises(ZeroDivisionError):  # no informative feature, no noise: constant targets
+        make_dataset(DataSection(generator="regression", standardize_targets=True,
+                                 params={"n_samples": 20, "n_informative": 0, "noise": 0.0}))
+    check_data_params("classification", {"n_features": 2, "n_informative": 3})  # each value is fine...
+    with pytest.raises(ValueError, match="informative"):  # ...together they are not
+        make_dataset(DataSection(generator="classification", params={"n_features": 2, "n_informative": 3}))
