@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,experiments,neptune,mlflow,tensorboard,distributed,zoo]'
+	$(PY) -m pip install --quiet -e '.[dev,experiments,neptune,mlflow,tensorboard,distributed,zoo,jax]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from experiments.config import FILE, ConfigError, config_groups, config_names, load_config
 from experiments.worker import WorkerLost
+from gradtools.backend import UnsupportedBackend
 from gradtools.extras import MissingExtra, require
 from gradtools.loggers.base import LoggerUnavailable
 from gradtools.validation import nearest_existing
@@ -733,7 +734,7 @@ def main(argv: list[str] | None = None, start_tensorflow: bool = False) -> int:
     except (ConfigError, RunDirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (MissingExtra, LoggerUnavailable) as error:
+    except (MissingExtra, LoggerUnavailable, UnsupportedBackend) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except WorkerLost as error:

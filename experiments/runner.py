@@ -14,6 +14,7 @@ import tensorflow as tf
 import gradtools
 from experiments.config import ExperimentConfig, config_data, config_optimizer
 from experiments.models import build_model
+from gradtools.backend import require_supported_backend
 from gradtools.history import CONFIG_FILE
 from gradtools.loggers import LocalRunLogger, RunLogger
 from gradtools.plots import run_figures
@@ -85,6 +86,7 @@ def run_experiment(config: ExperimentConfig, out: str | Path = "runs",
     Neptune) happens before the directory is created. The directory is a new ``<out>/<group>/<name>/<time>-seed<N>``
     unless ``run_dir`` (absent or empty) is given. ``figures=False`` draws none (sweep points,
     seed replicas: their summary figures are drawn from the tables)."""
+    require_supported_backend("python -m experiments")
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     x, y = corrupted(config_data(config), config)

@@ -22,6 +22,7 @@ _EXPORTS = {
     "Diagnosis": "gradtools.diagnosis",
     "preflight": "gradtools.preflight",
     "Preflight": "gradtools.preflight",
+    "UnsupportedBackend": "gradtools.backend",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -94,8 +94,10 @@ def command_preflight(args) -> int:
     from gradtools.tf_startup import import_tensorflow_quietly
 
     import_tensorflow_quietly()
+    from gradtools.backend import require_supported_backend
     from gradtools.preflight import preflight
 
+    require_supported_backend("python -m gradtools preflight")
     model, x, y = _preflight_inputs(args)
     try:
         result = preflight(model, x, y, loss=args.loss, optimizer=args.optimizer, batch_size=args.batch_size,
@@ -165,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from gradtools.backend import UnsupportedBackend
     from gradtools.compare import CompareError
     from gradtools.history import RunDirectoryError
 
     one_line_warnings()
     try:
         return args.handler(args)
-    except (CompareError, RunDirectoryError, PreflightInputError) as error:
+    except (CompareError, RunDirectoryError, PreflightInputError, UnsupportedBackend) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except BrokenPipeError:  # the reader went away (| head): nothing to report

@@ -32,6 +32,7 @@ import pandas as pd
 import tensorflow as tf
 
 from gradtools import probes, through_time
+from gradtools.backend import require_supported_backend
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.columns import VALUE_COLUMNS_START, metric_columns
 from gradtools.history import DIVERGED, RUNNING, History
@@ -192,6 +193,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def __init__(self, log_every: int = 1, loggers=(), stop_on_nonfinite: bool = False,
                  figures=True):
         super().__init__()
+        require_supported_backend("GradientMonitor")
         require_integer("log_every", log_every)
         self.log_every = log_every
         self.loggers = list(loggers)

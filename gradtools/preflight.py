@@ -29,6 +29,7 @@ import pandas as pd
 import tensorflow as tf
 
 from gradtools import through_time
+from gradtools.backend import require_supported_backend
 from gradtools.columns import VALUE_COLUMNS_START, metric_columns
 from gradtools.diagnosis import AT_INITIALIZATION, REMEDIES, Diagnosis, judge
 from gradtools.history import COMPLETED, History
@@ -73,6 +74,7 @@ def preflight(model: keras.Model, x, y, loss=None, *, optimizer=None, batch_size
     was compiled with. ``optimizer``: the optimizer training will use (name, config or
     instance), by default the compiled one; with neither, the first update is not measured.
     """
+    require_supported_backend("gradtools.preflight")
     require_integer("batch_size", batch_size)
     require_integer("batches", batches)
     pairs = _batches(x, y, batch_size, batches)

@@ -27,6 +27,7 @@ import pandas as pd
 import tensorflow as tf
 
 from gradtools import probes
+from gradtools.backend import require_supported_backend
 from gradtools.spike_events import ACTIONS, describe_event, events_table
 from gradtools.spikes import EVENT_CAPACITY, QUANTITIES, TAKEN, GuardSettings, GuardState, learning_rate_variable
 from gradtools.validation import require_integer, require_positive_number
@@ -87,6 +88,7 @@ class SpikeGuard(keras.callbacks.Callback):
                  min_ratio: float = 2.0, max_ratio: float = 100.0, warmup: int = 16, lr_factor: float = 0.1,
                  lr_steps: int = 100, snapshot_every: int = 20, verbose: bool = True):
         super().__init__()
+        require_supported_backend("SpikeGuard")
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {', '.join(map(repr, ACTIONS))}, got {action!r}")
         require_integer("window", window, 2)

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from gradtools import compilation_cache, through_time
 from gradtools import programs as programs_cache
+from gradtools.backend import require_supported_backend
 from gradtools.columns import VALUE_COLUMNS_START
 from gradtools.history import History
 from gradtools.layers import layer_layout
@@ -82,6 +83,7 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
         ``"diverged"`` and ``first_nonfinite_step`` set; it never raises. Ctrl-C and errors
         are passed on to every logger (status ``"interrupted"`` / ``"failed"``) and re-raised.
     """
+    require_supported_backend("gradtools.fit")
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
         require_integer(name, value)
     if seed is not None:
