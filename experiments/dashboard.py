@@ -70,9 +70,8 @@ def empty_note(ui: str, out: Path) -> str | None:
 def server_environment(ui: str) -> dict[str, str]:
     """The server's environment: for MLflow, its job runner off unless the user set
     ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION``. The runner serves MLflow's GenAI jobs (scorers,
-    prompt optimization), none of which a run table needs, and it starts seven more processes.
-    Measured on 2 cores, a server started, ready, idle for 10 s and stopped: 37.3 s of CPU
-    with the runner, 11.1 s without."""
+    prompt optimization), none of which a run table needs, and it starts seven more processes
+    that cost a server several times its own CPU."""
     if ui == "mlflow":
         return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
     return dict(os.environ)

@@ -60,7 +60,8 @@ def end_with_parent() -> None:
 
 
 def default_workers() -> int:
-    """Both cores of the reference machine (measured to pay: see the README), at most."""
+    """Both cores of the reference machine, at most (two workers pay there: `make bench`'s
+    sweep rows)."""
     return max(1, min(2, os.cpu_count() or 1))
 
 
@@ -71,18 +72,18 @@ def threads_per_worker(workers: int) -> int:
 
 def command_threads(arguments: list[str]) -> int | None:
     """TensorFlow threads for a command's own process: one for the suite's nets, which are
-    too small to gain from more (measured on 2 cores: the sigmoid baseline's epoch 4.8 ms
-    with one thread against 6.0 ms with two; LSTM T=50 the same wall time for a fifth less
-    CPU); None (every core) for the gallery's real-sized models."""
+    too small to gain from more (a second thread made the sigmoid baseline's epochs slower,
+    and an LSTM's cost more CPU for the same wall time); None (every core) for the gallery's
+    real-sized models."""
     return None if arguments[:1] == ["gallery"] else 1
 
 
 def limit_threads(threads: int | None) -> None:
     """Let TensorFlow's operations use at most ``threads`` threads in this process (None:
     its default, every core), unless TF_NUM_INTRAOP_THREADS says otherwise. Workers that
-    share the cores each spin up a thread per core otherwise: measured on 2 cores, an LSTM
-    run took the same wall time with 1 thread and 25.6 s of CPU instead of 32.5 s, CPU
-    the other worker then lacks. The numbers do not change. Only before TensorFlow starts."""
+    share the cores each spin up a thread per core otherwise, and burn CPU the other worker
+    then lacks for no gain in wall time. The numbers do not change. Only before TensorFlow
+    starts."""
     if threads is not None and "tensorflow" not in sys.modules:
         os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
 

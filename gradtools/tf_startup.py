@@ -29,11 +29,8 @@ _frozen = False
 def collect_garbage_less_often() -> None:
     """Collect cyclic garbage after 10 000 new container objects rather than 700. Importing
     TensorFlow and Keras makes about a million such objects, and each full collection went
-    through all of them again: 14% of a short run's CPU was the collector (``perf record``).
-    With :func:`freeze_what_exists` after the import, measured on ``python -m experiments run
-    vanishing/sigmoid_baseline --set training.epochs=5`` with ``GRADTOOLS_XLA_CACHE=off``,
-    eight runs each, alternating: 6.7–7.7 s of user CPU before, 5.4–6.5 s with both, the same
-    peak memory (0.93–0.98 GB)."""
+    through all of them again: the collector was a good part of a short run's CPU
+    (``perf record``), for no memory saved."""
     gc.set_threshold(*GC_THRESHOLDS)
 
 
