@@ -17,12 +17,15 @@ runs), each against its target: a 100-epoch run against plain ``model.fit`` (col
 cache, compilation included; the median of three runs each), the phase diagram, the claims
 over 3 seeds and the report.
 
-Each time is the median over epochs after the first (the first includes tracing).
+Each time is the median over epochs after the first (the first includes tracing). What it
+prints is also written to ``docs/bench.md`` (``--write``), with the commit and the machine: the
+figures the docs quote come from there, not from a hand-kept record.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -43,8 +46,10 @@ import gradtools  # noqa: E402
 from experiments.config import ConfigError, load_config  # noqa: E402
 from experiments.datasets import make_dataset  # noqa: E402
 from experiments.models import build_mlp  # noqa: E402
+from experiments.provenance import provenance  # noqa: E402
 from experiments.sweep import load_sweep, run_sweep  # noqa: E402
 from gradtools.loggers import RunLogger  # noqa: E402
+from gradtools.loggers.local import write_atomically  # noqa: E402
 
 EXPERIMENT = "vanishing/sigmoid_baseline"
 
@@ -299,11 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-nothing", action="store_true",
                         help="also time the long commands from an empty cache against their targets "
                         "(about 10 minutes)")
+    parser.add_argument("--write", default="docs/bench.md", metavar="PATH",
+                        help="also write what is printed to this Markdown file (default docs/bench.md; '' for none)")
     args = parser.parse_args(argv)
+    command = " ".join(["python -m experiments.bench", *(argv if argv is not None else sys.argv[1:])])
+    with _recorded(args.write, command):
+        _run(args)
+    return 0
 
+
+def _run(args) -> None:
     if args.only_from_nothing:
         time_from_nothing()
-        return 0
+        return
     print(f"Per-epoch wall time on {EXPERIMENT} (3000 examples, batch 32: 94 steps per epoch), "
           "median of the epochs after the first:", flush=True)
     article = time_article_loop(args.article_epochs)
@@ -325,7 +338,40 @@ def main(argv: list[str] | None = None) -> int:
         time_sweeps()
     if args.from_nothing:
         time_from_nothing()
-    return 0
+
+
+class _Tee:
+    """Standard output, copied into a list as it is written."""
+
+    def __init__(self, stream):
+        self.stream, self.text = stream, []
+
+    def write(self, text: str) -> int:
+        self.text.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def _recorded(path: str, command: str):
+    """What the bench prints, written to ``path`` when it ends (also when interrupted: what
+    was measured is kept), under the commit and the machine it was measured on."""
+    tee = _Tee(sys.stdout)
+    sys.stdout = tee
+    try:
+        yield
+    finally:
+        sys.stdout = tee.stream
+        if path:
+            write_atomically(Path(path), lambda target: target.write_text(_bench_page(command, "".join(tee.text))))
+            print(f"written: {path}")
+
+
+def _bench_page(command: str, printed: str) -> str:
+    return (f"# Benchmark\n\n{provenance(command)} The machine's load varies between runs: compare the "
+            f"ratios within one run.\n\n```\n{printed.rstrip()}\n```\n")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -527,6 +528,7 @@ def command_gallery(args) -> int:
 
 def command_conformance(args) -> int:
     from experiments.conformance import as_expected, markdown_table, run_case
+    from experiments.provenance import provenance
     from experiments.zoo import CASES
     from gradtools.loggers.local import write_atomically
 
@@ -547,7 +549,10 @@ def command_conformance(args) -> int:
         print(f"[{number}/{len(cases)}] " + markdown_table(results[-1:]).splitlines()[-1], flush=True)
     table = markdown_table(results)
     figures.mkdir(parents=True, exist_ok=True)
-    write_atomically(figures / "conformance.md", lambda partial: partial.write_text(table))
+    command = "python -m experiments conformance" + " --core" * args.core + "".join(
+        f" --only {shlex.quote(text)}" for text in args.only)
+    page = f"# The conformance zoo\n\n{provenance(command)}\n\n{table}"
+    write_atomically(figures / "conformance.md", lambda partial: partial.write_text(page))
     wrong = [f"{r['model']} / {r['mode']}" for r in results if not as_expected(r)]
     print(table + f"table: {figures / 'conformance.md'}")
     if wrong:

@@ -2,6 +2,8 @@
 independent GradientTape over model.compute_loss (experiments/conformance.py). The whole zoo
 is `make conformance`."""
 
+import subprocess
+
 import keras
 import pytest
 from conftest import REPO_ROOT, run_cli
@@ -75,7 +77,12 @@ def test_mirrored_strategy_with_an_uneven_last_batch_through_the_command(tmp_pat
     done = run_cli(["conformance", "--core", "--only", "MirroredStrategy", "--figures", str(tmp_path)], REPO_ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     table = (tmp_path / "conformance.md").read_text()
-    row = next(line for line in table.splitlines() if "MirroredStrategy" in line)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    assert table.startswith("# The conformance zoo\n\nWritten by `python -m experiments conformance --core "
+                            "--only MirroredStrategy`, "), table[:300]
+    assert f", at {commit}" in table.splitlines()[2], "the page names the commit it measured"
+    row = next(line for line in table.splitlines() if line.startswith("|") and "MirroredStrategy" in line)
     assert "| exact (" in row and "| 1, 2, 32 |" in row, row
 
 
