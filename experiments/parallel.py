@@ -34,6 +34,7 @@ from experiments.config import load_config
 from experiments.interrupts import POLL_SECONDS, deferred_interrupts
 from experiments.runner import NO_BACKENDS, Backends, Run, run_experiment
 from gradtools.history import History
+from gradtools.programs import without_inputs
 
 #: A job: a config reference and its --set overrides.
 Job = tuple[str, list[str]]
@@ -156,23 +157,17 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 
 def program_key(config) -> str:
-    """What a run compiles, as text: its config without the values that enter the compiled
-    epoch as inputs (the seed, the initializers' parameters, a learning rate that is a
-    number) or never reach it (the number of epochs, how often rows are logged). Runs with
-    one key share one compiled program in a worker (the library's own test of what is the
-    same program is :func:`gradtools.programs.program_key`; this one groups runs before any
-    model is built)."""
+    """What a run compiles, as text: its config without what the compiled epoch takes as
+    inputs (:func:`gradtools.programs.without_inputs`, the library's rule: initializers, the
+    seed, a learning rate that is a number) or never reaches (the experiment's name, the number
+    of epochs, how often rows are logged). Runs with one key share one compiled program in a
+    worker. The library's :func:`gradtools.programs.program_key` applies the same rule to a
+    built model; this one groups runs before any model is built."""
     tables = config.to_dict()
-    for name in ("seed", "epochs", "log_every"):
+    for name in ("epochs", "log_every"):
         tables["training"].pop(name, None)
-    optimizer = tables["optimizer"].get("config", {})
-    if isinstance(optimizer.get("learning_rate"), (int, float)):
-        optimizer.pop("learning_rate")
     tables["experiment"] = {}
-    for name in ("kernel_initializer", "output_kernel_initializer", "recurrent_initializer"):
-        if isinstance(tables["model"].get(name), dict):
-            tables["model"][name] = tables["model"][name].get("class_name")
-    return json.dumps(tables, sort_keys=True, default=str)
+    return json.dumps(without_inputs(tables), sort_keys=True, default=str)
 
 
 def program_groups(keys: list[str], workers: int = 1) -> list[list[int]]:

@@ -152,14 +152,28 @@ def program_key(model, loss_fn, optimizer, data_shapes, options) -> str | None:
     are not part of the program (the logged layer paths are the caller's model's); a
     learning rate schedule is."""
     try:
-        parts = [_without(model.get_config(), ("_initializer", "seed")),
+        parts = [without_inputs(model.get_config()),
                  [v.shape for v in model.trainable_weights], type(optimizer).__name__,
-                 _without(optimizer.get_config(), (), numbers=("learning_rate",)), type(loss_fn).__name__,
-                 _without(loss_fn.get_config(), ()), getattr(getattr(loss_fn, "fn", None), "__name__", ""),
+                 without_inputs(optimizer.get_config()), type(loss_fn).__name__,
+                 without_inputs(loss_fn.get_config()), getattr(getattr(loss_fn, "fn", None), "__name__", ""),
                  data_shapes, options, keras.config.dtype_policy().name]
         return json.dumps(parts, sort_keys=True, default=str)
     except (NotImplementedError, TypeError, ValueError):
         return None
+
+
+#: Keys a compiled epoch takes as inputs, not as part of the program: those ending so
+#: (initializers, seeds: the initial weights and the seed are arguments of the epoch)...
+INPUT_SUFFIXES = ("_initializer", "seed")
+#: ...and these when they hold a number (a learning rate that is a number is a variable).
+INPUT_NUMBERS = ("learning_rate",)
+
+
+def without_inputs(config):
+    """A nested config without what a compiled epoch takes as inputs (:data:`INPUT_SUFFIXES`,
+    :data:`INPUT_NUMBERS`) and without names: the one rule of what makes two programs the
+    same, for :func:`program_key` and for a caller that groups runs before their models exist."""
+    return _without(config, INPUT_SUFFIXES, INPUT_NUMBERS)
 
 
 def _without(config, suffixes: tuple[str, ...], numbers: tuple[str, ...] = ()):

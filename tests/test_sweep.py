@@ -329,3 +329,33 @@ def test_a_large_grid_says_how_far_its_check_is(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(configs) == 8
     assert lines == [f"sweep tiny: checking each point's config, {k}/8" for k in range(8)]
+
+
+def test_runs_are_grouped_by_the_librarys_rule_of_what_makes_a_program():
+    """The sweep groups configs before any model exists; the library keys a built model. One
+    rule (gradtools.programs.without_inputs) says what is not part of a program, so the two
+    agree: another initializer, seed or learning rate is the same program, another
+    activation is not."""
+    import keras
+
+    from experiments.config import load_config
+    from experiments.datasets import make_dataset
+    from experiments.models import build_model
+    from experiments.parallel import program_key
+    from gradtools import programs
+    from gradtools.steps import resolve_loss
+
+    base = "vanishing/sigmoid_baseline"
+    configs = [load_config(base),
+               load_config(base, ["model.kernel_initializer=he_normal", "training.seed=3",
+                                  "optimizer.config.learning_rate=0.5", "training.epochs=7"]),
+               load_config(base, ["model.activation=relu"])]
+    grouped = [program_key(config) for config in configs]
+    x, y = make_dataset(configs[0].data)
+    built = [programs.program_key(build_model(config.model, input_shape=x.shape[1:]),
+                                  resolve_loss(config.training.loss),
+                                  keras.optimizers.get(config.optimizer.keras_config()), [list(x.shape), 32], {})
+             for config in configs]
+    for keys in (grouped, built):
+        assert None not in keys
+        assert keys[0] == keys[1] != keys[2]
