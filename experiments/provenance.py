@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from gradtools.loggers.local import library_versions
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,12 +25,10 @@ def _git(*arguments: str) -> str:
 
 def provenance(command: str) -> str:
     """One sentence: ``command``, when, at which commit (and whether the tree had changes), on
-    what machine and versions."""
-    import keras
-    import tensorflow as tf
-
+    what machine and versions (those a run directory records: :func:`library_versions`)."""
     commit = _git("rev-parse", "--short", "HEAD") or "an unknown commit"
     changed = " with uncommitted changes" if _git("status", "--porcelain", "--untracked-files=no") else ""
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return (f"Written by `{command}`, {when}, at {commit}{changed}; {os.cpu_count()} cores, {platform.machine()}, "
-            f"Python {platform.python_version()}, TensorFlow {tf.__version__}, Keras {keras.__version__}.")
+    versions = ", ".join(f"{name} {version}" for name, version in library_versions().items())
+    machine = f"{os.cpu_count()} cores, {platform.machine()}"
+    return f"Written by `{command}`, {when}, at {commit}{changed}; {machine}, {versions}."
