@@ -194,8 +194,9 @@ def _add_conformance_command(commands) -> None:
         "on the conformance zoo (keras-hub, keras.applications, keras-io; every mode)",
         description="For each model and mode of the zoo, train one epoch with model.fit + GradientMonitor "
         "and compare the recorded loss, global norm and every layer's gradient statistics at the first, "
-        "second and last step with a GradientTape over model.compute_loss at the same weights; where "
-        "gradtools.fit takes the model, compare it with the tape (at learning rate 0) and with model.fit. "
+        "second and last step with a GradientTape over model.compute_loss at the same weights (jax.grad under "
+        "KERAS_BACKEND=jax, where the TensorFlow-only cases are left out); where gradtools.fit takes the model, "
+        "compare it with the tape (at learning rate 0) and with model.fit (TensorFlow only). "
         "Prints the table and writes it to <figures>/conformance.md. Exit 1 when a cell is not what it "
         "should be (a difference, or a crash where a clear refusal or an exact record is due).")
     conformance.add_argument("--core", action="store_true", help="only the fast core that make test runs")
@@ -534,6 +535,11 @@ def command_conformance(args) -> int:
 
     cases = [case for case in CASES if (case.core or not args.core)
              and (not args.only or any(text in f"{case.model} {case.mode}" for text in args.only))]
+    import keras
+
+    backend = keras.backend.backend()  # on JAX: the monitor against jax.grad, the TensorFlow-only cases left out
+    left_out = [case for case in cases if case.tensorflow_only and backend != "tensorflow"]
+    cases = [case for case in cases if case not in left_out]
     if not cases:
         raise ConfigError("--only", FILE, None, f"{' or '.join(map(repr, args.only))} matches no case of the zoo "
                           "(python -m experiments conformance --list names them)")
@@ -542,6 +548,8 @@ def command_conformance(args) -> int:
     if args.list:
         print("\n".join(f"{case.model} / {case.mode}" + (" (core)" if case.core else "") for case in cases))
         return 0
+    for case in left_out:
+        print(f"left out on {backend}: {case.model} / {case.mode} ({case.tensorflow_only}: TensorFlow only)")
     figures = Path(args.figures)
     results = []
     for number, case in enumerate(cases, start=1):
@@ -549,7 +557,8 @@ def command_conformance(args) -> int:
         print(f"[{number}/{len(cases)}] " + markdown_table(results[-1:]).splitlines()[-1], flush=True)
     table = markdown_table(results)
     figures.mkdir(parents=True, exist_ok=True)
-    command = "python -m experiments conformance" + " --core" * args.core + "".join(
+    command = f"KERAS_BACKEND={backend} " * (backend != "tensorflow") + "python -m experiments conformance" + \
+        " --core" * args.core + "".join(
         f" --only {shlex.quote(text)}" for text in args.only)
     page = f"# The conformance zoo\n\n{provenance(command)}\n\n{table}"
     write_atomically(figures / "conformance.md", lambda partial: partial.write_text(page))

@@ -47,6 +47,11 @@ CHAOTIC = 1e-3
 FLOAT16_TOLERANCE = 1e-2
 
 
+def on_tensorflow() -> bool:
+    """gradtools.fit is TensorFlow's whole-epoch loop: on another backend only the monitor is checked."""
+    return keras.backend.backend() == "tensorflow"
+
+
 @dataclass
 class Subject:
     """A compiled model, its data and how ``model.fit`` is called on it.
@@ -116,6 +121,7 @@ class Case:
     expect: str = "exact"  # or "refused": a one-line error or warning is the right answer
     refusal: str = ""  # words the refusal must hold
     needs: str = ""  # "two devices": runs where two logical CPU devices were made at start
+    tensorflow_only: str = ""  # why the case runs on Keras's TensorFlow backend only (a tf.distribute strategy…)
     core: bool = False  # part of the fast core that `make test` runs
     core_fit: bool = True  # the core checks gradtools.fit on it too (False: its XLA compilation is slow)
     mixed_precision: bool = False
@@ -149,6 +155,8 @@ class Snapshots(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if batch + 1 in self.wanted:
+            if hasattr(self.model, "jax_state_sync"):  # JAX: the variables hold the state once written back
+                self.model.jax_state_sync()
             optimizer = self.model.optimizer
             scale = None
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -157,6 +165,39 @@ class Snapshots(keras.callbacks.Callback):
 
 
 def reference(model, batch, values, scale, strategy=None, graph=True, jit_compile=False) -> dict:
+    """On Keras's JAX backend, :func:`jax_reference`; else the GradientTape's (below)."""
+    if keras.backend.backend() == "jax":
+        return jax_reference(model, batch, values, scale, graph)
+    return tape_reference(model, batch, values, scale, strategy, graph, jit_compile)
+
+
+def jax_reference(model, batch, values, scale, graph=True) -> dict:
+    """The loss and every trainable variable's gradient (by path, float64) that a step on
+    ``batch`` takes at ``values``, from ``jax.grad`` of ``model.compute_loss`` over the model
+    called with the trainable variables as arguments (a ``keras.StatelessScope`` maps each
+    variable to its traced value, so that a regularizer's loss is differentiated too); jitted
+    when ``graph``, as ``model.fit`` is."""
+    import jax  # noqa: PLC0415 - only under Keras's JAX backend
+
+    for variable, value in zip(model.variables, values):
+        variable.assign(value)
+    x, y, sample_weight = batch
+    trainable = model.trainable_variables
+
+    def loss_of(trainable_values):
+        with keras.StatelessScope(state_mapping=list(zip(trainable, trainable_values))):
+            y_pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        return loss * scale if scale is not None else loss, loss
+
+    step = jax.value_and_grad(loss_of, has_aux=True)
+    (_, loss), gradients = (jax.jit(step) if graph else step)([v.value for v in trainable])
+    unscale = 1.0 if scale is None else scale
+    return {"loss": float(loss), "gradients": {v.path: np.asarray(g, np.float64) / unscale
+                                               for v, g in zip(trainable, gradients)}}
+
+
+def tape_reference(model, batch, values, scale, strategy=None, graph=True, jit_compile=False) -> dict:
     """The loss and every trainable variable's gradient (by path, float64) that a step on
     ``batch`` takes at ``values``, from a GradientTape over ``model.compute_loss``; in a
     ``tf.function`` (with ``jit_compile``) when ``graph``, as ``model.fit`` computes it: TensorFlow
@@ -421,7 +462,7 @@ def run_case(case: Case, core: bool = False) -> dict:
         subjects = []
         monitor = outcome_of(lambda: _monitor_and_refit(_built(case, subjects)), case)
         fit = None
-        if subjects and subjects[0].fit_loss is not None and (case.core_fit or not core):
+        if subjects and subjects[0].fit_loss is not None and (case.core_fit or not core) and on_tensorflow():
             fit = outcome_of(lambda: check_fit(case.build(), case.build), case)
     finally:
         keras.config.set_dtype_policy(policy)

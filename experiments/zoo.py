@@ -441,6 +441,10 @@ def hub_image_classifier(family: str) -> Subject:
 
 # --- the zoo ---------------------------------------------------------------------------------
 
+#: Why a case runs on Keras's TensorFlow backend only.
+STRATEGY = "a tf.distribute strategy"
+TAPE = "a train_step written with tf.GradientTape"
+
 CASES = [
     # the failures the zoo was made for: the fast core that `make test` runs
     Case("dense on a sequence", "partial last batch", dense_on_sequence, core=True),
@@ -449,7 +453,7 @@ CASES = [
     Case("12 ReLU ×30, softmax", "probabilities, one-hot labels",
          lambda: relu12_scale30("softmax", one_hot=True), core=True),
     Case("friedman regressor", "MirroredStrategy ×2, uneven last batch",
-         lambda: friedman_regressor(mirrored()), needs="two devices", core=True),
+         lambda: friedman_regressor(mirrored()), needs="two devices", core=True, tensorflow_only=STRATEGY),
     Case("gpt2 (keras-hub)", "padding mask as sample weights", lambda: hub_causal_lm("gpt2"), core=True),
     # keras-hub
     Case("bert (keras-hub)", "padding_mask", lambda: hub_classifier("bert")),
@@ -473,15 +477,16 @@ CASES = [
                    "jit_compile on", "jit_compile off", "run_eagerly", "from_logits")],
     Case("transformer (keras-io)", "mixed_float16", transformer, FLOAT16_TOLERANCE, mixed_precision=True),
     Case("transformer (keras-io)", "MirroredStrategy ×2", lambda: _under_strategy(transformer),
-         needs="two devices"),
+         needs="two devices", tensorflow_only=STRATEGY),
     Case("LSTM, mask_zero", "masking, integer labels", masked_lstm),
     Case("LSTM, mask_zero", "masking, one-hot labels", lambda: masked_lstm(one_hot=True)),
     Case("GRU tagger, mask_zero", "masking per time step, partial last batch", masked_gru_tagger),
     Case("LSTM seq2seq (keras-io)", "two inputs, partial last batch", lstm_seq2seq),
     Case("wide and deep", "two inputs, two outputs with loss weights", wide_and_deep),
-    Case("VAE (keras-io)", "own train_step", vae, expect="refused", refusal="without self.compute_loss()"),
+    Case("VAE (keras-io)", "own train_step", vae, expect="refused", refusal="without self.compute_loss()",
+         tensorflow_only=TAPE),
     Case("GAN (keras-io)", "own train_step and optimizers", gan, expect="refused",
-         refusal="never updates its weights with model.optimizer"),
+         refusal="never updates its weights with model.optimizer", tensorflow_only=TAPE),
     Case("12 ReLU ×30, softmax", "from_logits=True, integer labels",
          lambda: relu12_scale30("softmax", from_logits=True)),
     Case("12 ReLU ×30, sigmoid", "from_logits=True", lambda: relu12_scale30("sigmoid", from_logits=True)),

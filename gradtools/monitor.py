@@ -36,6 +36,7 @@ from gradtools.backend import require_supported_backend
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.columns import VALUE_COLUMNS_START, metric_columns
 from gradtools.history import DIVERGED, RUNNING, History
+from gradtools.jax_steps import JaxProbes, JaxStepBuffer, require_monitorable
 from gradtools.layers import layer_layout
 from gradtools.recording import RunRecord
 from gradtools.spike_guard import SpikeGuard
@@ -152,13 +153,19 @@ class _StepBuffer:
             sums.assign_add(tf.where(ok, norms, 0.0))
             counts.assign_add(tf.cast(ok, tf.float32))
 
-    def take_rows(self):
+    def take_rows(self, model=None):
         """(values, steps, finite flags) written since the last call."""
         count = int(self.count.numpy())
         self.count.assign(0)
         if count > self.capacity:
             raise RuntimeError("GradientMonitor's buffer overflowed; this is a bug, please report it")
         return self.rows.numpy()[:count], self.steps.numpy()[:count], self.finite.numpy()[:count]
+
+    def train_steps_so_far(self, model=None) -> int:
+        return int(self.train_steps.numpy())
+
+    def nonfinite_seen_so_far(self, model=None) -> bool:
+        return bool(self.nonfinite_seen.numpy())
 
     def take_state_means(self) -> list[np.ndarray]:
         """The epoch's mean ‖∂L/∂h_t‖ of each traced layer (NaN where no finite value came)."""
@@ -193,7 +200,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def __init__(self, log_every: int = 1, loggers=(), stop_on_nonfinite: bool = False,
                  figures=True):
         super().__init__()
-        require_supported_backend("GradientMonitor")
+        require_supported_backend("GradientMonitor", ("tensorflow", "jax"))
         require_integer("log_every", log_every)
         self.log_every = log_every
         self.loggers = list(loggers)
@@ -205,6 +212,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._buffer: _StepBuffer | None = None
         self._traced = []
         self._guards = []
+        self._jax = None  # the probes of a JAX step (gradtools.jax_steps), when Keras runs on JAX
         # The step's loss tensor, from compute_loss to apply: per thread, since a strategy
         # traces each replica's step in a thread of its own.
         self._step = threading.local()
@@ -252,6 +260,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self._clipping = _optimizer_clipping(optimizer)
         self._traced = through_time.traced_layers(model)
+        if keras.backend.backend() == "jax":
+            require_monitorable(model, self._traced)
+            self._jax = JaxProbes(self, model, optimizer)
         self._steps_per_call = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         # Room for an epoch (read at its end) or, when its length is unknown, a flush before full.
         self._capacity = (self.params.get("steps") or _DEFAULT_CAPACITY) + self._steps_per_call
@@ -287,6 +298,8 @@ class GradientMonitor(keras.callbacks.Callback):
             self._take_spikes()
         except Exception:  # noqa: BLE001 - the error on its way up is the one to report
             pass
+        if isinstance(self._buffer, JaxStepBuffer):
+            self._buffer.remove()
         self._run.end_abruptly(error)
 
     def _new_run(self) -> None:
@@ -299,6 +312,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._ended = False
 
     def _install(self, model, optimizer) -> None:
+        if self._jax is not None:
+            self._jax.install()
+            return
         monitor = self
 
         def wrap_compute_loss(original_compute_loss):
@@ -337,8 +353,11 @@ class GradientMonitor(keras.callbacks.Callback):
                                  clipped=self._clipping is not None, loss_scaled=self._loss_scaled)
         self._run.start(self._layout.paths, columns, self._traced, epochs=self.params.get("epochs") or 0,
                         steps_per_epoch=self.params.get("steps") or 0)
-        self._buffer = _StepBuffer(self._capacity, len(columns) - VALUE_COLUMNS_START,
-                                   [layer.time_steps for layer in self._traced])
+        n_values = len(columns) - VALUE_COLUMNS_START
+        if self._jax is not None:
+            self._buffer = JaxStepBuffer(self.model.optimizer, self._capacity, n_values)
+            return
+        self._buffer = _StepBuffer(self._capacity, n_values, [layer.time_steps for layer in self._traced])
 
     def _take_loss(self):
         """The loss compute_loss gave this step (in this replica's thread)."""
@@ -369,12 +388,12 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._buffer is None:
             return
         self._pending_steps = 0
-        values, steps, finite = self._buffer.take_rows()
+        values, steps, finite = self._buffer.take_rows(self.model)
         self._run.add_rows(epoch, steps, steps - self._first_step_of_epoch, values, finite)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        self._first_step_of_epoch = (int(self._buffer.train_steps.numpy()) + 1
+        self._first_step_of_epoch = (self._buffer.train_steps_so_far(self.model) + 1
                                      if self._buffer is not None else 1)
         self._radii = through_time.spectral_radii(self._traced)
 
@@ -382,7 +401,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._pending_steps += self._steps_per_call
         if self._pending_steps + self._steps_per_call > self._capacity:
             self._flush(self._epoch)
-        if self.stop_on_nonfinite and self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()):
+        if self.stop_on_nonfinite and self._buffer is not None and self._buffer.nonfinite_seen_so_far(self.model):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
@@ -392,7 +411,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._flush(epoch)
         self._take_spikes()
         diverged = self.status == DIVERGED
-        means = self._buffer.take_state_means() if self._buffer is not None else []
+        means = self._buffer.take_state_means() if self._traced else []
         self._run.end_epoch(epoch, self.epochs_completed if diverged else epoch + 1,
                             last=epoch + 1 == self.params.get("epochs") or (self.stop_on_nonfinite and diverged),
                             through_time_values=self._run.through_time_row(epoch, self._radii, means))
@@ -408,12 +427,16 @@ class GradientMonitor(keras.callbacks.Callback):
         for owner, name, token in self._restore:
             probes.unwrap(owner, name, token)
         self._restore = []
+        if self._jax is not None:
+            self._jax.remove()
 
     def on_train_end(self, logs=None):
         self._remove_probes()
         probes.unwatch(self.model, self._end_abruptly)
         self.model.make_train_function(force=True)  # later fits run without the probes
-        if self._buffer is not None and bool(self._buffer.nonfinite_seen.numpy()) and self.status != DIVERGED:
+        if self._buffer is not None and self._buffer.nonfinite_seen_so_far(self.model) and self.status != DIVERGED:
             self._run.status = DIVERGED
+        if isinstance(self._buffer, JaxStepBuffer):
+            self._buffer.remove()
         self._ended = True
         self._run.end()

@@ -1,0 +1,75 @@
+"""Run by tests/test_backends.py under one Keras backend (KERAS_BACKEND; a process per backend,
+since Keras fixes it at import): ``model.fit`` with a ``GradientMonitor`` on a deep sigmoid net
+at small weights (vanishing), the article's exploding config, and under ``mixed_float16`` on
+inputs whose scaled gradients overflow float16. Prints one JSON line of what was measured."""
+
+import json
+
+import keras
+import numpy as np
+from sklearn.datasets import make_moons
+
+import gradtools
+from experiments.config import config_data, config_optimizer, load_config
+from experiments.models import build_model
+
+
+def monitored_run(model, x, y, epochs: int, batch_size: int) -> dict:
+    """model.fit with the monitor: the verdict and how the run ended."""
+    monitor = gradtools.GradientMonitor(figures=False, stop_on_nonfinite=True)
+    model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=[monitor])
+    diagnosis = gradtools.diagnose(monitor.history())
+    return {"verdict": diagnosis.verdict, "status": monitor.status, "epochs": monitor.epochs_completed,
+            "first_nonfinite_step": monitor.first_nonfinite_step}
+
+
+def deep_sigmoid_run() -> dict:
+    """Six sigmoid layers of 16 at N(0, 0.1²) weights under SGD, on two moons (the net of
+    tests/test_diagnosis.py's vanishing case)."""
+    x, y = make_moons(512, noise=0.2, random_state=0)
+    keras.utils.set_random_seed(0)
+    small = keras.initializers.RandomNormal(0.0, 0.1)
+    model = keras.Sequential([keras.Input((2,))]
+                             + [keras.layers.Dense(16, activation="sigmoid", kernel_initializer=small)
+                                for _ in range(6)]
+                             + [keras.layers.Dense(1, activation="sigmoid", kernel_initializer=small)])
+    model.compile("sgd", "binary_crossentropy")
+    return monitored_run(model, x.astype("float32"), y.astype("float32"), epochs=2, batch_size=32)
+
+
+def article_run(name: str, epochs: int) -> dict:
+    """The config's model, data and optimizer, trained by model.fit with the monitor."""
+    config = load_config(name)
+    keras.utils.set_random_seed(config.seed)
+    x, y = config_data(config)
+    model = build_model(config.model, input_shape=x.shape[1:])
+    model.compile(config_optimizer(config), config.training.loss)
+    return monitored_run(model, x, y, epochs, config.training.batch_size)
+
+
+def overflowing_float16_run() -> dict:
+    """Inputs of about 300 under mixed_float16: the scaled gradients overflow float16 until the
+    loss scaler has halved its scale enough; those steps are skipped, not a divergence."""
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(1, dtype="float32")])
+        model.compile(keras.optimizers.SGD(1e-12), "mse")
+        rng = np.random.default_rng(0)
+        x = (300 * rng.standard_normal((256, 4))).astype("float32")
+        y = rng.standard_normal((256, 1)).astype("float32")
+        monitor = gradtools.GradientMonitor(figures=False)
+        model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0, callbacks=[monitor])
+    finally:
+        keras.config.set_dtype_policy("float32")
+    rows = monitor.metrics
+    return {"loss_scale": rows["loss_scale"].tolist(), "skipped": rows["skipped"].tolist(), "status": monitor.status,
+            "monitor_variables_left": [v.path for v in model.optimizer.variables if "gradtools" in v.path]}
+
+
+if __name__ == "__main__":
+    print(json.dumps({"backend": keras.backend.backend(),
+                      "vanishing": deep_sigmoid_run(),
+                      "exploding": article_run("exploding/relu_baseline", epochs=5),
+                      "float16": overflowing_float16_run()}))
