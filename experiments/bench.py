@@ -7,7 +7,9 @@ measured in one process on the same data.
 (c) ``gradtools.fit`` logging every statistic of every layer at every step;
 (d) ``model.fit`` with ``gradtools.GradientMonitor`` logging every step;
 (e) ``model.fit`` with ``gradtools.SpikeGuard("skip")``, and (f) ``gradtools.fit`` with one:
-    the guard's cost, beside a second run of (b) that shows how much two equal runs differ.
+    the guard's cost, beside a second run of (b) that shows how much two equal runs differ;
+(g) per Keras backend (TensorFlow, JAX), a 10.5 M-weight MLP: ``model.fit`` with the monitor
+    against plain ``model.fit`` (:mod:`experiments.bench_backends`, a process per backend).
 
 Then the wall time of ``make figures``, and sweep throughput (points per minute) for the
 local executor with 1 and 2 workers and for Ray on this machine.
@@ -156,6 +158,23 @@ def time_spike_guard(epochs: int, plain: float, ours: float) -> None:
     print(f"  (f)/(c) = {guarded_ours / ours:.3f}   (SpikeGuard overhead in the compiled epoch)")
 
 
+def time_backends() -> None:
+    """(g): the monitor's overhead on each backend, on a model of more than 10 M weights."""
+    import json  # noqa: PLC0415
+
+    for backend in ("tensorflow", "jax"):
+        env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        done = subprocess.run([sys.executable, "-m", "experiments.bench_backends"], env=env, capture_output=True,
+                              text=True, check=False)
+        if done.returncode != 0:
+            print(f"  (g) {backend}: failed ({(done.stderr.strip().splitlines() or ['?'])[-1]})", flush=True)
+            continue
+        m = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  (g) {backend:10s} {m['weights'] / 1e6:.1f} M weights, {m['steps']} steps: model.fit "
+              f"{m['plain'] * 1e3:.0f} ms, + GradientMonitor {m['monitored'] * 1e3:.0f} ms an epoch: "
+              f"{m['monitored'] / m['plain']:.2f}x (plain again: {m['plain_again'] / m['plain']:.2f}x)", flush=True)
+
+
 def time_make_figures() -> float:
     """Wall time of ``python -m experiments figures`` (every experiment config, one process)."""
     import tempfile
@@ -300,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--article-epochs", type=int, default=4, help="epochs for (a) (default 4)")
     parser.add_argument("--skip-figures", action="store_true", help="do not time make figures")
     parser.add_argument("--skip-sweeps", action="store_true", help="do not time the sweep executors")
+    parser.add_argument("--skip-backends", action="store_true",
+                        help="do not time the monitor per Keras backend on the 10.5 M-weight MLP (g)")
     parser.add_argument("--only-from-nothing", action="store_true", help="only the --from-nothing part")
     parser.add_argument("--from-nothing", action="store_true",
                         help="also time the long commands from an empty cache against their targets "
@@ -331,6 +352,8 @@ def _run(args) -> None:
     print(f"  (d) model.fit + GradientMonitor, every step {monitored * 1e3:8.1f} ms", flush=True)
     print(f"  (d)/(b) = {monitored / plain:.3f}   (GradientMonitor overhead; target <= 1.3)")
     time_spike_guard(args.epochs, plain, ours)
+    if not args.skip_backends:
+        time_backends()
     if not args.skip_figures:
         print(f"make figures (every experiment config, its own epochs, one process): "
               f"{time_make_figures():.1f} s", flush=True)

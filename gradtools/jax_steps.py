@@ -78,11 +78,29 @@ class JaxStepBuffer:
         while hasattr(self._owner, "inner_optimizer"):
             self._owner = self._owner.inner_optimizer
         self._owner._variables.extend(self._variables)  # noqa: SLF001 - the list fit threads through the step
+        # A checkpoint written during fit (ModelCheckpoint) holds the optimizer's own variables only.
+        self._chain = [optimizer] + ([self._owner] if self._owner is not optimizer else [])
+        self._tokens = [probes.wrap(o, "save_own_variables", self._saving_without_buffer, probes.MONITOR)
+                        for o in self._chain]
 
     def remove(self) -> None:
         """Give the optimizer back its own variables (when ``fit`` ends)."""
         mine = {id(v) for v in self._variables}
         self._owner._variables[:] = [v for v in self._owner._variables if id(v) not in mine]  # noqa: SLF001
+        for owner, token in zip(self._chain, self._tokens):
+            probes.unwrap(owner, "save_own_variables", token)
+        self._tokens = []
+
+    def _saving_without_buffer(self, original_save_own_variables):
+        def save_own_variables(store):
+            variables = self._owner._variables  # noqa: SLF001
+            kept = list(variables)
+            variables[:] = [v for v in kept if all(v is not mine for mine in self._variables)]
+            try:
+                return original_save_own_variables(store)
+            finally:
+                variables[:] = kept
+        return save_own_variables
 
     def positions(self) -> list[int]:
         """Where the buffer's variables are in ``optimizer.variables`` (the state's order)."""

@@ -68,8 +68,28 @@ def overflowing_float16_run() -> dict:
             "monitor_variables_left": [v.path for v in model.optimizer.variables if "gradtools" in v.path]}
 
 
+def checkpointed_run(directory: str) -> dict:
+    """A ModelCheckpoint written during a monitored fit loads into a model of its own, Adam's
+    moments included (Keras skips an optimizer state of another length, with a warning)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    x = np.random.default_rng(0).standard_normal((64, 3)).astype("float32")
+    path = f"{directory}/model.keras"
+    model.fit(x, x.sum(axis=1), epochs=2, batch_size=16, verbose=0,
+              callbacks=[gradtools.GradientMonitor(figures=False), keras.callbacks.ModelCheckpoint(path)])
+    loaded = keras.saving.load_model(path)
+    return {"optimizer_variables": len(loaded.optimizer.variables),
+            "same_weights": all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), model.get_weights())),
+            "same_optimizer_state": all(np.array_equal(a.numpy(), b.numpy()) for a, b in
+                                        zip(loaded.optimizer.variables, model.optimizer.variables))}
+
+
 if __name__ == "__main__":
+    import tempfile
+
     print(json.dumps({"backend": keras.backend.backend(),
                       "vanishing": deep_sigmoid_run(),
                       "exploding": article_run("exploding/relu_baseline", epochs=5),
-                      "float16": overflowing_float16_run()}))
+                      "float16": overflowing_float16_run(),
+                      "checkpoint": checkpointed_run(tempfile.mkdtemp())}))

@@ -98,6 +98,9 @@ def test_the_monitor_on_jax_gives_the_verdicts_and_loss_scaling_of_tensorflow(re
         for k in range(len(scales) - 1):  # a skipped step halves the scale; a finite one keeps it (no 2000 yet)
             assert scales[k + 1] == (scales[k] / 2 if skipped[k] else scales[k]), (backend, k, scales, skipped)
         assert float16["monitor_variables_left"] == [], backend
+        # Adam's: iterations, learning rate, and m and v of the two kernels and two biases
+        assert run["checkpoint"] == {"optimizer_variables": 2 + 2 * 4, "same_weights": True,
+                                     "same_optimizer_state": True}, backend
     assert runs["jax"]["exploding"]["first_nonfinite_step"] == runs["tensorflow"]["exploding"]["first_nonfinite_step"]
 
 
