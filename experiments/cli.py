@@ -161,7 +161,8 @@ def _add_gallery_command(commands) -> None:
         "Conv1D and GRU sequence models, an MLP regressor, and four broken nets) with model.fit "
         "and GradientMonitor, diagnose each, and time plain model.fit against model.fit with the "
         "monitor. Prints a markdown table and writes it to <figures>/gallery.md, with each "
-        "model's gradient heatmap as <figures>/gallery_<model>.png.")
+        "model's gradient heatmap as <figures>/gallery_<model>.png. Under KERAS_BACKEND=jax the "
+        "same on JAX, into <figures>/gallery-jax.md, leaving out the model that needs TensorFlow.")
     gallery.add_argument("--seeds", type=int, default=1, help="seeds per model (default 1)")
     gallery.add_argument("--figures", default="figures", help="where the table and heatmaps go "
                          "(default figures)")
@@ -510,8 +511,14 @@ def command_gallery(args) -> int:
         raise ConfigError("--seeds", "--seeds", args.seeds, "must be an integer >= 1")
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
+    import keras
+
+    backend = keras.backend.backend()  # on JAX: the cases that need TensorFlow are left out, saying why
     rows = []
     for case in CASES:
+        if case.tensorflow_only and backend != "tensorflow":
+            print(f"left out on {backend}: {case.name} ({case.tensorflow_only}: TensorFlow only)", flush=True)
+            continue
         started = time.perf_counter()
         row = gallery_row(case, seeds=range(args.seeds), overhead=not args.no_timing)
         history = row.pop("heatmap")
@@ -521,8 +528,9 @@ def command_gallery(args) -> int:
         print(f"{case.name}: {', '.join(row['verdicts'])} (expected {case.expected}; "
               f"{time.perf_counter() - started:.0f} s)", flush=True)
     table = markdown_table(rows)
-    write_atomically(figures / "gallery.md", lambda partial: partial.write_text(table))
-    print(table + f"table: {figures / 'gallery.md'}")
+    page = figures / ("gallery.md" if backend == "tensorflow" else f"gallery-{backend}.md")
+    write_atomically(page, lambda partial: partial.write_text(table))
+    print(table + f"table: {page}")
     wrong = sum(v != row["expected"] for row in rows for v in row["verdicts"])
     return EXIT_FAILED if wrong else 0
 

@@ -37,6 +37,7 @@ class Case:
     batch_size: int = 32
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    tensorflow_only: str = ""  # why the case runs on Keras's TensorFlow backend only
 
 
 # --- data, made offline ----------------------------------------------------------------------
@@ -320,7 +321,8 @@ CASES = [
          dict(optimizer=_adam(), loss="mse"), 3),
     Case("rnn_through_time", "SimpleRNN, T = 60, recurrent spectral radius 0.5, recall step 1",
          "vanishing", rnn_through_time,
-         dict(optimizer=_adam(), loss="binary_crossentropy"), 3),
+         dict(optimizer=_adam(), loss="binary_crossentropy"), 3,
+         tensorflow_only="gradients through time (gradtools.through_time.TracedRNN)"),
 ]
 
 

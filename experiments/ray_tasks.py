@@ -59,16 +59,22 @@ def start_ray(workers: int, ray_address: str | None = None) -> None:
     # ray.init installs its own SIGTERM handling (an exit 15 with no word, or absl's stack dump,
     # exit 134); the command's own (closed run directories, exit 143, one line) comes back after
     sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        ray.init(**where, **options)
-        signal.signal(signal.SIGTERM, sigterm)
-    except Exception as error:  # noqa: BLE001 — Ray raises RuntimeError, ConnectionError, its own errors
-        ray.shutdown()
-        first_line = error_first_line(error)
-        if ray_address:
-            raise ConfigError("--ray-address", "--ray-address", ray_address,
-                              f"Ray could not join that cluster: {first_line}") from None
-        raise ConfigError("--executor", "--executor", "ray", f"Ray could not start here: {first_line}") from None
+    # Ray gives a local node 30 s to register, a limit it does not let one change; on a machine
+    # busy with other work (a test suite on every core) that may not be enough: one more try.
+    for attempt in range(1 if ray_address else 2):
+        try:
+            ray.init(**where, **options)
+            signal.signal(signal.SIGTERM, sigterm)
+            return
+        except Exception as error:  # noqa: BLE001 — Ray raises RuntimeError, ConnectionError, its own errors
+            ray.shutdown()
+            first_line = error_first_line(error)
+            if not ray_address and attempt == 0 and "timed out during startup" in first_line:
+                continue
+            if ray_address:
+                raise ConfigError("--ray-address", "--ray-address", ray_address,
+                                  f"Ray could not join that cluster: {first_line}") from None
+            raise ConfigError("--executor", "--executor", "ray", f"Ray could not start here: {first_line}") from None
 
 
 def each_of_group(each: Callable[[Any], Any], items: list, threads: int | None = None):

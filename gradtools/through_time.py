@@ -22,6 +22,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from gradtools.backend import require_supported_backend
 from gradtools.recurrence import (  # noqa: F401  (re-exported: the numbers that go with the layer)
     bptt_steps_column,
     geometric_prediction,
@@ -88,6 +89,7 @@ class TracedRNN(keras.layers.RNN):
     """
 
     def __init__(self, cell, truncate_bptt: int | None = None, **kwargs):
+        require_supported_backend("TracedRNN")
         if truncate_bptt is not None:
             require_integer("truncate_bptt", truncate_bptt)
         if isinstance(cell, dict):

@@ -29,6 +29,13 @@ def pytest_collection_finish(session):
     freeze_what_exists()
 
 
+def jax_env() -> dict:
+    """The environment of a subprocess that runs Keras on JAX and imports this checkout's code."""
+    import jax  # noqa: F401 - the jax extra (make installs it): without it Keras cannot start on JAX
+
+    return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO_ROOT)}
+
+
 def run_cli(args, cwd, timeout=300, env=None, module="experiments", **kwargs):
     """``python -m experiments ...`` (or another ``module``) in a subprocess that imports this
     checkout's code."""

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, jax_env, run_cli
 
 ON_JAX = """
 import numpy as np, keras, gradtools
@@ -31,14 +31,8 @@ for name, make in [("SpikeGuard", lambda: gradtools.SpikeGuard("skip")),
 """
 
 
-def _jax_env():
-    import jax  # noqa: F401 - the jax extra (make installs it): without it Keras cannot start on JAX
-
-    return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO_ROOT)}
-
-
 def test_on_jax_the_tensorflow_only_entry_points_refuse_in_one_line(repo_root):
-    done = subprocess.run([sys.executable, "-c", ON_JAX], cwd=repo_root, env=_jax_env(), capture_output=True,
+    done = subprocess.run([sys.executable, "-c", ON_JAX], cwd=repo_root, env=jax_env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
@@ -57,9 +51,9 @@ def test_the_commands_on_jax_exit_2_in_one_line_and_write_nothing(repo_root, tmp
     model.save(tmp_path / "model.keras")
     np.savez(tmp_path / "data.npz", x=np.zeros((8, 3), "float32"), y=np.zeros(8, "float32"))
     checked = run_cli(["preflight", str(tmp_path / "model.keras"), str(tmp_path / "data.npz")], repo_root,
-                      env=_jax_env(), module="gradtools")
+                      env=jax_env(), module="gradtools")
     trained = run_cli(["run", "vanishing/shallow", "--set", "training.epochs=1", "--out", str(tmp_path / "runs"),
-                       "--quiet"], repo_root, env=_jax_env())
+                       "--quiet"], repo_root, env=jax_env())
     for done, command in ((checked, "python -m gradtools preflight"), (trained, "python -m experiments")):
         assert done.returncode == 2, done.stderr[-2000:]
         said = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -102,23 +96,3 @@ def test_the_monitor_on_jax_gives_the_verdicts_and_loss_scaling_of_tensorflow(re
         assert run["checkpoint"] == {"optimizer_variables": 2 + 2 * 4, "same_weights": True,
                                      "same_optimizer_state": True}, backend
     assert runs["jax"]["exploding"]["first_nonfinite_step"] == runs["tensorflow"]["exploding"]["first_nonfinite_step"]
-
-
-def test_the_core_of_the_zoo_on_jax_is_recorded_exactly_against_jax_grad(repo_root, tmp_path):
-    """``KERAS_BACKEND=jax python -m experiments conformance --core``: every core case's records
-    equal jax.grad's of model.compute_loss at the same weights (the smaller last batch, an
-    embedding, logits far out, GPT-2's padding mask); the MirroredStrategy case is left out,
-    saying why."""
-    import jax  # noqa: F401 - the jax extra
-
-    done = run_cli(["conformance", "--core", "--figures", str(tmp_path)], repo_root, env=_jax_env(), timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "left out on jax: friedman regressor / MirroredStrategy ×2, uneven last batch (a tf.distribute " \
-           "strategy: TensorFlow only)" in done.stdout
-    page = (tmp_path / "conformance.md").read_text()
-    assert "KERAS_BACKEND=jax python -m experiments conformance --core" in page
-    rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert len(rows) == 5, page
-    for row in rows:
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert cells[2].startswith("exact (") and cells[3] == "—" and cells[4].endswith("3"), row
