@@ -536,26 +536,28 @@ def command_gallery(args) -> int:
 
 
 def command_conformance(args) -> int:
+    import keras
+
     from experiments.conformance import as_expected, markdown_table, run_case
     from experiments.provenance import provenance
     from experiments.zoo import CASES
     from gradtools.loggers.local import write_atomically
 
+    backend = keras.backend.backend()  # on JAX: the monitor against jax.grad, the TensorFlow-only cases left out
     cases = [case for case in CASES if (case.core or not args.core)
              and (not args.only or any(text in f"{case.model} {case.mode}" for text in args.only))]
-    import keras
-
-    backend = keras.backend.backend()  # on JAX: the monitor against jax.grad, the TensorFlow-only cases left out
-    left_out = [case for case in cases if case.tensorflow_only and backend != "tensorflow"]
-    cases = [case for case in cases if case not in left_out]
     if not cases:
         raise ConfigError("--only", FILE, None, f"{' or '.join(map(repr, args.only))} matches no case of the zoo "
                           "(python -m experiments conformance --list names them)")
-    if any("keras-hub" in case.model for case in cases) and not args.list:
-        require("keras_hub", extra="zoo", feature="the conformance zoo's keras-hub models")
+    left_out = [case for case in cases if case.tensorflow_only and backend != "tensorflow"]
     if args.list:
-        print("\n".join(f"{case.model} / {case.mode}" + (" (core)" if case.core else "") for case in cases))
+        print("\n".join(f"{case.model} / {case.mode}" + (" (core)" if case.core else "")
+                        + (f" (left out on {backend}: {case.tensorflow_only})" if case in left_out else "")
+                        for case in cases))
         return 0
+    cases = [case for case in cases if case not in left_out]
+    if any("keras-hub" in case.model for case in cases):
+        require("keras_hub", extra="zoo", feature="the conformance zoo's keras-hub models")
     for case in left_out:
         print(f"left out on {backend}: {case.model} / {case.mode} ({case.tensorflow_only}: TensorFlow only)")
     figures = Path(args.figures)

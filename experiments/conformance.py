@@ -175,7 +175,8 @@ def jax_reference(model, batch, values, scale, graph=True) -> dict:
     """The loss and every trainable variable's gradient (by path, float64) that a step on
     ``batch`` takes at ``values``, from ``jax.grad`` of ``model.compute_loss`` over the model
     called with the trainable variables as arguments (a ``keras.StatelessScope`` maps each
-    variable to its traced value, so that a regularizer's loss is differentiated too); jitted
+    variable to its traced value and collects the losses layers add, so that regularizers' and
+    ``add_loss`` losses are differentiated too); jitted
     when ``graph``, as ``model.fit`` is."""
     import jax  # noqa: PLC0415 - only under Keras's JAX backend
 
@@ -185,7 +186,7 @@ def jax_reference(model, batch, values, scale, graph=True) -> dict:
     trainable = model.trainable_variables
 
     def loss_of(trainable_values):
-        with keras.StatelessScope(state_mapping=list(zip(trainable, trainable_values))):
+        with keras.StatelessScope(state_mapping=list(zip(trainable, trainable_values)), collect_losses=True):
             y_pred = model(x, training=True)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
         return loss * scale if scale is not None else loss, loss
@@ -257,8 +258,10 @@ def expected_row(ref: dict, layer_paths: list[str], before: dict | None = None, 
 
 
 def _layer_statistics(prefix: str, g, w0, w1) -> dict[str, tuple[float, float]]:
-    abs_mean, norm, max_abs = float(np.abs(g).mean()), float(np.sqrt(np.sum(g * g))), float(np.abs(g).max())
-    row = {"grad_mean": (float(g.mean()), abs_mean), "grad_abs_mean": (abs_mean, abs_mean),
+    with np.errstate(invalid="ignore", over="ignore"):  # a step a loss scaler skips: its gradients overflowed
+        abs_mean, norm, max_abs = float(np.abs(g).mean()), float(np.sqrt(np.sum(g * g))), float(np.abs(g).max())
+        mean = float(g.mean())
+    row = {"grad_mean": (mean, abs_mean), "grad_abs_mean": (abs_mean, abs_mean),
            "grad_norm": (norm, norm), "grad_max_abs": (max_abs, max_abs)}
     if w0 is not None and w1 is not None:
         w0, w1 = np.asarray(w0, np.float64), np.asarray(w1, np.float64)
@@ -356,6 +359,8 @@ def check_fit(subject: Subject, build) -> tuple[float, str, list[int], str]:
     steps = sorted({1, 2, subject.n_steps} & set(range(1, subject.n_steps + 1)))
     notes = []
     for step in steps:
+        if scale is not None:  # the scale of this step: the loss scaler halves it after a step that overflowed
+            scale = float(rows.loc[step, "loss_scale"])
         expected = expected_row(reference(subject.model, subject.batch(step), start, scale), history.layer_paths,
                                 scale=scale)
         difference, column = relative_difference(rows.loc[step], expected)

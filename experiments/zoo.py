@@ -85,16 +85,19 @@ def relu12_scale30(output="sigmoid", from_logits=False, one_hot=False, **compile
     return Subject(model, x, y, BATCH, fit_loss=loss)
 
 
-def friedman_regressor(strategy=None, rows=999, batch=32) -> Subject:
+def friedman_regressor(strategy=None, rows=999, batch=32, regularized=False) -> Subject:
     """4 × 64 ReLU regressor on make_friedman1, Adam; under a MirroredStrategy its last
-    batch (7 rows) splits unevenly over two replicas."""
+    batch (7 rows) splits unevenly over two replicas. ``regularized``: each hidden layer's
+    weights and activity carry an L2 penalty (losses the layers add, which the loss includes)."""
     from sklearn.datasets import make_friedman1
 
     x, y = make_friedman1(rows, random_state=0)
     scope = strategy.scope() if strategy is not None else _NoScope()
+    penalty = dict(kernel_regularizer="l2", activity_regularizer=keras.regularizers.L2(1e-3)) if regularized else {}
     with scope:
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((10,))] + [keras.layers.Dense(64, activation="relu") for _ in range(4)]
+        model = keras.Sequential([keras.Input((10,))]
+                                 + [keras.layers.Dense(64, activation="relu", **penalty) for _ in range(4)]
                                  + [keras.layers.Dense(1)])
         _compiled(model, "mse")
     return Subject(model, x.astype(np.float32), y.astype(np.float32), batch, strategy=strategy,
@@ -494,6 +497,9 @@ CASES = [
          lambda: relu12_scale30("softmax", from_logits=True)),
     Case("12 ReLU ×30, sigmoid", "from_logits=True", lambda: relu12_scale30("sigmoid", from_logits=True)),
     Case("friedman regressor", "one device, Adam", friedman_regressor),
+    Case("friedman regressor", "weight and activity regularizers", lambda: friedman_regressor(regularized=True)),
+    Case("friedman regressor", "mixed_float16, one device", friedman_regressor, FLOAT16_TOLERANCE,
+         mixed_precision=True),
 ]
 
 

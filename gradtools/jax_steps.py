@@ -47,6 +47,8 @@ def require_monitorable(model, traced_layers) -> None:
         raise ValueError(_REFUSED.format(what="keras.distribution (a distributed model.fit)"))
     if getattr(keras.config, "is_nnx_enabled", lambda: False)():
         raise ValueError(_REFUSED.format(what="Flax NNX models (keras.config.is_nnx_enabled())"))
+    if model.built and not model.trainable_weights:
+        raise ValueError("GradientMonitor has nothing to record: the model has no trainable weights")
     if not model.built:
         raise ValueError("GradientMonitor on JAX needs a built model: call the model on a batch, or give its "
                          "first layer an input shape, before model.fit")
@@ -63,9 +65,10 @@ class JaxStepBuffer:
         def variable(shape, dtype, name):
             return keras.Variable(np.zeros(shape, dtype), trainable=False, name=f"gradtools_monitor_{name}")
 
-        self.rows = variable((capacity, n_values), "float32", "rows")
-        self.steps = variable((capacity,), "int32", "steps")
-        self.finite = variable((capacity,), "bool", "finite")
+        # One row more than kept: a step not logged, or one past a full table, is written there.
+        self.rows = variable((capacity + 1, n_values), "float32", "rows")
+        self.steps = variable((capacity + 1,), "int32", "steps")
+        self.finite = variable((capacity + 1,), "bool", "finite")
         self.count = variable((), "int32", "count")
         # Train steps so far: the optimizer's iterations skip the steps a loss scaler skips.
         self.train_steps = variable((), "int32", "train_steps")
@@ -78,29 +81,30 @@ class JaxStepBuffer:
         while hasattr(self._owner, "inner_optimizer"):
             self._owner = self._owner.inner_optimizer
         self._owner._variables.extend(self._variables)  # noqa: SLF001 - the list fit threads through the step
-        # A checkpoint written during fit (ModelCheckpoint) holds the optimizer's own variables only.
-        self._chain = [optimizer] + ([self._owner] if self._owner is not optimizer else [])
-        self._tokens = [probes.wrap(o, "save_own_variables", self._saving_without_buffer, probes.MONITOR)
-                        for o in self._chain]
+        # A checkpoint written or read during fit (ModelCheckpoint, BackupAndRestore) holds the
+        # optimizer's own variables only.
+        chain = [optimizer] + ([self._owner] if self._owner is not optimizer else [])
+        self._tokens = [(o, name, probes.wrap(o, name, self._without_buffer, probes.MONITOR))
+                        for o in chain for name in ("save_own_variables", "load_own_variables")]
 
     def remove(self) -> None:
         """Give the optimizer back its own variables (when ``fit`` ends)."""
         mine = {id(v) for v in self._variables}
         self._owner._variables[:] = [v for v in self._owner._variables if id(v) not in mine]  # noqa: SLF001
-        for owner, token in zip(self._chain, self._tokens):
-            probes.unwrap(owner, "save_own_variables", token)
+        for owner, name, token in self._tokens:
+            probes.unwrap(owner, name, token)
         self._tokens = []
 
-    def _saving_without_buffer(self, original_save_own_variables):
-        def save_own_variables(store):
+    def _without_buffer(self, original):
+        def own_variables_only(store):
             variables = self._owner._variables  # noqa: SLF001
             kept = list(variables)
             variables[:] = [v for v in kept if all(v is not mine for mine in self._variables)]
             try:
-                return original_save_own_variables(store)
+                return original(store)
             finally:
                 variables[:] = kept
-        return save_own_variables
+        return own_variables_only
 
     def positions(self) -> list[int]:
         """Where the buffer's variables are in ``optimizer.variables`` (the state's order)."""
@@ -114,7 +118,7 @@ class JaxStepBuffer:
         rows, steps, flags, count, train_steps, nonfinite_seen = values
         step = train_steps + 1
         log_now = ops.logical_or(ops.equal((step - 1) % log_every, 0), ops.logical_not(finite))
-        index = ops.minimum(count, self.capacity - 1)  # a step not logged writes past the last row kept
+        index = ops.where(log_now, ops.minimum(count, self.capacity), self.capacity)
         rows = ops.slice_update(rows, [index, 0], ops.expand_dims(ops.cast(row, "float32"), 0))
         steps = ops.slice_update(steps, [index], ops.expand_dims(step, 0))
         flags = ops.slice_update(flags, [index], ops.expand_dims(finite, 0))
@@ -141,7 +145,8 @@ class JaxStepBuffer:
         """A variable's value in the state ``fit`` holds now (without writing the state back)."""
         state = getattr(model, "_jax_state", None)
         if state and not model._jax_state_synced:  # noqa: SLF001 - the trainer's own flag
-            return state["optimizer_variables"][self.positions()[self._variables.index(variable)]]
+            mine = [id(v) for v in self._variables].index(id(variable))  # Variable == is elementwise
+            return state["optimizer_variables"][self.positions()[mine]]
         return variable.numpy()
 
 
@@ -163,6 +168,11 @@ class JaxProbes:
         return self._clipping is not None
 
     def install(self) -> None:
+        model, optimizer = self._model, self._optimizer
+        # fit purges the variables' values while it holds them as state: kept here for an error
+        # in the first step's tracing, after which fit has no state to write back
+        self._values = [(v, v.value) for v in [*model.trainable_variables, *model.non_trainable_variables,
+                                                 *optimizer.variables, *model.metrics_variables]]
         tracker = self._model._loss_tracker  # noqa: SLF001 - the Mean that fit's train_step gives the loss to
         wrapped = [(self._model, "train_step", self._wrap_train_step),
                    (self._optimizer, "stateless_apply", self._wrap_stateless_apply),
@@ -174,6 +184,15 @@ class JaxProbes:
         for owner, name, token in self._tokens:
             probes.unwrap(owner, name, token)
         self._tokens = []
+
+    def restore_purged(self) -> None:
+        """After a fit that raised before any step returned its state (the monitor's own refusal
+        while the step was traced, say): each variable fit purged gets its value back."""
+        if getattr(self._model, "_jax_state", None) is not None:
+            return  # fit writes back the state it holds
+        for variable, value in getattr(self, "_values", []):
+            if variable._value is None and not value.is_deleted():  # noqa: SLF001 - the trainer purges _value
+                variable._value = value  # noqa: SLF001
 
     def _wrap_loss(self, original_update_state):
         def update_state(values, *args, **kwargs):

@@ -251,6 +251,8 @@ class GradientMonitor(keras.callbacks.Callback):
     # --- installing the probes --------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        callback_list = probes.calling_callback_list()
+        probes.end_runs_of_other_fits(self.model, callback_list)
         if self._ended:
             self._new_run()
         model, optimizer = self.model, self.model.optimizer
@@ -275,7 +277,6 @@ class GradientMonitor(keras.callbacks.Callback):
             self._prepare(list(model.trainable_weights))
         self._install(model, optimizer)
         self._run.status = RUNNING
-        callback_list = probes.calling_callback_list()
         self._guards = [callback for callback in getattr(callback_list, "callbacks", [])
                         if isinstance(callback, SpikeGuard)]
         if self._guards:
@@ -290,6 +291,8 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._ended:
             return
         self._ended = True
+        if self._jax is not None:
+            self._jax.restore_purged()
         self._remove_probes()
         probes.unwatch(self.model, self._end_abruptly)
         self.model.train_function = None
@@ -398,11 +401,12 @@ class GradientMonitor(keras.callbacks.Callback):
         self._radii = through_time.spectral_radii(self._traced)
 
     def on_train_batch_end(self, batch, logs=None):
+        model = self._model  # not Callback.model, which under JAX writes the whole state back each time
         self._pending_steps += self._steps_per_call
         if self._pending_steps + self._steps_per_call > self._capacity:
             self._flush(self._epoch)
-        if self.stop_on_nonfinite and self._buffer is not None and self._buffer.nonfinite_seen_so_far(self.model):
-            self.model.stop_training = True
+        if self.stop_on_nonfinite and self._buffer is not None and self._buffer.nonfinite_seen_so_far(model):
+            model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         first_epoch, self._first_epoch = self._first_epoch, False
@@ -411,7 +415,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._flush(epoch)
         self._take_spikes()
         diverged = self.status == DIVERGED
-        means = self._buffer.take_state_means() if self._traced else []
+        means = self._buffer.take_state_means() if self._traced and self._buffer is not None else []
         self._run.end_epoch(epoch, self.epochs_completed if diverged else epoch + 1,
                             last=epoch + 1 == self.params.get("epochs") or (self.stop_on_nonfinite and diverged),
                             through_time_values=self._run.through_time_row(epoch, self._radii, means))

@@ -56,7 +56,11 @@ def _rebuild(owner, name: str) -> None:
     setattr(owner, name, method)
 
 
-_ON_ERROR, _WATCHED = "_gradtools_on_error", "_gradtools_watched"
+_ON_ERROR, _WATCHED, _FIT, _FIT_OF = "_gradtools_on_error", "_gradtools_watched", "_gradtools_fit", "_gradtools_fit_of"
+
+
+class FitEndedUnseen(RuntimeError):
+    """A ``model.fit`` that raised where no probe saw it, found by the next monitored fit."""
 #: The callback list's hooks that ``fit`` calls between steps.
 _CALLBACK_HOOKS = ("on_epoch_begin", "on_epoch_end", "on_train_batch_begin", "on_train_batch_end")
 
@@ -70,12 +74,32 @@ def retrace_watched(model, on_error: Callable, callback_list=None) -> None:
     hooks = model.__dict__.setdefault(_ON_ERROR, [])
     if on_error not in hooks:
         hooks.append(on_error)
+    if callback_list is not None:
+        model.__dict__.setdefault(_FIT_OF, {})[on_error] = callback_list.__dict__.setdefault(_FIT, object())
     model.make_train_function(force=True)
     model.train_function = _calling_on_error(model.train_function, hooks)
     if callback_list is not None and not callback_list.__dict__.get(_WATCHED):
         callback_list.__dict__[_WATCHED] = True
         for hook in _CALLBACK_HOOKS:
             setattr(callback_list, hook, _calling_on_error(getattr(callback_list, hook), hooks))
+
+
+def end_runs_of_other_fits(model, callback_list) -> None:
+    """Called first in ``on_train_begin``. A fit that raised outside the train step and the four
+    watched hooks (in validation, or in another callback's ``on_train_begin``) got no
+    ``on_train_end`` and no ``on_error``: its probes are still installed. Each run it left is
+    ended now (as failed: :class:`FitEndedUnseen`), before this fit installs its own."""
+    if callback_list is None:
+        return
+    fit = callback_list.__dict__.setdefault(_FIT, object())
+    fit_of = model.__dict__.setdefault(_FIT_OF, {})
+    for hook in list(model.__dict__.get(_ON_ERROR, [])):
+        if fit_of.get(hook, fit) is not fit:
+            hook(FitEndedUnseen("model.fit raised where gradtools did not see it (in validation, or in a "
+                                "callback's on_train_begin): its run was ended when the next fit began"))
+    live = model.__dict__.get(_ON_ERROR, [])
+    for hook in [h for h in fit_of if h not in live]:
+        del fit_of[hook]
 
 
 def calling_callback_list():

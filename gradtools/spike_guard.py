@@ -230,8 +230,10 @@ class SpikeGuard(keras.callbacks.Callback):
     # --- the Keras callback ----------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        callback_list = probes.calling_callback_list()
+        probes.end_runs_of_other_fits(self.model, callback_list)
         self.attach(self.model, self.model.optimizer, loss_from_model=True)
-        probes.retrace_watched(self.model, self._end_abruptly, probes.calling_callback_list())  # with the guard
+        probes.retrace_watched(self.model, self._end_abruptly, callback_list)  # with the guard
 
     def on_epoch_begin(self, epoch, logs=None):
         self.begin_epoch(epoch)

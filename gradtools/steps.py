@@ -77,10 +77,12 @@ def padding_is_exact(model: keras.Model, loss_fn) -> bool:
     each example's output depends on that example alone (the model and its layers are
     Keras's or gradtools's own, without batch normalization: a class of the user's might mix
     the rows), the model has one output with a batch and a feature axis, and the loss is a
-    reducing Keras loss, which honours masks."""
+    reducing Keras loss, which honours masks. An activity regularizer sums its penalty over
+    every row, the filling's too, so a model with one is not padded."""
     layers = model._flatten_layers(include_self=True, recursive=True)
     outputs = getattr(model, "outputs", None) or []
-    return (all(_ours_or_keras(type(layer)) and not isinstance(layer, _ROW_MIXING) for layer in layers)
+    return (all(_ours_or_keras(type(layer)) and not isinstance(layer, _ROW_MIXING)
+                and getattr(layer, "activity_regularizer", None) is None for layer in layers)
             and len(outputs) == 1 and len(outputs[0].shape) >= 2
             and _ours_or_keras(loss_fn.fn if isinstance(loss_fn, _LossFromFunction) else type(loss_fn))
             and getattr(loss_fn, "reduction", None) not in (None, "none"))

@@ -4,6 +4,7 @@ at small weights (vanishing), the article's exploding config, and under ``mixed_
 inputs whose scaled gradients overflow float16. Prints one JSON line of what was measured."""
 
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -12,18 +13,25 @@ from sklearn.datasets import make_moons
 import gradtools
 from experiments.config import config_data, config_optimizer, load_config
 from experiments.models import build_model
+from gradtools.loggers import LocalRunLogger
 
 
-def monitored_run(model, x, y, epochs: int, batch_size: int) -> dict:
-    """model.fit with the monitor: the verdict and how the run ended."""
-    monitor = gradtools.GradientMonitor(figures=False, stop_on_nonfinite=True)
+def monitored_run(model, x, y, epochs: int, batch_size: int, run_dir=None) -> dict:
+    """model.fit with the monitor: the verdict and how the run ended (with ``run_dir``, the
+    run directory a LocalRunLogger writes, figures included, and the verdict read back from it)."""
+    loggers = [LocalRunLogger(run_dir, name="backend_run")] if run_dir else []
+    monitor = gradtools.GradientMonitor(stop_on_nonfinite=True, loggers=loggers, figures=bool(run_dir))
     model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=0, callbacks=[monitor])
     diagnosis = gradtools.diagnose(monitor.history())
-    return {"verdict": diagnosis.verdict, "status": monitor.status, "epochs": monitor.epochs_completed,
-            "first_nonfinite_step": monitor.first_nonfinite_step}
+    run = {"verdict": diagnosis.verdict, "status": monitor.status, "epochs": monitor.epochs_completed,
+           "first_nonfinite_step": monitor.first_nonfinite_step}
+    if run_dir:
+        run.update(read_back=gradtools.diagnose(run_dir).verdict,
+                   figures=sorted(p.name for p in Path(run_dir, "figures").glob("*.png")))
+    return run
 
 
-def deep_sigmoid_run() -> dict:
+def deep_sigmoid_run(run_dir) -> dict:
     """Six sigmoid layers of 16 at N(0, 0.1²) weights under SGD, on two moons (the net of
     tests/test_diagnosis.py's vanishing case)."""
     x, y = make_moons(512, noise=0.2, random_state=0)
@@ -34,7 +42,7 @@ def deep_sigmoid_run() -> dict:
                                 for _ in range(6)]
                              + [keras.layers.Dense(1, activation="sigmoid", kernel_initializer=small)])
     model.compile("sgd", "binary_crossentropy")
-    return monitored_run(model, x.astype("float32"), y.astype("float32"), epochs=2, batch_size=32)
+    return monitored_run(model, x.astype("float32"), y.astype("float32"), epochs=2, batch_size=32, run_dir=run_dir)
 
 
 def article_run(name: str, epochs: int) -> dict:
@@ -85,11 +93,64 @@ def checkpointed_run(directory: str) -> dict:
                                         zip(loaded.optimizer.variables, model.optimizer.variables))}
 
 
+def _small_model(model_class=keras.Sequential):
+    keras.utils.set_random_seed(0)
+    model = model_class([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    return model
+
+
+def fit_raising_in_validation() -> dict:
+    """A fit that raises in its validation (no probe sees it, no on_train_end): the next
+    monitored fit ends that run, as failed, and trains with nothing of it left."""
+    x = np.random.default_rng(0).standard_normal((32, 3)).astype("float32")
+    model, first = _small_model(), gradtools.GradientMonitor(figures=False)
+    try:
+        model.fit(x, x.sum(axis=1), epochs=1, batch_size=8, verbose=0, callbacks=[first],
+                  validation_data=(np.zeros((4, 5), "float32"), np.zeros(4, "float32")))
+    except Exception:  # noqa: BLE001 - Keras's error for the validation data's shape
+        pass
+    status_before = first.status
+    second = gradtools.GradientMonitor(figures=False)
+    model.fit(x, x.sum(axis=1), epochs=1, batch_size=8, verbose=0, callbacks=[second])
+    return {"first_before": status_before, "first": first.status, "second": second.status,
+            "second_rows": len(second.metrics),
+            "left": [v.path for v in model.optimizer.variables if "gradtools" in v.path]}
+
+
+class _LoadsWeights(keras.callbacks.Callback):
+    """Loads a weights file as training begins (as BackupAndRestore does)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_train_begin(self, logs=None):
+        self.model.load_weights(self.path)
+        self.iterations = int(self.model.optimizer.iterations.numpy())
+
+
+def weights_loaded_as_training_begins(directory: str) -> dict:
+    """A callback after the monitor loads weights, optimizer state included, in on_train_begin."""
+    x = np.random.default_rng(0).standard_normal((32, 3)).astype("float32")
+    saved = _small_model()
+    saved.fit(x, x.sum(axis=1), epochs=1, batch_size=8, verbose=0)
+    saved.save_weights(f"{directory}/w.weights.h5")
+    model = _small_model()
+    model.fit(x, x.sum(axis=1), epochs=1, batch_size=32, verbose=0)  # its optimizer built
+    loads = _LoadsWeights(f"{directory}/w.weights.h5")
+    model.fit(x, x.sum(axis=1), epochs=1, batch_size=8, verbose=0,
+              callbacks=[gradtools.GradientMonitor(figures=False), loads])
+    return {"loaded_iterations": loads.iterations, "saved_iterations": int(saved.optimizer.iterations.numpy())}
+
+
 if __name__ == "__main__":
     import tempfile
 
     print(json.dumps({"backend": keras.backend.backend(),
-                      "vanishing": deep_sigmoid_run(),
+                      "vanishing": deep_sigmoid_run(f"{tempfile.mkdtemp()}/run"),
                       "exploding": article_run("exploding/relu_baseline", epochs=5),
                       "float16": overflowing_float16_run(),
-                      "checkpoint": checkpointed_run(tempfile.mkdtemp())}))
+                      "checkpoint": checkpointed_run(tempfile.mkdtemp()),
+                      "raised_in_validation": fit_raising_in_validation(),
+                      "loads_weights": weights_loaded_as_training_begins(tempfile.mkdtemp())}))

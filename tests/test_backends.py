@@ -28,17 +28,43 @@ for name, make in [("SpikeGuard", lambda: gradtools.SpikeGuard("skip")),
         print(name, "accepted")
     except gradtools.UnsupportedBackend as error:
         print(name, "refused:", error)
+
+
+class OwnStep(keras.Sequential):  # a stateless train_step of one's own that never reports its loss
+    def train_step(self, state, data):
+        import jax
+        trainable, non_trainable, optimizer_variables, metrics = state
+        def loss_of(values):
+            y_pred, _ = self.stateless_call(values, non_trainable, data[0], training=True)
+            return keras.ops.mean((y_pred[:, 0] - data[1]) ** 2)
+        loss, grads = jax.value_and_grad(loss_of)(trainable)
+        trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, grads, trainable)
+        return {"loss": loss}, (trainable, non_trainable, optimizer_variables, metrics)
+
+
+own = OwnStep([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+own.compile("sgd", "mse")
+try:
+    own.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[gradtools.GradientMonitor(figures=False)])
+except ValueError as error:
+    print("own train_step refused:", error)
+print("plain fit after the refusal", np.isfinite(own.fit(x, y, epochs=1, batch_size=16, verbose=0).history["loss"][0]))
 """
 
 
-def test_on_jax_the_tensorflow_only_entry_points_refuse_in_one_line(repo_root):
+def test_on_jax_the_tensorflow_only_entry_points_and_a_train_step_hiding_its_loss_refuse_in_one_line(repo_root):
+    """Refused before training, and the model trains as before once the monitor is gone (under
+    JAX, fit takes the variables' values as it starts: the monitor gives them back)."""
     done = subprocess.run([sys.executable, "-c", ON_JAX], cwd=repo_root, env=jax_env(), capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert lines[0] == "plain fit True", lines
-    assert len(lines) == 4, lines
-    for name, line in zip(("SpikeGuard", "gradtools.fit", "gradtools.preflight"), lines[1:]):
+    assert len(lines) == 6, lines
+    assert lines[4].startswith("own train_step refused: GradientMonitor on JAX takes each step's loss where "
+                               "Keras's own train_step reports it"), lines[4]
+    assert lines[5] == "plain fit after the refusal True", "the refusal left the model's weights in place"
+    for name, line in zip(("SpikeGuard", "gradtools.fit", "gradtools.preflight"), lines[1:4]):
         assert line.startswith(f"{name} refused: {name} works on Keras's TensorFlow backend only"), line
         assert "runs Keras on 'jax'" in line and "KERAS_BACKEND=tensorflow" in line, line
 
@@ -75,7 +101,8 @@ def _backend_run(repo_root, backend: str) -> dict:
 
 
 def test_the_monitor_on_jax_gives_the_verdicts_and_loss_scaling_of_tensorflow(repo_root):
-    """tests/backend_run.py under each backend: a deep sigmoid net at small weights is vanishing,
+    """tests/backend_run.py under each backend: a deep sigmoid net at small weights is vanishing
+    (and so is the run directory its LocalRunLogger writes, with the same figures),
     the article's exploding config diverges at the same step and is exploding; under
     mixed_float16 the steps whose scaled gradients overflow are skipped (the scale halved each
     time), not a divergence; and the monitor's buffer leaves the optimizer's variables when fit ends."""
@@ -83,7 +110,9 @@ def test_the_monitor_on_jax_gives_the_verdicts_and_loss_scaling_of_tensorflow(re
 
     runs = {backend: _backend_run(repo_root, backend) for backend in ("tensorflow", "jax")}
     for backend, run in runs.items():
-        assert (run["vanishing"]["verdict"], run["vanishing"]["status"]) == ("vanishing", "completed"), backend
+        vanishing = run["vanishing"]
+        assert (vanishing["verdict"], vanishing["status"], vanishing["read_back"]) == ("vanishing", "completed",
+                                                                                         "vanishing"), backend
         assert (run["exploding"]["verdict"], run["exploding"]["status"]) == ("exploding", "diverged"), backend
         float16 = run["float16"]
         scales, skipped = float16["loss_scale"], float16["skipped"]
@@ -95,4 +124,9 @@ def test_the_monitor_on_jax_gives_the_verdicts_and_loss_scaling_of_tensorflow(re
         # Adam's: iterations, learning rate, and m and v of the two kernels and two biases
         assert run["checkpoint"] == {"optimizer_variables": 2 + 2 * 4, "same_weights": True,
                                      "same_optimizer_state": True}, backend
+        assert run["raised_in_validation"] == {"first_before": "running", "first": "failed", "second": "completed",
+                                               "second_rows": 4, "left": []}, backend
+        assert run["loads_weights"] == {"loaded_iterations": 4, "saved_iterations": 4}, backend
     assert runs["jax"]["exploding"]["first_nonfinite_step"] == runs["tensorflow"]["exploding"]["first_nonfinite_step"]
+    figures = runs["tensorflow"]["vanishing"]["figures"]
+    assert "gradient_heatmap.png" in figures and runs["jax"]["vanishing"]["figures"] == figures
