@@ -100,6 +100,18 @@ def _small_model(model_class=keras.Sequential):
     return model
 
 
+def clipping_run() -> dict:
+    """Adam with global_clipnorm=0.5: the norm of the gradients it applies, beside the tape's."""
+    x = np.random.default_rng(0).standard_normal((64, 3)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-3, global_clipnorm=0.5), "mse")
+    monitor = gradtools.GradientMonitor(figures=False)
+    model.fit(x, 10 * x.sum(axis=1), epochs=1, batch_size=16, shuffle=False, verbose=0, callbacks=[monitor])
+    rows = monitor.metrics
+    return {"norm": rows["grad_global_norm"].tolist(), "clipped": rows["grad_global_norm_clipped"].tolist()}
+
+
 def fit_raising_in_validation() -> dict:
     """A fit that raises in its validation (no probe sees it, no on_train_end): the next
     monitored fit ends that run, as failed, and trains with nothing of it left."""
@@ -152,5 +164,6 @@ if __name__ == "__main__":
                       "exploding": article_run("exploding/relu_baseline", epochs=5),
                       "float16": overflowing_float16_run(),
                       "checkpoint": checkpointed_run(tempfile.mkdtemp()),
+                      "clipping": clipping_run(),
                       "raised_in_validation": fit_raising_in_validation(),
                       "loads_weights": weights_loaded_as_training_begins(tempfile.mkdtemp())}))

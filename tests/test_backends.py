@@ -127,6 +127,9 @@ def test_the_monitor_on_jax_gives_the_verdicts_and_loss_scaling_of_tensorflow(re
         assert run["raised_in_validation"] == {"first_before": "running", "first": "failed", "second": "completed",
                                                "second_rows": 4, "left": []}, backend
         assert run["loads_weights"] == {"loaded_iterations": 4, "saved_iterations": 4}, backend
+        clipping = run["clipping"]  # global_clipnorm=0.5: what the optimizer applies has norm min(‖g‖, 0.5)
+        assert max(clipping["norm"]) > 0.5 and len(clipping["norm"]) == 4, backend
+        assert np.allclose(clipping["clipped"], np.minimum(clipping["norm"], 0.5), rtol=1e-5), backend
     assert runs["jax"]["exploding"]["first_nonfinite_step"] == runs["tensorflow"]["exploding"]["first_nonfinite_step"]
     figures = runs["tensorflow"]["vanishing"]["figures"]
     assert "gradient_heatmap.png" in figures and runs["jax"]["vanishing"]["figures"] == figures
