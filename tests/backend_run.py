@@ -8,9 +8,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from sklearn.datasets import make_moons
 
 import gradtools
+from experiments import gallery
 from experiments.config import config_data, config_optimizer, load_config
 from experiments.models import build_model
 from gradtools.loggers import LocalRunLogger
@@ -32,17 +32,12 @@ def monitored_run(model, x, y, epochs: int, batch_size: int, run_dir=None) -> di
 
 
 def deep_sigmoid_run(run_dir) -> dict:
-    """Six sigmoid layers of 16 at N(0, 0.1²) weights under SGD, on two moons (the net of
-    tests/test_diagnosis.py's vanishing case)."""
-    x, y = make_moons(512, noise=0.2, random_state=0)
+    """The gallery's ten sigmoid layers at N(0, 0.1²) weights under SGD, on digits."""
+    case = next(case for case in gallery.CASES if case.name == "deep_sigmoid")
     keras.utils.set_random_seed(0)
-    small = keras.initializers.RandomNormal(0.0, 0.1)
-    model = keras.Sequential([keras.Input((2,))]
-                             + [keras.layers.Dense(16, activation="sigmoid", kernel_initializer=small)
-                                for _ in range(6)]
-                             + [keras.layers.Dense(1, activation="sigmoid", kernel_initializer=small)])
-    model.compile("sgd", "binary_crossentropy")
-    return monitored_run(model, x.astype("float32"), y.astype("float32"), epochs=2, batch_size=32, run_dir=run_dir)
+    model, x, y = case.build()
+    model.compile(optimizer=case.compile["optimizer"](), loss=case.compile["loss"])
+    return monitored_run(model, x, y, case.epochs, case.batch_size, run_dir=run_dir)
 
 
 def article_run(name: str, epochs: int) -> dict:
