@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 import gradtools
-from gradtools.columns import layer_column
+from gradtools.columns import OUTPUT_COLUMN, layer_column
 from gradtools.monitor import GradientMonitor
 
 FLOAT32_TOLERANCE = 1e-4
@@ -214,25 +214,39 @@ def tape_reference(model, batch, values, scale, strategy=None, graph=True, jit_c
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
             scaled = loss * scale if scale is not None else loss
         gradients = tape.gradient(scaled, model.trainable_weights)
+        probabilities = [t for t in tf.nest.flatten(y_pred) if hasattr(t, "_keras_logits")]
         return loss, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in
-                      zip(gradients, model.trainable_weights)]
+                      zip(gradients, model.trainable_weights)], probabilities
 
     if strategy is None:
         step = tf.function(replica_step, jit_compile=jit_compile) if graph else replica_step
-        loss, gradients = step(x, y, sample_weight)
+        loss, gradients, probabilities = step(x, y, sample_weight)
         losses, gradients = [loss.numpy()], [[g.numpy()] for g in gradients]
+        probabilities = [[p.numpy()] for p in probabilities]
     else:
         parts = (x, y) if sample_weight is None else (x, y, sample_weight)
         data = tf.data.Dataset.from_tensors(parts)
         distributed = next(iter(strategy.experimental_distribute_dataset(data)))
         step = (lambda x, y: replica_step(x, y, None)) if sample_weight is None else replica_step
-        loss, gradients = tf.function(lambda batch: strategy.run(step, args=batch))(distributed)
+        loss, gradients, probabilities = tf.function(lambda batch: strategy.run(step, args=batch))(distributed)
         losses = [t.numpy() for t in strategy.experimental_local_results(loss)]
         gradients = [[t.numpy() for t in strategy.experimental_local_results(g)] for g in gradients]
+        probabilities = [[t.numpy() for t in strategy.experimental_local_results(p)] for p in probabilities]
     unscale = 1.0 if scale is None else scale
     return {"loss": float(np.sum(np.asarray(losses, np.float64))),
             "gradients": {v.path: np.sum([np.asarray(p, np.float64) for p in parts], axis=0) / unscale
-                          for v, parts in zip(model.trainable_weights, gradients)}}
+                          for v, parts in zip(model.trainable_weights, gradients)},
+            "output_saturated": _saturated_fraction([part for parts in probabilities for part in parts])}
+
+
+def _saturated_fraction(probabilities: list[np.ndarray]) -> float | None:
+    """The fraction of the entries of the probability outputs within Keras's ε of 0 or 1, in
+    NumPy; None without such outputs."""
+    if not probabilities:
+        return None
+    epsilon = keras.config.epsilon()
+    entries = np.concatenate([np.asarray(p, np.float32).ravel() for p in probabilities])
+    return float(np.mean((entries < np.float32(epsilon)) | (entries > np.float32(1 - epsilon))))
 
 
 def expected_row(ref: dict, layer_paths: list[str], before: dict | None = None, after: dict | None = None,
@@ -247,6 +261,8 @@ def expected_row(ref: dict, layer_paths: list[str], before: dict | None = None, 
     row = {"loss": (ref["loss"], abs(ref["loss"])), "grad_global_norm": (norm, norm)}
     if scale is not None:
         row["loss_scale"] = (scale, scale)
+    if ref.get("output_saturated") is not None:
+        row[OUTPUT_COLUMN] = (ref["output_saturated"], 1.0)  # a fraction: its difference is absolute
     for k, path in enumerate(layer_paths, start=1):
         parent = path.rsplit("/", 1)[0]
         for prefix, variable in (("", path), ("recurrent_", f"{parent}/recurrent_kernel")):

@@ -39,6 +39,12 @@ CLIPPED_COLUMN = "grad_global_norm_clipped"
 LOSS_SCALE_COLUMNS = ("loss_scale", "skipped")
 
 
+#: Extra column when outputs are probabilities made by Keras's sigmoid or softmax (they carry
+#: their logits, on TensorFlow): the fraction of their entries within ε of 0 or 1, the range
+#: Keras's cross-entropies clip to (``gradtools.stats.saturated_output_counts``).
+OUTPUT_COLUMN = "output_saturated"
+
+
 #: Prefix of a recurrent layer's statistics of its recurrent kernel (``layer_k/recurrent_…``).
 RECURRENT_PREFIX = "recurrent_"
 
@@ -66,11 +72,13 @@ def layer_columns(n_layers: int, recurrent_layers=()) -> list[str]:
 
 
 def metric_columns(n_layers: int, recurrent_layers=(), *, clipped: bool = False,
-                   loss_scaled: bool = False) -> list[str]:
+                   loss_scaled: bool = False, output_saturated: bool = False) -> list[str]:
     """All columns of a metrics table for a model with ``n_layers`` numbered layers; with
-    ``clipped``, :data:`CLIPPED_COLUMN`; with ``loss_scaled``, :data:`LOSS_SCALE_COLUMNS`."""
+    ``clipped``, :data:`CLIPPED_COLUMN`; with ``loss_scaled``, :data:`LOSS_SCALE_COLUMNS`; with
+    ``output_saturated``, :data:`OUTPUT_COLUMN`."""
     return (list(STEP_COLUMNS) + layer_columns(n_layers, recurrent_layers)
-            + ([CLIPPED_COLUMN] if clipped else []) + (list(LOSS_SCALE_COLUMNS) if loss_scaled else []))
+            + ([CLIPPED_COLUMN] if clipped else []) + (list(LOSS_SCALE_COLUMNS) if loss_scaled else [])
+            + ([OUTPUT_COLUMN] if output_saturated else []))
 
 
 def layer_numbers(table) -> list[int]:

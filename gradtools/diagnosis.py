@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradtools.columns import LOSS_SCALE_COLUMNS, layer_column, layer_name, layer_numbers
+from gradtools.columns import LOSS_SCALE_COLUMNS, OUTPUT_COLUMN, layer_column, layer_name, layer_numbers
 from gradtools.history import COMPLETED, History, RunDirectoryError
 from gradtools.layer_ratios import sensitivity_table
 from gradtools.layers import layer_label
@@ -67,6 +67,12 @@ FIRST_STEPS = 10
 STALLED_LOSS_IMPROVEMENT = 0.01
 #: How many layers an explanation names before it says "and N more".
 NAMED_LAYERS = 3
+#: Outputs the loss cannot use: more than this fraction of a probability output's entries
+#: within ε of 0 or 1 (window median; :data:`gradtools.columns.OUTPUT_COLUMN`) ...
+SATURATED_OUTPUT = 0.5
+#: ... while the loss (window median) is above that of a constant prediction of a balanced
+#: binary target, ln 2: a net that is right with that confidence has a loss near 0.
+UNLEARNED_LOSS = float(np.log(2))
 #: The sensitivity growing this many times from the last block to the first (its trend over
 #: depth) explodes through depth: the mirror of VANISHING_RATIO.
 EXPLODING_DEPTH_GROWTH = 1e2
@@ -149,6 +155,13 @@ _TIME = ("through time, {label}: ‖∂L/∂h_first‖ is {value:.3g}× ‖∂L/
 #: The rule, in the order its reasons are given. A run is exploding when a rule of that verdict
 #: holds for the run or for any layer; else vanishing when one of that verdict holds; else healthy.
 RULES = (
+    Rule("exploding", "run", "output_saturated", ">", SATURATED_OUTPUT,
+         "exploding activations at the output: {value:.0%} of the output's probabilities are within "
+         "Keras's ε of 0 or 1 ({median}, where the loss's median is above ln 2; threshold {threshold:.0%}), "
+         "where Keras's cross-entropies clip them: the loss's gradient is exactly 0 there, or, from the "
+         "logits, as large as the activations",
+         "outputs the loss cannot use: the fraction of a sigmoid's or softmax's probabilities within ε of 0 or "
+         "1, window median, in windows whose median loss is above ln 2", "> 50 %", "Outputs the loss cannot use"),
     Rule("exploding", "run", "first_nonfinite_statistic_step", "present", None,
          "the loss or the gradients became NaN/Inf at {unit} {value}",
          "the loss or a gradient became NaN/Inf (not a step the loss scaler skipped)", "any", "Mixed precision"),
@@ -264,6 +277,9 @@ class Evidence:
     #: How the run ended, and how many spikes a SpikeGuard caught (None: no guard watched).
     status: str | None = None
     spikes: int | None = None
+    #: The largest window median of the fraction of probabilities within ε of 0 or 1, over the
+    #: windows whose median loss is above ln 2 (None: no such window, or no probability output).
+    output_saturated: float | None = None
     #: Preflight only: the output's logits at initialization, and the bound they exceed.
     output_logit_median_abs: float | None = None
     output_logit_bound: float | None = None
@@ -539,7 +555,19 @@ def run_evidence(metrics: pd.DataFrame) -> Evidence:
         grad_norm_growth=_grad_growth(judged),
         loss_improvement=_number(improvement) if improvement is not None else None,
         median_loss_swing=_number(np.median(swings)) if len(swings) else None,
+        output_saturated=_output_saturated(judged),
     )
+
+
+def _output_saturated(metrics: pd.DataFrame) -> float | None:
+    """The largest window median of :data:`OUTPUT_COLUMN` over the windows whose median loss is
+    above :data:`UNLEARNED_LOSS` (a net confidently right has saturated outputs and a loss near 0)."""
+    if OUTPUT_COLUMN not in metrics:
+        return None
+    windows = judging_windows(metrics)
+    medians = metrics[[OUTPUT_COLUMN, "loss"]].replace([np.inf, -np.inf], np.nan).groupby(windows).median()
+    unlearned = medians.loc[medians["loss"] > UNLEARNED_LOSS, OUTPUT_COLUMN].dropna()
+    return _number(unlearned.max()) if len(unlearned) else None
 
 
 def _named(findings: list[LayerFinding]) -> str:

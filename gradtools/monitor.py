@@ -34,13 +34,13 @@ import tensorflow as tf
 from gradtools import probes, through_time
 from gradtools.backend import require_supported_backend
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
-from gradtools.columns import VALUE_COLUMNS_START, metric_columns
+from gradtools.columns import OUTPUT_COLUMN, VALUE_COLUMNS_START, metric_columns
 from gradtools.history import DIVERGED, RUNNING, History
 from gradtools.jax_steps import JaxProbes, JaxStepBuffer, require_monitorable
 from gradtools.layers import layer_layout
 from gradtools.recording import RunRecord
 from gradtools.spike_guard import SpikeGuard
-from gradtools.stats import step_row, unscaled
+from gradtools.stats import probability_outputs, saturated_output_counts, step_row, unscaled
 from gradtools.validation import require_integer
 
 _DEFAULT_CAPACITY = 4096
@@ -324,6 +324,8 @@ class GradientMonitor(keras.callbacks.Callback):
             def compute_loss(*args, **kwargs):
                 loss = original_compute_loss(*args, **kwargs)
                 monitor._step.loss = tf.cast(loss, tf.float32)
+                y_pred = kwargs.get("y_pred", args[2] if len(args) > 2 else None)
+                monitor._step.probabilities = probability_outputs(y_pred)
                 return loss
             return compute_loss
 
@@ -336,10 +338,13 @@ class GradientMonitor(keras.callbacks.Callback):
                 monitored = monitor._layout.monitored
                 scale = _loss_scale(optimizer) if monitor._loss_scaled else None
                 before = [tf.identity(targets[i]) for i in monitored]
-                step_loss = monitor._take_loss()
+                step_loss, probabilities = monitor._take_loss()
+                counts = saturated_output_counts(probabilities) if probabilities else None
                 result = original_apply(grads, trainable_variables)
-                loss, *summed = _summed_over_replicas([step_loss, *grads])
-                monitor._record_step(loss, summed, scale, [targets[i] for i in monitored], before)
+                loss, *summed = _summed_over_replicas([step_loss, *grads] + ([counts] if probabilities else []))
+                if probabilities:
+                    *summed, counts = summed
+                monitor._record_step(loss, summed, scale, [targets[i] for i in monitored], before, counts)
                 return result
             return apply
 
@@ -357,29 +362,37 @@ class GradientMonitor(keras.callbacks.Callback):
         self._run.start(self._layout.paths, columns, self._traced, epochs=self.params.get("epochs") or 0,
                         steps_per_epoch=self.params.get("steps") or 0)
         n_values = len(columns) - VALUE_COLUMNS_START
-        if self._jax is not None:
+        if self._jax is not None:  # a JAX array cannot carry its logits: no OUTPUT_COLUMN
             self._buffer = JaxStepBuffer(self.model.optimizer, self._capacity, n_values)
             return
-        self._buffer = _StepBuffer(self._capacity, n_values, [layer.time_steps for layer in self._traced])
+        # Room for OUTPUT_COLUMN: whether outputs are probabilities is known when the step is traced.
+        self._buffer = _StepBuffer(self._capacity, n_values + 1, [layer.time_steps for layer in self._traced])
 
     def _take_loss(self):
-        """The loss compute_loss gave this step (in this replica's thread)."""
+        """The loss compute_loss gave this step (in this replica's thread), and its
+        probability outputs (:func:`gradtools.stats.probability_outputs`)."""
         step_loss, self._step.loss = getattr(self._step, "loss", None), None
+        probabilities, self._step.probabilities = getattr(self._step, "probabilities", []), []
         if step_loss is None:  # model.fit stops here without on_train_end: undo what it would
             self._remove_probes()
             self.model.train_function = None  # traced with the probes; the next fit traces anew
             raise ValueError(NO_LOSS_SEEN)
-        return step_loss
+        return step_loss, probabilities
 
-    def _record_step(self, loss, grads, scale, weights_after, weights_before):
+    def _record_step(self, loss, grads, scale, weights_after, weights_before, output_counts=None):
         """In-graph, from the step's loss and gradients summed over replicas: the step's row
-        into the buffer (when logged), the non-finite flag and the gradients through time."""
+        into the buffer (when logged), the non-finite flag and the gradients through time.
+        With ``output_counts`` the run has :data:`OUTPUT_COLUMN`; else that slot is left NaN."""
         self._applied = True
         grads = unscaled(grads, scale)
         state_norms = unscaled([layer.state_gradient_norms.value() for layer in self._traced], scale)
         row, finite = step_row(loss, grads, self._layout.monitored, weights_before, weights_after,
                                clipped_gradients=self._clipping(grads) if self._clipping else None,
-                               loss_scale=scale)
+                               loss_scale=scale, output_counts=output_counts)
+        if output_counts is None:
+            row = tf.concat([row, [float("nan")]], axis=0)
+        elif OUTPUT_COLUMN not in self._run.columns:
+            self._run.columns.append(OUTPUT_COLUMN)
         for guard in self._guards:  # a non-finite step a guard did not apply is no divergence
             finite = tf.logical_or(finite, guard.left_out_nonfinite())
         if _is_first_replica():  # the others hold the same sums

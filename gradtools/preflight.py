@@ -8,10 +8,10 @@ variable gets its value back). Each batch gives the row a training step would gi
 rules (a block far weaker than the blocks after it, or sensitivity growing by orders of
 magnitude toward the input: the ordered and the chaotic phase of signal propagation,
 Schoenholz et al. 2017), a gradient or a first step as large as the weights, a loss or
-gradient that is already NaN. One rule only preflight can apply: **outputs the loss cannot
-use**, logits so far out that a sigmoid or softmax probability is within Keras's epsilon of 0
-or 1 (the cause of the gradients that follow, astronomically large from the logits or exactly 0
-from the clipped probabilities).
+gradient that is already NaN, and **outputs the loss cannot use**: most of a sigmoid's or
+softmax's probabilities within Keras's epsilon of 0 or 1 (the cause of the gradients that
+follow, exactly 0 from the clipped probabilities or as large as the activations from the
+logits), named first.
 
 Beside the verdict, :attr:`Preflight.signal` is the signal-propagation table (Brock et al.
 2021): per block in depth order, its output's mean square and variance, the fraction of
@@ -31,12 +31,12 @@ import tensorflow as tf
 from gradtools import through_time
 from gradtools.backend import require_supported_backend
 from gradtools.columns import VALUE_COLUMNS_START, metric_columns
-from gradtools.diagnosis import AT_INITIALIZATION, REMEDIES, Diagnosis, judge
+from gradtools.diagnosis import AT_INITIALIZATION, SATURATED_OUTPUT, Diagnosis, judge
 from gradtools.history import COMPLETED, History
 from gradtools.layers import block_downstream, layer_blocks, layer_layout
 from gradtools.plots import plot_signal_propagation
 from gradtools.programs import copy_values
-from gradtools.stats import statistics_row
+from gradtools.stats import probability_outputs, saturated_output_counts, statistics_row
 from gradtools.steps import resolve_loss
 from gradtools.validation import require_integer
 
@@ -44,9 +44,6 @@ from gradtools.validation import require_integer
 SATURATED_WITHIN = 0.01
 #: A tanh unit whose |output| is above this is saturated (tanh' < 0.02).
 TANH_SATURATED = 0.99
-#: Logits whose median |value| is beyond log((1 − ε)/ε) (ε = ``keras.config.epsilon()``, 16.1
-#: for 1e-7) give probabilities within ε of 0 or 1: what Keras's cross-entropies clip to.
-OUTPUT_RULE_SOURCE = "Outputs the loss cannot use"
 
 
 @dataclass
@@ -96,7 +93,7 @@ def preflight(model: keras.Model, x, y, loss=None, *, optimizer=None, batch_size
             signal.append(_block_signal(probed, outputs))
             logits.append(_logit_scale(prediction))
             state_norms.append([layer.state_gradient_norms.numpy() for layer in traced])
-    history = _history(model, layout, blocks, rows)
+    history = _history(model, layout, blocks, rows, output_saturated=any(scale is not None for scale in logits))
     if traced:  # ‖∂L/∂h_t‖ of each TracedRNN, averaged over the batches
         means = [np.mean([norms[i] for norms in state_norms], axis=0) for i in range(len(traced))]
         numbers = [list(layout.paths).index(layer.inner_cell.kernel.path) + 1 for layer in traced]
@@ -200,12 +197,15 @@ def _one_batch(model, probe, loss_of, optimizer, variables, layout, xb, yb):
     if optimizer is not None:
         optimizer.apply(gradients, variables)
     after = [variables[i] for i in layout.monitored]
-    return statistics_row(loss, gradients, layout.monitored, before, after).numpy(), outputs, prediction
+    probabilities = probability_outputs(prediction)
+    counts = saturated_output_counts(probabilities) if probabilities else None
+    row = statistics_row(loss, gradients, layout.monitored, before, after, output_counts=counts)
+    return row.numpy(), outputs, prediction
 
 
-def _history(model, layout, blocks, rows) -> History:
+def _history(model, layout, blocks, rows, output_saturated: bool) -> History:
     """The batches' rows as a one-epoch run (without an optimizer every update ratio is 0)."""
-    columns = metric_columns(len(layout.paths), layout.recurrent_layers)
+    columns = metric_columns(len(layout.paths), layout.recurrent_layers, output_saturated=output_saturated)
     table = pd.DataFrame(np.stack(rows), columns=columns[VALUE_COLUMNS_START:])
     table.insert(0, "batch", np.arange(len(rows)))
     table.insert(0, "epoch", 0)
@@ -272,18 +272,13 @@ def _signal_table(signal: list[list[dict]], found: Diagnosis) -> pd.DataFrame:
 
 
 def _verdict(found: Diagnosis, signal: pd.DataFrame, logits: list[float | None]) -> Preflight:
-    """The diagnosis of the batches' rows, and the output rule, which comes first: it names
-    the cause of what the other rules see."""
+    """The diagnosis of the batches' rows, worded at initialization, with the median |logit|
+    behind a sigmoid or softmax output as evidence (the size of what the output rule saw)."""
     known = [value for value in logits if value is not None]
     scale = float(np.median(known)) if known else None
     bound = math.log((1 - keras.config.epsilon()) / keras.config.epsilon())
     evidence = replace(found.evidence, output_logit_median_abs=scale, output_logit_bound=bound)
-    if scale is not None and scale > bound:
-        reason = (f"exploding activations at the output: the median |logit| is {scale:.3g}, beyond "
-                  f"{bound:.3g}, where the probabilities are within {keras.config.epsilon():g} of 0 or 1, so the "
-                  "loss's gradient is clipped to exactly 0 or astronomically large")
-        rest = found.explanation if found.verdict != "healthy" else ""
-        explanation = f"At initialization: {reason}." + (f" {rest}" if rest else "")
-        return Preflight("exploding", evidence, explanation, REMEDIES["exploding"], found.layers, signal)
-    return Preflight(found.verdict, evidence, "At initialization: " + found.explanation, found.remedies,
-                     found.layers, signal)
+    explanation = "At initialization: " + found.explanation
+    if found.evidence.output_saturated is not None and found.evidence.output_saturated > SATURATED_OUTPUT:
+        explanation += f" The median |logit| is {scale:.3g}, where ±{bound:.3g} is the edge of the loss's range."
+    return Preflight(found.verdict, evidence, explanation, found.remedies, found.layers, signal)

@@ -67,7 +67,8 @@ class RunRecord:
         steps = np.asarray(steps, np.int64)
         table = {"step": steps, "epoch": np.full(steps.size, epoch, np.int64),
                  "batch": np.asarray(batches, np.int64)}
-        table.update(zip(self.columns[VALUE_COLUMNS_START:], np.asarray(values).T))
+        values = np.asarray(values)[:, :len(self.columns) - VALUE_COLUMNS_START]  # a slot the step leaves unused
+        table.update(zip(self.columns[VALUE_COLUMNS_START:], values.T))
         frame = pd.DataFrame(table)
         self.frames.append(frame)
         finite = np.asarray(finite, bool)

@@ -88,13 +88,40 @@ def global_gradient_norm(gradients):
     return ops.sqrt(ops.sum(ops.stack([ops.sum(ops.square(t)) for t in tensors]))) if tensors else ops.zeros(())
 
 
+def probability_outputs(prediction) -> list:
+    """The outputs of ``prediction`` (a tensor or a structure of them) that Keras's sigmoid or
+    softmax made: they carry their logits as ``_keras_logits``, which Keras's cross-entropies
+    read (on TensorFlow; a JAX array cannot carry them). Empty when there is none."""
+    return [t for t in keras.tree.flatten(prediction) if getattr(t, "_keras_logits", None) is not None]
+
+
+def saturated_output_counts(probabilities, rows=None):
+    """How many entries of ``probabilities`` (a list of tensors, the batch first) are within
+    ε = ``keras.config.epsilon()`` of 0 or 1, where Keras's cross-entropies clip them (for a
+    sigmoid: logits beyond ±log((1 − ε)/ε), 16.1 for ε = 1e-7), and how many entries there
+    are: a float32 [2] tensor (sums, so that replicas add up). ``rows`` (bool, [batch]) counts
+    only those rows (``gradtools.fit``'s padding is not the data's)."""
+    epsilon = keras.config.epsilon()
+    beyond, sizes = [], []
+    for t in probabilities:
+        entries = ops.reshape(ops.cast(t, "float32"), [ops.shape(t)[0], -1])
+        weight = ops.ones_like(entries) if rows is None else ops.broadcast_to(
+            ops.cast(ops.reshape(rows, [-1, 1]), "float32"), ops.shape(entries))
+        out_of_range = ops.logical_or(entries < epsilon, entries > 1 - epsilon)
+        beyond.append(ops.sum(ops.cast(out_of_range, "float32") * weight))
+        sizes.append(ops.sum(weight))
+    return ops.stack([ops.sum(ops.stack(beyond)), ops.sum(ops.stack(sizes))])
+
+
 def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
-                   clipped_gradients=None, loss_scale=None, skipped=None):
+                   clipped_gradients=None, loss_scale=None, skipped=None, output_counts=None):
     """One step's values in column order, after ``step, epoch, batch``: the loss, the global
     norm of ``gradients`` (every gradient of the step), :func:`layer_gradient_stats` of the
     gradients at positions ``monitored`` (see :attr:`gradtools.layers.LayerLayout.monitored`)
     with the matching ``weights_before`` / ``weights_after``, then the optional columns: the
-    global norm of ``clipped_gradients``, the ``loss_scale`` and the ``skipped`` flag."""
+    global norm of ``clipped_gradients``, the ``loss_scale`` and the ``skipped`` flag, and
+    the fraction of the probability outputs' entries beyond the loss's range, from their
+    :func:`saturated_output_counts` ``output_counts``."""
     unreached = [getattr(after, "path", f"variable {i}")
                  for i, after in zip(monitored, weights_after) if gradients[i] is None]
     if unreached:  # zeros would read as dead units and a "vanishing" verdict
@@ -109,6 +136,8 @@ def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
         tail.append(global_gradient_norm(clipped_gradients))
     if loss_scale is not None:
         tail += [ops.cast(loss_scale, "float32"), ops.cast(skipped, "float32")]
+    if output_counts is not None:
+        tail.append(ops.divide_no_nan(output_counts[0], output_counts[1]))
     return ops.concatenate([head, *layers] + ([ops.stack(tail)] if tail else []), axis=0)
 
 
@@ -131,7 +160,7 @@ def unscaled(tensors, scale):
 
 
 def step_row(loss, gradients, monitored, weights_before, weights_after, *, clipped_gradients=None,
-             loss_scale=None):
+             loss_scale=None, output_counts=None):
     """One step's row (:func:`statistics_row`) and whether the step was finite, from its loss
     and its gradients already divided by the ``loss_scale`` (:func:`unscaled`), and, when the
     update clips, the gradients it applied (unscaled too).
@@ -142,6 +171,7 @@ def step_row(loss, gradients, monitored, weights_before, weights_after, *, clipp
     scaled = loss_scale is not None
     row = statistics_row(loss, gradients, monitored, weights_before, weights_after,
                          clipped_gradients=clipped_gradients, loss_scale=loss_scale,
-                         skipped=ops.logical_not(finite_gradients) if scaled else None)
+                         skipped=ops.logical_not(finite_gradients) if scaled else None,
+                         output_counts=output_counts)
     finite = ops.all(ops.isfinite(ops.cast(loss, "float32"))) if scaled else finite_gradients
     return row, finite

@@ -17,9 +17,9 @@ from keras.src.backend.common.masking import get_keras_mask, set_keras_mask  # n
 
 from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_value
-from gradtools.columns import metric_columns
+from gradtools.columns import VALUE_COLUMNS_START, metric_columns
 from gradtools.layers import LayerLayout, layer_layout
-from gradtools.stats import step_row, unscaled
+from gradtools.stats import probability_outputs, saturated_output_counts, step_row, unscaled
 
 
 class _LossFromFunction(keras.losses.Loss):
@@ -117,9 +117,23 @@ class TrainStep:
         self.guard = guard
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.clips = clip_value is not None or clip_global_norm is not None
-        self.columns = metric_columns(len(self.layout.paths), self.layout.recurrent_layers,
-                                      clipped=self.clips, loss_scaled=self.loss_scaled)
+        #: Whether some outputs are probabilities (:func:`gradtools.stats.probability_outputs`):
+        #: known once the step is traced; its row has a slot for
+        #: :data:`gradtools.columns.OUTPUT_COLUMN` either way (NaN without), so that ``n_values``
+        #: is known before.
+        self.has_probabilities = False
+        self.n_values = len(self._columns(True)) - VALUE_COLUMNS_START
         optimizer.build(self.variables)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns of its rows, with :data:`gradtools.columns.OUTPUT_COLUMN` once traced
+        on probability outputs."""
+        return self._columns(self.has_probabilities)
+
+    def _columns(self, output_saturated: bool) -> list[str]:
+        return metric_columns(len(self.layout.paths), self.layout.recurrent_layers, clipped=self.clips,
+                              loss_scaled=self.loss_scaled, output_saturated=output_saturated)
 
     def __call__(self, x_batch, y_batch, real_rows=None):
         """One step; ``real_rows`` (bool, [batch]) leaves the other rows out of the loss."""
@@ -127,6 +141,7 @@ class TrainStep:
             predictions = self.model(x_batch, training=True)
             if real_rows is not None:
                 predictions = counting_only(predictions, real_rows)
+            probabilities = probability_outputs(predictions)
             loss = self.loss_fn(y_batch, predictions)
             if self.model.losses:
                 loss = loss + tf.add_n(self.model.losses)
@@ -138,16 +153,20 @@ class TrainStep:
         if self.guard is not None:  # it judges the gradients before clipping, as in model.fit
             self.guard.note_step(loss, unscaled(gradients, scale) if self.clips else None)
         self.optimizer.apply(applied, self.variables)
-        return self.record(loss, gradients, applied, before, scale)
+        self.has_probabilities = bool(probabilities)
+        counts = saturated_output_counts(probabilities, real_rows) if probabilities else None
+        return self.record(loss, gradients, applied, before, scale, counts)
 
-    def record(self, loss, gradients, applied, before, scale):
+    def record(self, loss, gradients, applied, before, scale, output_counts=None):
         """The step's row and finite flag (:func:`gradtools.stats.step_row`), the kernels'
         gradients when kept, and the traced layers' ‖∂L/∂h_t‖, all divided by the loss scale."""
         gradients = unscaled(gradients, scale)
         monitored = self.layout.monitored
         row, finite = step_row(loss, gradients, monitored, before, [self.variables[i] for i in monitored],
                                clipped_gradients=unscaled(applied, scale) if self.clips else None,
-                               loss_scale=scale)
+                               loss_scale=scale, output_counts=output_counts)
+        if output_counts is None:
+            row = tf.concat([row, [float("nan")]], axis=0)
         if self.guard is not None:  # a non-finite step the guard did not apply is no divergence
             finite = tf.logical_or(finite, self.guard.left_out_nonfinite())
         kernels = ([tf.convert_to_tensor(gradients[i]) for i in self.layout.kernel_positions]

@@ -24,7 +24,6 @@ import tensorflow as tf
 from gradtools import compilation_cache, through_time
 from gradtools import programs as programs_cache
 from gradtools.backend import require_supported_backend
-from gradtools.columns import VALUE_COLUMNS_START
 from gradtools.history import History
 from gradtools.layers import layer_layout
 from gradtools.loggers.base import RunLogger
@@ -181,7 +180,7 @@ def epoch_function(step: TrainStep, data: EpochData, shuffle: bool, stop_on_nonf
 
     The loop is written with ``tf.while_loop`` and ``tf.cond``, not AutoGraph: converting
     Python source would be a large part of every trace, in every process."""
-    n_values = len(step.columns) - VALUE_COLUMNS_START
+    n_values = step.n_values
     n_full, remainder = divmod(data.n_examples, data.batch_size)
     padded = remainder > 0 and padding_is_exact(step.model, step.loss_fn)
     n_looped = data.n_batches if padded else n_full
@@ -401,6 +400,7 @@ class EpochLoop:
         batches = np.arange(done)
         logged = (batches + epoch * self.n_batches) % self.log_every == 0
         logged |= ~finite_flags  # and every non-finite step
+        self.record.columns = self.step.columns  # with OUTPUT_COLUMN once the step is traced on logits
         self.record.add_rows(epoch, epoch * self.n_batches + batches[logged] + 1, batches[logged],
                              values.numpy()[:done][logged], finite_flags[logged])
         through_time_values = self.record.through_time_row(epoch, radii, [m.numpy() for m in state_means])

@@ -10,6 +10,7 @@ from conftest import REPO_ROOT, run_cli
 
 from experiments import zoo
 from experiments.conformance import as_expected, expected_row, reference, relative_difference, run_case
+from gradtools.columns import OUTPUT_COLUMN
 
 CORE = {f"{case.model} / {case.mode}": case for case in zoo.CASES if case.core and not case.needs}
 
@@ -92,3 +93,15 @@ def test_the_command_names_a_filter_that_matches_nothing(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "error: --only: 'no such model' matches no case of the zoo (python -m experiments conformance --list "
         "names them)"]
+
+
+def test_the_saturated_outputs_are_compared_where_the_outputs_are_probabilities():
+    """The tape's reference carries the fraction of probabilities within ε of 0 or 1 for a
+    sigmoid output (logits about 10⁶: all of them) and none for a regression's output."""
+    saturated = zoo.relu12_scale30()
+    values = [v.numpy() for v in saturated.model.variables]
+    expected = expected_row(reference(saturated.model, saturated.batch(1), values, None), [])
+    assert expected[OUTPUT_COLUMN] == (1.0, 1.0)
+    regressor = zoo.dense_on_sequence()
+    values = [v.numpy() for v in regressor.model.variables]
+    assert OUTPUT_COLUMN not in expected_row(reference(regressor.model, regressor.batch(1), values, None), [])

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT, exploding_relu_setup
 from sklearn.datasets import make_moons
 
 import gradtools
+from gradtools.columns import OUTPUT_COLUMN
 from gradtools.diagnosis import VANISHING_RATIO, diagnose
 from gradtools.loggers import LocalRunLogger
 
@@ -176,3 +177,36 @@ def test_tanh_in_the_chaotic_phase_explodes_through_depth_when_trained(scale, ve
         assert last_epoch_loss > np.log(2)
     else:
         assert diagnosis.evidence.depth_growth < 100 and last_epoch_loss < 0.6
+
+
+def test_outputs_beyond_the_losss_range_are_named_as_the_cause():
+    """Twelve ReLU layers at VarianceScaling(30) under a sigmoid: logits about 10⁶, every
+    probability within ε of 0 or 1, a loss of about 10⁶ that SGD at 1e-9 cannot move."""
+    from experiments import zoo
+
+    subject = zoo.relu12_scale30()
+    monitor = gradtools.GradientMonitor(figures=False)
+    subject.model.fit(subject.x, subject.y, batch_size=subject.batch_size, epochs=2, verbose=0, callbacks=[monitor])
+    assert (monitor.metrics[OUTPUT_COLUMN] == 1.0).all()
+    diagnosis = diagnose(monitor.history())
+    assert diagnosis.verdict == "exploding"
+    assert diagnosis.explanation.startswith("Exploding gradients: exploding activations at the output: 100%")
+    assert diagnosis.evidence.output_saturated == 1.0
+
+
+def test_a_net_confidently_right_is_not_an_output_beyond_range():
+    """Logistic regression with a weight of 100 on separable data: every probability is within
+    ε of 0 or 1, and right, so the loss is about 0: saturated, not exploding."""
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(0.5, 1.0, size=(64, 1)) * rng.choice([-1.0, 1.0], size=(64, 1))).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1, activation="sigmoid",
+                                                                    kernel_initializer=keras.initializers.Constant(100.0))])
+    model.compile(keras.optimizers.SGD(0.01), "binary_crossentropy")
+    monitor = gradtools.GradientMonitor(figures=False)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    assert (monitor.metrics[OUTPUT_COLUMN] == 1.0).all() and (monitor.metrics["loss"] < 1e-6).all()
+    diagnosis = diagnose(monitor.history())
+    assert diagnosis.evidence.output_saturated is None
+    assert "exploding activations at the output" not in diagnosis.explanation
+    assert diagnosis.verdict != "exploding", diagnosis.explanation

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import assert_drawn_png
 
-from experiments import gallery
+from experiments import gallery, zoo
 from gradtools.diagnosis import EXPLODING_DEPTH_GROWTH, VANISHING_RATIO
 from gradtools.preflight import preflight
 
@@ -51,7 +51,8 @@ def test_relu_at_scale_30_explodes_at_the_output_before_anything_else():
     result = check(mlp("relu", keras.initializers.VarianceScaling(30.0, seed=0), depth=12), batches=2)
     assert result.verdict == "exploding"
     assert result.evidence.output_logit_median_abs > 1e4 > result.evidence.output_logit_bound
-    assert result.explanation.startswith("At initialization: exploding activations at the output")
+    assert result.explanation.startswith("At initialization: Exploding gradients: exploding activations at the output")
+    assert result.evidence.output_saturated == 1.0
     assert result.signal["mean_square"].iloc[-2] > 1e20  # the last hidden layer's output
 
 
@@ -168,3 +169,26 @@ def test_the_suite_checks_its_configs_before_training_and_draws_their_signal(tmp
     assert_drawn_png(tmp_path / "out" / "preflight_vanishing_remedies_deep_sigmoid.png")
     bad = run_cli(["preflight", "vanishing/relu", "--set", "model.depth=0"], tmp_path)
     assert bad.returncode == 2 and "model.depth" in bad.stderr and bad.stdout == ""
+
+
+def _hub_bert(hidden: int) -> keras.Model:
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=zoo.VOCAB, num_layers=2, num_heads=2, hidden_dim=hidden,
+                                             intermediate_dim=4 * hidden, dropout=0.0,
+                                             max_sequence_length=zoo.LENGTH)
+    model = keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2, preprocessor=None, dropout=0.0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    return model
+
+
+def test_keras_hubs_bert_at_a_real_width_is_healthy_and_its_encoders_share_grows_with_width():
+    """keras-hub initialises every kernel at N(0, 0.02²), about Glorot's scale at BERT's width
+    of 768; at width 16 that is 12× smaller, and the encoder's residual branches add about 0.5 %
+    to the stream: its blocks get 0.005 of the head's sensitivity. At width 64 they get 0.05."""
+    x, y = zoo._text_inputs(), zoo.labels()  # noqa: SLF001 - the zoo's inputs
+    narrow, wide = (preflight(_hub_bert(hidden), x, y, batch_size=16, batches=2) for hidden in (16, 64))
+    assert wide.verdict == "healthy", wide.explanation
+    assert wide.evidence.weakest_depth_ratio > VANISHING_RATIO
+    assert wide.evidence.weakest_depth_ratio > 4 * narrow.evidence.weakest_depth_ratio
