@@ -240,13 +240,18 @@ def tape_reference(model, batch, values, scale, strategy=None, graph=True, jit_c
 
 
 def _saturated_fraction(probabilities: list[np.ndarray]) -> float | None:
-    """The fraction of the entries of the probability outputs within Keras's ε of 0 or 1, in
-    NumPy; None without such outputs."""
+    """The fraction of the probability outputs' predictions (their last axis) whose every
+    probability is within Keras's ε of 0 or 1, in NumPy; None without such outputs."""
     if not probabilities:
         return None
-    epsilon = keras.config.epsilon()
-    entries = np.concatenate([np.asarray(p, np.float32).ravel() for p in probabilities])
-    return float(np.mean((entries < np.float32(epsilon)) | (entries > np.float32(1 - epsilon))))
+    epsilon = np.float32(keras.config.epsilon())
+    saturated, counted = 0, 0
+    for p in probabilities:
+        p = np.asarray(p, np.float32)
+        p = p.reshape(-1, p.shape[-1] if p.ndim > 1 else 1)
+        saturated += int(np.all((p < epsilon) | (p > 1 - epsilon), axis=-1).sum())
+        counted += p.shape[0]
+    return saturated / counted if counted else 0.0
 
 
 def expected_row(ref: dict, layer_paths: list[str], before: dict | None = None, after: dict | None = None,

@@ -40,8 +40,8 @@ LOSS_SCALE_COLUMNS = ("loss_scale", "skipped")
 
 
 #: Extra column when outputs are probabilities made by Keras's sigmoid or softmax (they carry
-#: their logits, on TensorFlow): the fraction of their entries within ε of 0 or 1, the range
-#: Keras's cross-entropies clip to (``gradtools.stats.saturated_output_counts``).
+#: their logits, on TensorFlow): the fraction of their predictions whose every probability is
+#: within ε of 0 or 1 (``gradtools.stats.saturated_output_counts``).
 OUTPUT_COLUMN = "output_saturated"
 
 

@@ -67,8 +67,8 @@ FIRST_STEPS = 10
 STALLED_LOSS_IMPROVEMENT = 0.01
 #: How many layers an explanation names before it says "and N more".
 NAMED_LAYERS = 3
-#: Outputs the loss cannot use: more than this fraction of a probability output's entries
-#: within ε of 0 or 1 (window median; :data:`gradtools.columns.OUTPUT_COLUMN`) ...
+#: Outputs the loss cannot use: more than this fraction of a probability output's predictions
+#: with every probability within ε of 0 or 1 (window median; :data:`gradtools.columns.OUTPUT_COLUMN`) ...
 SATURATED_OUTPUT = 0.5
 #: ... while the loss (window median) is above that of a constant prediction of a balanced
 #: binary target, ln 2: a net that is right with that confidence has a loss near 0.
@@ -156,12 +156,13 @@ _TIME = ("through time, {label}: ‖∂L/∂h_first‖ is {value:.3g}× ‖∂L/
 #: holds for the run or for any layer; else vanishing when one of that verdict holds; else healthy.
 RULES = (
     Rule("exploding", "run", "output_saturated", ">", SATURATED_OUTPUT,
-         "exploding activations at the output: {value:.0%} of the output's probabilities are within "
-         "Keras's ε of 0 or 1 ({median}, where the loss's median is above ln 2; threshold {threshold:.0%}), "
-         "where Keras's cross-entropies clip them: the loss's gradient is exactly 0 there, or, from the "
-         "logits, as large as the activations",
-         "outputs the loss cannot use: the fraction of a sigmoid's or softmax's probabilities within ε of 0 or "
-         "1, window median, in windows whose median loss is above ln 2", "> 50 %", "Outputs the loss cannot use"),
+         "exploding activations at the output: {value:.0%} of the output's predictions have every probability "
+         "within Keras's ε of 0 or 1 ({median}, where the loss's median is above ln 2; threshold {threshold:.0%}): "
+         "from the logits the loss grows with them and the gradient with the activations behind them, and "
+         "from probabilities clipped to [ε, 1 − ε] the gradient is exactly 0",
+         "outputs the loss cannot use: the fraction of a sigmoid's or softmax's predictions with every probability "
+         "within ε of 0 or 1, window median, in windows whose median loss is above ln 2", "> 50 %",
+         "Outputs the loss cannot use"),
     Rule("exploding", "run", "first_nonfinite_statistic_step", "present", None,
          "the loss or the gradients became NaN/Inf at {unit} {value}",
          "the loss or a gradient became NaN/Inf (not a step the loss scaler skipped)", "any", "Mixed precision"),
@@ -277,7 +278,8 @@ class Evidence:
     #: How the run ended, and how many spikes a SpikeGuard caught (None: no guard watched).
     status: str | None = None
     spikes: int | None = None
-    #: The largest window median of the fraction of probabilities within ε of 0 or 1, over the
+    #: The largest window median of the fraction of saturated predictions (every probability
+    #: within ε of 0 or 1), over the
     #: windows whose median loss is above ln 2 (None: no such window, or no probability output).
     output_saturated: float | None = None
     #: Preflight only: the output's logits at initialization, and the bound they exceed.

@@ -185,7 +185,9 @@ class GradientMonitor(keras.callbacks.Callback):
     ``epoch``, ``batch``, ``loss``, ``grad_global_norm``, ``layer_k/…``, and
     ``layer_k/recurrent_…`` for the recurrent kernel of an RNN layer), plus
     ``grad_global_norm_clipped`` when the optimizer clips (``clipnorm``, ``clipvalue`` or
-    ``global_clipnorm``) and ``loss_scale``, ``skipped`` under mixed precision. ``loss`` is
+    ``global_clipnorm``), ``loss_scale``, ``skipped`` under mixed precision, and
+    ``output_saturated`` when outputs are a sigmoid's or softmax's probabilities (on
+    TensorFlow: see :func:`gradtools.stats.saturated_output_counts`). ``loss`` is
     the batch loss ``fit`` differentiates (regularization included). ``status`` and
     ``first_nonfinite_step`` are as in ``gradtools.fit``; with ``stop_on_nonfinite``
     training stops after the first non-finite loss or gradient (like

@@ -9,9 +9,9 @@ rules (a block far weaker than the blocks after it, or sensitivity growing by or
 magnitude toward the input: the ordered and the chaotic phase of signal propagation,
 Schoenholz et al. 2017), a gradient or a first step as large as the weights, a loss or
 gradient that is already NaN, and **outputs the loss cannot use**: most of a sigmoid's or
-softmax's probabilities within Keras's epsilon of 0 or 1 (the cause of the gradients that
-follow, exactly 0 from the clipped probabilities or as large as the activations from the
-logits), named first.
+softmax's predictions with every probability within Keras's epsilon of 0 or 1 (the cause of the
+gradients that follow: from the logits they grow with the activations, from clipped
+probabilities they are exactly 0), named first.
 
 Beside the verdict, :attr:`Preflight.signal` is the signal-propagation table (Brock et al.
 2021): per block in depth order, its output's mean square and variance, the fraction of
@@ -93,7 +93,7 @@ def preflight(model: keras.Model, x, y, loss=None, *, optimizer=None, batch_size
             signal.append(_block_signal(probed, outputs))
             logits.append(_logit_scale(prediction))
             state_norms.append([layer.state_gradient_norms.numpy() for layer in traced])
-    history = _history(model, layout, blocks, rows, output_saturated=any(scale is not None for scale in logits))
+    history = _history(model, layout, blocks, rows, output_saturated=bool(probability_outputs(prediction)))
     if traced:  # ‖∂L/∂h_t‖ of each TracedRNN, averaged over the batches
         means = [np.mean([norms[i] for norms in state_norms], axis=0) for i in range(len(traced))]
         numbers = [list(layout.paths).index(layer.inner_cell.kernel.path) + 1 for layer in traced]
@@ -246,12 +246,11 @@ def _dead(values) -> float:
 
 
 def _logit_scale(prediction) -> float | None:
-    """The median |logit| behind a sigmoid or softmax output (Keras keeps the logits on the
-    tensor), or None for another output."""
-    logits = getattr(prediction, "_keras_logits", None)
-    if logits is None:
-        return None
-    return float(np.median(np.abs(keras.ops.convert_to_numpy(logits))))
+    """The median |logit| behind the sigmoid or softmax outputs of ``prediction`` (Keras keeps
+    the logits on each such tensor), or None without such outputs."""
+    logits = [np.abs(keras.ops.convert_to_numpy(t._keras_logits)).ravel()  # noqa: SLF001 - Keras's own tag
+              for t in probability_outputs(prediction)]
+    return float(np.median(np.concatenate(logits))) if logits else None
 
 
 def _signal_table(signal: list[list[dict]], found: Diagnosis) -> pd.DataFrame:
@@ -279,6 +278,6 @@ def _verdict(found: Diagnosis, signal: pd.DataFrame, logits: list[float | None])
     bound = math.log((1 - keras.config.epsilon()) / keras.config.epsilon())
     evidence = replace(found.evidence, output_logit_median_abs=scale, output_logit_bound=bound)
     explanation = "At initialization: " + found.explanation
-    if found.evidence.output_saturated is not None and found.evidence.output_saturated > SATURATED_OUTPUT:
+    if scale is not None and (found.evidence.output_saturated or 0) > SATURATED_OUTPUT:
         explanation += f" The median |logit| is {scale:.3g}, where ±{bound:.3g} is the edge of the loss's range."
     return Preflight(found.verdict, evidence, explanation, found.remedies, found.layers, signal)

@@ -96,21 +96,23 @@ def probability_outputs(prediction) -> list:
 
 
 def saturated_output_counts(probabilities, rows=None):
-    """How many entries of ``probabilities`` (a list of tensors, the batch first) are within
-    ε = ``keras.config.epsilon()`` of 0 or 1, where Keras's cross-entropies clip them (for a
-    sigmoid: logits beyond ±log((1 − ε)/ε), 16.1 for ε = 1e-7), and how many entries there
-    are: a float32 [2] tensor (sums, so that replicas add up). ``rows`` (bool, [batch]) counts
-    only those rows (``gradtools.fit``'s padding is not the data's)."""
+    """How many predictions of ``probabilities`` (a list of tensors, the batch first, the
+    outcomes on the last axis) are saturated, and how many there are: a float32 [2] tensor
+    (sums, so that replicas add up). A prediction is saturated when every one of its
+    probabilities is within ε = ``keras.config.epsilon()`` of 0 or 1, where Keras's
+    cross-entropies clip them: a softmax whose largest probability is above 1 − ε, a sigmoid
+    beyond ±log((1 − ε)/ε) (16.1 for ε = 1e-7); a confident softmax's many probabilities below
+    ε are not. ``rows`` (bool, [batch]) counts only those rows (``gradtools.fit``'s padding)."""
     epsilon = keras.config.epsilon()
-    beyond, sizes = [], []
+    saturated, counted = [], []
     for t in probabilities:
-        entries = ops.reshape(ops.cast(t, "float32"), [ops.shape(t)[0], -1])
-        weight = ops.ones_like(entries) if rows is None else ops.broadcast_to(
-            ops.cast(ops.reshape(rows, [-1, 1]), "float32"), ops.shape(entries))
-        out_of_range = ops.logical_or(entries < epsilon, entries > 1 - epsilon)
-        beyond.append(ops.sum(ops.cast(out_of_range, "float32") * weight))
-        sizes.append(ops.sum(weight))
-    return ops.stack([ops.sum(ops.stack(beyond)), ops.sum(ops.stack(sizes))])
+        t = ops.cast(t if len(t.shape) > 1 else ops.expand_dims(t, -1), "float32")
+        each = ops.all(ops.logical_or(t < epsilon, t > 1 - epsilon), axis=-1)  # [batch, ...]
+        weight = ops.ones_like(each, "float32") if rows is None else ops.broadcast_to(
+            ops.cast(ops.reshape(rows, [-1] + [1] * (len(each.shape) - 1)), "float32"), ops.shape(each))
+        saturated.append(ops.sum(ops.cast(each, "float32") * weight))
+        counted.append(ops.sum(weight))
+    return ops.stack([ops.sum(ops.stack(saturated)), ops.sum(ops.stack(counted))])
 
 
 def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
@@ -120,7 +122,7 @@ def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
     gradients at positions ``monitored`` (see :attr:`gradtools.layers.LayerLayout.monitored`)
     with the matching ``weights_before`` / ``weights_after``, then the optional columns: the
     global norm of ``clipped_gradients``, the ``loss_scale`` and the ``skipped`` flag, and
-    the fraction of the probability outputs' entries beyond the loss's range, from their
+    the fraction of the probability outputs' predictions beyond the loss's range, from their
     :func:`saturated_output_counts` ``output_counts``."""
     unreached = [getattr(after, "path", f"variable {i}")
                  for i, after in zip(monitored, weights_after) if gradients[i] is None]

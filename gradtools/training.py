@@ -73,6 +73,8 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
             on, in the compiled epoch; its events are ``History.spikes`` and go to the
             loggers. (Such a fit compiles a program of its own: it is not shared.)
 
+    Outputs made by a sigmoid or softmax add ``output_saturated``, the fraction of predictions
+    with every probability within ε of 0 or 1 (:func:`gradtools.stats.saturated_output_counts`).
     Recurrent layers get ``layer_k/recurrent_<stat>`` columns for their recurrent kernel; a
     :class:`gradtools.through_time.TracedRNN` also gets, once per epoch, ‖∂L/∂h_t‖ for every
     time step (``History.state_gradients``).

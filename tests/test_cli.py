@@ -32,7 +32,7 @@ def test_run_writes_the_whole_contract_and_is_deterministic(tmp_path, capsys, mo
     assert run_dir.parent == tmp_path / "a" / "vanishing" / "sigmoid_baseline"
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
-    assert list(metrics.columns) == metric_columns(4)
+    assert list(metrics.columns) == metric_columns(4, output_saturated=True), "a sigmoid output"
     assert metrics["step"].tolist() == list(range(1, 2 * 94 + 1))
     info = json.loads((run_dir / "run.json").read_text())
     assert RUN_JSON_KEYS <= set(info)

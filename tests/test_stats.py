@@ -200,3 +200,23 @@ def test_one_non_finite_entry_anywhere_makes_the_step_non_finite(jit_compile):
             gradients = [None if g is None else g.copy() for g in finite]
             gradients[position].flat[-1] = bad
             assert not bool(check(loss, with_embedding_gradient(gradients))), (position, bad)
+
+
+def test_a_prediction_is_saturated_when_every_probability_is_at_the_edge():
+    """Hand-made softmax and sigmoid outputs: a confident softmax row with probabilities below ε
+    is not saturated, one whose largest probability is above 1 − ε is; an empty batch (a
+    replica given no rows) counts nothing; rows left out are not counted."""
+    import tensorflow as tf
+
+    from gradtools.stats import saturated_output_counts
+
+    softmax = tf.constant([[1.0, 0.0, 0.0], [0.5, 0.5 - 1e-9, 1e-9], [0.4, 0.3, 0.3]])
+    sigmoid = tf.constant([[1.0], [1e-9], [0.5], [0.9]])
+    assert saturated_output_counts([softmax]).numpy().tolist() == [1.0, 3.0]
+    assert saturated_output_counts([sigmoid]).numpy().tolist() == [2.0, 4.0]
+    assert saturated_output_counts([softmax, sigmoid], rows=None).numpy().tolist() == [3.0, 7.0]
+    rows = tf.constant([True, False, True, False])
+    assert saturated_output_counts([sigmoid], rows=rows).numpy().tolist() == [1.0, 2.0]
+    assert saturated_output_counts([tf.zeros([0, 3])]).numpy().tolist() == [0.0, 0.0]
+    sequence = tf.constant([[[1.0, 0.0], [0.5, 0.5]]])  # one example, two time steps
+    assert saturated_output_counts([sequence]).numpy().tolist() == [1.0, 2.0]
