@@ -115,13 +115,13 @@ class GuardState:
         taken = self._act(spike, nonfinite, spiked[_GRAD_NORM], values[_GRAD_NORM], limits[_GRAD_NORM], gradients,
                           apply_update)
         self.nonfinite_left_out.assign(tf.logical_and(nonfinite, tf.constant(self.settings.action != "warn")))
-        self._remember(values, nonfinite)
         quantity = tf.where(nonfinite, _NONFINITE, tf.where(spiked[_GRAD_NORM], _GRAD_NORM, _LOSS))
         # one event for a run of non-finite steps (under "warn", NaN weights make every later one so)
         new = tf.logical_and(spike, tf.logical_not(tf.logical_and(nonfinite, self.nonfinite_before)))
         self.nonfinite_before.assign(nonfinite)
         tf.cond(new, lambda: self._write_event(step, quantity, values, limits, medians, taken),
                 lambda: tf.constant(False))
+        self._remember(values, nonfinite)  # after the event: its layer is judged against the window before it
 
     def _values(self, loss, gradients):
         """[loss, global gradient norm, ‖g‖ of each numbered layer's kernel] in float32."""
@@ -132,20 +132,27 @@ class GuardState:
                          *layer_norms])
 
     def _judge(self, values):
-        """Which of loss and gradient norm spiked, and every quantity's limit and level.
-        A quantity whose window and value are all positive is judged on a log scale."""
+        """Which of loss and gradient norm spiked, and their limits and levels (the layers'
+        levels are worked out only for an event: :meth:`_write_event`)."""
+        settings = self.settings
+        limits, levels, positive, value = self._levels(values[:2], self.window[:, :2])
+        spiked = tf.logical_and(self.seen >= settings.warmup, value > limits)
+        return spiked, _exp_where(positive, limits), _exp_where(positive, levels)
+
+    def _levels(self, values, window):
+        """Per column of ``window`` (and its value in ``values``): the limit and the level on
+        its scale, whether that scale is logarithmic (window and value all positive), and the
+        value on it."""
         settings = self.settings
         count = tf.minimum(self.seen, settings.window)
         valid = tf.range(settings.window, dtype=tf.int64) < count
-        positive = tf.logical_and(tf.reduce_all(tf.logical_or(~valid[:, None], self.window > 0), axis=0), values > 0)
-        window, value = _log_where(positive, self.window), _log_where(positive, values)
+        positive = tf.logical_and(tf.reduce_all(tf.logical_or(~valid[:, None], window > 0), axis=0), values > 0)
+        window, value = _log_where(positive, window), _log_where(positive, values)
         levels = _median(window, valid)
         spread = MAD_TO_SIGMA * _median(tf.abs(window - levels), valid)
         least = tf.where(positive, tf.math.log(settings.min_ratio), (settings.min_ratio - 1.0) * tf.abs(levels))
         most = tf.where(positive, tf.math.log(settings.max_ratio), (settings.max_ratio - 1.0) * tf.abs(levels))
-        limits = levels + tf.minimum(tf.maximum(settings.threshold * spread, least), most)
-        spiked = tf.logical_and(self.seen >= settings.warmup, value[:2] > limits[:2])
-        return spiked, _exp_where(positive, limits), _exp_where(positive, levels)
+        return levels + tf.minimum(tf.maximum(settings.threshold * spread, least), most), levels, positive, value
 
     def _remember(self, values, nonfinite) -> None:
         """A finite step's values go into the window (spikes too: the median and MAD are
@@ -229,7 +236,7 @@ class GuardState:
     # --- events -----------------------------------------------------------------------------
 
     def _write_event(self, step, quantity, values, limits, medians, taken):
-        layer, jump = self._culprit(values, medians)
+        layer, jump = self._culprit(values[2:])
         index = [[tf.minimum(self.event_count, EVENT_CAPACITY - 1)]]
         # the loss's or the gradient norm's numbers, chosen with where: a tensor index into a
         # tensor (values[slot]) made every step of a compiled epoch several times slower
@@ -242,12 +249,13 @@ class GuardState:
         self.event_count.assign_add(1)
         return tf.constant(True)
 
-    def _culprit(self, values, medians):
-        """(index of the layer, its norm / its median): the non-finite layer nearest the
-        output if there is one, else the layer whose norm rose most over its median."""
-        norms, typical = values[2:], medians[2:]
+    def _culprit(self, norms):
+        """(index of the layer, its norm / its median in the window): the non-finite layer
+        nearest the output if there is one, else the layer whose norm rose most over its median."""
         if not self.paths:
             return tf.constant(-1), tf.constant(float("nan"))
+        _, levels, positive, _ = self._levels(norms, self.window[:, 2:])
+        typical = _exp_where(positive, levels)
         bad = tf.logical_not(tf.math.is_finite(norms))
         positions = tf.range(tf.size(norms))
         last_bad = tf.reduce_max(tf.where(bad, positions, -1))
