@@ -72,12 +72,14 @@ def layer_columns(n_layers: int, recurrent_layers=()) -> list[str]:
 
 
 def metric_columns(n_layers: int, recurrent_layers=(), *, clipped: bool = False,
-                   loss_scaled: bool = False, output_saturated: bool = False) -> list[str]:
+                   loss_scaled: bool = False, optimizer_stats=(), output_saturated: bool = False) -> list[str]:
     """All columns of a metrics table for a model with ``n_layers`` numbered layers; with
-    ``clipped``, :data:`CLIPPED_COLUMN`; with ``loss_scaled``, :data:`LOSS_SCALE_COLUMNS`; with
+    ``clipped``, :data:`CLIPPED_COLUMN`; with ``loss_scaled``, :data:`LOSS_SCALE_COLUMNS`; each
+    layer's ``optimizer_stats`` (:mod:`gradtools.optimizer_state`), layer after layer; with
     ``output_saturated``, :data:`OUTPUT_COLUMN`."""
     return (list(STEP_COLUMNS) + layer_columns(n_layers, recurrent_layers)
             + ([CLIPPED_COLUMN] if clipped else []) + (list(LOSS_SCALE_COLUMNS) if loss_scaled else [])
+            + [layer_column(k, stat) for k in range(1, n_layers + 1) for stat in optimizer_stats]
             + ([OUTPUT_COLUMN] if output_saturated else []))
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from gradtools import probes, through_time
+from gradtools import optimizer_state, probes, through_time
 from gradtools.backend import require_supported_backend
 from gradtools.clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from gradtools.columns import OUTPUT_COLUMN, VALUE_COLUMNS_START, metric_columns
@@ -200,10 +200,14 @@ class GradientMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, log_every: int = 1, loggers=(), stop_on_nonfinite: bool = False,
-                 figures=True):
+                 figures=True, optimizer_state: bool = False):
         super().__init__()
         require_supported_backend("GradientMonitor", ("tensorflow", "jax"))
+        if optimizer_state:
+            require_supported_backend("GradientMonitor(optimizer_state=True)", ("tensorflow",))
         require_integer("log_every", log_every)
+        self.optimizer_state = bool(optimizer_state)
+        self._optimizer_stats = ()
         self.log_every = log_every
         self.loggers = list(loggers)
         self.stop_on_nonfinite = stop_on_nonfinite
@@ -346,7 +350,8 @@ class GradientMonitor(keras.callbacks.Callback):
                 loss, *summed = _summed_over_replicas([step_loss, *grads] + ([counts] if probabilities else []))
                 if probabilities:
                     *summed, counts = summed
-                monitor._record_step(loss, summed, scale, [targets[i] for i in monitored], before, counts)
+                state = monitor._optimizer_state_row(targets, summed, before, scale)
+                monitor._record_step(loss, summed, scale, [targets[i] for i in monitored], before, counts, state)
                 return result
             return apply
 
@@ -359,8 +364,10 @@ class GradientMonitor(keras.callbacks.Callback):
         if self._buffer is not None:
             return
         self._layout = layer_layout(variables)
+        self._optimizer_stats = optimizer_state.statistics(self.model.optimizer) if self.optimizer_state else ()
         columns = metric_columns(len(self._layout.paths), self._layout.recurrent_layers,
-                                 clipped=self._clipping is not None, loss_scaled=self._loss_scaled)
+                                 clipped=self._clipping is not None, loss_scaled=self._loss_scaled,
+                                 optimizer_stats=self._optimizer_stats)
         self._run.start(self._layout.paths, columns, self._traced, epochs=self.params.get("epochs") or 0,
                         steps_per_epoch=self.params.get("steps") or 0)
         n_values = len(columns) - VALUE_COLUMNS_START
@@ -381,16 +388,27 @@ class GradientMonitor(keras.callbacks.Callback):
             raise ValueError(NO_LOSS_SEEN)
         return step_loss, probabilities
 
-    def _record_step(self, loss, grads, scale, weights_after, weights_before, output_counts=None):
+    def _optimizer_state_row(self, targets, grads, before, scale):
+        """The layers' :mod:`gradtools.optimizer_state` columns after the update (None when not
+        asked for), from the kernels' gradients divided by the loss scale."""
+        if not self._optimizer_stats:
+            return None
+        kernels = self._layout.kernel_positions
+        before_of = dict(zip(self._layout.monitored, before))
+        return optimizer_state.state_row(self.model.optimizer, [targets[i] for i in kernels],
+                                         unscaled([grads[i] for i in kernels], scale), [before_of[i] for i in kernels])
+
+    def _record_step(self, loss, grads, scale, weights_after, weights_before, output_counts=None, state=None):
         """In-graph, from the step's loss and gradients summed over replicas: the step's row
         into the buffer (when logged), the non-finite flag and the gradients through time.
-        With ``output_counts`` the run has :data:`OUTPUT_COLUMN`; else that slot is left NaN."""
+        ``state``: the optimizer-state columns. With ``output_counts`` the run has
+        :data:`OUTPUT_COLUMN`; else that slot is left NaN."""
         self._applied = True
         grads = unscaled(grads, scale)
         state_norms = unscaled([layer.state_gradient_norms.value() for layer in self._traced], scale)
         row, finite = step_row(loss, grads, self._layout.monitored, weights_before, weights_after,
                                clipped_gradients=self._clipping(grads) if self._clipping else None,
-                               loss_scale=scale, output_counts=output_counts)
+                               loss_scale=scale, output_counts=output_counts, optimizer_state=state)
         if output_counts is None:
             row = tf.concat([row, [float("nan")]], axis=0)
         elif OUTPUT_COLUMN not in self._run.columns:

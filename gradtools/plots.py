@@ -205,7 +205,35 @@ def run_figures(history: History, title: str = "", sample_batch: int = 0) -> dic
         figures["state_gradients"] = plot_state_gradients(states, title)
     if history.spikes is not None and not history.spikes.empty:
         figures["spikes"] = plot_spikes(history.metrics, history.spikes, title)
+    if layer_column(1, "update_cosine") in history.metrics:
+        figures["optimizer_state"] = plot_optimizer_state(history.metrics, title, history.layer_paths)
     return figures
+
+
+#: The optimizer-state columns (:mod:`gradtools.optimizer_state`) and how each panel shows them.
+_OPTIMIZER_PANELS = (("update_cosine", "cos(update, −gradient)", "linear"),
+                     ("adam_m_norm", "‖m‖ (Adam's first moment)", "log"),
+                     ("adam_v_norm", "‖v‖ (Adam's second moment)", "log"),
+                     ("eps_dominated", "fraction with √v < ε (ε-dominated)", "linear"))
+
+
+def plot_optimizer_state(metrics: pd.DataFrame, title: str = "", layer_paths=()) -> Figure:
+    """Per layer, against the step: the cosine between the update and −g, and for the Adam
+    family ‖m‖, ‖v‖ and the ε-dominated fraction (``optimizer_state=True``)."""
+    panels = [panel for panel in _OPTIMIZER_PANELS if layer_column(1, panel[0]) in metrics]
+    fig = Figure(figsize=(8, 2.6 * len(panels)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(panels), 1, sharex=True))
+    layers = layer_numbers(metrics)[:MAX_LAYER_LINES]
+    for ax, (stat, label, scale) in zip(axes, panels):
+        for k in layers:
+            ax.plot(metrics["step"], metrics[layer_column(k, stat)], linewidth=1,
+                    label=layer_label(k, list(layer_paths)))
+        ax.set_yscale(scale)
+        ax.set_ylabel(label, fontsize=9)
+    axes[0].set_title(f"Optimizer state {title}".strip(), fontsize=10)
+    axes[0].legend(fontsize=7, ncol=2)
+    axes[-1].set_xlabel("step")
+    return fig
 
 
 def plot_spikes(metrics: pd.DataFrame, spikes: pd.DataFrame, title: str = "") -> Figure:

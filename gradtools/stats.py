@@ -116,13 +116,15 @@ def saturated_output_counts(probabilities, rows=None):
 
 
 def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
-                   clipped_gradients=None, loss_scale=None, skipped=None, output_counts=None):
+                   clipped_gradients=None, loss_scale=None, skipped=None, optimizer_state=None,
+                   output_counts=None):
     """One step's values in column order, after ``step, epoch, batch``: the loss, the global
     norm of ``gradients`` (every gradient of the step), :func:`layer_gradient_stats` of the
     gradients at positions ``monitored`` (see :attr:`gradtools.layers.LayerLayout.monitored`)
     with the matching ``weights_before`` / ``weights_after``, then the optional columns: the
-    global norm of ``clipped_gradients``, the ``loss_scale`` and the ``skipped`` flag, and
-    the fraction of the probability outputs' predictions beyond the loss's range, from their
+    global norm of ``clipped_gradients``, the ``loss_scale`` and the ``skipped`` flag, the
+    ``optimizer_state`` columns (:func:`gradtools.optimizer_state.state_row`), and the
+    fraction of the probability outputs' predictions beyond the loss's range, from their
     :func:`saturated_output_counts` ``output_counts``."""
     unreached = [getattr(after, "path", f"variable {i}")
                  for i, after in zip(monitored, weights_after) if gradients[i] is None]
@@ -138,9 +140,10 @@ def statistics_row(loss, gradients, monitored, weights_before, weights_after, *,
         tail.append(global_gradient_norm(clipped_gradients))
     if loss_scale is not None:
         tail += [ops.cast(loss_scale, "float32"), ops.cast(skipped, "float32")]
+    extra = [] if optimizer_state is None else [optimizer_state]
     if output_counts is not None:
-        tail.append(ops.divide_no_nan(output_counts[0], output_counts[1]))
-    return ops.concatenate([head, *layers] + ([ops.stack(tail)] if tail else []), axis=0)
+        extra.append(ops.reshape(ops.divide_no_nan(output_counts[0], output_counts[1]), [1]))
+    return ops.concatenate([head, *layers] + ([ops.stack(tail)] if tail else []) + extra, axis=0)
 
 
 def all_finite(loss, gradients):
@@ -162,7 +165,7 @@ def unscaled(tensors, scale):
 
 
 def step_row(loss, gradients, monitored, weights_before, weights_after, *, clipped_gradients=None,
-             loss_scale=None, output_counts=None):
+             loss_scale=None, optimizer_state=None, output_counts=None):
     """One step's row (:func:`statistics_row`) and whether the step was finite, from its loss
     and its gradients already divided by the ``loss_scale`` (:func:`unscaled`), and, when the
     update clips, the gradients it applied (unscaled too).
@@ -174,6 +177,6 @@ def step_row(loss, gradients, monitored, weights_before, weights_after, *, clipp
     row = statistics_row(loss, gradients, monitored, weights_before, weights_after,
                          clipped_gradients=clipped_gradients, loss_scale=loss_scale,
                          skipped=ops.logical_not(finite_gradients) if scaled else None,
-                         output_counts=output_counts)
+                         optimizer_state=optimizer_state, output_counts=output_counts)
     finite = ops.all(ops.isfinite(ops.cast(loss, "float32"))) if scaled else finite_gradients
     return row, finite

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 from keras.src.backend.common.masking import get_keras_mask, set_keras_mask  # no public API sets one
 
+from gradtools import optimizer_state as optimizer_state_columns
 from gradtools import through_time
 from gradtools.clipping import clip_by_global_norm, clip_by_value
 from gradtools.columns import VALUE_COLUMNS_START, metric_columns
@@ -107,7 +108,8 @@ class TrainStep:
     (:class:`gradtools.SpikeGuard`, attached to the optimizer) is told each step's loss."""
 
     def __init__(self, model: keras.Model, loss_fn, optimizer, *, clip_value=None,
-                 clip_global_norm=None, keep_gradients: bool = False, guard=None):
+                 clip_global_norm=None, keep_gradients: bool = False, guard=None,
+                 optimizer_state: bool = False):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.variables = list(model.trainable_weights)
         self.layout: LayerLayout = layer_layout(self.variables)
@@ -117,6 +119,7 @@ class TrainStep:
         self.guard = guard
         self.loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self.clips = clip_value is not None or clip_global_norm is not None
+        self.optimizer_stats = optimizer_state_columns.statistics(optimizer) if optimizer_state else ()
         #: Whether some outputs are probabilities (:func:`gradtools.stats.probability_outputs`):
         #: known once the step is traced; its row has a slot for
         #: :data:`gradtools.columns.OUTPUT_COLUMN` either way (NaN without), so that ``n_values``
@@ -133,7 +136,8 @@ class TrainStep:
 
     def _columns(self, output_saturated: bool) -> list[str]:
         return metric_columns(len(self.layout.paths), self.layout.recurrent_layers, clipped=self.clips,
-                              loss_scaled=self.loss_scaled, output_saturated=output_saturated)
+                              loss_scaled=self.loss_scaled, optimizer_stats=self.optimizer_stats,
+                              output_saturated=output_saturated)
 
     def __call__(self, x_batch, y_batch, real_rows=None):
         """One step; ``real_rows`` (bool, [batch]) leaves the other rows out of the loss."""
@@ -164,7 +168,8 @@ class TrainStep:
         monitored = self.layout.monitored
         row, finite = step_row(loss, gradients, monitored, before, [self.variables[i] for i in monitored],
                                clipped_gradients=unscaled(applied, scale) if self.clips else None,
-                               loss_scale=scale, output_counts=output_counts)
+                               loss_scale=scale, optimizer_state=self._optimizer_state_row(gradients, before),
+                               output_counts=output_counts)
         if output_counts is None:
             row = tf.concat([row, [float("nan")]], axis=0)
         if self.guard is not None:  # a non-finite step the guard did not apply is no divergence
@@ -173,6 +178,15 @@ class TrainStep:
                    if self.keep_gradients else [])
         state_norms = unscaled([layer.state_gradient_norms.value() for layer in self.traced], scale)
         return row, finite, kernels, state_norms
+
+    def _optimizer_state_row(self, gradients, before):
+        """The layers' :mod:`gradtools.optimizer_state` columns after the update, or None."""
+        if not self.optimizer_stats:
+            return None
+        kernels = self.layout.kernel_positions
+        before_of = dict(zip(self.layout.monitored, before))
+        return optimizer_state_columns.state_row(self.optimizer, [self.variables[i] for i in kernels],
+                                                 [gradients[i] for i in kernels], [before_of[i] for i in kernels])
 
     @property
     def guard_stops(self) -> bool:

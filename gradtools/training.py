@@ -35,7 +35,8 @@ from gradtools.validation import MAX_SEED, require_integer
 def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: int = 32,
         shuffle: bool = True, seed: int | None = None, log_every: int = 1, stop_on_nonfinite: bool = True,
         loggers: Sequence[RunLogger] = (), jit_compile: bool = True, clip_value: float | None = None,
-        clip_global_norm: float | None = None, figures=True, spike_guard=None) -> History:
+        clip_global_norm: float | None = None, figures=True, spike_guard=None,
+        optimizer_state: bool = False) -> History:
     """Train ``model`` on ``(x, y)`` and record per-layer gradient statistics.
 
     Args:
@@ -73,6 +74,9 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
             on, in the compiled epoch; its events are ``History.spikes`` and go to the
             loggers. (Such a fit compiles a program of its own: it is not shared.)
 
+    ``optimizer_state=True`` adds, per layer, :mod:`gradtools.optimizer_state`'s columns:
+    ``update_cosine`` (the update against −g), and for Adam, AdamW and Nadam ``adam_m_norm``,
+    ``adam_v_norm`` and ``eps_dominated``.
     Outputs made by a sigmoid or softmax add ``output_saturated``, the fraction of predictions
     with every probability within ε of 0 or 1 (:func:`gradtools.stats.saturated_output_counts`).
     Recurrent layers get ``layer_k/recurrent_<stat>`` columns for their recurrent kernel; a
@@ -99,7 +103,7 @@ def fit(model: keras.Model, x, y, *, loss, optimizer, epochs: int, batch_size: i
     options = dict(clip_value=clip_value, clip_global_norm=clip_global_norm, shuffle=shuffle,
                    stop_on_nonfinite=stop_on_nonfinite, jit_compile=jit_compile,
                    keep_gradients=any(getattr(logger, "wants_gradients", False) for logger in loggers),
-                   spike_guard=spike_guard)
+                   spike_guard=spike_guard, optimizer_state=bool(optimizer_state))
     shuffle_seed = int(seed) if seed is not None else int(np.random.default_rng().integers(2**31))
     loop = EpochLoop(model, resolve_loss(loss), optimizer, data, options, RunRecord(model, loggers, figures))
     return loop.train(epochs, shuffle_seed, log_every)
@@ -240,7 +244,7 @@ def compiled_program(model, loss_fn, optimizer, data: EpochData, **options) -> p
         return kept
     step = TrainStep(model, loss_fn, optimizer, clip_value=options["clip_value"],
                      clip_global_norm=options["clip_global_norm"], keep_gradients=options["keep_gradients"],
-                     guard=guard)
+                     guard=guard, optimizer_state=options["optimizer_state"])
     program = programs_cache.Program(step, epoch_function(step, data, options["shuffle"], options["stop_on_nonfinite"],
                                                           options["jit_compile"]), untraced_key=key)
     if key is not None:
