@@ -45,6 +45,11 @@ LOSS_SCALE_COLUMNS = ("loss_scale", "skipped")
 OUTPUT_COLUMN = "output_saturated"
 
 
+#: Per-layer instruments of the optimizer's state, with ``optimizer_state=True``
+#: (:mod:`gradtools.optimizer_state`, which computes them); not judged by ``diagnose``.
+OPTIMIZER_STATE_COLUMNS = ("update_cosine", "adam_m_norm", "adam_v_norm", "eps_dominated")
+
+
 #: Prefix of a recurrent layer's statistics of its recurrent kernel (``layer_k/recurrent_…``).
 RECURRENT_PREFIX = "recurrent_"
 

@@ -37,7 +37,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradtools.columns import LOSS_SCALE_COLUMNS, OUTPUT_COLUMN, layer_column, layer_name, layer_numbers
+from gradtools.columns import (
+    LOSS_SCALE_COLUMNS,
+    OPTIMIZER_STATE_COLUMNS,
+    OUTPUT_COLUMN,
+    layer_column,
+    layer_name,
+    layer_numbers,
+)
 from gradtools.history import COMPLETED, History, RunDirectoryError
 from gradtools.layer_ratios import sensitivity_table
 from gradtools.layers import layer_label
@@ -376,7 +383,9 @@ def without_spikes(metrics: pd.DataFrame, spikes: pd.DataFrame | None) -> pd.Dat
 def first_nonfinite_step(metrics: pd.DataFrame) -> int | None:
     """The first judged step whose loss or gradient statistics are NaN/Inf."""
     rows = judged_rows(metrics)
-    columns = [c for c in rows.columns if c not in ("step", "epoch", "batch", *LOSS_SCALE_COLUMNS)]
+    instruments = OPTIMIZER_STATE_COLUMNS
+    columns = [c for c in rows.columns if c not in ("step", "epoch", "batch", *LOSS_SCALE_COLUMNS)
+               and c.rsplit("/", 1)[-1] not in instruments]
     bad = ~np.isfinite(rows[columns].to_numpy(dtype=float)).all(axis=1)
     return int(rows["step"][bad].iloc[0]) if bad.any() else None
 

@@ -196,7 +196,8 @@ class GradientMonitor(keras.callbacks.Callback):
     writes a run directory), and ``figures`` as in ``gradtools.fit`` when training ends.
     ``history()`` gives what ``gradtools.diagnose`` reads. A :class:`gradtools.SpikeGuard`
     in the same ``model.fit`` hands its events to the monitor's History (``spikes``) and
-    loggers.
+    loggers. ``optimizer_state=True`` (TensorFlow) adds :mod:`gradtools.optimizer_state`'s
+    columns per layer: the update against −g, and Adam's moments and ε-dominated fraction.
     """
 
     def __init__(self, log_every: int = 1, loggers=(), stop_on_nonfinite: bool = False,

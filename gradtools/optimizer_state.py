@@ -13,7 +13,10 @@ computed in-graph after the update, for each numbered layer's kernel:
   divides by √v + ε (v without bias correction; with ``amsgrad``, the running maximum), its
   Nadam by √v̂ + ε with v̂ = v / (1 − β₂ᵗ).
 
-TensorFlow only, like :class:`gradtools.SpikeGuard`.
+TensorFlow only, like :class:`gradtools.SpikeGuard`. The cosine is against the gradient
+before clipping (a clip by value turns the update); with ``gradient_accumulation_steps`` or an
+EMA that overwrites the weights, a step without an update has a cosine of 0. These columns are
+instruments: :func:`gradtools.diagnose` does not judge them.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from gradtools.columns import OPTIMIZER_STATE_COLUMNS
 from gradtools.stats import dense
 
 #: Every optimizer's column, then the Adam family's.
-UPDATE_COLUMNS = ("update_cosine",)
-MOMENT_COLUMNS = ("adam_m_norm", "adam_v_norm", "eps_dominated")
+UPDATE_COLUMNS, MOMENT_COLUMNS = OPTIMIZER_STATE_COLUMNS[:1], OPTIMIZER_STATE_COLUMNS[1:]
 
 
 def inner(optimizer):
@@ -57,19 +60,36 @@ def _denominator_moment(optimizer, index: int):
 def state_row(optimizer, variables, gradients, weights_before):
     """The layers' :func:`statistics`, layer after layer, as one float32 vector, for the
     kernels ``variables`` (after the update), their ``gradients`` (unscaled, before clipping)
-    and ``weights_before`` the update; called after ``optimizer.apply``."""
+    and ``weights_before`` the update; called after ``optimizer.apply``. A kernel without a
+    gradient gets NaN (the row's own check then names it)."""
     optimizer = inner(optimizer)
     moments = has_moments(optimizer)
     values = []
     for variable, gradient, before in zip(variables, gradients, weights_before):
+        if gradient is None:
+            values += [ops.convert_to_tensor(float("nan"))] * len(statistics(optimizer))
+            continue
         g = ops.reshape(ops.cast(dense(gradient), "float32"), [-1])
         change = ops.reshape(ops.cast(variable, "float32") - ops.cast(before, "float32"), [-1])
-        norms = ops.sqrt(ops.sum(change * change)) * ops.sqrt(ops.sum(g * g))
-        values.append(ops.divide_no_nan(-ops.sum(change * g), norms))
+        values.append(_cosine(-change, g))
         if moments:
             index = optimizer._get_variable_index(variable)  # noqa: SLF001 - how Keras's optimizers find it
-            m = ops.cast(optimizer._momentums[index], "float32")  # noqa: SLF001
-            v = ops.cast(optimizer._velocities[index], "float32")  # noqa: SLF001
+            m = ops.reshape(ops.cast(optimizer._momentums[index], "float32"), [-1])  # noqa: SLF001
+            v = ops.reshape(ops.cast(optimizer._velocities[index], "float32"), [-1])  # noqa: SLF001
             below = ops.sqrt(_denominator_moment(optimizer, index)) < optimizer.epsilon
-            values += [ops.sqrt(ops.sum(m * m)), ops.sqrt(ops.sum(v * v)), ops.mean(ops.cast(below, "float32"))]
+            values += [_norm(m), _norm(v), ops.mean(ops.cast(below, "float32"))]
     return ops.stack(values)
+
+
+def _norm(x):
+    """‖x‖₂ without overflow or underflow: max|x| · ‖x / max|x|‖ (v grows like g⁴)."""
+    largest = ops.max(ops.abs(x))
+    return largest * ops.sqrt(ops.sum(ops.square(ops.divide_no_nan(x, largest))))
+
+
+def _cosine(a, b):
+    """cos(a, b), each scaled by its largest entry first (a vanishing layer's g² underflows);
+    0 when either is 0."""
+    a = ops.divide_no_nan(a, ops.max(ops.abs(a)))
+    b = ops.divide_no_nan(b, ops.max(ops.abs(b)))
+    return ops.divide_no_nan(ops.sum(a * b), ops.sqrt(ops.sum(a * a)) * ops.sqrt(ops.sum(b * b)))

@@ -214,7 +214,7 @@ def run_figures(history: History, title: str = "", sample_batch: int = 0) -> dic
 _OPTIMIZER_PANELS = (("update_cosine", "cos(update, −gradient)", "linear"),
                      ("adam_m_norm", "‖m‖ (Adam's first moment)", "log"),
                      ("adam_v_norm", "‖v‖ (Adam's second moment)", "log"),
-                     ("eps_dominated", "fraction with √v < ε (ε-dominated)", "linear"))
+                     ("eps_dominated", "ε-dominated fraction", "linear"))
 
 
 def plot_optimizer_state(metrics: pd.DataFrame, title: str = "", layer_paths=()) -> Figure:
