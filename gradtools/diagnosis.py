@@ -383,9 +383,8 @@ def without_spikes(metrics: pd.DataFrame, spikes: pd.DataFrame | None) -> pd.Dat
 def first_nonfinite_step(metrics: pd.DataFrame) -> int | None:
     """The first judged step whose loss or gradient statistics are NaN/Inf."""
     rows = judged_rows(metrics)
-    instruments = OPTIMIZER_STATE_COLUMNS
     columns = [c for c in rows.columns if c not in ("step", "epoch", "batch", *LOSS_SCALE_COLUMNS)
-               and c.rsplit("/", 1)[-1] not in instruments]
+               and c.rsplit("/", 1)[-1] not in OPTIMIZER_STATE_COLUMNS]
     bad = ~np.isfinite(rows[columns].to_numpy(dtype=float)).all(axis=1)
     return int(rows["step"][bad].iloc[0]) if bad.any() else None
 

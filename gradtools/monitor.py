@@ -394,10 +394,7 @@ class GradientMonitor(keras.callbacks.Callback):
         asked for), from the kernels' gradients divided by the loss scale."""
         if not self._optimizer_stats:
             return None
-        kernels = self._layout.kernel_positions
-        before_of = dict(zip(self._layout.monitored, before))
-        return optimizer_state.state_row(self.model.optimizer, [targets[i] for i in kernels],
-                                         unscaled([grads[i] for i in kernels], scale), [before_of[i] for i in kernels])
+        return optimizer_state.layers_row(self.model.optimizer, self._layout, targets, unscaled(grads, scale), before)
 
     def _record_step(self, loss, grads, scale, weights_after, weights_before, output_counts=None, state=None):
         """In-graph, from the step's loss and gradients summed over replicas: the step's row

@@ -57,6 +57,16 @@ def _denominator_moment(optimizer, index: int):
     return ops.cast(optimizer._velocities[index], "float32")  # noqa: SLF001
 
 
+def layers_row(optimizer, layout, variables, gradients, monitored_before):
+    """:func:`state_row` of the numbered layers' kernels, from the step's trainable
+    ``variables`` and ``gradients`` (in the optimizer's order) and the monitored variables'
+    values before the update (``layout.monitored`` order: :mod:`gradtools.layers`)."""
+    kernels = layout.kernel_positions
+    before_of = dict(zip(layout.monitored, monitored_before))
+    return state_row(optimizer, [variables[i] for i in kernels], [gradients[i] for i in kernels],
+                     [before_of[i] for i in kernels])
+
+
 def state_row(optimizer, variables, gradients, weights_before):
     """The layers' :func:`statistics`, layer after layer, as one float32 vector, for the
     kernels ``variables`` (after the update), their ``gradients`` (unscaled, before clipping)

@@ -183,10 +183,7 @@ class TrainStep:
         """The layers' :mod:`gradtools.optimizer_state` columns after the update, or None."""
         if not self.optimizer_stats:
             return None
-        kernels = self.layout.kernel_positions
-        before_of = dict(zip(self.layout.monitored, before))
-        return optimizer_state_columns.state_row(self.optimizer, [self.variables[i] for i in kernels],
-                                                 [gradients[i] for i in kernels], [before_of[i] for i in kernels])
+        return optimizer_state_columns.layers_row(self.optimizer, self.layout, self.variables, gradients, before)
 
     @property
     def guard_stops(self) -> bool:
